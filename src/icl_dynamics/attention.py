@@ -1,0 +1,68 @@
+"""Read real attention patterns from a forward pass, one layer at a time.
+
+With transformers' default ``sdpa`` attention the probabilities are never formed, and
+``output_attentions=True`` silently returns nothing useful, so every pass that reads patterns runs
+the model's *eager* attention and hands each layer's pattern to a reducer as soon as the layer has
+run. Nothing keeps the pattern afterwards: the pipeline never holds every layer's T x T pattern at
+once, which is what lets a 2,048-token Pythia pass fit beside a 24-layer model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+Reducer = Callable[[int, torch.Tensor], None]
+"""Called as ``reducer(layer, pattern)`` with ``pattern`` of shape [batch, heads, query, key]."""
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of every layer of a GPT-NeoX causal LM, in layer order."""
+    base = getattr(model, "gpt_neox", None)
+    if base is None:
+        raise TypeError(f"expected a GPTNeoX model, got {type(model).__name__}")
+    return [layer.attention for layer in base.layers]
+
+
+@contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Switch ``model`` to eager attention for the duration (probabilities are then formed)."""
+    before = model.config._attn_implementation
+    if before != "eager":
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if before != "eager":
+            model.set_attn_implementation(before)
+
+
+@contextmanager
+def capture_attention(model: nn.Module, reducer: Reducer) -> Iterator[None]:
+    """Within the block, every forward pass calls ``reducer(layer, pattern)`` once per layer.
+
+    The pattern is the post-softmax attention probability of that layer's heads (causal and
+    padding masks applied), as float32.
+    """
+    handles = []
+
+    def make_hook(layer: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: object, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+            pattern = output[1]
+            if pattern is None:  # pragma: no cover - guarded by eager_attention
+                raise RuntimeError("attention weights were not formed; is the model in eager mode?")
+            reducer(layer, pattern.float())
+
+        return hook
+
+    with eager_attention(model):
+        for layer, module in enumerate(attention_modules(model)):
+            handles.append(module.register_forward_hook(make_hook(layer)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()

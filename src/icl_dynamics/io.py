@@ -1,0 +1,141 @@
+"""Parquet I/O at the edges of the pipeline: explicit schemas, provenance, atomic writes.
+
+Every table the pipeline writes goes through :func:`write_table`, which checks the rows against
+an explicit :class:`pyarrow.Schema`, stamps provenance into the file's metadata and writes to a
+temporary name in the target directory before renaming, so a killed job never leaves a
+half-written file that Snakemake (or a reader) would take for a finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from icl_dynamics import __version__
+
+PROVENANCE_KEY = b"icl_dynamics.provenance"
+
+
+class SchemaError(ValueError):
+    """Rows do not fit the table's declared schema."""
+
+
+def provenance(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Return the provenance stamped into every table: package and library versions, time, host."""
+    import torch
+    import transformers
+
+    info: dict[str, Any] = {
+        "icl_dynamics": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "pyarrow": pa.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if extra:
+        info.update(extra)
+    return info
+
+
+def to_table(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]], schema: pa.Schema) -> pa.Table:
+    """Build a table with exactly ``schema``'s columns, naming the offending column on a mismatch."""
+    if isinstance(rows, Mapping):
+        columns = dict(rows)
+    else:
+        columns = {name: [row.get(name) for row in rows] for name in schema.names}
+        extra = set().union(*(row.keys() for row in rows)) - set(schema.names) if rows else set()
+        if extra:
+            raise SchemaError(f"columns not in the schema: {sorted(extra)}")
+    missing = [name for name in schema.names if name not in columns]
+    if missing:
+        raise SchemaError(f"missing columns {missing} (schema has {schema.names})")
+    arrays = []
+    for field in schema:
+        try:
+            arrays.append(pa.array(columns[field.name], type=field.type, from_pandas=True))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as exc:
+            raise SchemaError(f"column {field.name!r} does not fit type {field.type}: {exc}") from exc
+    table = pa.Table.from_arrays(arrays, schema=schema)
+    for field in schema:
+        if not field.nullable and table.column(field.name).null_count:
+            raise SchemaError(f"column {field.name!r} has nulls but is declared non-nullable")
+    return table
+
+
+def write_table(
+    table: pa.Table,
+    path: str | os.PathLike[str],
+    *,
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``table`` to ``path`` atomically (temp file in the same directory, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = dict(table.schema.metadata or {})
+    existing[PROVENANCE_KEY] = json.dumps(provenance(meta), sort_keys=True, default=str).encode()
+    table = table.replace_schema_metadata(existing)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_rows(
+    rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]],
+    schema: pa.Schema,
+    path: str | os.PathLike[str],
+    *,
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Check ``rows`` against ``schema`` and write them atomically to ``path``."""
+    return write_table(to_table(rows, schema), path, meta=meta)
+
+
+def read_table(path: str | os.PathLike[str], schema: pa.Schema | None = None) -> pa.Table:
+    """Read a table, checking (when given) that it carries every column of ``schema`` with its type."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no table at {path}; run the stage that writes it first")
+    table = pq.read_table(path)
+    if schema is not None:
+        for field in schema:
+            if field.name not in table.schema.names:
+                raise SchemaError(f"{path}: column {field.name!r} missing")
+            got = table.schema.field(field.name).type
+            if got != field.type:
+                raise SchemaError(f"{path}: column {field.name!r} has type {got}, expected {field.type}")
+    return table
+
+
+def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return the provenance dictionary stamped into a table written by :func:`write_table`."""
+    metadata = pq.read_schema(path).metadata or {}
+    raw = metadata.get(PROVENANCE_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def concat_tables(paths: Iterable[str | os.PathLike[str]], schema: pa.Schema | None = None) -> pa.Table:
+    """Concatenate per-checkpoint tables of one stage into one table (the merge rule's work)."""
+    tables = [read_table(p, schema) for p in paths]
+    if not tables:
+        raise ValueError("nothing to merge: no input tables given")
+    if schema is not None:
+        tables = [t.select(schema.names).cast(schema) for t in tables]
+    merged = pa.concat_tables([t.replace_schema_metadata(None) for t in tables], promote_options="default")
+    return merged

@@ -1,0 +1,75 @@
+"""Load a checkpoint (model and tokenizer) from the local Hugging Face cache onto a device.
+
+Scoring jobs never reach the network: the fetch stage has already put the checkpoint into the
+cache, and everything here loads with ``local_files_only=True`` through the same code path a real
+Pythia checkpoint takes (``from_pretrained(repo_id, revision="step<N>")``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from icl_dynamics.checkpoints import revision
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but torch sees no GPU; use device: auto or cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> float32 on CPU (half precision is slow and lossy there), float16 on CUDA."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model in eval mode on its device, and the repository's tokenizer."""
+
+    model_id: str
+    step: int
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load_checkpoint(
+    model_id: str,
+    step: int,
+    *,
+    cache_dir: str | Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> Checkpoint:
+    """Load ``model_id`` at ``step`` from the local cache (run the fetch stage first)."""
+    dev = resolve_device(device)
+    kwargs = dict(revision=revision(step), cache_dir=cache_dir, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_id, dtype=resolve_dtype(dtype, dev), attn_implementation="eager", **kwargs
+        )
+    except OSError as exc:
+        raise FileNotFoundError(
+            f"{model_id}@{revision(step)} is not in the local cache {cache_dir or '(default)'}; "
+            f"run `icl-dynamics fetch --model {model_id} --step {step}` first ({exc})"
+        ) from exc
+    model.to(dev).eval()
+    return Checkpoint(model_id, step, model, tokenizer)

@@ -1,0 +1,61 @@
+"""Shared test fixtures: paths to ../shared data, the real GPT-NeoX tokenizer, tiny random models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ICL_SHARED", REPO.parent / "shared")).resolve()
+
+# No test may reach the network: every hub access goes through the local cache.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"test data folder {SHARED} is missing (set ICL_SHARED to the shared/ folder)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def neox_tokenizer_path(shared_dir: Path) -> Path:
+    return shared_dir / "data" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+
+
+@pytest.fixture(scope="session")
+def neox_tokenizer(neox_tokenizer_path: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=str(neox_tokenizer_path))
+
+
+@pytest.fixture(scope="session")
+def agenda_dir(shared_dir: Path) -> Path:
+    return shared_dir / "data" / "agenda"
+
+
+def tiny_neox(vocab_size: int = 64, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0, **overrides):
+    """A randomly initialised GPT-NeoX small enough for exhaustive reference checks."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=128,
+        rotary_pct=0.25,
+        rotary_emb_base=100,
+        **overrides,
+    )
+    config._attn_implementation = "eager"
+    return GPTNeoXForCausalLM(config).eval()
