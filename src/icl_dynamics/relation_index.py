@@ -1,0 +1,546 @@
+"""Ren et al.'s relation index (RI): how much each head, when it attends to a relation's head token,
+raises the relation's tail token among the tokens visible in context.
+
+For a triplet (t_s, r, t_o) at positions s, o of a sequence and every query position j >= max(s, o):
+
+1. *QK gate* (real attention of the forward pass): head h qualifies for (triplet, j) when s is the
+   strict argmax of A[j, :j+1] (``gate="argmax"``, the training-dynamics variant) and, for
+   ``gate="margin"``, also A[j, s] > tau * max_{k != s} A[j, k] (tau = 2.2 in the paper).
+2. *OV score*: p = softmax(x W_OV^h W_U) restricted to the candidate ids C_j visible up to j;
+   q_t = max(0, p_t - mean_C p); a = q_{t_o} / sum_C q (event skipped when the sum is 0). The
+   full-vocabulary normaliser cancels, so only the logits of the sequence's own ids are formed.
+3. RI = mean of a over the qualifying events of a relation, with the event count, the gate's pass
+   rate, RI per opportunity (failed gates count 0) and two nulls: the same score with the tail
+   replaced by the "tenth token" and by a seeded random candidate.
+
+Variants of x (each labelled in the output): ``literal`` = raw embedding of the current token t_j
+(the paper's formula), ``source`` = raw embedding of the attended token t_s (the paper's prose),
+``contextual`` = the head's real value input at s, LN(residual)_s W_V^h + b_V^h, times W_O^h W_U.
+Biases are left out of ``literal``/``source`` (as in the formula); b_O is shared by all heads and is
+never included.
+
+Decisions the paper leaves open, fixed here (and recorded as columns of every row):
+
+* Candidate set with ``exclude_function_words``: an id is in C_j when it occurs at some position
+  k <= j whose ``function_mask`` is false (an id seen only as a stop word / punctuation is not a
+  candidate). Events whose tail is not in C_j are not opportunities (e.g. a tail that is a
+  function word is never scored); the tail is never forced into C_j.
+* Ties: the argmax gate needs a *strict* maximum (a head attending equally to two keys attends to
+  neither), which the margin gate implies anyway.
+* Tenth-token control: the target is the token at index ``control_position`` (0-based), or the
+  last token of a shorter sequence; with the function-word exclusion, the first candidate token
+  at or after that index. It counts for an event only once visible (j >= its position). A
+  sequence with no such token contributes no tenth-token control.
+* Random control: for each (sequence, j) one candidate drawn uniformly from C_j, shared by all
+  heads and triplets at that position, with ``numpy.random.default_rng([seed, sequence_id])``
+  drawing u_j ~ U[0, 1) for j = 0..n-1 and taking the floor(u_j * |C_j|)-th candidate in order of
+  first (candidate) appearance. Batch size and sequence order therefore do not change it.
+* SIH rule: ``events >= min_events`` and ``ri - max(control_tenth, control_random) > sih_margin``
+  (false when a control is undefined).
+* ``ri_se`` is the standard error over events; events of one triplet at successive j are not
+  independent, so it is optimistic -- ``triplets_qualified`` says how many triplets stand behind it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from torch import nn
+
+from icl_dynamics.attention import attention_modules, capture_attention
+
+GATES = ("argmax", "margin")
+VARIANTS = ("literal", "source", "contextual")
+DIRECTIONS = ("forward", "reverse")
+DEFAULT_TAU = 2.2
+DEFAULT_SIH_MARGIN = 0.05
+
+RELATION_INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("tokens", pa.int64(), nullable=False),
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("head", pa.int32(), nullable=False),
+        pa.field("family", pa.string(), nullable=False),
+        pa.field("relation", pa.string(), nullable=False),
+        pa.field("direction", pa.string(), nullable=False),
+        pa.field("gate", pa.string(), nullable=False),
+        pa.field("variant", pa.string(), nullable=False),
+        pa.field("tau", pa.float64()),  # null for the argmax gate
+        pa.field("ri", pa.float64()),  # null (NaN) when the head never qualified
+        pa.field("ri_se", pa.float64()),  # standard error over events; null below 2 events
+        pa.field("events", pa.int64(), nullable=False),  # qualifying events with a defined score
+        pa.field("passes", pa.int64(), nullable=False),  # opportunities passing the gate
+        pa.field("opportunities", pa.int64(), nullable=False),  # (triplet, j) with the tail in C_j
+        pa.field("pass_rate", pa.float64()),  # passes / opportunities
+        pa.field("ri_per_opportunity", pa.float64()),  # sum of a / opportunities
+        pa.field("triplets", pa.int64(), nullable=False),  # triplets with >= 1 opportunity
+        pa.field("triplets_qualified", pa.int64(), nullable=False),  # triplets with >= 1 event
+        pa.field("control_tenth", pa.float64()),
+        pa.field("control_tenth_events", pa.int64(), nullable=False),
+        pa.field("control_random", pa.float64()),
+        pa.field("control_random_events", pa.int64(), nullable=False),
+        pa.field("sih", pa.bool_(), nullable=False),
+        # parameters of the scoring and of the SIH rule, repeated on every row so that merged
+        # tables (which drop file metadata) stay self-describing
+        pa.field("exclude_function_words", pa.bool_(), nullable=False),
+        pa.field("control_position", pa.int32(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("min_events", pa.int64(), nullable=False),
+        pa.field("sih_margin", pa.float64(), nullable=False),
+    ]
+)
+"""One row per (model, step, layer, head, family, relation, direction, gate, variant)."""
+
+SEQUENCE_COLUMNS = ("sequence_id", "family", "token_ids", "function_mask")
+TRIPLET_COLUMNS = ("sequence_id", "family", "relation", "direction", "s", "o", "head_id", "tail_id")
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def head_ov_weights(model: nn.Module, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-head W_V [H, d_model, d_head], b_V [H, d_head] and W_O [H, d_head, d_model] of a GPT-NeoX
+    layer, in the row-vector convention (x @ W_V @ W_O).
+
+    ``query_key_value`` output features are laid out [heads, (q, k, v), d_head] (transformers views
+    them as [..., heads, 3 * d_head] and chunks in three); ``dense`` reads heads' outputs in order.
+    """
+    attn = attention_modules(model)[layer]
+    heads = model.config.num_attention_heads
+    d_model = model.config.hidden_size
+    d_head = d_model // heads
+    qkv_w = attn.query_key_value.weight.view(heads, 3, d_head, d_model)
+    w_v = qkv_w[:, 2].transpose(1, 2)
+    qkv_b = attn.query_key_value.bias
+    b_v = qkv_b.view(heads, 3, d_head)[:, 2] if qkv_b is not None else torch.zeros_like(w_v[:, 0, :])
+    w_o = attn.dense.weight.t().reshape(heads, d_head, d_model)
+    return w_v, b_v, w_o
+
+
+# ----------------------------------------------------------------------------- pure scoring
+
+
+def gate_statistics(pattern: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per query row of an attention pattern [..., q, k]: (argmax key, top weight, best weight of
+    any other key). Masked keys hold 0, so a lone visible key gets a runner-up of 0."""
+    values, indices = pattern.topk(2, dim=-1)
+    return indices[..., 0], values[..., 0], values[..., 1]
+
+
+def gate_passes(
+    argmax: torch.Tensor, top: torch.Tensor, second: torch.Tensor, s: torch.Tensor, gate: str, tau: float
+) -> torch.Tensor:
+    """Whether the gate passes for attended position ``s``: strict argmax, and for ``margin`` also
+    top > tau * second (the ratio test without dividing by a possible 0)."""
+    passed = (argmax == s) & (top > second)
+    if gate == "margin":
+        passed &= top > tau * second
+    elif gate != "argmax":
+        raise ValueError(f"unknown gate {gate!r}; choose from {GATES}")
+    return passed
+
+
+def ov_scores(logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """The event score a for every candidate of each row: logits [..., U] of the row's ids, bool
+    mask [..., U] of C_j. Returns q_t / sum q over C_j (0 off C_j; NaN where sum q is 0)."""
+    p = torch.softmax(logits.masked_fill(~candidates, -math.inf), dim=-1)
+    p = p.nan_to_num(0.0)  # rows with no candidate at all
+    size = candidates.sum(-1, keepdim=True).clamp_min(1)
+    q = (p - p.sum(-1, keepdim=True) / size).clamp_min(0) * candidates
+    total = q.sum(-1, keepdim=True)
+    return torch.where(total > 0, q / total.where(total > 0, torch.ones_like(total)), torch.nan)
+
+
+def random_control_draws(seed: int, sequence_id: int, n: int) -> np.ndarray:
+    """The uniform draws u_j (j = 0..n-1) that pick each position's random control candidate."""
+    return np.random.default_rng([seed, sequence_id]).random(n)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class _Sequence:
+    sequence_id: int
+    tokens: np.ndarray  # [n] int64
+    uniq: np.ndarray  # [U] candidate ids, in order of first candidate appearance
+    first: np.ndarray  # [U] first candidate position of each uniq id
+    index: dict[int, int]  # id -> position in uniq
+    tenth: tuple[int, int] | None  # (position, uniq index) of the tenth-token control
+    random: np.ndarray  # [n] uniq index of the random control at each j (-1 before any candidate)
+    triplets: np.ndarray  # [m, 4] int64: s, o, group, tail uniq index (-1: never a candidate)
+
+
+def _as_frame(table: pa.Table | pd.DataFrame, columns: Sequence[str], what: str) -> pd.DataFrame:
+    frame = table.to_pandas() if isinstance(table, pa.Table) else table
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise KeyError(f"{what} table lacks columns {missing} (has {list(frame.columns)})")
+    return frame
+
+
+def _prepare(
+    sequences: pa.Table | pd.DataFrame,
+    triplets: pa.Table | pd.DataFrame,
+    *,
+    exclude_function_words: bool,
+    control_position: int,
+    seed: int,
+    max_len: int,
+) -> tuple[list[_Sequence], list[tuple[str, str, str]]]:
+    """Check the inputs against the relations contract and index them per sequence."""
+    seqs = _as_frame(sequences, SEQUENCE_COLUMNS, "sequences")
+    trips = _as_frame(triplets, TRIPLET_COLUMNS, "triplets")
+    if seqs["sequence_id"].duplicated().any():
+        dup = seqs.loc[seqs["sequence_id"].duplicated(), "sequence_id"].iloc[0]
+        raise ValueError(f"sequences: sequence_id {dup} appears more than once")
+    bad_dir = set(trips["direction"]) - set(DIRECTIONS)
+    if bad_dir:
+        raise ValueError(f"triplets: unknown direction(s) {sorted(bad_dir)}; expected {DIRECTIONS}")
+    keys = sorted(set(zip(trips["family"], trips["relation"], trips["direction"])))
+    group_of = {key: g for g, key in enumerate(keys)}
+    by_seq = {sid: rows for sid, rows in trips.groupby("sequence_id", sort=False)}
+    unknown = set(by_seq) - set(seqs["sequence_id"])
+    if unknown:
+        raise KeyError(f"triplets refer to sequence_id(s) not in the sequences table: {sorted(unknown)[:5]}")
+
+    prepared, truncated = [], 0
+    for row in seqs.itertuples(index=False):
+        rows = by_seq.get(row.sequence_id)
+        if rows is None:
+            continue
+        sid = int(row.sequence_id)
+        tokens = np.asarray(row.token_ids, dtype=np.int64)
+        mask = np.asarray(row.function_mask, dtype=bool)
+        if tokens.shape != mask.shape:
+            raise ValueError(f"sequence {sid}: {len(tokens)} token_ids but {len(mask)} function_mask entries")
+        s, o = rows["s"].to_numpy(np.int64), rows["o"].to_numpy(np.int64)
+        if (s < 0).any() or (o < 0).any() or (s >= len(tokens)).any() or (o >= len(tokens)).any():
+            raise ValueError(f"sequence {sid}: triplet position outside 0..{len(tokens) - 1}")
+        ids = (tokens[s], tokens[o])
+        head, tail = rows["head_id"].to_numpy(np.int64), rows["tail_id"].to_numpy(np.int64)
+        ok = (ids[0] == head) & (ids[1] == tail)
+        ok |= (rows["direction"].to_numpy() == "reverse") & (ids[0] == tail) & (ids[1] == head)
+        if not ok.all():
+            bad = rows.iloc[int(np.argmin(ok))]
+            raise ValueError(
+                f"sequence {sid}: triplet {bad['relation']} s={bad['s']} o={bad['o']} names ids "
+                f"{bad['head_id']}/{bad['tail_id']} but the tokens there are {tokens[bad['s']]}/{tokens[bad['o']]}"
+            )
+        if len(tokens) > max_len:
+            keep = np.maximum(s, o) < max_len
+            truncated += int((~keep).sum())
+            rows, s, o = rows[keep], s[keep], o[keep]
+            tokens, mask = tokens[:max_len], mask[:max_len]
+            if not len(rows):
+                continue
+        prepared.append(_index_sequence(sid, tokens, mask, rows, s, o, group_of,
+                                        exclude_function_words=exclude_function_words,
+                                        control_position=control_position, seed=seed))
+    if truncated:
+        warnings.warn(f"{truncated} triplets lie beyond max_len={max_len} tokens and were dropped", stacklevel=3)
+    return prepared, keys
+
+
+def _index_sequence(
+    sid: int, tokens: np.ndarray, mask: np.ndarray, rows: pd.DataFrame, s: np.ndarray, o: np.ndarray,
+    group_of: Mapping[tuple[str, str, str], int], *, exclude_function_words: bool, control_position: int, seed: int,
+) -> _Sequence:
+    n = len(tokens)
+    content = ~mask if exclude_function_words else np.ones(n, dtype=bool)
+    positions = np.flatnonzero(content)
+    uniq, first_idx = np.unique(tokens[positions], return_index=True)
+    order = np.argsort(positions[first_idx], kind="stable")
+    uniq, first = uniq[order], positions[first_idx][order]
+    index = {int(t): u for u, t in enumerate(uniq)}
+    start = min(control_position, n - 1)
+    later = positions[positions >= start]
+    tenth = (int(later[0]), index[int(tokens[later[0]])]) if len(later) else None
+    visible = np.searchsorted(first, np.arange(n), side="right")  # |C_j|
+    draws = random_control_draws(seed, sid, n)
+    random = np.where(visible > 0, np.floor(draws * visible).astype(np.int64), -1)
+    groups = [group_of[key] for key in zip(rows["family"], rows["relation"], rows["direction"])]
+    tail_u = [index.get(int(t), -1) for t in tokens[o]]
+    trip = np.stack([s, o, np.asarray(groups, np.int64), np.asarray(tail_u, np.int64)], axis=1)
+    return _Sequence(sid, tokens, uniq, first, index, tenth, random, trip)
+
+
+# ----------------------------------------------------------------------------- per-batch scoring
+
+
+class _Accumulator:
+    """Sums over events per (gate, variant, group, head), on the scoring device, in float64."""
+
+    FIELDS = ("n", "sum", "sum2", "tenth_n", "tenth_sum", "random_n", "random_sum", "triplets_q")
+
+    def __init__(self, gates: Sequence[str], variants: Sequence[str], groups: int, layers: int, heads: int,
+                 device: torch.device) -> None:
+        shape = (len(gates), len(variants), layers, groups, heads)
+        self.stats = {f: torch.zeros(shape, dtype=torch.float64, device=device) for f in self.FIELDS}
+        self.passes = torch.zeros((len(gates), layers, groups, heads), dtype=torch.float64, device=device)
+        self.opportunities = np.zeros(groups, dtype=np.int64)
+        self.triplets = np.zeros(groups, dtype=np.int64)
+
+
+@dataclass
+class _Events:
+    """Every (triplet, j) opportunity of one batch, flattened."""
+
+    b: torch.Tensor
+    j: torch.Tensor
+    s: torch.Tensor
+    group: torch.Tensor
+    triplet: torch.Tensor
+    tail: torch.Tensor
+    tenth: torch.Tensor  # uniq index of the tenth-token target, -1 where not (yet) visible
+    random: torch.Tensor
+    n_triplets: int
+
+
+def _batch_events(batch: Sequence[_Sequence], acc: _Accumulator, device: torch.device) -> _Events:
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("b", "j", "s", "group", "triplet", "tail", "tenth", "random")}
+    offset = 0
+    for b, seq in enumerate(batch):
+        n = len(seq.tokens)
+        s, o, group, tail = seq.triplets.T
+        first = np.append(seq.first, n)  # tail index -1 (never a candidate) -> n: no opportunity
+        start = np.maximum(np.maximum(s, o), first[tail])
+        count = np.maximum(n - start, 0)
+        np.add.at(acc.triplets, group[count > 0], 1)
+        trip = np.repeat(np.arange(len(s)), count)
+        j = start[trip] + np.arange(len(trip)) - np.repeat(np.cumsum(count) - count, count)
+        np.add.at(acc.opportunities, group[trip], 1)
+        parts["b"].append(np.full(len(trip), b))
+        parts["j"].append(j)
+        parts["s"].append(s[trip])
+        parts["group"].append(group[trip])
+        parts["triplet"].append(trip + offset)
+        parts["tail"].append(tail[trip])
+        if seq.tenth is None:
+            parts["tenth"].append(np.full(len(trip), -1))
+        else:
+            parts["tenth"].append(np.where(j >= seq.tenth[0], seq.tenth[1], -1))
+        parts["random"].append(seq.random[j])
+        offset += len(s)
+    arrays = {k: torch.as_tensor(np.concatenate(v).astype(np.int64), device=device) for k, v in parts.items()}
+    return _Events(**arrays, n_triplets=offset)
+
+
+class _BatchScorer:
+    """Scores one padded batch layer by layer, as the forward pass hands over each attention pattern."""
+
+    def __init__(self, model: nn.Module, batch: Sequence[_Sequence], events: _Events, acc: _Accumulator, *,
+                 gates: Sequence[str], variants: Sequence[str], tau: float, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.model, self.events, self.acc = model, events, acc
+        self.gates, self.variants, self.tau, self.dtype = gates, variants, tau, dtype
+        n_max = max(len(seq.tokens) for seq in batch)
+        u_max = max(len(seq.uniq) for seq in batch)
+        ids = torch.zeros((len(batch), n_max), dtype=torch.long)
+        uniq = torch.zeros((len(batch), u_max), dtype=torch.long)
+        cand = torch.zeros((len(batch), n_max, u_max), dtype=torch.bool)
+        for b, seq in enumerate(batch):
+            n, u = len(seq.tokens), len(seq.uniq)
+            ids[b, :n] = torch.from_numpy(seq.tokens)
+            uniq[b, :u] = torch.from_numpy(seq.uniq)
+            cand[b, :n, :u] = torch.arange(n)[:, None] >= torch.from_numpy(seq.first)[None, :]
+        self.ids, self.candidates = ids.to(device), cand.to(device)
+        self.attention_mask = (torch.arange(n_max)[None, :] < torch.tensor([len(q.tokens) for q in batch])[:, None])
+        self.attention_mask = self.attention_mask.long().to(device)
+        w_u = model.get_output_embeddings().weight  # [vocab, d_model]
+        self.w_u_sub = w_u[uniq.to(device)].to(dtype).transpose(1, 2)  # [B, d_model, U]
+        self.x = model.get_input_embeddings().weight[self.ids].to(dtype)  # raw embeddings [B, T, d_model]
+        self.values: dict[int, torch.Tensor] = {}
+
+    def value_hook(self, layer: int):
+        """Forward hook on ``query_key_value`` keeping the layer's value vectors (with b_V)."""
+        heads = self.model.config.num_attention_heads
+
+        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            b, t, _ = output.shape
+            self.values[layer] = output.view(b, t, heads, 3, -1)[:, :, :, 2].transpose(1, 2).to(self.dtype)
+
+        return hook
+
+    def __call__(self, layer: int, pattern: torch.Tensor) -> None:
+        ev = self.events
+        argmax, top, second = gate_statistics(pattern)  # [B, H, T]
+        del pattern
+        arg_e, top_e, second_e = argmax[ev.b, :, ev.j], top[ev.b, :, ev.j], second[ev.b, :, ev.j]  # [E, H]
+        passed = {g: gate_passes(arg_e, top_e, second_e, ev.s[:, None], g, self.tau) for g in self.gates}
+        value = self.values.pop(layer, None)
+        any_pass = passed["argmax"] if "argmax" in passed else passed[self.gates[0]]
+        e_idx, h_idx = any_pass.nonzero(as_tuple=True)
+        heads, t_max = argmax.shape[1], argmax.shape[2]
+        for gi, gate in enumerate(self.gates):
+            counts = passed[gate].to(torch.float64)
+            self.acc.passes[gi, layer].index_add_(0, ev.group, counts)
+        if not len(e_idx):
+            return
+        # one score row per distinct (sequence, head, query); several triplets may share it
+        keys = (ev.b[e_idx] * heads + h_idx) * t_max + ev.j[e_idx]
+        keys, inverse = torch.unique(keys, return_inverse=True)
+        rb, rh, rj = keys // (heads * t_max), (keys // t_max) % heads, keys % t_max
+        rs = argmax[rb, rh, rj]
+        w_v, _b_v, w_o = (w.to(self.dtype) for w in head_ov_weights(self.model, layer))
+        w_ou = torch.einsum("hed,bdu->bheu", w_o, self.w_u_sub)  # W_O^h W_U[:, ids] [B, H, d_head, U]
+        cand = self.candidates[rb, rj]  # [R, U]
+        raw = None
+        for vi, variant in enumerate(self.variants):
+            if variant == "contextual":
+                if value is None:
+                    raise RuntimeError(f"layer {layer}: value vectors were not captured")
+                rows = (value @ w_ou)[rb, rh, rs]  # logits of the head's real value at s
+            else:
+                if raw is None:  # raw-embedding logits x_t W_OV^h W_U[:, ids] of every token [B, H, T, U]
+                    raw = torch.einsum("btd,hde->bhte", self.x, w_v) @ w_ou
+                rows = raw[rb, rh, rj if variant == "literal" else rs]
+            self._accumulate(layer, vi, passed, e_idx, h_idx, ov_scores(rows, cand), inverse)
+
+    def _accumulate(self, layer: int, vi: int, passed: Mapping[str, torch.Tensor], e_idx: torch.Tensor,
+                    h_idx: torch.Tensor, scores: torch.Tensor, inverse: torch.Tensor) -> None:
+        """Add the events (e_idx, h_idx) that pass each gate; their score row is ``scores[inverse]``."""
+        ev, acc = self.events, self.acc
+        tail = scores[inverse, ev.tail[e_idx]].double()
+        tenth_ok = ev.tenth[e_idx] >= 0
+        tenth = scores[inverse, ev.tenth[e_idx].clamp_min(0)].double()
+        rand = scores[inverse, ev.random[e_idx]].double()
+        heads = passed[self.gates[0]].shape[1]
+        t_group = torch.zeros(ev.n_triplets, dtype=torch.long, device=tail.device)
+        t_group[ev.triplet] = ev.group
+        for gi, gate in enumerate(self.gates):
+            keep = passed[gate][e_idx, h_idx] & ~tail.isnan()
+            flat = ev.group[e_idx[keep]] * heads + h_idx[keep]
+            stats = {k: v[gi, vi, layer].view(-1) for k, v in acc.stats.items()}
+            a, t_ok = tail[keep], tenth_ok[keep]
+            stats["n"].index_add_(0, flat, torch.ones_like(a))
+            stats["sum"].index_add_(0, flat, a)
+            stats["sum2"].index_add_(0, flat, a * a)
+            stats["tenth_n"].index_add_(0, flat[t_ok], torch.ones_like(a[t_ok]))
+            stats["tenth_sum"].index_add_(0, flat[t_ok], tenth[keep][t_ok])
+            stats["random_n"].index_add_(0, flat, torch.ones_like(a))
+            stats["random_sum"].index_add_(0, flat, rand[keep])
+            # triplets with at least one event: mark each (triplet, head) once, then count per group
+            hit = torch.zeros((ev.n_triplets, heads), dtype=torch.float64, device=a.device)
+            hit[ev.triplet[e_idx[keep]], h_idx[keep]] = 1.0
+            stats["triplets_q"].view(-1, heads).index_add_(0, t_group, hit)
+
+
+def _batches(seqs: list[_Sequence], batch_size: int) -> Iterator[list[_Sequence]]:
+    """Batches of similar length (less padding), longest first so memory peaks early."""
+    ordered = sorted(seqs, key=lambda q: (-len(q.tokens), q.sequence_id))
+    for i in range(0, len(ordered), batch_size):
+        yield ordered[i : i + batch_size]
+
+
+# ----------------------------------------------------------------------------- public entry point
+
+
+def score_relation_index(
+    model: nn.Module,
+    sequences: pa.Table | pd.DataFrame,
+    triplets: pa.Table | pd.DataFrame,
+    *,
+    gates: Sequence[str] = GATES,
+    variants: Sequence[str] = VARIANTS,
+    tau: float = DEFAULT_TAU,
+    exclude_function_words: bool = True,
+    control_position: int = 10,
+    seed: int = 0,
+    min_events: int = 20,
+    sih_margin: float = DEFAULT_SIH_MARGIN,
+    batch_size: int = 8,
+    max_len: int | None = None,
+) -> list[dict[str, Any]]:
+    """Relation index of every head of a GPT-NeoX ``model`` for every (family, relation, direction)
+    of ``triplets`` over ``sequences`` (the relations stage's tables), per gate and variant.
+
+    Returns one row per (layer, head, family, relation, direction, gate, variant) with every column
+    of :data:`RELATION_INDEX_SCHEMA` except ``model``, ``step`` and ``tokens`` (the caller's).
+    """
+    gates, variants = tuple(gates), tuple(variants)
+    for name, got, allowed in (("gate", gates, GATES), ("variant", variants, VARIANTS)):
+        if not got or set(got) - set(allowed) or len(set(got)) != len(got):
+            raise ValueError(f"{name}s must be distinct values from {allowed}, got {got}")
+    if not tau > 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    if batch_size < 1 or control_position < 0 or min_events < 0:
+        raise ValueError("batch_size must be >= 1, control_position and min_events >= 0")
+    attention_modules(model)  # raises for non-GPT-NeoX models
+    config = model.config
+    max_len = int(max_len or config.max_position_embeddings)
+    seqs, keys = _prepare(sequences, triplets, exclude_function_words=exclude_function_words,
+                          control_position=control_position, seed=seed, max_len=max_len)
+    param = next(model.parameters())
+    device = param.device
+    dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    acc = _Accumulator(gates, variants, len(keys), layers, heads, device)
+
+    for batch in _batches(seqs, batch_size):
+        events = _batch_events(batch, acc, device)
+        if not len(events.j):
+            continue
+        scorer = _BatchScorer(model, batch, events, acc, gates=gates, variants=variants, tau=tau, dtype=dtype,
+                              device=device)
+        handles = []
+        if "contextual" in variants:
+            handles = [attn.query_key_value.register_forward_hook(scorer.value_hook(layer))
+                       for layer, attn in enumerate(attention_modules(model))]
+        try:
+            with torch.inference_mode(), capture_attention(model, scorer):
+                model.gpt_neox(input_ids=scorer.ids, attention_mask=scorer.attention_mask, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    params = dict(exclude_function_words=bool(exclude_function_words), control_position=int(control_position),
+                  seed=int(seed), min_events=int(min_events), sih_margin=float(sih_margin))
+    return _rows(acc, keys, gates, variants, tau, params)
+
+
+def _rows(acc: _Accumulator, keys: Sequence[tuple[str, str, str]], gates: Sequence[str],
+          variants: Sequence[str], tau: float, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    stats = {k: v.cpu().numpy() for k, v in acc.stats.items()}
+    passes = acc.passes.cpu().numpy()
+    _, _, layers, groups, heads = stats["n"].shape
+    rows = []
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for gi, gate in enumerate(gates):
+            for vi, variant in enumerate(variants):
+                for g, (family, relation, direction) in enumerate(keys):
+                    opp = int(acc.opportunities[g])
+                    for layer in range(layers):
+                        for head in range(heads):
+                            at = (gi, vi, layer, g, head)
+                            n, total = int(stats["n"][at]), float(stats["sum"][at])
+                            ri = total / n if n else math.nan
+                            var = (float(stats["sum2"][at]) - n * ri * ri) / (n - 1) if n > 1 else math.nan
+                            tn, rn = int(stats["tenth_n"][at]), int(stats["random_n"][at])
+                            c10 = float(stats["tenth_sum"][at]) / tn if tn else math.nan
+                            crand = float(stats["random_sum"][at]) / rn if rn else math.nan
+                            sih = (n >= params["min_events"] and not math.isnan(c10) and not math.isnan(crand)
+                                   and ri - max(c10, crand) > params["sih_margin"])
+                            n_pass = int(passes[gi, layer, g, head])
+                            rows.append(dict(
+                                layer=layer, head=head, family=family, relation=relation, direction=direction,
+                                gate=gate, variant=variant, tau=float(tau) if gate == "margin" else None,
+                                ri=ri, ri_se=math.sqrt(max(var, 0.0) / n) if n > 1 else math.nan,
+                                events=n, passes=n_pass, opportunities=opp,
+                                pass_rate=n_pass / opp if opp else math.nan,
+                                ri_per_opportunity=total / opp if opp else math.nan,
+                                triplets=int(acc.triplets[g]), triplets_qualified=int(stats["triplets_q"][at]),
+                                control_tenth=c10, control_tenth_events=tn,
+                                control_random=crand, control_random_events=rn, sih=bool(sih), **params,
+                            ))
+    return rows

@@ -1,0 +1,367 @@
+"""Relation index: production scoring against a slow float64 reference, hand-built heads, gate attention."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_neox
+
+from icl_dynamics.attention import capture_attention
+from icl_dynamics.io import to_table
+from icl_dynamics.relation_index import (
+    RELATION_INDEX_SCHEMA,
+    gate_statistics,
+    head_ov_weights,
+    ov_scores,
+    score_relation_index,
+)
+
+KEY = ["layer", "head", "family", "relation", "direction", "gate", "variant"]
+NUMERIC = ["ri", "ri_se", "events", "passes", "opportunities", "pass_rate", "ri_per_opportunity", "triplets",
+           "triplets_qualified", "control_tenth", "control_tenth_events", "control_random", "control_random_events"]
+
+
+# ----------------------------------------------------------------------------- inputs by hand
+
+
+def random_inputs(seed: int, vocab: int, n_seq: int = 6) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Sequences with repeated ids and random function-word marks; triplets of two families, both directions."""
+    rng = np.random.default_rng(seed)
+    seqs, trips = [], []
+    for i in range(n_seq):
+        sid = 100 + 7 * i  # ids that are neither 0.. nor contiguous
+        n = int(rng.integers(8, 34))
+        toks = rng.integers(0, vocab // 2, n)  # small id range: repeats, so C_j differs from positions
+        mask = rng.random(n) < 0.25
+        seqs.append(dict(sequence_id=sid, source="test", unit="abstract", family="kg", text="",
+                         token_ids=toks.tolist(), function_mask=mask.tolist()))
+        for r in range(8):
+            s, o = (int(x) for x in rng.choice(n, 2, replace=False))
+            direction = "forward" if r % 2 == 0 else "reverse"
+            head, tail = int(toks[s]), int(toks[o])
+            if direction == "reverse" and r % 4 == 1:  # the contract allows either id order for reverse rows
+                head, tail = tail, head
+            trips.append(dict(sequence_id=sid, family="kg" if r < 6 else "syntax", relation=f"R{r % 3}",
+                              category="c", direction=direction, s=s, o=o, head_id=head, tail_id=tail,
+                              head_str="", tail_str=""))
+    return pd.DataFrame(seqs), pd.DataFrame(trips)
+
+
+# ----------------------------------------------------------------------------- slow reference
+
+
+def rotary(x: torch.Tensor, theta: float, dims: int) -> torch.Tensor:
+    """GPT-NeoX rotary on the first ``dims`` features of x [n, heads, d_head] (positions 0..n-1)."""
+    inv = 1.0 / theta ** (torch.arange(0, dims, 2, dtype=torch.float64) / dims)
+    ang = torch.arange(x.shape[0], dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = torch.cat([ang, ang], -1).cos()[:, None], torch.cat([ang, ang], -1).sin()[:, None]
+    rot, rest = x[..., :dims], x[..., dims:]
+    half = torch.cat([-rot[..., dims // 2:], rot[..., : dims // 2]], -1)
+    return torch.cat([rot * cos.to(x.dtype) + half * sin.to(x.dtype), rest], -1)
+
+
+def hand_attention(model, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer's attention [heads, n, n] recomputed from Q and K of the layer's input."""
+    cfg = model.config
+    heads, d_head = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    dims = int(d_head * cfg.rope_parameters["partial_rotary_factor"])
+    with torch.no_grad():
+        hidden = model(tokens[None], output_hidden_states=True).hidden_states
+        out = []
+        for layer, block in enumerate(model.gpt_neox.layers):
+            qkv = block.attention.query_key_value(block.input_layernorm(hidden[layer][0]))
+            q, k, _ = qkv.view(len(tokens), heads, 3 * d_head).chunk(3, -1)
+            q, k = rotary(q, cfg.rope_parameters["rope_theta"], dims), rotary(k, cfg.rope_parameters["rope_theta"], dims)
+            scores = torch.einsum("qhe,khe->hqk", q, k) / math.sqrt(d_head)
+            causal = torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril()
+            out.append(torch.softmax(scores.masked_fill(~causal, -math.inf), -1))
+    return out
+
+
+def head_vocab_probs(model, tokens: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
+    """Full-vocabulary softmax of each head's OV output [heads, n, vocab] for each variant input."""
+    cfg = model.config
+    heads, d_head = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    block = model.gpt_neox.layers[layer]
+    qkv = block.attention.query_key_value
+    with torch.no_grad():
+        hidden = model(tokens[None], output_hidden_states=True).hidden_states[layer][0]
+        raw = torch.nn.functional.linear(model.gpt_neox.embed_in(tokens), qkv.weight)  # no bias
+        ctx = qkv(block.input_layernorm(hidden))  # with bias
+        probs = {}
+        for name, pre in (("raw", raw), ("contextual", ctx)):
+            v = pre.view(len(tokens), heads, 3 * d_head)[..., 2 * d_head:]  # transformers' chunk(3)
+            per_head = []
+            for h in range(heads):
+                spread = torch.zeros(len(tokens), heads, d_head, dtype=v.dtype)
+                spread[:, h] = v[:, h]
+                out = torch.nn.functional.linear(spread.reshape(len(tokens), -1), block.attention.dense.weight)
+                per_head.append(torch.softmax(model.get_output_embeddings()(out), -1))
+            probs[name] = torch.stack(per_head)
+    return probs
+
+
+def reference_rows(model, seqs: pd.DataFrame, trips: pd.DataFrame, *, tau: float, exclude: bool,
+                   control_position: int, seed: int, min_events: int, sih_margin: float) -> pd.DataFrame:
+    """The relation index by its definition: explicit loops over heads, triplets and query positions."""
+    cfg = model.config
+    acc: dict[tuple, dict[str, list]] = {}
+    opp: dict[tuple, int] = {}
+    trip_count: dict[tuple, int] = {}
+    for seq in seqs.itertuples():
+        toks = torch.tensor(seq.token_ids)
+        n, ids, fmask = len(toks), list(seq.token_ids), list(seq.function_mask)
+        content = [not (exclude and fmask[k]) for k in range(n)]
+        attn = hand_attention(model, toks)
+        order = []  # candidates in order of first content appearance
+        for k in range(n):
+            if content[k] and ids[k] not in order:
+                order.append(ids[k])
+        tenth_pos = next((k for k in range(min(control_position, n - 1), n) if content[k]), None)
+        draws = np.random.default_rng([seed, seq.sequence_id]).random(n)
+        rows = trips[trips.sequence_id == seq.sequence_id]
+        for layer in range(cfg.num_hidden_layers):
+            probs = head_vocab_probs(model, toks, layer)
+            for t in rows.itertuples():
+                group = (t.family, t.relation, t.direction)
+                tail = ids[t.o]
+                counted = False
+                for j in range(max(t.s, t.o), n):
+                    cands = [ids[k] for k in range(j + 1) if content[k]]
+                    cset = sorted(set(cands))
+                    if tail not in cset:
+                        continue
+                    if layer == 0:
+                        opp[group] = opp.get(group, 0) + 1
+                        if not counted:
+                            trip_count[group] = trip_count.get(group, 0) + 1
+                            counted = True
+                    visible_order = [c for c in order if c in cset]
+                    rand_target = visible_order[int(math.floor(draws[j] * len(visible_order)))]
+                    for h in range(cfg.num_attention_heads):
+                        row = attn[layer][h, j, : j + 1]
+                        others = torch.cat([row[: t.s], row[t.s + 1:]])
+                        best_other = others.max().item() if len(others) else 0.0
+                        for gate in ("argmax", "margin"):
+                            ok = row[t.s].item() > best_other
+                            if gate == "margin":
+                                ok = ok and row[t.s].item() / best_other > tau if best_other > 0 else ok
+                            for variant in ("literal", "source", "contextual"):
+                                stats = acc.setdefault((layer, h, *group, gate, variant),
+                                                       dict(a=[], tenth=[], rand=[], passes=0, trips=set()))
+                                if not ok:
+                                    continue
+                                stats["passes"] += 1
+                                src = {"literal": ("raw", j), "source": ("raw", t.s), "contextual": ("contextual", t.s)}
+                                kind, pos = src[variant]
+                                p = probs[kind][h, pos]  # full vocabulary
+                                pc = {c: p[c].item() for c in cset}
+                                mean = sum(pc.values()) / len(pc)
+                                q = {c: max(0.0, pc[c] - mean) for c in cset}
+                                total = sum(q.values())
+                                if total == 0:
+                                    continue
+                                stats["a"].append(q[tail] / total)
+                                stats["trips"].add(t.Index)
+                                stats["rand"].append(q[rand_target] / total)
+                                if tenth_pos is not None and j >= tenth_pos:
+                                    stats["tenth"].append(q[ids[tenth_pos]] / total)
+    out = []
+    for (layer, h, family, relation, direction, gate, variant), st in acc.items():
+        group = (family, relation, direction)
+        a = np.array(st["a"])
+        o = opp.get(group, 0)
+        c10 = np.mean(st["tenth"]) if st["tenth"] else math.nan
+        cr = np.mean(st["rand"]) if st["rand"] else math.nan
+        ri = a.mean() if len(a) else math.nan
+        out.append(dict(layer=layer, head=h, family=family, relation=relation, direction=direction, gate=gate,
+                        variant=variant, ri=ri, ri_se=a.std(ddof=1) / math.sqrt(len(a)) if len(a) > 1 else math.nan,
+                        events=len(a), passes=st["passes"], opportunities=o,
+                        pass_rate=st["passes"] / o if o else math.nan, ri_per_opportunity=a.sum() / o if o else math.nan,
+                        triplets=trip_count.get(group, 0), triplets_qualified=len(st["trips"]),
+                        control_tenth=c10, control_tenth_events=len(st["tenth"]), control_random=cr,
+                        control_random_events=len(st["rand"]),
+                        sih=bool(len(a) >= min_events and ri - max(c10, cr) > sih_margin)))
+    return pd.DataFrame(out)
+
+
+@pytest.fixture(scope="module")
+def sharp_model():
+    """A random tiny GPT-NeoX in float64 whose large weights make some heads' attention peaked, with
+    random biases (transformers initialises them to 0, which would hide a dropped b_V)."""
+    model = tiny_neox(vocab_size=48, initializer_range=0.25, seed=3).double()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize(
+    "exclude, control_position, batch_size, tau",
+    [(True, 10, 4, 2.2), (False, 3, 1, 1.5)],
+)
+def test_matches_slow_reference(sharp_model, exclude, control_position, batch_size, tau):
+    seqs, trips = random_inputs(seed=11, vocab=48)
+    params = dict(tau=tau, control_position=control_position, seed=5, min_events=3, sih_margin=0.02)
+    got = pd.DataFrame(score_relation_index(sharp_model, pd.DataFrame(seqs), trips, exclude_function_words=exclude,
+                                            batch_size=batch_size, **params))
+    want = reference_rows(sharp_model, seqs, trips, exclude=exclude, **params)
+    merged = want.merge(got, on=KEY, suffixes=("_want", "_got"), validate="one_to_one")
+    assert len(merged) == len(got) == len(want) == 2 * 4 * 8 * 2 * 3  # layers, heads, groups, gates, variants
+    for col in NUMERIC:
+        np.testing.assert_allclose(merged[f"{col}_got"].astype(float), merged[f"{col}_want"].astype(float),
+                                   rtol=0, atol=1e-6, equal_nan=True, err_msg=col)
+    assert (merged["sih_got"] == merged["sih_want"]).all()
+    # the comparison means something: both gates fire, margin less often, and the variants differ
+    events = got.groupby("gate")["events"].sum()
+    assert events["argmax"] > events["margin"] > 20
+    assert got.groupby("variant")["ri"].mean().nunique() == 3
+    assert (got["control_tenth_events"] > 0).any() and got["sih"].any() and not got["sih"].all()
+
+
+def test_rows_fit_schema(sharp_model):
+    seqs, trips = random_inputs(seed=2, vocab=48, n_seq=2)
+    rows = score_relation_index(sharp_model, seqs, trips, gates=("margin",), variants=("source",))
+    table = to_table([{**r, "model": "tiny", "step": 0, "tokens": 0} for r in rows], RELATION_INDEX_SCHEMA)
+    assert set(table.column("gate").to_pylist()) == {"margin"} and table.column("tau").to_pylist()[0] == 2.2
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_gate_attention_matches_transformers_eager():
+    model = tiny_neox(vocab_size=64, initializer_range=0.1, seed=1)  # float32, as scored on CPU
+    toks = torch.tensor(np.random.default_rng(0).integers(0, 64, 40))
+    hand = hand_attention(model.double(), toks)
+    model.float()
+    captured = {}
+    with torch.no_grad():
+        eager = model(toks[None], output_attentions=True).attentions
+        with capture_attention(model, lambda layer, p: captured.__setitem__(layer, p[0])):
+            model.gpt_neox(input_ids=toks[None])
+    for layer in range(2):
+        torch.testing.assert_close(eager[layer][0].double(), hand[layer], atol=1e-5, rtol=0)
+        torch.testing.assert_close(captured[layer].double(), hand[layer], atol=1e-5, rtol=0)
+        arg, top, second = gate_statistics(captured[layer])
+        sorted_hand = hand[layer].sort(-1, descending=True)
+        torch.testing.assert_close(top.double(), sorted_hand.values[..., 0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(second.double(), sorted_hand.values[..., 1], atol=1e-5, rtol=0)
+        clear = sorted_hand.values[..., 0] - sorted_hand.values[..., 1] > 1e-4
+        assert (arg[clear] == sorted_hand.indices[..., 0][clear]).all()
+
+
+def test_head_ov_weights_reproduce_the_layer():
+    model = tiny_neox(seed=4).double()
+    attn, x = model.gpt_neox.layers[1].attention, torch.randn(5, 32, dtype=torch.float64)
+    w_v, b_v, w_o = head_ov_weights(model, 1)
+    v = attn.query_key_value(x).view(5, 4, 24)[..., 16:]  # transformers: view(heads, 3 * d_head).chunk(3)
+    torch.testing.assert_close(torch.einsum("nd,hde->nhe", x, w_v) + b_v, v)
+    mixed = torch.einsum("nhe,hed->nd", v, w_o) + attn.dense.bias
+    torch.testing.assert_close(mixed, attn.dense(v.reshape(5, -1)))
+
+
+def test_ov_scores_worked_example_and_normaliser():
+    # method notes: p = (.30,.05,.05,.15,.05,.32,.08) over 7 visible ids -> a(Ben) = .177/.341
+    p = torch.tensor([0.30, 0.05, 0.05, 0.15, 0.05, 0.32, 0.08], dtype=torch.float64)
+    q = (p - p.mean()).clamp_min(0)
+    a = ov_scores(p.log() + 3.0, torch.ones(7, dtype=torch.bool))  # any constant shift: normaliser cancels
+    assert a[5].item() == pytest.approx(0.177143 / 0.341429, abs=1e-5)
+    torch.testing.assert_close(a, q / q.sum())
+    # ids outside C_j take no part: the same p among the first 4 ids only
+    mask = torch.tensor([True] * 4 + [False] * 3)
+    q4 = (p[:4] / p[:4].sum() - 0.25).clamp_min(0)
+    torch.testing.assert_close(ov_scores(p.log(), mask)[:4], q4 / q4.sum())
+    assert ov_scores(torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.bool)).isnan().all()
+
+
+# ----------------------------------------------------------------------------- a head built by hand
+
+T_S, T_O, T_X, T_FW = 1, 2, 3, 4  # head token, tail token, another token, a function word
+
+
+def handbuilt(writes: int) -> torch.nn.Module:
+    """One layer; head 0 attends to the (only) occurrence of T_S and writes ``writes``; heads 1-3 are
+    zero (uniform attention: a tie, which never passes the gate)."""
+    model = tiny_neox(vocab_size=16, hidden=32, layers=1, heads=4).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for ln in (model.gpt_neox.layers[0].input_layernorm, model.gpt_neox.layers[0].post_attention_layernorm):
+            ln.weight.fill_(1.0)
+        emb = model.gpt_neox.embed_in.weight
+        emb[:, :16] = torch.eye(16)
+        emb[:, 16] = 4.0  # a constant direction, read by the value
+        qkv = model.gpt_neox.layers[0].attention.query_key_value
+        # head 0 rows: q = 0..7, k = 8..15, v = 16..23 (layout [heads, (q, k, v), d_head]); d 7 is not rotated
+        qkv.bias[7] = 1.0
+        qkv.weight[8 + 7, T_S] = 100.0
+        qkv.weight[16 + 0, 16] = 1.0
+        model.gpt_neox.layers[0].attention.dense.weight[17, 0] = 1.0
+        model.get_output_embeddings().weight[writes, 17] = 10.0
+    return model
+
+
+def handbuilt_inputs(n_seq: int = 6) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rng = np.random.default_rng(0)
+    seqs, trips = [], []
+    for sid in range(n_seq):
+        toks = [T_X, *rng.integers(5, 16, 19).tolist()]
+        s, o, fw = 2 + sid, 18 - sid, 19
+        toks[s], toks[o], toks[fw] = T_S, T_O, T_FW
+        mask = [k == fw for k in range(20)]
+        seqs.append(dict(sequence_id=sid, source="hand", unit="u", family="kg", text="", token_ids=toks,
+                         function_mask=mask))
+        for rel, tail_pos in (("USED-FOR", o), ("FW", fw)):
+            trips.append(dict(sequence_id=sid, family="kg", relation=rel, category="c", direction="forward",
+                              s=s, o=tail_pos, head_id=T_S, tail_id=toks[tail_pos], head_str="", tail_str=""))
+    return pd.DataFrame(seqs), pd.DataFrame(trips)
+
+
+@pytest.mark.parametrize("writes, expected", [(T_O, 1.0), (T_X, 0.0)])
+def test_handbuilt_head(writes, expected):
+    seqs, trips = handbuilt_inputs()
+    rows = pd.DataFrame(score_relation_index(handbuilt(writes), seqs, trips))
+    used = rows[rows.relation == "USED-FOR"]
+    head0 = used[used["head"] == 0]
+    # every j >= max(s, o) is an opportunity and head 0 passes both gates at each of them
+    assert (head0["events"] == sum(20 - (18 - i) for i in range(6))).all()
+    assert (head0["pass_rate"] == 1.0).all()
+    np.testing.assert_allclose(head0["ri"], expected, atol=1e-6)
+    assert (head0["sih"] == (expected == 1.0)).all()
+    assert (head0["control_tenth"] < 0.5).all() and (head0["control_random"] < 0.5).all()
+    # the zero heads tie everywhere: never qualify, RI undefined, no SIH
+    others = used[used["head"] != 0]
+    assert (others["events"] == 0).all() and others["ri"].isna().all() and not others["sih"].any()
+    # a tail marked as function word is never a candidate, hence never an opportunity
+    fw = rows[rows.relation == "FW"]
+    assert (fw["opportunities"] == 0).all() and fw["ri"].isna().all()
+
+
+def test_tied_attention_never_qualifies():
+    # T_S twice: head 0 splits its attention exactly between both copies, so neither is the argmax
+    seqs, trips = handbuilt_inputs()
+    seqs["token_ids"] = [[*ids[:10], T_S, *ids[11:]] for ids in seqs["token_ids"]]
+    twin = trips[trips.relation == "USED-FOR"].assign(relation="TWIN", s=10)
+    rows = pd.DataFrame(score_relation_index(handbuilt(T_O), seqs, pd.concat([trips, twin])))
+    head0 = rows[(rows["head"] == 0) & rows.relation.isin(["USED-FOR", "TWIN"])]
+    assert (head0["opportunities"] > 0).all() and (head0["events"] == 0).all()
+
+
+def test_bad_inputs_are_named():
+    seqs, trips = handbuilt_inputs(2)
+    model = handbuilt(T_O)
+    wrong = trips.copy()
+    wrong.loc[0, "tail_id"] = 9
+    with pytest.raises(ValueError, match="sequence 0: triplet USED-FOR"):
+        score_relation_index(model, seqs, wrong)
+    with pytest.raises(KeyError, match="not in the sequences table"):
+        score_relation_index(model, seqs.iloc[:1], trips)
+    with pytest.raises(KeyError, match="function_mask"):
+        score_relation_index(model, seqs.drop(columns="function_mask"), trips)
+    with pytest.raises(ValueError, match="gates"):
+        score_relation_index(model, seqs, trips, gates=("top1",))
