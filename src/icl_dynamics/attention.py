@@ -15,8 +15,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-Reducer = Callable[[int, torch.Tensor], None]
-"""Called as ``reducer(layer, pattern)`` with ``pattern`` of shape [batch, heads, query, key]."""
+Reducer = Callable[..., None]
+"""Called as ``reducer(layer, pattern)`` with ``pattern`` of shape [batch, heads, query, key], or as
+``reducer(layer, pattern, inputs)`` when inputs are requested (see :func:`capture_attention`)."""
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -41,28 +42,51 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def capture_attention(model: nn.Module, reducer: Reducer) -> Iterator[None]:
+def capture_attention(model: nn.Module, reducer: Reducer, *, with_inputs: bool = False) -> Iterator[None]:
     """Within the block, every forward pass calls ``reducer(layer, pattern)`` once per layer.
 
     The pattern is the post-softmax attention probability of that layer's heads (causal and
-    padding masks applied), as float32.
+    padding masks applied), as float32. With ``with_inputs=True`` the reducer also receives the
+    attention module's input [batch, query, d_model]: the layer-normed residual stream, from which
+    values (and so each head's output) can be recomputed.
     """
     handles = []
 
     def make_hook(layer: int) -> Callable[..., None]:
-        def hook(_module: nn.Module, _inputs: object, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict, output: tuple[torch.Tensor, torch.Tensor]) -> None:
             pattern = output[1]
             if pattern is None:  # pragma: no cover - guarded by eager_attention
                 raise RuntimeError("attention weights were not formed; is the model in eager mode?")
-            reducer(layer, pattern.float())
+            if with_inputs:
+                reducer(layer, pattern.float(), args[0] if args else kwargs["hidden_states"])
+            else:
+                reducer(layer, pattern.float())
 
         return hook
 
     with eager_attention(model):
         for layer, module in enumerate(attention_modules(model)):
-            handles.append(module.register_forward_hook(make_hook(layer)))
+            handles.append(module.register_forward_hook(make_hook(layer), with_kwargs=True))
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def head_ov_weights(module: nn.Module, n_heads: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Per-head value and output weights of a GPT-NeoX attention module.
+
+    ``query_key_value`` is fused per head as [heads, 3, d_head] (query, key, value), and head h's
+    output weight is its d_head-column block of ``dense.weight``. Returns ``W_V`` [heads, d_model,
+    d_head], ``b_V`` [heads, d_head] (or None) and ``W_O`` [heads, d_head, d_model], in the row-vector
+    convention ``x @ W_V[h] @ W_O[h]``.
+    """
+    weight = module.query_key_value.weight  # [3 * d_model, d_model], rows grouped per head
+    d_model = weight.shape[1]
+    d_head = d_model // n_heads
+    w_v = weight.view(n_heads, 3, d_head, d_model)[:, 2].transpose(1, 2)
+    bias = module.query_key_value.bias
+    b_v = bias.view(n_heads, 3, d_head)[:, 2] if bias is not None else None
+    w_o = module.dense.weight.view(d_model, n_heads, d_head).permute(1, 2, 0)
+    return w_v, b_v, w_o

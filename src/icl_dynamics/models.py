@@ -43,7 +43,7 @@ class Checkpoint:
     model_id: str
     step: int
     model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | None
 
     @property
     def device(self) -> torch.device:
@@ -57,19 +57,36 @@ def load_checkpoint(
     cache_dir: str | Path | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    tokenizer: bool = True,
 ) -> Checkpoint:
-    """Load ``model_id`` at ``step`` from the local cache (run the fetch stage first)."""
+    """Load ``model_id`` at ``step`` from the local cache (run the fetch stage first).
+
+    ``tokenizer=False`` skips the tokenizer (``Checkpoint.tokenizer`` is then None).
+    """
     dev = resolve_device(device)
     kwargs = dict(revision=revision(step), cache_dir=cache_dir, local_files_only=True)
+    tok = load_tokenizer(model_id, step, cache_dir=cache_dir) if tokenizer else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             model_id, dtype=resolve_dtype(dtype, dev), attn_implementation="eager", **kwargs
         )
     except OSError as exc:
-        raise FileNotFoundError(
-            f"{model_id}@{revision(step)} is not in the local cache {cache_dir or '(default)'}; "
-            f"run `icl-dynamics fetch --model {model_id} --step {step}` first ({exc})"
-        ) from exc
+        raise _not_cached(model_id, step, cache_dir, exc) from exc
     model.to(dev).eval()
-    return Checkpoint(model_id, step, model, tokenizer)
+    return Checkpoint(model_id, step, model, tok)
+
+
+def load_tokenizer(model_id: str, step: int, *, cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer stored with ``model_id`` at ``step`` (always the model repository's own)."""
+    try:
+        return AutoTokenizer.from_pretrained(model_id, revision=revision(step), cache_dir=cache_dir,
+                                             local_files_only=True)
+    except OSError as exc:
+        raise _not_cached(model_id, step, cache_dir, exc) from exc
+
+
+def _not_cached(model_id: str, step: int, cache_dir: str | Path | None, exc: Exception) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{model_id}@{revision(step)} is not in the local cache {cache_dir or '(default)'}; "
+        f"run `icl-dynamics fetch --model {model_id} --step {step}` first ({exc})"
+    )

@@ -1,0 +1,355 @@
+"""Fetch checkpoints from the Hugging Face hub into its local cache, verify them, record provenance.
+
+One call fetches one (model, step): the config, the tokenizer files, and exactly one weights format
+(safetensors when the branch has it, else PyTorch ``.bin``; sharded checkpoints with their index).
+Files land in the shared HF cache, whose blobs are content-addressed, so branches that serve
+identical weights are stored once. Every file is checked against the hub's own hashes (the LFS
+sha256 for weights, the git blob sha1 for small files): online against the metadata the API
+returns, offline (``HF_HUB_OFFLINE=1``) against the cache's blob names, which the hub wrote as
+those same hashes. Transient hub errors (429 and 5xx) are retried with exponential backoff.
+``HF_TOKEN`` is honoured by ``huggingface_hub`` itself and never printed or stored here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import pyarrow as pa
+from huggingface_hub import HfApi, constants, hf_hub_download
+
+from icl_dynamics.checkpoints import revision as step_revision
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CONFIG_FILES = ("config.json",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# In order of preference; an index file names its shards.
+WEIGHT_FORMATS = (
+    ("safetensors", "model.safetensors", "model.safetensors.index.json"),
+    ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+
+PROVENANCE_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("tokens", pa.int64(), nullable=False),
+        pa.field("revision", pa.string(), nullable=False),
+        pa.field("commit", pa.string(), nullable=False),
+        pa.field("weights_format", pa.string(), nullable=False),
+        pa.field("files", pa.list_(pa.string()), nullable=False),
+        pa.field("sizes", pa.list_(pa.int64()), nullable=False),
+        pa.field("sha256", pa.list_(pa.string()), nullable=False),
+        pa.field("weights_digest", pa.string(), nullable=False),
+        pa.field("hash_source", pa.string(), nullable=False),
+        pa.field("seconds", pa.float64(), nullable=False),
+        pa.field("duplicate_of_step", pa.int64()),
+    ]
+)
+"""One row per checkpoint. ``sha256`` lists each weight file's sha256 (checked); ``weights_digest`` is
+the sha256 of those, so two steps with equal digests serve byte-identical weights.
+``duplicate_of_step`` is filled by :func:`flag_duplicates` when tables are merged."""
+
+
+class IntegrityError(RuntimeError):
+    """A downloaded or cached file does not match the hub's hash for it."""
+
+
+class CheckpointNotFound(FileNotFoundError):
+    """The requested revision or its files are neither on the hub nor in the cache."""
+
+
+@dataclass
+class FileRecord:
+    """One file of a checkpoint as it sits in the cache, with its verified hash."""
+
+    name: str
+    path: Path
+    size: int
+    expected: str  # sha256 for LFS files, git blob sha1 otherwise
+    lfs: bool
+
+
+@dataclass
+class FetchResult:
+    """What :func:`fetch_checkpoint` put in the cache and checked."""
+
+    model_id: str
+    step: int
+    revision: str
+    commit: str
+    weights_format: str
+    files: list[FileRecord]
+    hash_source: str
+    seconds: float = 0.0
+    weights: list[FileRecord] = field(default_factory=list)
+
+    @property
+    def weights_digest(self) -> str:
+        """sha256 over the weight files' sha256s in name order: equal digests, identical weights."""
+        joined = "\n".join(f"{w.name}:{w.expected}" for w in sorted(self.weights, key=lambda w: w.name))
+        return hashlib.sha256(joined.encode()).hexdigest()
+
+    def row(self, tokens: int) -> dict:
+        """The provenance row for this checkpoint (see :data:`PROVENANCE_SCHEMA`)."""
+        return {
+            "model": self.model_id,
+            "step": self.step,
+            "tokens": tokens,
+            "revision": self.revision,
+            "commit": self.commit,
+            "weights_format": self.weights_format,
+            "files": [w.name for w in self.weights],
+            "sizes": [w.size for w in self.weights],
+            "sha256": [w.expected for w in self.weights],
+            "weights_digest": self.weights_digest,
+            "hash_source": self.hash_source,
+            "seconds": self.seconds,
+            "duplicate_of_step": None,
+        }
+
+
+# --- hashing -------------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def git_blob_sha1(data: bytes) -> str:
+    """The git object id of a blob with this content (what the hub reports for non-LFS files)."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _verify(record: FileRecord) -> None:
+    got = sha256_file(record.path) if record.lfs else git_blob_sha1(Path(record.path).read_bytes())
+    if got != record.expected:
+        raise IntegrityError(
+            f"{record.name} at {record.path} has hash {got}, but the hub says {record.expected}; "
+            "delete it from the cache and fetch again"
+        )
+
+
+# --- retries -------------------------------------------------------------------------------------
+
+
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def with_retries(
+    call: Callable[[], T],
+    *,
+    attempts: int = 6,
+    backoff: float = 2.0,
+    sleep: Callable[[float], None] = time.sleep,
+    what: str = "hub request",
+) -> T:
+    """Run ``call``, retrying on HTTP 429/5xx and connection errors with exponential backoff + jitter."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - filtered just below
+            status = _status(exc)
+            transient = status in RETRY_STATUS or (status is None and isinstance(exc, (ConnectionError, TimeoutError))
+                                                   and not constants.HF_HUB_OFFLINE)
+            if not transient or attempt == attempts - 1:
+                raise
+            retry_after = getattr(getattr(exc, "response", None), "headers", {}).get("retry-after")
+            delay = float(retry_after) if retry_after and str(retry_after).isdigit() else backoff * 2**attempt
+            delay *= 1 + 0.25 * random.random()
+            log.warning("%s failed (%s); retry %d/%d in %.1f s", what, status or type(exc).__name__,
+                        attempt + 1, attempts - 1, delay)
+            sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --- choosing files ------------------------------------------------------------------------------
+
+
+def choose_weights(available: Iterable[str]) -> tuple[str, str | None, str | None]:
+    """Pick one weights format from a branch's file list: (format, single file, index file)."""
+    names = set(available)
+    for fmt, single, index in WEIGHT_FORMATS:
+        if index in names:
+            return fmt, None, index
+        if single in names:
+            return fmt, single, None
+    raise CheckpointNotFound(f"no weights file ({', '.join(w[1] for w in WEIGHT_FORMATS)}, or an index) in {sorted(names)}")
+
+
+def _shards(index_path: Path) -> list[str]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise IntegrityError(f"weights index {index_path} is malformed: {exc}") from exc
+    return sorted(set(weight_map.values()))
+
+
+# --- the cache -----------------------------------------------------------------------------------
+
+
+def repo_cache_dir(model_id: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where the hub cache keeps ``model_id`` (``<cache>/models--org--name``)."""
+    root = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+    return root / ("models--" + model_id.replace("/", "--"))
+
+
+def cached_commit(model_id: str, revision: str, cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """The commit a branch points to in the local cache (``refs/<revision>``)."""
+    ref = repo_cache_dir(model_id, cache_dir) / "refs" / revision
+    if not ref.is_file():
+        raise CheckpointNotFound(
+            f"{model_id}@{revision} is not in the cache {repo_cache_dir(model_id, cache_dir).parent}; "
+            "fetch it with network access (unset HF_HUB_OFFLINE) or point hf_cache at a seeded cache"
+        )
+    return ref.read_text().strip()
+
+
+def _cached_record(model_id: str, commit: str, name: str, cache_dir: str | os.PathLike[str] | None) -> FileRecord:
+    path = repo_cache_dir(model_id, cache_dir) / "snapshots" / commit / name
+    if not path.exists():
+        raise CheckpointNotFound(f"{name} of {model_id}@{commit} is missing from the cache")
+    blob = path.resolve()
+    expected = blob.name  # the hub's etag: sha256 for LFS files, git sha1 otherwise
+    return FileRecord(name, path, blob.stat().st_size, expected, lfs=len(expected) == 64)
+
+
+def _fetch_offline(model_id: str, step: int, cache_dir: str | os.PathLike[str] | None) -> FetchResult:
+    rev = step_revision(step)
+    commit = cached_commit(model_id, rev, cache_dir)
+    snapshot = repo_cache_dir(model_id, cache_dir) / "snapshots" / commit
+    present = [p.name for p in snapshot.iterdir()] if snapshot.is_dir() else []
+    fmt, single, index = choose_weights(present)
+    weight_names = [single] if single else _shards(snapshot / index)
+    others = [n for n in (*CONFIG_FILES, *TOKENIZER_FILES, *([index] if index else [])) if n in present]
+    if "config.json" not in others:
+        raise CheckpointNotFound(f"config.json of {model_id}@{rev} is missing from the cache")
+    files = [_cached_record(model_id, commit, n, cache_dir) for n in others]
+    weights = [_cached_record(model_id, commit, n, cache_dir) for n in weight_names]
+    return FetchResult(model_id, step, rev, commit, fmt, files + weights, "cache-etag", weights=weights)
+
+
+def _fetch_online(model_id: str, step: int, cache_dir: str | os.PathLike[str] | None, attempts: int) -> FetchResult:
+    rev = step_revision(step)
+    api = HfApi()
+    info = with_retries(lambda: api.model_info(model_id, revision=rev, files_metadata=True),
+                        attempts=attempts, what=f"listing {model_id}@{rev}")
+    siblings = {s.rfilename: s for s in info.siblings or []}
+    fmt, single, index = choose_weights(siblings)
+
+    def download(name: str) -> FileRecord:
+        sib = siblings.get(name)
+        if sib is None:
+            raise CheckpointNotFound(f"{name} is listed by the index but absent from {model_id}@{rev}")
+        # Download by commit so every file comes from the same tree even if the branch moves.
+        path = with_retries(lambda: hf_hub_download(model_id, name, revision=info.sha, cache_dir=cache_dir),
+                            attempts=attempts, what=f"downloading {name} of {model_id}@{rev}")
+        lfs = sib.lfs is not None
+        expected = sib.lfs.sha256 if lfs else sib.blob_id
+        record = FileRecord(name, Path(path), Path(path).stat().st_size, expected, lfs)
+        _verify(record)
+        return record
+
+    others = [n for n in (*CONFIG_FILES, *TOKENIZER_FILES, *([index] if index else [])) if n in siblings]
+    files = [download(n) for n in others]
+    weight_names = [single] if single else _shards(next(f.path for f in files if f.name == index))
+    weights = [download(n) for n in weight_names]
+    _write_ref(model_id, rev, info.sha, cache_dir)
+    return FetchResult(model_id, step, rev, info.sha, fmt, files + weights, "hub-api", weights=weights)
+
+
+def _write_ref(model_id: str, revision: str, commit: str, cache_dir: str | os.PathLike[str] | None) -> None:
+    ref = repo_cache_dir(model_id, cache_dir) / "refs" / revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ref.with_name(f".{ref.name}.tmp")
+    tmp.write_text(commit)
+    os.replace(tmp, ref)
+
+
+def fetch_checkpoint(
+    model_id: str,
+    step: int,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    attempts: int = 6,
+) -> FetchResult:
+    """Make ``model_id`` at ``step`` available in the local cache and verify every file's hash.
+
+    With ``HF_HUB_OFFLINE=1`` nothing is downloaded: the cache must already hold the branch, and
+    each file is checked against the hash the hub cache named its blob by.
+    """
+    start = time.perf_counter()
+    if constants.HF_HUB_OFFLINE:
+        result = _fetch_offline(model_id, step, cache_dir)
+        for record in result.files:
+            _verify(record)
+    else:
+        result = _fetch_online(model_id, step, cache_dir, attempts)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def flag_duplicates(rows: list[Mapping]) -> list[dict]:
+    """Set ``duplicate_of_step`` on provenance rows whose weights equal an earlier step's (per model)."""
+    first: dict[tuple[str, str], int] = {}
+    out = []
+    for row in sorted(rows, key=lambda r: (r["model"], r["step"])):
+        key = (row["model"], row["weights_digest"])
+        out.append({**row, "duplicate_of_step": first.get(key)})
+        first.setdefault(key, row["step"])
+    return out
+
+
+def write_snapshot(
+    cache_dir: str | os.PathLike[str],
+    model_id: str,
+    revisions: Iterable[str],
+    files: Mapping[str, bytes],
+    lfs: Iterable[str] = (),
+) -> str:
+    """Lay ``files`` out in ``cache_dir`` exactly as the hub cache would after downloading them.
+
+    Blobs are named by their hub hash (sha256 for ``lfs`` files, git sha1 otherwise), snapshots link
+    to them relatively, and each of ``revisions`` gets a ``refs/`` entry pointing at a commit id
+    derived from the file hashes. Returns that commit id. Used to build the toy zoo and test caches.
+    """
+    lfs = set(lfs)
+    repo = repo_cache_dir(model_id, cache_dir)
+    hashes = {name: (hashlib.sha256(data).hexdigest() if name in lfs else git_blob_sha1(data))
+              for name, data in files.items()}
+    tree = "\n".join(f"{name} {hashes[name]}" for name in sorted(files))
+    commit = git_blob_sha1(tree.encode())
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        blob = repo / "blobs" / hashes[name]
+        if not blob.exists():
+            tmp = blob.with_name(blob.name + ".incomplete")
+            tmp.write_bytes(data)
+            os.replace(tmp, blob)
+        link = snapshot / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    for rev in revisions:
+        _write_ref(model_id, rev, commit, cache_dir)
+    return commit

@@ -1,0 +1,190 @@
+"""Fetching and loading checkpoints offline from a cache laid out exactly like the hub's."""
+
+import hashlib
+import io
+import logging
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save as save_safetensors
+
+from conftest import tiny_neox
+from icl_dynamics import hub
+from icl_dynamics.cli import main
+from icl_dynamics.models import load_checkpoint
+
+MODEL = "test-org/tiny-neox"
+
+
+def model_files(model, safetensors: bool = True, bin_: bool = True) -> tuple[dict[str, bytes], list[str]]:
+    files = {"config.json": model.config.to_json_string().encode()}
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if safetensors:
+        files["model.safetensors"] = save_safetensors(state, metadata={"format": "pt"})
+    if bin_:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        files["pytorch_model.bin"] = buf.getvalue()
+    return files, [n for n in files if n != "config.json"]
+
+
+@pytest.fixture()
+def cache(tmp_path):
+    """step0 and step1 identical (like Pythia's), step2 different and .bin only, step4 both formats."""
+    root = tmp_path / "hub"
+    m0, m2 = tiny_neox(seed=0), tiny_neox(seed=2)
+    files, lfs = model_files(m0, safetensors=False)
+    hub.write_snapshot(root, MODEL, ["step0", "step1"], files, lfs)
+    files, lfs = model_files(m2, safetensors=False)
+    hub.write_snapshot(root, MODEL, ["step2"], files, lfs)
+    files, lfs = model_files(m2)
+    hub.write_snapshot(root, MODEL, ["step4"], files, lfs)
+    return root
+
+
+def test_write_snapshot_matches_hub_cache_layout(cache):
+    repo = cache / "models--test-org--tiny-neox"
+    commit = (repo / "refs" / "step4").read_text()
+    snapshot = repo / "snapshots" / commit
+    weights = snapshot / "model.safetensors"
+    assert weights.is_symlink() and not weights.readlink().is_absolute()
+    assert weights.resolve().parent == (repo / "blobs").resolve()
+    assert weights.resolve().name == hashlib.sha256(weights.read_bytes()).hexdigest()
+    config = snapshot / "config.json"
+    assert config.resolve().name == hub.git_blob_sha1(config.read_bytes())
+    # identical branches share one snapshot and their blobs are stored once
+    assert (repo / "refs" / "step0").read_text() == (repo / "refs" / "step1").read_text()
+
+
+def test_git_blob_sha1_matches_git():
+    # `printf 'hello\n' | git hash-object --stdin`
+    assert hub.git_blob_sha1(b"hello\n") == "ce013625030ba8dba906f756967f9e9ca394464a"
+
+
+def test_offline_fetch_prefers_safetensors_and_never_takes_both(cache):
+    both = hub.fetch_checkpoint(MODEL, 4, cache_dir=cache)
+    assert both.weights_format == "safetensors"
+    assert [w.name for w in both.weights] == ["model.safetensors"]
+    only_bin = hub.fetch_checkpoint(MODEL, 2, cache_dir=cache)
+    assert only_bin.weights_format == "bin" and [w.name for w in only_bin.weights] == ["pytorch_model.bin"]
+    assert only_bin.hash_source == "cache-etag"
+    assert only_bin.weights[0].expected == hashlib.sha256(only_bin.weights[0].path.read_bytes()).hexdigest()
+
+
+def test_identical_branches_are_flagged(cache):
+    rows = [hub.fetch_checkpoint(MODEL, s, cache_dir=cache).row(tokens=s) for s in (2, 1, 0)]
+    flagged = {r["step"]: r["duplicate_of_step"] for r in hub.flag_duplicates(rows)}
+    assert flagged == {0: None, 1: 0, 2: None}
+
+
+def test_corrupt_blob_is_refused(cache):
+    result = hub.fetch_checkpoint(MODEL, 2, cache_dir=cache)
+    blob = result.weights[0].path.resolve()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(hub.IntegrityError, match="pytorch_model.bin .* has hash .* but the hub says"):
+        hub.fetch_checkpoint(MODEL, 2, cache_dir=cache)
+
+
+def test_missing_revision_says_what_to_do(cache):
+    with pytest.raises(hub.CheckpointNotFound, match=r"step8 is not in the cache .*\(unset HF_HUB_OFFLINE\)"):
+        hub.fetch_checkpoint(MODEL, 8, cache_dir=cache)
+
+
+def test_both_formats_load_to_the_same_model_through_from_pretrained(cache):
+    tokens = torch.tensor([[1, 5, 7, 9]])
+    a = load_checkpoint(MODEL, 2, cache_dir=cache, device="cpu", dtype="float32", tokenizer=False)
+    b = load_checkpoint(MODEL, 4, cache_dir=cache, device="cpu", dtype="float32", tokenizer=False)
+    reference = tiny_neox(seed=2)
+    with torch.no_grad():
+        expected = reference(tokens).logits
+        assert torch.equal(a.model(tokens).logits, expected)
+        assert torch.equal(b.model(tokens).logits, expected)
+    assert a.model.config._attn_implementation == "eager"
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED",))
+
+
+def test_pickled_code_in_bin_weights_is_never_executed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    files, lfs = model_files(tiny_neox(), safetensors=False)
+    state = torch.load(io.BytesIO(files["pytorch_model.bin"]), weights_only=True)
+    evil = io.BytesIO()
+    torch.save({**state, "payload": _Payload()}, evil, pickle_module=pickle)
+    files["pytorch_model.bin"] = evil.getvalue()
+    hub.write_snapshot(tmp_path / "hub", MODEL, ["step0"], files, lfs)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_checkpoint(MODEL, 0, cache_dir=tmp_path / "hub", device="cpu", tokenizer=False)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_retries_transient_errors_with_backoff():
+    class Response:
+        def __init__(self, status, headers=None):
+            self.status_code, self.headers = status, headers or {}
+
+    class HTTPError(Exception):
+        def __init__(self, status, headers=None):
+            super().__init__(f"HTTP {status}")
+            self.response = Response(status, headers)
+
+    outcomes = [HTTPError(503), HTTPError(429, {"retry-after": "7"}), "ok"]
+    sleeps = []
+
+    def call():
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    assert hub.with_retries(call, backoff=2.0, sleep=sleeps.append) == "ok"
+    assert len(sleeps) == 2
+    assert 2.0 <= sleeps[0] <= 2.5  # backoff * 2**0 with up to 25% jitter
+    assert 7.0 <= sleeps[1] <= 8.75  # Retry-After honoured
+
+    def not_found():
+        raise HTTPError(404)
+
+    sleeps.clear()
+    with pytest.raises(HTTPError, match="404"):
+        hub.with_retries(not_found, sleep=sleeps.append)
+    assert sleeps == []
+
+    def always_503():
+        raise HTTPError(503)
+
+    with pytest.raises(HTTPError):
+        hub.with_retries(always_503, attempts=3, sleep=sleeps.append)
+    assert len(sleeps) == 2
+
+
+def test_fetch_cli_writes_provenance_and_never_prints_the_token(cache, tmp_path, monkeypatch, caplog, capsys):
+    monkeypatch.setenv("HF_TOKEN", "hf_SECRETSECRETSECRET")
+    out = tmp_path / "prov.parquet"
+    with caplog.at_level(logging.DEBUG):
+        assert main(["fetch", "--model", MODEL, "--step", "4", "--cache-dir", str(cache), "--out", str(out)]) == 0
+    import pyarrow.parquet as pq
+
+    from icl_dynamics.io import read_provenance
+
+    row = pq.read_table(out).to_pylist()[0]
+    assert row["step"] == 4 and row["tokens"] == 4 * 2_097_152 and row["weights_format"] == "safetensors"
+    assert row["files"] == ["model.safetensors"] and row["sizes"][0] > 0 and len(row["sha256"][0]) == 64
+    captured = capsys.readouterr()
+    everything = caplog.text + captured.out + captured.err + out.read_bytes().decode("latin-1")
+    assert "SECRET" not in everything
+    assert "icl_dynamics" in read_provenance(out)
+
+
+def test_fetch_cli_rejects_a_step_pythia_never_published(cache, tmp_path, caplog):
+    out = tmp_path / "prov.parquet"
+    assert main(["fetch", "--model", MODEL, "--step", "3", "--cache-dir", str(cache), "--out", str(out)]) == 1
+    assert "nearest valid steps: 2, 4" in caplog.text
+    assert not out.exists()
