@@ -1,0 +1,96 @@
+"""Run configuration: validate against the JSON schema, fill defaults, resolve checkpoints.
+
+Errors name the offending key and the problem in one line (``config key 'loss.late': ...``) and
+are raised before any job starts, so a typo never costs a night of GPU time.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+from jsonschema import Draft202012Validator, validators
+
+from icl_dynamics.checkpoints import PYTHIA, Schedule, StepError, select_steps
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the problem."""
+
+
+def _with_defaults(validator_class: type) -> type:
+    """A validator that fills schema defaults in place (deep copies, so schemas stay untouched)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):  # noqa: ANN001 - jsonschema hook
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub:
+                    instance.setdefault(name, copy.deepcopy(sub["default"]))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return validators.extend(validator_class, {"properties": set_defaults})
+
+
+def _key(error: jsonschema.ValidationError) -> str:
+    path = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        path = ".".join(filter(None, [path, *extra]))
+        return f"config key {path!r}: unknown key (allowed: {', '.join(sorted(error.schema.get('properties', {})))})"
+    if error.validator == "required":
+        return f"config key {path or '(top level)'!r}: {error.message}"
+    return f"config key {path or '(top level)'!r}: {error.message}"
+
+
+def load_schema(path: str | os.PathLike[str]) -> dict:
+    """Read the YAML JSON-schema file."""
+    return yaml.safe_load(Path(path).read_text())
+
+
+def schedule_for(config: Mapping[str, Any]) -> Schedule:
+    """The checkpoint grid named by ``config['schedule']``."""
+    if config["schedule"] == "toy":
+        from icl_dynamics.toyzoo import ToyConfig
+
+        return ToyConfig(seed=config["toy_zoo"]["seed"]).schedule()
+    return PYTHIA
+
+
+def validate_config(config: Mapping[str, Any], schema: Mapping[str, Any] | str | os.PathLike[str]) -> dict:
+    """Return a validated copy of ``config`` with defaults filled and ``steps`` resolved.
+
+    Raises :class:`ConfigError` naming the first offending key.
+    """
+    if not isinstance(schema, Mapping):
+        schema = load_schema(schema)
+    config = copy.deepcopy(dict(config))
+    validator = _with_defaults(Draft202012Validator)(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
+    if errors:
+        raise ConfigError(_key(jsonschema.exceptions.best_match(errors)))
+    loss, text = config["loss"], config["text"]
+    if not loss["early"] < loss["late"] < text["context"]:
+        raise ConfigError(
+            f"config key 'loss.late': need loss.early < loss.late < text.context, "
+            f"got {loss['early']} < {loss['late']} < {text['context']}"
+        )
+    if text["kind"] == "hub" and not text["name"]:
+        raise ConfigError("config key 'text.name': a hub text source needs a dataset name")
+    if text["kind"] != "hub" and not text["path"]:
+        raise ConfigError(f"config key 'text.path': a {text['kind']} text source needs a path")
+    if len(set(config["models"])) != len(config["models"]):
+        raise ConfigError("config key 'models': a model is listed twice")
+    try:
+        config["steps"] = select_steps(config["checkpoints"], schedule_for(config))
+    except StepError as exc:
+        raise ConfigError(f"config key 'checkpoints': {exc}") from exc
+    for step in config["figures"]["heatmap_steps"] or []:
+        if step not in config["steps"]:
+            raise ConfigError(f"config key 'figures.heatmap_steps': step {step} is not among the measured steps")
+    return config
