@@ -11,9 +11,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ICL_SHARED", REPO.parent / "shared")).resolve()
 
 # No test may reach the network: every hub access goes through the local cache.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +32,11 @@ def neox_tokenizer_path(shared_dir: Path) -> Path:
 def neox_tokenizer(neox_tokenizer_path: Path):
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_file=str(neox_tokenizer_path))
+    # The special tokens Pythia's hub repositories declare in special_tokens_map.json.
+    special = "<|endoftext|>"
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(neox_tokenizer_path), bos_token=special, eos_token=special, unk_token=special
+    )
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +63,18 @@ def tiny_neox(vocab_size: int = 64, hidden: int = 32, layers: int = 2, heads: in
     )
     config._attn_implementation = "eager"
     return GPTNeoXForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def toy_zoo(tmp_path_factory) -> Path:
+    """The shipped toy zoo, trained once per test session (about a minute on 2 cores).
+
+    Set ICL_TOY_ZOO to an existing zoo directory to reuse one between local runs.
+    """
+    from icl_dynamics.toyzoo import ToyConfig, read_manifest, train, write_zoo
+
+    reuse = os.environ.get("ICL_TOY_ZOO")
+    if reuse:
+        read_manifest(reuse)
+        return Path(reuse)
+    return write_zoo(train(ToyConfig(), progress=False), tmp_path_factory.mktemp("toy") / "zoo")

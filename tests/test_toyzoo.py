@@ -1,0 +1,87 @@
+"""The toy zoo: hub-cache layout, loading through from_pretrained offline, determinism, phase change."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from icl_dynamics import hub
+from icl_dynamics.induction import Probe, induction_rows
+from icl_dynamics.models import load_checkpoint
+from icl_dynamics.toyzoo import TOY_MODEL_ID, TOY_STEPS, ToyConfig, toy_vocabulary, train
+
+
+def test_zoo_is_laid_out_like_the_hub_cache(toy_zoo):
+    repo = toy_zoo / "hub" / "models--icl-dynamics--toy-neox"
+    refs = sorted(p.name for p in (repo / "refs").iterdir())
+    assert len(TOY_STEPS) >= 12
+    assert refs == sorted([f"step{s}" for s in TOY_STEPS] + ["main"])
+    assert (repo / "refs" / "main").read_text() == (repo / "refs" / f"step{max(TOY_STEPS)}").read_text()
+    formats = set()
+    for step in TOY_STEPS:
+        snapshot = repo / "snapshots" / (repo / "refs" / f"step{step}").read_text()
+        names = {p.name for p in snapshot.iterdir()}
+        assert {"config.json", "tokenizer.json", "tokenizer_config.json", "pytorch_model.bin"} <= names
+        formats.add("model.safetensors" in names)
+        result = hub.fetch_checkpoint(TOY_MODEL_ID, step, cache_dir=toy_zoo / "hub")  # verifies every hash
+        assert result.hash_source == "cache-etag"
+    assert formats == {True, False}  # both weight formats are exercised
+
+
+def test_from_pretrained_loads_a_step_offline(toy_zoo):
+    model = AutoModelForCausalLM.from_pretrained(TOY_MODEL_ID, revision="step900", cache_dir=toy_zoo / "hub")
+    tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL_ID, revision="step900", cache_dir=toy_zoo / "hub")
+    assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 64
+    assert 100_000 < sum(p.numel() for p in model.parameters()) < 130_000
+    assert len(tokenizer) == len(toy_vocabulary()) == model.config.vocab_size
+
+
+def test_tokenizer_holds_every_icl_word_as_one_token(toy_zoo):
+    tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL_ID, revision="step0", cache_dir=toy_zoo / "hub")
+    from importlib import resources
+
+    words = json.loads(resources.files("icl_dynamics").joinpath("data/icl_words.json").read_text())
+    for word in [w for ws in words.values() for w in ws] + [str(d) for d in range(10)] + ["B", "Q"]:
+        ids = tokenizer(f"x, {word}: 3", add_special_tokens=False)["input_ids"]
+        assert ids[2] != tokenizer.unk_token_id and tokenizer.decode([ids[2]]) == word
+    assert tokenizer("apple, May: 3\n", add_special_tokens=False)["input_ids"][-1] == tokenizer.convert_tokens_to_ids("\n")
+
+
+def test_same_seed_same_weights():
+    cfg = ToyConfig(steps=(0, 4))
+    a, b = train(cfg, progress=False), train(cfg, progress=False)
+    c = train(ToyConfig(steps=(0, 4), seed=5), progress=False)
+    for key in a.states[4]:
+        assert torch.equal(a.states[4][key], b.states[4][key]), key
+    assert not torch.equal(a.states[4]["gpt_neox.embed_in.weight"], c.states[4]["gpt_neox.embed_in.weight"])
+
+
+def test_induction_heads_form_during_training(toy_zoo):
+    curve = pq.read_table(toy_zoo / "training.parquet").to_pandas().set_index("step")["copied_loss"]
+    assert curve.loc[0] > 4.0 and curve.iloc[-1] < 1.5  # copied tokens become predictable
+    probe = Probe(n_tokens=15)
+    best = {}
+    for step in (TOY_STEPS[0], 900, 1100, TOY_STEPS[-1]):
+        ckpt = load_checkpoint(TOY_MODEL_ID, step, cache_dir=toy_zoo / "hub", device="cpu")
+        best[step] = max(r["prefix_matching"] for r in induction_rows(ckpt.model, ckpt.tokenizer, probe))
+    assert best[0] < 0.1 and best[900] < 0.2  # before
+    assert best[1100] > 0.8 and best[TOY_STEPS[-1]] > 0.9  # after the phase change
+
+
+def test_held_out_text_tokenises_to_training_length_sequences(toy_zoo):
+    tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL_ID, revision="step0", cache_dir=toy_zoo / "hub")
+    lines = (toy_zoo / "text.jsonl").read_text().splitlines()
+    assert len(lines) == ToyConfig().text_docs
+    for line in lines[:20]:
+        ids = tokenizer(json.loads(line)["text"], add_special_tokens=False)["input_ids"]
+        assert len(ids) == ToyConfig().seq_len and ids[0] == tokenizer.bos_token_id
+        assert tokenizer.unk_token_id not in ids
+
+
+@pytest.mark.parametrize("step", [1000])
+def test_checkpoint_runs_on_the_requested_device(toy_zoo, step):
+    ckpt = load_checkpoint(TOY_MODEL_ID, step, cache_dir=toy_zoo / "hub", device="auto")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert ckpt.device.type == expected
