@@ -1,0 +1,33 @@
+# icl-dynamics: how in-context learning and induction heads arise over training checkpoints.
+# Run: snakemake --cores 8 --workflow-profile workflow/profiles/local   (see README.md)
+
+from icl_dynamics.checkpoints import model_slug, unslug
+from icl_dynamics.config import ConfigError, validate_config
+
+
+configfile: "config.yaml"
+
+
+try:
+    config = validate_config(config, workflow.source_path("workflow/schemas/config.schema.yaml"))
+except ConfigError as exc:
+    raise WorkflowError(f"invalid configuration: {exc}")
+
+RESULTS = config["results"]
+MODELS = [model_slug(m) for m in config["models"]]
+STEPS = config["steps"]
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/fetch.smk"
+include: "workflow/rules/heads.smk"
+include: "workflow/rules/loss.smk"
+include: "workflow/rules/merge.smk"
+include: "workflow/rules/figures.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        expand(f"{RESULTS}/{{model}}/figures/{{figure}}.png", model=MODELS, figure=FIGURES),
+        expand(f"{RESULTS}/{{model}}/{{stage}}.parquet", model=MODELS, stage=MERGED),

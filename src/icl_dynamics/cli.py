@@ -1,0 +1,252 @@
+"""``icl-dynamics``: the command line the Snakemake rules call, one subcommand per stage.
+
+Every stage also runs by hand, e.g. to rerun one checkpoint::
+
+    icl-dynamics heads --model EleutherAI/pythia-70m-deduped --step 1000 --out heads.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from icl_dynamics.toyzoo import TOY_SEED
+
+log = logging.getLogger("icl_dynamics")
+
+
+def _schedule(args: argparse.Namespace):
+    from icl_dynamics.checkpoints import PYTHIA
+    from icl_dynamics.toyzoo import ToyConfig
+
+    return ToyConfig(seed=args.toy_seed).schedule() if args.schedule == "toy" else PYTHIA
+
+
+def _checkpoint_args(p: argparse.ArgumentParser, *, device: bool = True) -> None:
+    p.add_argument("--model", required=True, help="hub model id, e.g. EleutherAI/pythia-70m-deduped")
+    p.add_argument("--step", required=True, type=int, help="training step (revision step<N>)")
+    p.add_argument("--cache-dir", default=None, help="Hugging Face hub cache (default: HF_HUB_CACHE)")
+    p.add_argument("--schedule", choices=("pythia", "toy"), default="pythia", help="checkpoint grid")
+    p.add_argument("--toy-seed", type=int, default=TOY_SEED, help="seed of the toy zoo (schedule toy)")
+    if device:
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+        p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
+
+
+def _load(args: argparse.Namespace):
+    from icl_dynamics.models import load_checkpoint
+
+    _schedule(args).check(args.step)
+    ckpt = load_checkpoint(args.model, args.step, cache_dir=args.cache_dir, device=args.device, dtype=args.dtype)
+    log.info("loaded %s@step%d on %s (%s)", args.model, args.step, ckpt.device, next(ckpt.model.parameters()).dtype)
+    return ckpt
+
+
+def _stamp(rows: list[dict], args: argparse.Namespace) -> list[dict]:
+    tokens = _schedule(args).tokens(args.step)
+    return [{"model": args.model, "step": args.step, "tokens": tokens, **row} for row in rows]
+
+
+# --- subcommands ---------------------------------------------------------------------------------
+
+
+def cmd_toy_zoo(args: argparse.Namespace) -> None:
+    from icl_dynamics.toyzoo import ToyConfig, train, write_zoo
+
+    cfg = ToyConfig(seed=args.seed)
+    zoo = train(cfg)
+    write_zoo(zoo, args.out)
+    log.info("toy zoo: %d checkpoints trained in %.0f s, written to %s", len(zoo.states), zoo.seconds, args.out)
+
+
+def cmd_fetch(args: argparse.Namespace) -> None:
+    from icl_dynamics import hub, io
+
+    schedule = _schedule(args)
+    schedule.check(args.step)
+    result = hub.fetch_checkpoint(args.model, args.step, cache_dir=args.cache_dir, attempts=args.attempts)
+    io.write_rows([result.row(schedule.tokens(args.step))], hub.PROVENANCE_SCHEMA, args.out)
+    log.info("%s@%s: commit %s, %s weights (%d files, %.1f MB) verified in %.1f s", args.model, result.revision,
+             result.commit[:12], result.weights_format, len(result.weights),
+             sum(w.size for w in result.weights) / 1e6, result.seconds)
+
+
+def cmd_heads(args: argparse.Namespace) -> None:
+    from icl_dynamics import io
+    from icl_dynamics.induction import INDUCTION_SCHEMA, Probe, induction_rows
+
+    ckpt = _load(args)
+    probe = Probe(args.n_tokens, args.repeats, args.n_samples, args.exclude_frac, args.seed)
+    start = time.perf_counter()
+    rows = induction_rows(ckpt.model, ckpt.tokenizer, probe)
+    io.write_rows(_stamp(rows, args), INDUCTION_SCHEMA, args.out, meta={"probe": vars(probe)})
+    best = max(rows, key=lambda r: r["prefix_matching"])
+    log.info("induction scores in %.1f s; best prefix matching %.3f (layer %d head %d)",
+             time.perf_counter() - start, best["prefix_matching"], best["layer"], best["head"])
+
+
+def cmd_tokenize_text(args: argparse.Namespace) -> None:
+    from icl_dynamics import io
+    from icl_dynamics.icl import TEXT_TOKENS_SCHEMA, TextSource, iter_texts, select_documents
+    from icl_dynamics.models import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model, args.step, cache_dir=args.cache_dir)
+    source = TextSource(args.kind, args.name, args.path, args.split, args.column)
+    rows = select_documents(iter_texts(source), tokenizer, context=args.context, n_docs=args.n_docs, seed=args.seed)
+    meta = {"source": vars(source), "context": args.context, "n_docs": args.n_docs, "seed": args.seed,
+            "tokenizer_of": f"{args.model}@step{args.step}"}
+    io.write_rows(rows, TEXT_TOKENS_SCHEMA, args.out, meta=meta)
+    log.info("kept %d documents of %d tokens from %s", len(rows), args.context, source.label())
+
+
+def cmd_loss(args: argparse.Namespace) -> None:
+    import torch
+
+    from icl_dynamics import io
+    from icl_dynamics.icl import ICL_SCHEMA, LOSS_CURVE_SCHEMA, TEXT_TOKENS_SCHEMA, loss_reduction, per_token_losses
+
+    table = io.read_table(args.text_tokens, TEXT_TOKENS_SCHEMA)
+    docs = torch.tensor(table.column("token_ids").to_pylist(), dtype=torch.long)
+    ckpt = _load(args)
+    losses = per_token_losses(ckpt.model, docs, batch_size=args.batch_size, progress=True)
+    curve, icl = loss_reduction(losses, early=args.early, late=args.late, n_boot=args.bootstrap, seed=args.seed)
+    task = io.read_provenance(args.text_tokens).get("source", {})
+    icl["task"] = task.get("name") if task.get("kind") == "hub" else Path(task.get("path") or "text").name
+    meta = {"early": args.early, "late": args.late, "bootstrap": args.bootstrap, "text_tokens": str(args.text_tokens)}
+    io.write_rows(_stamp([icl], args), ICL_SCHEMA, args.out, meta=meta)
+    io.write_rows(_stamp(curve, args), LOSS_CURVE_SCHEMA, args.out_curve, meta=meta)
+    log.info("ICL score %.3f [%.3f, %.3f] over %d documents", icl["value"], icl["ci_low"], icl["ci_high"], icl["n"])
+
+
+def _merge_schema(stage: str):
+    from icl_dynamics import hub, icl, induction
+
+    schemas = {
+        "provenance": hub.PROVENANCE_SCHEMA,
+        "heads": induction.INDUCTION_SCHEMA,
+        "icl": icl.ICL_SCHEMA,
+        "loss_curve": icl.LOSS_CURVE_SCHEMA,
+    }
+    if stage not in schemas:
+        raise SystemExit(f"unknown stage {stage!r}; choose one of {', '.join(sorted(schemas))}")
+    return schemas[stage]
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from icl_dynamics import hub, io
+
+    schema = _merge_schema(args.stage)
+    merged = io.concat_tables(args.inputs, schema)
+    if args.stage == "provenance":
+        merged = io.to_table(hub.flag_duplicates(merged.to_pylist()), schema)
+        for row in merged.to_pylist():
+            if row["duplicate_of_step"] is not None:
+                log.warning("%s step %d serves the same weights as step %d", row["model"], row["step"],
+                            row["duplicate_of_step"])
+    io.write_table(merged, args.out, meta={"stage": args.stage, "inputs": len(args.inputs)})
+    log.info("merged %d tables, %d rows -> %s", len(args.inputs), merged.num_rows, args.out)
+
+
+def cmd_figures(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from icl_dynamics.figures import heads as fig
+
+    heads = pd.read_parquet(args.heads)
+    icl = pd.read_parquet(args.icl)
+    provenance = pd.read_parquet(args.provenance) if args.provenance else None
+    out = Path(args.out_dir)
+    fig.prefix_matching_heatmaps(heads, out / "prefix_matching_heatmap", steps=args.heatmap_steps)
+    fig.top_heads_vs_icl(heads, icl, out / "top_heads_vs_icl", top_k=args.top_k, provenance=provenance)
+    log.info("figures written to %s", out)
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="icl-dynamics", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("toy-zoo", help="train the toy GPT-NeoX zoo and write it as a hub-layout cache")
+    p.add_argument("--out", required=True, help="zoo directory (hub cache in OUT/hub)")
+    p.add_argument("--seed", type=int, default=TOY_SEED, help="training seed (the default is the shipped zoo's)")
+    p.set_defaults(func=cmd_toy_zoo)
+
+    p = sub.add_parser("fetch", help="fetch one checkpoint into the HF cache, verify it, write provenance")
+    _checkpoint_args(p, device=False)
+    p.add_argument("--attempts", type=int, default=6, help="tries per hub request (429/5xx are retried)")
+    p.add_argument("--out", required=True, help="provenance Parquet")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("heads", help="prefix-matching, previous-token and copying scores of every head")
+    _checkpoint_args(p)
+    p.add_argument("--n-tokens", type=int, default=25)
+    p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--n-samples", type=int, default=10)
+    p.add_argument("--exclude-frac", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_heads)
+
+    p = sub.add_parser("tokenize-text", help="select and tokenise the natural-text documents once per model")
+    _checkpoint_args(p, device=False)
+    p.add_argument("--kind", choices=("hub", "disk", "jsonl", "text"), default="hub")
+    p.add_argument("--name", default=None, help="hub dataset id (kind hub)")
+    p.add_argument("--path", default=None, help="local file or datasets directory")
+    p.add_argument("--split", default="train")
+    p.add_argument("--column", default="text")
+    p.add_argument("--n-docs", type=int, default=200)
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_tokenize_text)
+
+    p = sub.add_parser("loss", help="per-token loss curve and ICL score (loss reduction)")
+    _checkpoint_args(p)
+    p.add_argument("--text-tokens", required=True, help="output of tokenize-text")
+    p.add_argument("--early", type=int, default=50)
+    p.add_argument("--late", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="ICL-score rows (ICL table schema)")
+    p.add_argument("--out-curve", required=True, help="loss-curve table")
+    p.set_defaults(func=cmd_loss)
+
+    p = sub.add_parser("merge", help="concatenate one stage's per-checkpoint tables")
+    p.add_argument("--stage", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("inputs", nargs="+")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("figures", help="prefix-matching heatmaps and top heads against the ICL score")
+    p.add_argument("--heads", required=True)
+    p.add_argument("--icl", required=True)
+    p.add_argument("--provenance", default=None, help="merged provenance (marks duplicate checkpoints)")
+    p.add_argument("--heatmap-steps", type=int, nargs="*", default=None)
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_figures)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,37 @@
+# Shared helpers: paths, the CLI prefix with the config's common flags, and wildcard constraints.
+
+import shlex
+
+
+wildcard_constraints:
+    model=r"[^/]+",
+    step=r"\d+",
+
+
+def model_id(slug):
+    return unslug(slug, config["models"])
+
+
+def cli(command):
+    """The icl-dynamics invocation for a stage (offline mode exported when configured)."""
+    env = "HF_HUB_OFFLINE=1 " if config["hub_offline"] else ""
+    return f"{env}icl-dynamics {command}"
+
+
+def checkpoint_flags(slug, step, device=True):
+    """--model/--step/--cache-dir/--schedule (and --device/--dtype) for one checkpoint."""
+    flags = [
+        "--model", model_id(slug),
+        "--step", str(step),
+        "--schedule", config["schedule"],
+        "--toy-seed", str(config["toy_zoo"]["seed"]),
+    ]
+    if config["hf_cache"]:
+        flags += ["--cache-dir", config["hf_cache"]]
+    if device:
+        flags += ["--device", config["device"], "--dtype", config["dtype"]]
+    return " ".join(shlex.quote(f) for f in flags)
+
+
+def provenance_of(step):
+    return f"{RESULTS}/{{model}}/step{step}/provenance.parquet"

@@ -1,0 +1,24 @@
+# Stage 3: one table per stage across checkpoints (provenance also flags duplicate weights).
+
+MERGED = ["provenance", "heads", "icl", "loss_curve"]
+PER_STEP = {
+    "provenance": ["provenance"],
+    "heads": ["heads"],
+    "icl": ["loss"],
+    "loss_curve": ["loss_curve"],
+}
+
+
+rule merge:
+    input:
+        lambda wc: expand(
+            f"{RESULTS}/{wc.model}/step{{step}}/{{name}}.parquet", step=STEPS, name=PER_STEP[wc.stage]
+        ),
+    output:
+        f"{RESULTS}/{{model}}/{{stage}}.parquet",
+    wildcard_constraints:
+        stage="|".join(MERGED),
+    log:
+        "logs/{model}/merge_{stage}.log",
+    shell:
+        "icl-dynamics merge --stage {wildcards.stage} --out {output} {input} 2> {log}"
