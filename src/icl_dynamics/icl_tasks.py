@@ -112,9 +112,13 @@ class Prompt:
     demonstrations: tuple[tuple[str, str, int], ...]
 
 
-@cache
 def load_words() -> dict[str, list[str]]:
-    """The packaged word lists, by category; checks that no word is in two categories."""
+    """The packaged word lists, by category (a fresh copy); checks that no word is in two categories."""
+    return {category: list(items) for category, items in _packaged_words().items()}
+
+
+@cache
+def _packaged_words() -> dict[str, list[str]]:
     raw = resources.files("icl_dynamics").joinpath(WORDS_RESOURCE).read_text(encoding="utf-8")
     words = json.loads(raw)
     seen: dict[str, str] = {}
