@@ -207,9 +207,13 @@ def test_fetch_gives_up_after_retries(agenda_dir: Path, tmp_path: Path, monkeypa
         agenda.fetch_agenda(tmp_path / "agenda", retries=3)
     assert len(web.calls) == 3
 
+    calls = []
+
     def not_found(url: str, timeout: float):
+        calls.append(url)
         raise urllib.error.HTTPError(url, 404, "Not Found", {}, None)
 
     monkeypatch.setattr(agenda.urllib.request, "urlopen", not_found)
     with pytest.raises(ConnectionError, match="HTTP 404"):
         agenda.fetch_agenda(tmp_path / "agenda", retries=3)
+    assert len(calls) == 1  # a client error is not retried

@@ -96,6 +96,29 @@ def test_letters_go_to_related_entities_first_and_skip_words() -> None:
     assert text.startswith("D F G") and text.endswith("Z entity 18 entity 19 B C.")
 
 
+def test_every_kg_drop_reason_is_counted(neox_tokenizer, nlp) -> None:
+    entities = tuple(f"entity {i}" for i in range(10)) + ("entity 1", "never mentioned")
+    rels = [(1, "USED-FOR", 0), (10, "USED-FOR", 0), (3, "COMPARE", 3), (1, "COMPARE", 10),
+            (11, "PART-OF", 0), (2, "CONJUNCTION", 4), (5, "PART-OF", 6)]
+    record = agenda.AgendaRecord(
+        index=0, line=1, title="t", entities=entities, entity_types=("<task>",) * 12,
+        relations=tuple(agenda.Relation(*r) for r in rels),
+        tokens=tuple(f"<task_{i}>" for i in range(10)) + (".",),
+    )
+    # four letters: related entities 0, 1, 2, 4 get B, C, D, F; 5 and 6 (also related) get none
+    rows = relations.kg_rows([record], neox_tokenizer, nlp.make_doc, letters="BCDF")
+    assert {(rel, reason): n for (_, rel, _, reason), n in rows.counts.items()} == {
+        ("USED-FOR", ""): 1,  # 1 -> 0
+        ("USED-FOR", relations.DUPLICATE): 1,  # entity 10 has the words of 1: the same letter triple again
+        ("COMPARE", relations.SELF_RELATION): 2,  # 3 -> 3, and 1 -> 10 (same words)
+        ("PART-OF", relations.NOT_IN_TEXT): 1,
+        ("CONJUNCTION", ""): 1,
+        ("PART-OF", relations.NO_LETTER): 1,
+    }
+    assert [(t["head_str"], t["tail_str"]) for t in _forward(rows)] == [(" C", "B"), (" D", " F")]
+    assert rows.sequences[0]["text"] == "B C D entity 3 F entity 5 entity 6 entity 7 entity 8 entity 9."
+
+
 def test_letter_anchors_decode_to_the_annotated_entities(kg: relations.Rows, records, neox_tokenizer) -> None:
     """Recover each abstract's entity -> letter map from its text alone and check every triplet against it."""
     checked = 0

@@ -204,9 +204,7 @@ def anchor_position(offsets: Sequence[tuple[int, int]], start: int, end: int, mo
     ``single``: exactly one token covers the word and nothing else (a leading space is allowed);
     ``first``: the first of the word's sub-tokens, which must begin where the word begins.
     """
-    i = bisect.bisect_left([a for a, _ in offsets], start)
-    while i > 0 and offsets[i - 1][1] > start:  # a token that begins before the word and reaches into it
-        i -= 1
+    i = bisect.bisect_left([a for a, _ in offsets], start)  # the first of tokens sharing a start (split bytes)
     covering = []
     while i < len(offsets) and offsets[i][0] < end:
         a, b = offsets[i]
