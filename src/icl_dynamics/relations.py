@@ -285,6 +285,23 @@ def kg_text(record: agenda.AgendaRecord, lettered: dict[int, str]) -> tuple[str,
     return text, [(letter, sent, a, b) for letter, sent, (a, b) in zip(letter_of, sentence_of, spans)]
 
 
+def _kg_drop_reason(record: agenda.AgendaRecord, rel: agenda.Relation, lettered: dict[int, str],
+                    mentioned: set[str], seen: set[tuple[str, str, str]]) -> str:
+    """Why an annotated relation cannot become a letter triplet ("" when it can)."""
+    head, tail = lettered.get(rel.head), lettered.get(rel.tail)
+    if rel.head == rel.tail:
+        return SELF_RELATION
+    if not {record.entities[rel.head], record.entities[rel.tail]} <= mentioned:
+        return NOT_IN_TEXT
+    if head is None or tail is None:
+        return NO_LETTER
+    if head == tail:  # two entity entries with the same words
+        return SELF_RELATION
+    if (head, rel.relation, tail) in seen:
+        return DUPLICATE
+    return ""
+
+
 def kg_rows(
     records: Sequence[agenda.AgendaRecord],
     tokenizer: PreTrainedTokenizerBase,
@@ -313,29 +330,19 @@ def kg_rows(
             if letter:
                 firsts[sent if unit == "sentence" else 0].setdefault(letter, (a, b))
         chosen: list[tuple[agenda.Relation, int]] = []
-        seen = set()
+        seen: set[tuple[str, str, str]] = set()
         for rel in record.relations:
-            head, tail = lettered.get(rel.head), lettered.get(rel.tail)
-            if rel.head == rel.tail:
-                reason = SELF_RELATION
-            elif not {record.entities[rel.head], record.entities[rel.tail]} <= mentioned:
-                reason = NOT_IN_TEXT
-            elif head is None or tail is None:
-                reason = NO_LETTER
-            elif head == tail:
-                reason = SELF_RELATION
-            elif (head, rel.relation, tail) in seen:
-                reason = DUPLICATE
-            else:
-                reason = ""
-                where = next((u for u, found in enumerate(firsts) if head in found and tail in found), None)
-                if where is None:
-                    reason = NOT_IN_SENTENCE
+            reason = _kg_drop_reason(record, rel, lettered, mentioned, seen)
+            key = (lettered.get(rel.head, ""), rel.relation, lettered.get(rel.tail, ""))
+            where = None
+            if not reason:
+                where = next((u for u, found in enumerate(firsts) if key[0] in found and key[2] in found), None)
+                reason = NOT_IN_SENTENCE if where is None else ""
             if reason:
                 rows.drop(KG, rel.relation, rel.relation, reason)
-                continue
-            seen.add((head, rel.relation, tail))
-            chosen.append((rel, where))
+            else:
+                seen.add(key)
+                chosen.append((rel, where))
         for u in sorted({where for _, where in chosen} if unit == "sentence" else {0}):
             begin, end = units[u]
             unit_text = text[begin:end]
