@@ -85,3 +85,52 @@ def test_checkpoint_runs_on_the_requested_device(toy_zoo, step):
     ckpt = load_checkpoint(TOY_MODEL_ID, step, cache_dir=toy_zoo / "hub", device="auto")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert ckpt.device.type == expected
+
+
+def test_snakemake_end_to_end_on_the_toy_zoo(toy_zoo, tmp_path):
+    """The whole workflow offline on a few toy checkpoints: heads form while the ICL score falls."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+    import yaml
+
+    from conftest import REPO
+
+    config = yaml.safe_load((REPO / "config" / "toy.yaml").read_text())
+    steps = [0, 900, 1000, TOY_STEPS[-1]]
+    config.update(
+        checkpoints={"steps": steps},
+        hf_cache=str(toy_zoo / "hub"),
+        results="results",
+        toy_zoo={"dir": str(toy_zoo), "seed": ToyConfig().seed},
+    )
+    config["text"]["path"] = str(toy_zoo / "text.jsonl")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "snakemake", "--cores", "2", "-s", str(REPO / "Snakefile"),
+               "-d", str(tmp_path), "--configfile", str(tmp_path / "config.yaml")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    out = tmp_path / "results" / "icl-dynamics--toy-neox"
+    heads = pd.read_parquet(out / "heads.parquet")
+    assert sorted(heads["step"].unique()) == steps
+    assert len(heads) == len(steps) * 2 * 4
+    best = heads.groupby("step")["prefix_matching"].max()
+    assert best[steps[0]] < 0.2 and best[steps[-1]] > 0.5
+    icl = pd.read_parquet(out / "icl.parquet").set_index("step")
+    assert icl.loc[steps[-1], "value"] < icl.loc[steps[0], "value"]
+    assert icl.loc[steps[-1], "ci_high"] < icl.loc[steps[0], "ci_low"]  # falls beyond its uncertainty
+    provenance = pd.read_parquet(out / "provenance.parquet")
+    assert provenance["tokens"].tolist() == [s * 2048 for s in steps]
+    assert provenance["duplicate_of_step"].isna().all()
+    curve = pd.read_parquet(out / "loss_curve.parquet")
+    assert set(curve["position"]) == set(range(1, 64))
+    for figure in ("prefix_matching_heatmap", "top_heads_vs_icl"):
+        for ext in ("png", "pdf"):
+            assert (out / "figures" / f"{figure}.{ext}").stat().st_size > 1000
+    assert (tmp_path / "logs" / "icl-dynamics--toy-neox" / "step1000" / "heads.log").exists()
+
+    # a rerun has nothing to do
+    dry = subprocess.run([*command, "-n"], capture_output=True, text=True, timeout=300)
+    assert "Nothing to be done" in dry.stdout + dry.stderr

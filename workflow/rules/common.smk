@@ -1,5 +1,6 @@
 # Shared helpers: paths, the CLI prefix with the config's common flags, and wildcard constraints.
 
+import os
 import shlex
 
 
@@ -35,3 +36,17 @@ def checkpoint_flags(slug, step, device=True):
 
 def provenance_of(step):
     return f"{RESULTS}/{{model}}/step{step}/provenance.parquet"
+
+
+def text_flags():
+    """Flags of the tokenize-text stage from the config's text block."""
+    text = config["text"]
+    flags = [
+        "--kind", text["kind"], "--split", text["split"], "--column", text["column"],
+        "--n-docs", str(text["n_docs"]), "--context", str(text["context"]), "--seed", str(text["seed"]),
+    ]
+    if text["name"]:
+        flags += ["--name", text["name"]]
+    if text["path"]:
+        flags += ["--path", text["path"]]
+    return " ".join(shlex.quote(f) for f in flags)

@@ -7,10 +7,12 @@ TOY_ZOO = f"{config['toy_zoo']['dir']}/zoo.json"
 rule toy_zoo:
     output:
         TOY_ZOO,
+    conda:
+        "../envs/icl-dynamics.yaml"
     log:
         "logs/toy_zoo.log",
     params:
-        out=config["toy_zoo"]["dir"],
+        out=lambda wildcards, output: os.path.dirname(output[0]),
         seed=config["toy_zoo"]["seed"],
     shell:
         "icl-dynamics toy-zoo --out {params.out} --seed {params.seed} 2> {log}"
@@ -21,6 +23,8 @@ rule fetch:
         TOY_ZOO if config["schedule"] == "toy" else [],
     output:
         f"{RESULTS}/{{model}}/step{{step}}/provenance.parquet",
+    conda:
+        "../envs/icl-dynamics.yaml"
     log:
         "logs/{model}/step{step}/fetch.log",
     params:

@@ -10,6 +10,8 @@ rule figures:
         provenance=f"{RESULTS}/{{model}}/provenance.parquet",
     output:
         expand(f"{RESULTS}/{{{{model}}}}/figures/{{figure}}.{{ext}}", figure=FIGURES, ext=["png", "pdf"]),
+    conda:
+        "../envs/icl-dynamics.yaml"
     log:
         "logs/{model}/figures.log",
     params:

@@ -8,6 +8,8 @@ rule heads:
         provenance_of("{step}"),
     output:
         f"{RESULTS}/{{model}}/step{{step}}/heads.parquet",
+    conda:
+        "../envs/icl-dynamics.yaml"
     log:
         "logs/{model}/step{step}/heads.log",
     params:

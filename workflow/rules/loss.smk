@@ -1,20 +1,7 @@
 # Stage 2b: ICL level 1 (loss reduction). Text is selected and tokenised once per model, with the
 # tokenizer of the first measured checkpoint, and reused at every checkpoint.
 
-TEXT = config["text"]
 LOSS = config["loss"]
-
-
-def text_flags():
-    flags = [
-        "--kind", TEXT["kind"], "--split", TEXT["split"], "--column", TEXT["column"],
-        "--n-docs", str(TEXT["n_docs"]), "--context", str(TEXT["context"]), "--seed", str(TEXT["seed"]),
-    ]
-    if TEXT["name"]:
-        flags += ["--name", TEXT["name"]]
-    if TEXT["path"]:
-        flags += ["--path", TEXT["path"]]
-    return " ".join(shlex.quote(f) for f in flags)
 
 
 rule tokenize_text:
@@ -22,6 +9,8 @@ rule tokenize_text:
         provenance_of(STEPS[0]),
     output:
         f"{RESULTS}/{{model}}/text_tokens.parquet",
+    conda:
+        "../envs/icl-dynamics.yaml"
     log:
         "logs/{model}/tokenize_text.log",
     params:
@@ -38,6 +27,8 @@ rule loss:
     output:
         scores=f"{RESULTS}/{{model}}/step{{step}}/loss.parquet",
         curve=f"{RESULTS}/{{model}}/step{{step}}/loss_curve.parquet",
+    conda:
+        "../envs/icl-dynamics.yaml"
     log:
         "logs/{model}/step{step}/loss.log",
     params:

@@ -18,6 +18,8 @@ rule merge:
         f"{RESULTS}/{{model}}/{{stage}}.parquet",
     wildcard_constraints:
         stage="|".join(MERGED),
+    conda:
+        "../envs/icl-dynamics.yaml"
     log:
         "logs/{model}/merge_{stage}.log",
     shell:

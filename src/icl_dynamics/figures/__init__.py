@@ -44,17 +44,19 @@ def new_figure(ncols: int = 1, nrows: int = 1, *, width: float = COLUMN_WIDTH_IN
 def step_axis(ax: Axes, steps: Sequence[int], *, label: str = "training step") -> None:
     """A log-like step axis that still shows step 0 (symlog, linear below 1), ticks at the data."""
     ax.set_xscale("symlog", linthresh=1, linscale=0.5)
-    ax.set_xlim(left=-0.2 if min(steps, default=1) == 0 else None)
+    ax.set_xlim(-0.2 if min(steps, default=1) == 0 else None, 1.5 * max(steps, default=1))
     ax.set_xlabel(label)
 
 
 def save_figure(fig: Figure, path: str | os.PathLike[str], formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
     """Save ``fig`` as ``path`` with each suffix in ``formats``, atomically; return the paths."""
     base = Path(path)
+    if base.suffix.lstrip(".") in formats:  # a stem given with one of the suffixes
+        base = base.with_suffix("")
     base.parent.mkdir(parents=True, exist_ok=True)
     written = []
     for fmt in formats:
-        target = base.with_suffix(f".{fmt}")
+        target = base.with_name(f"{base.name}.{fmt}")  # not with_suffix: 'pythia-1.4b' has a dot
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".{fmt}", dir=target.parent)
         os.close(fd)
         try:
