@@ -75,7 +75,8 @@ def hand_attention(model, tokens: torch.Tensor) -> list[torch.Tensor]:
         for layer, block in enumerate(model.gpt_neox.layers):
             qkv = block.attention.query_key_value(block.input_layernorm(hidden[layer][0]))
             q, k, _ = qkv.view(len(tokens), heads, 3 * d_head).chunk(3, -1)
-            q, k = rotary(q, cfg.rope_parameters["rope_theta"], dims), rotary(k, cfg.rope_parameters["rope_theta"], dims)
+            theta = cfg.rope_parameters["rope_theta"]
+            q, k = rotary(q, theta, dims), rotary(k, theta, dims)
             scores = torch.einsum("qhe,khe->hqk", q, k) / math.sqrt(d_head)
             causal = torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril()
             out.append(torch.softmax(scores.masked_fill(~causal, -math.inf), -1))
@@ -181,7 +182,8 @@ def reference_rows(model, seqs: pd.DataFrame, trips: pd.DataFrame, *, tau: float
         out.append(dict(layer=layer, head=h, family=family, relation=relation, direction=direction, gate=gate,
                         variant=variant, ri=ri, ri_se=a.std(ddof=1) / math.sqrt(len(a)) if len(a) > 1 else math.nan,
                         events=len(a), passes=st["passes"], opportunities=o,
-                        pass_rate=st["passes"] / o if o else math.nan, ri_per_opportunity=a.sum() / o if o else math.nan,
+                        pass_rate=st["passes"] / o if o else math.nan,
+                        ri_per_opportunity=a.sum() / o if o else math.nan,
                         triplets=trip_count.get(group, 0), triplets_qualified=len(st["trips"]),
                         control_tenth=c10, control_tenth_events=len(st["tenth"]), control_random=cr,
                         control_random_events=len(st["rand"]),

@@ -137,28 +137,31 @@ def gate_statistics(pattern: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return indices[..., 0], values[..., 0], values[..., 1]
 
 
-def gate_passes(
-    argmax: torch.Tensor, top: torch.Tensor, second: torch.Tensor, s: torch.Tensor, gate: str, tau: float
-) -> torch.Tensor:
-    """Whether the gate passes for attended position ``s``: strict argmax, and for ``margin`` also
-    top > tau * second (the ratio test without dividing by a possible 0)."""
-    passed = (argmax == s) & (top > second)
+def gate_passes(top: torch.Tensor, second: torch.Tensor, gate: str, tau: float) -> torch.Tensor:
+    """Whether a query's attention passes the gate for its argmax key: a strict maximum, and for
+    ``margin`` also top > tau * second (the ratio test without dividing by a possible 0)."""
+    if gate == "argmax":
+        return top > second
     if gate == "margin":
-        passed &= top > tau * second
-    elif gate != "argmax":
-        raise ValueError(f"unknown gate {gate!r}; choose from {GATES}")
-    return passed
+        return (top > second) & (top > tau * second)
+    raise ValueError(f"unknown gate {gate!r}; choose from {GATES}")
+
+
+def ov_mass(logits: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unnormalised q and its sum over C_j for rows of logits [..., U] (bool mask [..., U] of C_j):
+    q_t / sum q is the event score. Any positive rescaling of p cancels in that ratio, so p is left
+    as exp(logit - max) without the softmax normaliser; ids off C_j get q = 0."""
+    z = logits.masked_fill(~candidates, -math.inf)
+    e = (z - z.amax(-1, keepdim=True)).exp_()
+    q = (e - e.sum(-1, keepdim=True) / candidates.sum(-1, keepdim=True)).clamp_min_(0)
+    return q, q.sum(-1)
 
 
 def ov_scores(logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """The event score a for every candidate of each row: logits [..., U] of the row's ids, bool
-    mask [..., U] of C_j. Returns q_t / sum q over C_j (0 off C_j; NaN where sum q is 0)."""
-    p = torch.softmax(logits.masked_fill(~candidates, -math.inf), dim=-1)
-    p = p.nan_to_num(0.0)  # rows with no candidate at all
-    size = candidates.sum(-1, keepdim=True).clamp_min(1)
-    q = (p - p.sum(-1, keepdim=True) / size).clamp_min(0) * candidates
-    total = q.sum(-1, keepdim=True)
-    return torch.where(total > 0, q / total.where(total > 0, torch.ones_like(total)), torch.nan)
+    """The event score a = q_t / sum_C q for every candidate t of each row (0 off C_j; NaN for a row
+    whose sum is 0, i.e. p uniform on C_j, or with no candidate)."""
+    q, total = ov_mass(logits, candidates)
+    return q / total[..., None]
 
 
 def random_control_draws(seed: int, sequence_id: int, n: int) -> np.ndarray:
@@ -175,10 +178,9 @@ class _Sequence:
     tokens: np.ndarray  # [n] int64
     uniq: np.ndarray  # [U] candidate ids, in order of first candidate appearance
     first: np.ndarray  # [U] first candidate position of each uniq id
-    index: dict[int, int]  # id -> position in uniq
     tenth: tuple[int, int] | None  # (position, uniq index) of the tenth-token control
     random: np.ndarray  # [n] uniq index of the random control at each j (-1 before any candidate)
-    triplets: np.ndarray  # [m, 4] int64: s, o, group, tail uniq index (-1: never a candidate)
+    triplets: np.ndarray  # [m, 4] int64 (s, first opportunity j, group, tail uniq index) of live triplets
 
 
 def _as_frame(table: pa.Table | pd.DataFrame, columns: Sequence[str], what: str) -> pd.DataFrame:
@@ -244,9 +246,10 @@ def _prepare(
             tokens, mask = tokens[:max_len], mask[:max_len]
             if not len(rows):
                 continue
-        prepared.append(_index_sequence(sid, tokens, mask, rows, s, o, group_of,
-                                        exclude_function_words=exclude_function_words,
-                                        control_position=control_position, seed=seed))
+        seq = _index_sequence(sid, tokens, mask, rows, s, o, group_of, exclude_function_words=exclude_function_words,
+                              control_position=control_position, seed=seed)
+        if len(seq.triplets):
+            prepared.append(seq)
     if truncated:
         warnings.warn(f"{truncated} triplets lie beyond max_len={max_len} tokens and were dropped", stacklevel=3)
     return prepared, keys
@@ -263,16 +266,18 @@ def _index_sequence(
     order = np.argsort(positions[first_idx], kind="stable")
     uniq, first = uniq[order], positions[first_idx][order]
     index = {int(t): u for u, t in enumerate(uniq)}
-    start = min(control_position, n - 1)
-    later = positions[positions >= start]
+    later = positions[positions >= min(control_position, n - 1)]
     tenth = (int(later[0]), index[int(tokens[later[0]])]) if len(later) else None
     visible = np.searchsorted(first, np.arange(n), side="right")  # |C_j|
     draws = random_control_draws(seed, sid, n)
     random = np.where(visible > 0, np.floor(draws * visible).astype(np.int64), -1)
     groups = [group_of[key] for key in zip(rows["family"], rows["relation"], rows["direction"])]
-    tail_u = [index.get(int(t), -1) for t in tokens[o]]
-    trip = np.stack([s, o, np.asarray(groups, np.int64), np.asarray(tail_u, np.int64)], axis=1)
-    return _Sequence(sid, tokens, uniq, first, index, tenth, random, trip)
+    tail = np.asarray([index.get(int(t), -1) for t in tokens[o]], dtype=np.int64)
+    # opportunities: j >= max(s, o) with the tail in C_j; a tail that is never a candidate has none
+    start = np.maximum(np.maximum(s, o), np.append(first, n)[tail])
+    live = start < n
+    trip = np.stack([s, start, np.asarray(groups, np.int64), tail], axis=1)[live]
+    return _Sequence(sid, tokens, uniq, first, tenth, random, trip)
 
 
 # ----------------------------------------------------------------------------- per-batch scoring
@@ -293,72 +298,72 @@ class _Accumulator:
 
 
 @dataclass
-class _Events:
-    """Every (triplet, j) opportunity of one batch, flattened."""
+class _BatchIndex:
+    """One batch's triplets, indexed by (sequence, head position) so that each query's argmax key
+    finds its triplets directly; plus the per-position control targets."""
 
-    b: torch.Tensor
-    j: torch.Tensor
-    s: torch.Tensor
+    lengths: torch.Tensor  # [B]
+    order: torch.Tensor  # triplets sorted by (b, s)
+    slot_start: torch.Tensor  # [B * T] first index into ``order`` of the triplets with head at (b, s)
+    slot_count: torch.Tensor  # [B * T]
+    start: torch.Tensor  # [n_trip] first j of each triplet's opportunities
     group: torch.Tensor
-    triplet: torch.Tensor
-    tail: torch.Tensor
-    tenth: torch.Tensor  # uniq index of the tenth-token target, -1 where not (yet) visible
-    random: torch.Tensor
-    n_triplets: int
+    tail: torch.Tensor  # uniq index of the tail
+    tenth_pos: torch.Tensor  # [B] position of the tenth-token control (T when none)
+    tenth: torch.Tensor  # [B] its uniq index
+    random: torch.Tensor  # [B, T] uniq index of the random control at each j
 
 
-def _batch_events(batch: Sequence[_Sequence], acc: _Accumulator, device: torch.device) -> _Events:
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("b", "j", "s", "group", "triplet", "tail", "tenth", "random")}
-    offset = 0
+def _batch_index(batch: Sequence[_Sequence], t_max: int, acc: _Accumulator, device: torch.device) -> _BatchIndex:
+    """Index a batch's triplets and add their opportunities (independent of heads) to ``acc``."""
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("b", "s", "start", "group", "tail")}
+    lengths, tenth_pos, tenth = [], [], []
+    random = np.zeros((len(batch), t_max), dtype=np.int64)
     for b, seq in enumerate(batch):
         n = len(seq.tokens)
-        s, o, group, tail = seq.triplets.T
-        first = np.append(seq.first, n)  # tail index -1 (never a candidate) -> n: no opportunity
-        start = np.maximum(np.maximum(s, o), first[tail])
-        count = np.maximum(n - start, 0)
-        np.add.at(acc.triplets, group[count > 0], 1)
-        trip = np.repeat(np.arange(len(s)), count)
-        j = start[trip] + np.arange(len(trip)) - np.repeat(np.cumsum(count) - count, count)
-        np.add.at(acc.opportunities, group[trip], 1)
-        parts["b"].append(np.full(len(trip), b))
-        parts["j"].append(j)
-        parts["s"].append(s[trip])
-        parts["group"].append(group[trip])
-        parts["triplet"].append(trip + offset)
-        parts["tail"].append(tail[trip])
-        if seq.tenth is None:
-            parts["tenth"].append(np.full(len(trip), -1))
-        else:
-            parts["tenth"].append(np.where(j >= seq.tenth[0], seq.tenth[1], -1))
-        parts["random"].append(seq.random[j])
-        offset += len(s)
-    arrays = {k: torch.as_tensor(np.concatenate(v).astype(np.int64), device=device) for k, v in parts.items()}
-    return _Events(**arrays, n_triplets=offset)
+        s, start, group, tail = seq.triplets.T
+        np.add.at(acc.opportunities, group, n - start)
+        np.add.at(acc.triplets, group, 1)
+        for key, col in zip(cols, (np.full(len(s), b), s, start, group, tail)):
+            cols[key].append(col)
+        lengths.append(n)
+        tenth_pos.append(seq.tenth[0] if seq.tenth else t_max)
+        tenth.append(seq.tenth[1] if seq.tenth else 0)
+        random[b, :n] = seq.random
+    c = {k: np.concatenate(v).astype(np.int64) for k, v in cols.items()}
+    slot = c["b"] * t_max + c["s"]
+    order = np.argsort(slot, kind="stable")
+    count = np.bincount(slot, minlength=len(batch) * t_max)
+    as_t = lambda x: torch.as_tensor(np.asarray(x, dtype=np.int64), device=device)  # noqa: E731
+    return _BatchIndex(
+        lengths=as_t(lengths), order=as_t(order), slot_start=as_t(np.cumsum(count) - count), slot_count=as_t(count),
+        start=as_t(c["start"]), group=as_t(c["group"]), tail=as_t(c["tail"]),
+        tenth_pos=as_t(tenth_pos), tenth=as_t(tenth), random=as_t(random),
+    )
 
 
 class _BatchScorer:
     """Scores one padded batch layer by layer, as the forward pass hands over each attention pattern."""
 
-    def __init__(self, model: nn.Module, batch: Sequence[_Sequence], events: _Events, acc: _Accumulator, *,
+    def __init__(self, model: nn.Module, batch: Sequence[_Sequence], acc: _Accumulator, *,
                  gates: Sequence[str], variants: Sequence[str], tau: float, dtype: torch.dtype,
                  device: torch.device) -> None:
-        self.model, self.events, self.acc = model, events, acc
+        self.model, self.acc = model, acc
         self.gates, self.variants, self.tau, self.dtype = gates, variants, tau, dtype
         n_max = max(len(seq.tokens) for seq in batch)
         u_max = max(len(seq.uniq) for seq in batch)
         ids = torch.zeros((len(batch), n_max), dtype=torch.long)
         uniq = torch.zeros((len(batch), u_max), dtype=torch.long)
-        cand = torch.zeros((len(batch), n_max, u_max), dtype=torch.bool)
+        first = torch.full((len(batch), u_max), n_max, dtype=torch.long)  # padding ids: never candidates
         for b, seq in enumerate(batch):
-            n, u = len(seq.tokens), len(seq.uniq)
-            ids[b, :n] = torch.from_numpy(seq.tokens)
-            uniq[b, :u] = torch.from_numpy(seq.uniq)
-            cand[b, :n, :u] = torch.arange(n)[:, None] >= torch.from_numpy(seq.first)[None, :]
-        self.ids, self.candidates = ids.to(device), cand.to(device)
-        self.attention_mask = (torch.arange(n_max)[None, :] < torch.tensor([len(q.tokens) for q in batch])[:, None])
-        self.attention_mask = self.attention_mask.long().to(device)
+            ids[b, : len(seq.tokens)] = torch.from_numpy(seq.tokens)
+            uniq[b, : len(seq.uniq)] = torch.from_numpy(seq.uniq)
+            first[b, : len(seq.uniq)] = torch.from_numpy(seq.first)
+        self.index = _batch_index(batch, n_max, acc, device)
+        self.ids, self.first = ids.to(device), first.to(device)
+        self.attention_mask = (torch.arange(n_max, device=device)[None, :] < self.index.lengths[:, None]).long()
         w_u = model.get_output_embeddings().weight  # [vocab, d_model]
-        self.w_u_sub = w_u[uniq.to(device)].to(dtype).transpose(1, 2)  # [B, d_model, U]
+        self.w_u_sub = w_u[uniq.to(device)].to(dtype).transpose(1, 2)  # W_U[:, ids of each sequence] [B, d_model, U]
         self.x = model.get_input_embeddings().weight[self.ids].to(dtype)  # raw embeddings [B, T, d_model]
         self.values: dict[int, torch.Tensor] = {}
 
@@ -373,67 +378,79 @@ class _BatchScorer:
         return hook
 
     def __call__(self, layer: int, pattern: torch.Tensor) -> None:
-        ev = self.events
+        idx, acc = self.index, self.acc
         argmax, top, second = gate_statistics(pattern)  # [B, H, T]
         del pattern
-        arg_e, top_e, second_e = argmax[ev.b, :, ev.j], top[ev.b, :, ev.j], second[ev.b, :, ev.j]  # [E, H]
-        passed = {g: gate_passes(arg_e, top_e, second_e, ev.s[:, None], g, self.tau) for g in self.gates}
         value = self.values.pop(layer, None)
-        any_pass = passed["argmax"] if "argmax" in passed else passed[self.gates[0]]
-        e_idx, h_idx = any_pass.nonzero(as_tuple=True)
-        heads, t_max = argmax.shape[1], argmax.shape[2]
-        for gi, gate in enumerate(self.gates):
-            counts = passed[gate].to(torch.float64)
-            self.acc.passes[gi, layer].index_add_(0, ev.group, counts)
-        if not len(e_idx):
+        batch, heads, t_max = argmax.shape
+        real = torch.arange(t_max, device=argmax.device) < idx.lengths[:, None, None]
+        qb, qh, qj = (gate_passes(top, second, "argmax", self.tau) & real).nonzero(as_tuple=True)
+        # pairs (query, triplet) whose head position is the query's (strict) argmax and that are live at j
+        slot = qb * t_max + argmax[qb, qh, qj]
+        count = idx.slot_count[slot]
+        query = torch.repeat_interleave(torch.arange(len(qb), device=slot.device), count)
+        within = torch.arange(len(query), device=slot.device) - torch.repeat_interleave(count.cumsum(0) - count, count)
+        trip = idx.order[idx.slot_start[slot][query] + within]
+        live = idx.start[trip] <= qj[query]
+        query, trip = query[live], trip[live]
+        if not len(query):
             return
-        # one score row per distinct (sequence, head, query); several triplets may share it
-        keys = (ev.b[e_idx] * heads + h_idx) * t_max + ev.j[e_idx]
-        keys, inverse = torch.unique(keys, return_inverse=True)
-        rb, rh, rj = keys // (heads * t_max), (keys // t_max) % heads, keys % t_max
+        rows, inverse = torch.unique_consecutive(query, return_inverse=True)  # ``query`` is sorted
+        rb, rh, rj = qb[rows], qh[rows], qj[rows]
         rs = argmax[rb, rh, rj]
+        passed = {"argmax": torch.ones_like(inverse, dtype=torch.bool)}
+        if "margin" in self.gates:
+            passed["margin"] = (top[rb, rh, rj] > self.tau * second[rb, rh, rj])[inverse]
+        flat = idx.group[trip] * heads + rh[inverse]
+        for gi, gate in enumerate(self.gates):
+            hits = flat[passed[gate]]
+            acc.passes[gi, layer].view(-1).index_add_(0, hits, torch.ones_like(hits, dtype=torch.float64))
         w_v, _b_v, w_o = (w.to(self.dtype) for w in head_ov_weights(self.model, layer))
         w_ou = torch.einsum("hed,bdu->bheu", w_o, self.w_u_sub)  # W_O^h W_U[:, ids] [B, H, d_head, U]
-        cand = self.candidates[rb, rj]  # [R, U]
+        cand = rj[:, None] >= self.first[rb]  # C_j of each row [R, U]
         raw = None
         for vi, variant in enumerate(self.variants):
             if variant == "contextual":
                 if value is None:
                     raise RuntimeError(f"layer {layer}: value vectors were not captured")
-                rows = (value @ w_ou)[rb, rh, rs]  # logits of the head's real value at s
+                logits = (value @ w_ou)[rb, rh, rs]  # the head's real value at s
             else:
                 if raw is None:  # raw-embedding logits x_t W_OV^h W_U[:, ids] of every token [B, H, T, U]
                     raw = torch.einsum("btd,hde->bhte", self.x, w_v) @ w_ou
-                rows = raw[rb, rh, rj if variant == "literal" else rs]
-            self._accumulate(layer, vi, passed, e_idx, h_idx, ov_scores(rows, cand), inverse)
+                logits = raw[rb, rh, rj if variant == "literal" else rs]
+            q, total = ov_mass(logits, cand)
+            self._accumulate(layer, vi, passed, trip, inverse, rh, rj, rb, q, total)
 
-    def _accumulate(self, layer: int, vi: int, passed: Mapping[str, torch.Tensor], e_idx: torch.Tensor,
-                    h_idx: torch.Tensor, scores: torch.Tensor, inverse: torch.Tensor) -> None:
-        """Add the events (e_idx, h_idx) that pass each gate; their score row is ``scores[inverse]``."""
-        ev, acc = self.events, self.acc
-        tail = scores[inverse, ev.tail[e_idx]].double()
-        tenth_ok = ev.tenth[e_idx] >= 0
-        tenth = scores[inverse, ev.tenth[e_idx].clamp_min(0)].double()
-        rand = scores[inverse, ev.random[e_idx]].double()
-        heads = passed[self.gates[0]].shape[1]
-        t_group = torch.zeros(ev.n_triplets, dtype=torch.long, device=tail.device)
-        t_group[ev.triplet] = ev.group
+    def _accumulate(self, layer: int, vi: int, passed: Mapping[str, torch.Tensor], trip: torch.Tensor,
+                    inverse: torch.Tensor, rh: torch.Tensor, rj: torch.Tensor, rb: torch.Tensor, q: torch.Tensor,
+                    total: torch.Tensor) -> None:
+        """Add the events (pairs of a score row and a triplet) that pass each gate."""
+        idx, acc = self.index, self.acc
+        heads = acc.passes.shape[-1]
+        tot = total[inverse].double()
+        tail = q[inverse, idx.tail[trip]].double() / tot
+        pb, pj = rb[inverse], rj[inverse]
+        tenth_ok = pj >= idx.tenth_pos[pb]
+        tenth = q[inverse, idx.tenth[pb]].double() / tot
+        rand = q[inverse, idx.random[pb, pj]].double() / tot
+        defined = ~tail.isnan()
+        flat_all = idx.group[trip] * heads + rh[inverse]
         for gi, gate in enumerate(self.gates):
-            keep = passed[gate][e_idx, h_idx] & ~tail.isnan()
-            flat = ev.group[e_idx[keep]] * heads + h_idx[keep]
+            keep = passed[gate] & defined
+            flat, a, t_ok = flat_all[keep], tail[keep], tenth_ok[keep]
             stats = {k: v[gi, vi, layer].view(-1) for k, v in acc.stats.items()}
-            a, t_ok = tail[keep], tenth_ok[keep]
-            stats["n"].index_add_(0, flat, torch.ones_like(a))
+            ones = torch.ones_like(a)
+            stats["n"].index_add_(0, flat, ones)
             stats["sum"].index_add_(0, flat, a)
             stats["sum2"].index_add_(0, flat, a * a)
-            stats["tenth_n"].index_add_(0, flat[t_ok], torch.ones_like(a[t_ok]))
+            stats["tenth_n"].index_add_(0, flat[t_ok], ones[t_ok])
             stats["tenth_sum"].index_add_(0, flat[t_ok], tenth[keep][t_ok])
-            stats["random_n"].index_add_(0, flat, torch.ones_like(a))
+            stats["random_n"].index_add_(0, flat, ones)
             stats["random_sum"].index_add_(0, flat, rand[keep])
-            # triplets with at least one event: mark each (triplet, head) once, then count per group
-            hit = torch.zeros((ev.n_triplets, heads), dtype=torch.float64, device=a.device)
-            hit[ev.triplet[e_idx[keep]], h_idx[keep]] = 1.0
-            stats["triplets_q"].view(-1, heads).index_add_(0, t_group, hit)
+            # triplets with at least one event: each (triplet, head) once, then counted per group
+            marks = torch.unique(trip[keep] * heads + rh[inverse][keep])
+            stats["triplets_q"].index_add_(0, idx.group[marks // heads] * heads + marks % heads,
+                                           torch.ones_like(marks, dtype=torch.float64))
 
 
 def _batches(seqs: list[_Sequence], batch_size: int) -> Iterator[list[_Sequence]]:
@@ -488,11 +505,7 @@ def score_relation_index(
     acc = _Accumulator(gates, variants, len(keys), layers, heads, device)
 
     for batch in _batches(seqs, batch_size):
-        events = _batch_events(batch, acc, device)
-        if not len(events.j):
-            continue
-        scorer = _BatchScorer(model, batch, events, acc, gates=gates, variants=variants, tau=tau, dtype=dtype,
-                              device=device)
+        scorer = _BatchScorer(model, batch, acc, gates=gates, variants=variants, tau=tau, dtype=dtype, device=device)
         handles = []
         if "contextual" in variants:
             handles = [attn.query_key_value.register_forward_hook(scorer.value_hook(layer))
