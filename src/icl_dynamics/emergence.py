@@ -1,0 +1,869 @@
+"""When heads form, when in-context learning emerges, and how the two are related over training.
+
+Every curve here is a *trajectory*: one value per checkpoint plus a yes/no "reliably past its
+baseline" flag. Two estimates are computed for each trajectory:
+
+* **onset** -- the first checkpoint from which the flag holds and stays true for the next ``k``
+  checkpoints (a run of ``k + 1`` reliable checkpoints; a run cut short by the end of the data does
+  not count). The true onset lies in ``(onset_prev, onset]``: the grid cannot say more.
+* **transition** -- the midpoint of a monotone four-parameter logistic fitted in
+  ``x = log10(tokens + tokens_per_step / 2)``: step 0 sits half a step before step 1, as far below
+  step 1 on the log axis as step 2 is above it, so it stays in the fit instead of being dropped.
+  The interval comes from a wild (Rademacher) residual bootstrap; a refit whose rise is sharper
+  than the gap between the checkpoints around it has its midpoint drawn uniformly within that gap,
+  so a jump that falls into a gap of the grid (Pythia has no checkpoint between steps 512 and
+  1000) gets an interval spanning the gap instead of an arbitrary spot in it. Only trajectories
+  with an onset are fitted: the logistic of a curve that never leaves its baseline describes noise.
+
+ICL trajectories (:func:`icl_trajectories`) are reliable when accuracy-like metrics have their
+interval above chance, or -- where ``chance`` is null (the ICL score) -- when the interval of the
+difference to the first checkpoint (normally step 0) excludes zero in the good direction (lower is
+better for the ICL score). Head trajectories (:func:`head_trajectories`) are reliable when
+``score - z * se > control``; for the relation index the margin must clear both the tenth-token
+and the random-token control, using a bound on the standard error (see :func:`head_trajectories`).
+
+The relation between a head and an ICL series (:func:`relation_table`) is the lag of formation
+behind emergence (both estimates, with intervals) and a Spearman correlation across checkpoints.
+Two curves that both merely rise have a large Spearman correlation of their *levels*, and a plain
+block-shuffle test of the levels called ~80 % of independent pairs related in simulations, so the
+test statistic is the Spearman correlation of their *first differences* (the change from one
+checkpoint to the next), with a null from block permutations of one differenced series (blocks of
+``ceil(sqrt(n))`` checkpoints by default). It is significant when the two curves change at the same
+checkpoints: independent curves rising a decade of tokens apart are called related at about the
+nominal rate, but curves whose rises overlap in time are (rightly) co-timed -- the lag says by how
+much. p-values are Benjamini-Hochberg adjusted within each model and score (``q_value``).
+:func:`summary_table` answers "before, with or after?" for the top-k heads at the final checkpoint
+and for all heads.
+
+Tables are pandas DataFrames; the ``*_SCHEMA`` constants are their Parquet schemas (write with
+``icl_dynamics.io.write_rows(df.to_dict("list"), SCHEMA, path)``).
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from scipy import optimize, special, stats
+
+ICL_KEYS = ("model", "level", "task", "shots", "metric")
+HEAD_KEYS = ("model", "score", "layer", "head")
+HEAD_SCORES = ("prefix_matching", "previous_token", "copying")
+RI_PREFIX = "ri:"
+LEVELS = ("loss_reduction", "format_compliance", "pattern_discovery")
+LOWER_IS_BETTER = frozenset({"icl_score"})
+ORDERS = ("before", "with", "after", "no formation", "no emergence")
+
+ICL_COLUMNS = ("model", "step", "tokens", "level", "task", "shots", "metric", "value", "ci_low", "ci_high", "n",
+               "chance")
+HEADS_COLUMNS = ("model", "step", "tokens", "layer", "head",
+                 *HEAD_SCORES, *(f"{s}_control" for s in HEAD_SCORES), *(f"{s}_se" for s in HEAD_SCORES))
+RI_COLUMNS = ("model", "step", "tokens", "layer", "head", "relation", "direction", "gate", "variant",
+              "ri", "events", "control_tenth", "control_tenth_events", "control_random", "control_random_events")
+
+DEFAULT_K = 3
+DEFAULT_N_BOOT = 200
+DEFAULT_CI_LEVEL = 0.95
+DEFAULT_N_PERM = 999
+DEFAULT_ALPHA = 0.05
+DEFAULT_TOP_K = 10
+MIN_FIT_POINTS = 6
+MIN_WIDTH_DECADES = 0.01  # narrowest logistic allowed: 10-90 % rise within ~0.04 decades of tokens
+RISE_10_90 = 2 * np.log(9)  # a logistic's 10-90 % rise spans this many widths
+
+# ---------------------------------------------------------------------------------------------
+# Schemas
+# ---------------------------------------------------------------------------------------------
+
+_ESTIMATE_FIELDS = [
+    pa.field("increasing", pa.bool_(), nullable=False),
+    pa.field("n_checkpoints", pa.int32(), nullable=False),
+    pa.field("k", pa.int32(), nullable=False),
+    pa.field("onset_step", pa.int64()),
+    pa.field("onset_tokens", pa.int64()),
+    pa.field("onset_prev_step", pa.int64()),
+    pa.field("onset_prev_tokens", pa.int64()),
+    pa.field("transition_step", pa.float64()),
+    pa.field("transition_step_low", pa.float64()),
+    pa.field("transition_step_high", pa.float64()),
+    pa.field("transition_tokens", pa.float64()),
+    pa.field("transition_tokens_low", pa.float64()),
+    pa.field("transition_tokens_high", pa.float64()),
+    pa.field("fit_start", pa.float64()),
+    pa.field("fit_end", pa.float64()),
+    pa.field("fit_log10_mid", pa.float64()),
+    pa.field("fit_width", pa.float64()),
+    pa.field("fit_status", pa.string(), nullable=False),
+    pa.field("n_boot_ok", pa.int32(), nullable=False),
+    pa.field("transition_boot_tokens", pa.list_(pa.float64()), nullable=False),
+]
+
+EMERGENCE_SCHEMA = pa.schema([
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("level", pa.string(), nullable=False),
+    pa.field("task", pa.string(), nullable=False),
+    pa.field("shots", pa.int32()),
+    pa.field("metric", pa.string(), nullable=False),
+    pa.field("baseline_kind", pa.string(), nullable=False),
+    *_ESTIMATE_FIELDS,
+])
+"""One row per ICL series (model, level, task, shots, metric): onset and transition of emergence."""
+
+FORMATION_SCHEMA = pa.schema([
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("score", pa.string(), nullable=False),
+    pa.field("layer", pa.int32(), nullable=False),
+    pa.field("head", pa.int32(), nullable=False),
+    *_ESTIMATE_FIELDS,
+    pa.field("final_step", pa.int64(), nullable=False),
+    pa.field("final_value", pa.float64()),
+    pa.field("final_control", pa.float64()),
+    pa.field("final_rank", pa.int32()),
+])
+"""One row per head and score: onset and transition of formation, and the head's rank at the final
+checkpoint by ``value - control`` (1 = largest excess; null where the final value is missing)."""
+
+_LAG_FIELDS = [
+    pa.field("lag_onset_tokens", pa.float64()),
+    pa.field("lag_onset_low_tokens", pa.float64()),
+    pa.field("lag_onset_high_tokens", pa.float64()),
+    pa.field("order_onset", pa.string(), nullable=False),
+    pa.field("lag_transition_tokens", pa.float64()),
+    pa.field("lag_transition_low_tokens", pa.float64()),
+    pa.field("lag_transition_high_tokens", pa.float64()),
+    pa.field("order_transition", pa.string(), nullable=False),
+]
+
+RELATION_SCHEMA = pa.schema([
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("score", pa.string(), nullable=False),
+    pa.field("layer", pa.int32(), nullable=False),
+    pa.field("head", pa.int32(), nullable=False),
+    pa.field("final_rank", pa.int32()),
+    pa.field("level", pa.string(), nullable=False),
+    pa.field("task", pa.string(), nullable=False),
+    pa.field("shots", pa.int32()),
+    pa.field("metric", pa.string(), nullable=False),
+    *_LAG_FIELDS,
+    pa.field("n_checkpoints", pa.int32(), nullable=False),
+    pa.field("rho_level", pa.float64()),
+    pa.field("rho_diff", pa.float64()),
+    pa.field("p_value", pa.float64()),
+    pa.field("q_value", pa.float64()),
+    pa.field("related", pa.bool_(), nullable=False),
+])
+"""One row per (head, score) x ICL series of the same model: lags (formation minus emergence, in
+tokens; negative = the head formed first) and the detrended, block-permutation-tested correlation."""
+
+SUMMARY_SCHEMA = pa.schema([
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("score", pa.string(), nullable=False),
+    pa.field("head_set", pa.string(), nullable=False),
+    pa.field("level", pa.string(), nullable=False),
+    pa.field("task", pa.string(), nullable=False),
+    pa.field("shots", pa.int32()),
+    pa.field("metric", pa.string(), nullable=False),
+    pa.field("n_heads", pa.int32(), nullable=False),
+    pa.field("n_formed", pa.int32(), nullable=False),
+    pa.field("n_transition", pa.int32(), nullable=False),
+    pa.field("emergence_onset_tokens", pa.int64()),
+    pa.field("emergence_transition_tokens", pa.float64()),
+    *_LAG_FIELDS,
+    pa.field("n_before", pa.int32(), nullable=False),
+    pa.field("n_with", pa.int32(), nullable=False),
+    pa.field("n_after", pa.int32(), nullable=False),
+    pa.field("n_related", pa.int32(), nullable=False),
+    pa.field("median_rho_diff", pa.float64()),
+])
+"""One row per model, score, head set (``top<k>`` or ``all``) and ICL series: median lag over the
+set's formed heads with its interval, the verdict (``order_*``), and how many heads are related."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def duplicate_checkpoints(provenance: pd.DataFrame) -> set[tuple[str, int]]:
+    """The (model, step) pairs that the provenance table flags as duplicates of another step."""
+    _require_columns(provenance, ("model", "step", "duplicate_of_step"), "provenance")
+    dup = provenance[provenance["duplicate_of_step"].notna()]
+    return {(str(m), int(s)) for m, s in zip(dup["model"], dup["step"])}
+
+
+def tokens_per_step(table: pd.DataFrame) -> dict[str, int]:
+    """Tokens per optimiser step of each model, checked to be constant over its nonzero steps."""
+    out: dict[str, int] = {}
+    for model, g in table[["model", "step", "tokens"]].drop_duplicates().groupby("model", sort=True):
+        g = g[g["step"] > 0]
+        if g.empty:
+            raise ValueError(f"model {model!r}: no checkpoint after step 0, cannot infer tokens per step")
+        ratios = g["tokens"].to_numpy(np.int64) // g["step"].to_numpy(np.int64)
+        if (ratios * g["step"].to_numpy(np.int64) != g["tokens"].to_numpy(np.int64)).any() or len(set(ratios)) != 1:
+            raise ValueError(f"model {model!r}: tokens / step is not one constant integer "
+                             f"(steps {g['step'].tolist()[:5]}..., tokens {g['tokens'].tolist()[:5]}...)")
+        out[str(model)] = int(ratios[0])
+    return out
+
+
+def _drop_excluded(table: pd.DataFrame, exclude: Iterable[tuple[str, int]] | None) -> pd.DataFrame:
+    if not exclude:
+        return table
+    drop = pd.MultiIndex.from_tuples(sorted({(str(m), int(s)) for m, s in exclude}), names=["model", "step"])
+    index = pd.MultiIndex.from_arrays([table["model"].astype(str), table["step"].astype(np.int64)])
+    return table[~index.isin(drop)]
+
+
+def _require_columns(table: pd.DataFrame, columns: Iterable[str], name: str) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ValueError(f"{name} table lacks columns {missing} (has {list(table.columns)})")
+
+
+def _z(ci_level: float) -> float:
+    if not 0 < ci_level < 1:
+        raise ValueError(f"ci_level must lie in (0, 1), got {ci_level}")
+    return float(stats.norm.ppf(0.5 + ci_level / 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Trajectories
+# ---------------------------------------------------------------------------------------------
+
+def level_curves(icl: pd.DataFrame, *, ci_level: float = DEFAULT_CI_LEVEL) -> pd.DataFrame:
+    """One curve per (model, level, shots, metric): the mean over tasks (``task = "mean"``).
+
+    Its interval is a normal one, ``mean +/- z * sqrt(sum se_i^2) / T``, with each task's standard
+    error read from its interval as ``(ci_high - ci_low) / (2 z)``; ``chance`` is the mean chance
+    (null if any task's is). Every step must have the same set of tasks.
+    """
+    _require_columns(icl, ICL_COLUMNS, "icl")
+    z = _z(ci_level)
+    frame = icl.assign(_se=(icl["ci_high"] - icl["ci_low"]) / (2 * z), _se2=lambda d: d["_se"] ** 2)
+    rows = []
+    groups = frame.groupby(["model", "level", "shots", "metric"], dropna=False, sort=True)
+    for (model, level, shots, metric), g in groups:
+        tasks_per_step = g.groupby("step")["task"].agg(frozenset)
+        if tasks_per_step.nunique() != 1:
+            raise ValueError(f"icl: model {model!r} {level}/{metric} shots={shots}: the tasks differ between steps "
+                             f"({dict(tasks_per_step.head(3))} ...); cannot average over tasks")
+        for step, s in g.groupby("step", sort=True):
+            if s["task"].duplicated().any():
+                raise ValueError(f"icl: model {model!r} step {step} {level}/{metric} shots={shots}: "
+                                 "duplicate task rows")
+            mean = s["value"].mean()
+            se = np.sqrt(s["_se2"].sum()) / len(s)
+            chance = s["chance"].mean() if s["chance"].notna().all() else None
+            rows.append({"model": model, "step": step, "tokens": s["tokens"].iloc[0], "level": level, "task": "mean",
+                         "shots": shots, "metric": metric, "value": mean, "ci_low": mean - z * se,
+                         "ci_high": mean + z * se, "n": s["n"].sum(), "chance": chance})
+    out = pd.DataFrame(rows, columns=list(ICL_COLUMNS))
+    out["shots"] = out["shots"].astype("Int64")
+    out["chance"] = out["chance"].astype("float64")
+    return out
+
+
+def icl_trajectories(icl: pd.DataFrame, *, ci_level: float = DEFAULT_CI_LEVEL,
+                     exclude: Iterable[tuple[str, int]] | None = None) -> pd.DataFrame:
+    """Long table of ICL series with the reliability flag that defines emergence.
+
+    Columns: the ICL keys, ``step``, ``tokens``, ``value``, ``ci_low``, ``ci_high``, ``baseline``
+    (chance, or the first checkpoint's value), ``baseline_kind`` (``chance`` | ``first_checkpoint``),
+    ``increasing`` (False for the ICL score, where lower is better) and ``reliable``: the interval
+    lies past chance, or the interval of the difference to the first checkpoint excludes zero.
+    """
+    _require_columns(icl, ICL_COLUMNS, "icl")
+    z = _z(ci_level)
+    frame = _drop_excluded(icl, exclude)
+    if frame[["value", "ci_low", "ci_high"]].isna().any().any():
+        bad = frame[frame[["value", "ci_low", "ci_high"]].isna().any(axis=1)].iloc[0]
+        raise ValueError(f"icl: missing value or interval at model {bad['model']!r} step {bad['step']} "
+                         f"{bad['level']}/{bad['task']}/{bad['metric']}")
+    parts = []
+    for key, g in frame.groupby(list(ICL_KEYS), dropna=False, sort=True):
+        g = g.sort_values("step")
+        if g["step"].duplicated().any():
+            raise ValueError(f"icl: series {dict(zip(ICL_KEYS, key))} has duplicate steps "
+                             f"{g['step'][g['step'].duplicated()].tolist()}")
+        increasing = key[4] not in LOWER_IS_BETTER
+        sign = 1.0 if increasing else -1.0
+        value, low, high = (g[c].to_numpy(float) for c in ("value", "ci_low", "ci_high"))
+        if g["chance"].notna().all():
+            baseline = g["chance"].to_numpy(float)
+            kind = "chance"
+            reliable = low > baseline if increasing else high < baseline
+        elif g["chance"].isna().all():
+            se = (high - low) / (2 * z)
+            baseline = np.full(len(g), value[0])
+            kind = "first_checkpoint"
+            reliable = sign * (value - value[0]) - z * np.sqrt(se**2 + se[0] ** 2) > 0
+        else:
+            raise ValueError(f"icl: series {dict(zip(ICL_KEYS, key))} has chance on some steps and null on others")
+        parts.append(g[["model", "level", "task", "shots", "metric", "step", "tokens", "value", "ci_low", "ci_high"]]
+                     .assign(baseline=baseline, baseline_kind=kind, increasing=increasing, reliable=reliable))
+    if not parts:
+        raise ValueError("icl table is empty (after excluding duplicate checkpoints)")
+    out = pd.concat(parts, ignore_index=True)
+    out["shots"] = out["shots"].astype("Int64")
+    return out
+
+
+def head_trajectories(heads: pd.DataFrame, ri: pd.DataFrame | None = None, *, ci_level: float = DEFAULT_CI_LEVEL,
+                      direction: str = "forward", gate: str = "argmax", variant: str = "literal",
+                      exclude: Iterable[tuple[str, int]] | None = None) -> pd.DataFrame:
+    """Long table of per-head score trajectories with the reliability flag that defines formation.
+
+    Columns: ``model, score, layer, head, step, tokens, value, control, reliable``. Scores are
+    ``prefix_matching``, ``previous_token``, ``copying`` (reliable: ``value - z * se > control``)
+    and, from the relation-index table filtered to one ``direction/gate/variant``, ``ri:<relation>``.
+    The controls carry no standard error (and ``ri_se`` is optimistic: events of one triplet are
+    correlated), so the margin over a control ``c`` uses the bound
+    ``se(ri - c) <= sqrt(ri (1 - ri) / events) + sqrt(c (1 - c) / c_events)``: per-event scores lie
+    in [0, 1], so their variance is at most ``mean (1 - mean)``, and the two means may share events.
+    It must clear both controls, and ``control`` is their maximum. A missing RI (the head never
+    qualified) or control is never reliable.
+    """
+    _require_columns(heads, HEADS_COLUMNS, "heads")
+    z = _z(ci_level)
+    frame = _drop_excluded(heads, exclude)
+    keys = frame[["model", "step", "layer", "head"]]
+    if keys.duplicated().any():
+        raise ValueError("heads: duplicate rows for (model, step, layer, head), first "
+                         f"{keys[keys.duplicated()].iloc[0].to_dict()}")
+    parts = []
+    for score in HEAD_SCORES:
+        se = frame[f"{score}_se"]
+        if se.isna().any():
+            raise ValueError(f"heads: column {score}_se has {int(se.isna().sum())} missing values "
+                             "(a deterministic score must write se = 0)")
+        value, control = frame[score].to_numpy(float), frame[f"{score}_control"].to_numpy(float)
+        parts.append(pd.DataFrame({
+            "model": frame["model"].to_numpy(), "score": score, "layer": frame["layer"].to_numpy(),
+            "head": frame["head"].to_numpy(), "step": frame["step"].to_numpy(), "tokens": frame["tokens"].to_numpy(),
+            "value": value, "control": control, "reliable": value - z * se.to_numpy(float) > control}))
+    if ri is not None:
+        parts.append(_ri_trajectories(_drop_excluded(ri, exclude), z, direction, gate, variant))
+    out = pd.concat(parts, ignore_index=True)
+    out = out.astype({"step": np.int64, "tokens": np.int64, "layer": np.int32, "head": np.int32})
+    return out.sort_values(["model", "score", "layer", "head", "step"], ignore_index=True)
+
+
+def _ri_trajectories(ri: pd.DataFrame, z: float, direction: str, gate: str, variant: str) -> pd.DataFrame:
+    _require_columns(ri, RI_COLUMNS, "relation index")
+    sel = ri[(ri["direction"] == direction) & (ri["gate"] == gate) & (ri["variant"] == variant)]
+    if sel.empty:
+        combos = ri[["direction", "gate", "variant"]].drop_duplicates().to_dict("records")
+        raise ValueError(f"relation index: no rows with direction={direction!r} gate={gate!r} variant={variant!r}; "
+                         f"available: {combos}")
+    keys = sel[["model", "step", "layer", "head", "relation"]]
+    if keys.duplicated().any():
+        raise ValueError(f"relation index: duplicate rows for {keys[keys.duplicated()].iloc[0].to_dict()}")
+    value = sel["ri"].to_numpy(float)
+    controls = sel[["control_tenth", "control_random"]].to_numpy(float)
+    for name, arr in (("ri", value), ("control_tenth", controls[:, 0]), ("control_random", controls[:, 1])):
+        if ((arr < 0) | (arr > 1)).any():
+            raise ValueError(f"relation index: column {name} has values outside [0, 1]")
+    events = sel["events"].to_numpy(float)
+    control_events = sel[["control_tenth_events", "control_random_events"]].to_numpy(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        se_v = np.sqrt(value * (1 - value) / events)
+        margins = [value - c - z * (se_v + np.sqrt(c * (1 - c) / n)) for c, n in zip(controls.T, control_events.T)]
+    reliable = np.all([m > 0 for m in margins], axis=0)  # NaN margins (no events, undefined RI) compare False
+    return pd.DataFrame({
+        "model": sel["model"].to_numpy(), "score": RI_PREFIX + sel["relation"].astype(str).to_numpy(),
+        "layer": sel["layer"].to_numpy(), "head": sel["head"].to_numpy(), "step": sel["step"].to_numpy(),
+        "tokens": sel["tokens"].to_numpy(), "value": value, "control": controls.max(axis=1), "reliable": reliable})
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimators on one trajectory
+# ---------------------------------------------------------------------------------------------
+
+def onset_index(reliable: Sequence[bool] | np.ndarray, k: int = DEFAULT_K) -> int | None:
+    """Index of the first checkpoint that starts a run of ``k + 1`` reliable checkpoints, else None."""
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    flags = np.asarray(reliable, dtype=bool)
+    run = 0
+    for i, flag in enumerate(flags):
+        run = run + 1 if flag else 0
+        if run == k + 1:
+            return i - k
+    return None
+
+
+def logistic(x: np.ndarray, start: float, change: float, log10_mid: float, width: float) -> np.ndarray:
+    """Four-parameter logistic: ``start`` far left, ``start + change`` far right, midpoint ``log10_mid``."""
+    return start + change * special.expit((np.asarray(x) - log10_mid) / width)
+
+
+@dataclass
+class TransitionFit:
+    """A monotone logistic fit in log10 tokens and its bootstrap midpoints (NaN where a refit failed)."""
+
+    status: str
+    params: tuple[float, float, float, float] = (np.nan, np.nan, np.nan, np.nan)
+    boot_mid: np.ndarray = field(default_factory=lambda: np.empty(0))
+
+    @property
+    def log10_mid(self) -> float:
+        return self.params[2] if self.status == "ok" else np.nan
+
+
+def _lsq(x: np.ndarray, y: np.ndarray, p0: np.ndarray,
+         bounds: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, float]:
+    def residuals(p: np.ndarray) -> np.ndarray:
+        return logistic(x, *p) - y
+
+    result = optimize.least_squares(residuals, p0, jac=lambda p: _jacobian(x, p[None])[0], bounds=bounds,
+                                    method="trf", x_scale="jac")
+    return result.x, float(2 * result.cost)
+
+
+def _jacobian(x: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """d logistic / d (start, change, mid, width) for each parameter row of ``p``: shape (rows, len(x), 4)."""
+    z = (x - p[:, 2:3]) / p[:, 3:4]
+    s = special.expit(z)
+    ds = p[:, 1:2] * s * (1 - s) / p[:, 3:4]
+    return np.stack([np.ones_like(s), s, -ds, -ds * z], axis=2)
+
+
+def _batch_residuals(x: np.ndarray, ys: np.ndarray, p: np.ndarray) -> np.ndarray:
+    return p[:, :1] + p[:, 1:2] * special.expit((x - p[:, 2:3]) / p[:, 3:4]) - ys
+
+
+def _lm_batch(x: np.ndarray, ys: np.ndarray, p0: np.ndarray, lower: np.ndarray, upper: np.ndarray,
+              max_iter: int = 200) -> np.ndarray:
+    """Least-squares logistic fits of many series ``ys[b]`` at once: Levenberg-Marquardt steps,
+    projected onto the box [lower, upper]. Used for bootstrap refits (one vectorised loop instead
+    of ``n_boot`` scipy calls); tests check it reaches scipy's optimum."""
+    params = np.clip(p0.astype(float), lower, upper)
+    n_series = len(ys)
+    resid = _batch_residuals(x, ys, params)
+    cost = (resid**2).sum(axis=1)
+    damping = np.full(n_series, 1e-3)
+    active = np.ones(n_series, dtype=bool)
+    for _ in range(max_iter):
+        if not active.any():
+            break
+        p, r = params[active], resid[active]
+        jac = _jacobian(x, p)
+        hess = np.einsum("bni,bnj->bij", jac, jac)
+        grad = np.einsum("bni,bn->bi", jac, r)
+        # a parameter on a bound that the gradient pushes outwards stays fixed for this step
+        fixed = ((p <= lower) & (grad > 0)) | ((p >= upper) & (grad < 0))
+        grad = np.where(fixed, 0.0, grad)
+        pair = fixed[:, :, None] | fixed[:, None, :]
+        hess = np.where(pair, 0.0, hess) + np.eye(4) * fixed[:, :, None]
+        diag = np.einsum("bii->bi", hess)
+        scale = diag + 1e-12 * diag.max(axis=1, keepdims=True) + 1e-300
+        step = np.linalg.solve(hess + damping[active, None, None] * np.eye(4) * scale[:, :, None], -grad[..., None])
+        trial = np.clip(p + step[..., 0], lower, upper)
+        trial_resid = _batch_residuals(x, ys[active], trial)
+        trial_cost = (trial_resid**2).sum(axis=1)
+        better = trial_cost < cost[active]
+        gain = cost[active] - trial_cost
+        rows = np.flatnonzero(active)
+        accepted = rows[better]
+        params[accepted], resid[accepted], cost[accepted] = trial[better], trial_resid[better], trial_cost[better]
+        damping[rows] = np.where(better, damping[rows] / 3, damping[rows] * 4)
+        converged = damping[rows] > 1e12
+        active[rows[converged]] = False
+    return params
+
+
+def _status(params: np.ndarray, lo: float, hi: float, scale: float) -> np.ndarray:
+    """``flat`` (no change), ``at_bound`` (midpoint pinned at the data's first or last point) or ``ok``."""
+    params = np.atleast_2d(params)
+    flat = np.abs(params[:, 1]) <= 1e-6 * scale
+    pinned = np.minimum(params[:, 2] - lo, hi - params[:, 2]) <= 1e-4 * (hi - lo)
+    return np.where(flat, "flat", np.where(pinned, "at_bound", "ok"))
+
+
+def fit_transition(x: np.ndarray, y: np.ndarray, *, increasing: bool, n_boot: int = DEFAULT_N_BOOT,
+                   rng: np.random.Generator | None = None) -> TransitionFit:
+    """Fit a monotone logistic to ``y`` over ``x`` (sorted log10 tokens) and bootstrap its midpoint.
+
+    The change is constrained to the metric's good direction, the midpoint to the data's range
+    (a fit pinned at either end is ``at_bound``: the transition is not located there), and the
+    width to [0.01 decades, the data's span]. The point estimate is scipy's best of several starts.
+    Bootstrap replicates are ``fit + residual / (1 - leverage) * (+/-1)`` (wild bootstrap with
+    HC3-scaled residuals: checkpoints inside a sharp transition have high leverage, and unscaled
+    residuals gave ~80 % coverage of nominal 95 % intervals in simulations). A refit whose 10-90 %
+    rise is narrower than the gap between the two checkpoints around its midpoint fits equally well
+    with the midpoint anywhere in that gap, so its midpoint is drawn uniformly within the gap. A
+    replicate pinned at a bound keeps the bound's value (the transition may lie there); a flat one
+    is NaN.
+    """
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < MIN_FIT_POINTS:
+        return TransitionFit("too_few_points")
+    if np.any(np.diff(x) <= 0):
+        raise ValueError("fit_transition: x must be strictly increasing")
+    rng = rng if rng is not None else np.random.default_rng(0)
+    lo, hi = float(x[0]), float(x[-1])
+    span = hi - lo
+    yscale = float(np.ptp(y)) or 1.0
+    sign = 1.0 if increasing else -1.0
+    lower = np.array([-np.inf, 0.0 if increasing else -np.inf, lo, MIN_WIDTH_DECADES])
+    upper = np.array([np.inf, np.inf if increasing else 0.0, hi, max(span, 2 * MIN_WIDTH_DECADES)])
+    head, tail = y[: max(1, len(y) // 10)].mean(), y[-max(1, len(y) // 10):].mean()
+    change0 = sign * max(sign * (tail - head), 0.5 * yscale)
+    half = np.flatnonzero(sign * (y - (head + tail) / 2) > 0)
+    starts = np.unique(np.concatenate([np.quantile(x, [0.2, 0.4, 0.6, 0.8]), x[half[:1]]]))
+    width0 = max(span / 20, 2 * MIN_WIDTH_DECADES)
+    best, best_cost = None, np.inf
+    for mid0 in np.clip(starts, lo + 1e-6 * span, hi - 1e-6 * span):
+        params, cost = _lsq(x, y, np.array([head, change0, mid0, width0]), (lower, upper))
+        if cost < best_cost:
+            best, best_cost = params, cost
+    status = str(_status(best, lo, hi, yscale)[0])
+    if status != "ok" or n_boot == 0:
+        return TransitionFit(status, tuple(best))
+    fitted = logistic(x, *best)
+    jac = _jacobian(x, best[None])[0]
+    leverage = np.clip(np.einsum("ij,ji->i", jac, np.linalg.pinv(jac.T @ jac) @ jac.T), 0.0, 0.99)
+    resid = (y - fitted) / (1 - leverage)
+    ys = fitted + resid * rng.choice([-1.0, 1.0], size=(n_boot, len(y)))
+    params = _lm_batch(x, ys, np.tile(best, (n_boot, 1)), lower, upper)
+    mids = params[:, 2].copy()
+    right = np.clip(np.searchsorted(x, mids, side="right"), 1, len(x) - 1)
+    gap_lo, gap_hi = x[right - 1], x[right]
+    inside_gap = RISE_10_90 * params[:, 3] < gap_hi - gap_lo
+    mids[inside_gap] = rng.uniform(gap_lo[inside_gap], gap_hi[inside_gap])
+    boot = np.where(_status(params, lo, hi, yscale) == "flat", np.nan, mids)
+    return TransitionFit("ok", tuple(best), boot)
+
+
+# ---------------------------------------------------------------------------------------------
+# Emergence and formation tables
+# ---------------------------------------------------------------------------------------------
+
+def _rng(seed: int, key: tuple) -> np.random.Generator:
+    """A generator that depends on the series' identity, not on the order series are processed in."""
+    return np.random.default_rng([seed, zlib.crc32("|".join(map(str, key)).encode())])
+
+
+def _estimates(g: pd.DataFrame, key: tuple, tps: int, *, increasing: bool, k: int, n_boot: int, seed: int,
+               ci_level: float) -> dict:
+    steps, tokens = g["step"].to_numpy(np.int64), g["tokens"].to_numpy(np.int64)
+    onset = onset_index(g["reliable"].to_numpy(bool), k)
+    row = {"increasing": increasing, "n_checkpoints": len(g), "k": k, "onset_step": None, "onset_tokens": None,
+           "onset_prev_step": None, "onset_prev_tokens": None, "n_boot_ok": 0, "transition_boot_tokens": []}
+    for name in ("step", "tokens"):
+        row.update({f"transition_{name}": np.nan, f"transition_{name}_low": np.nan, f"transition_{name}_high": np.nan})
+    row.update(fit_start=np.nan, fit_end=np.nan, fit_log10_mid=np.nan, fit_width=np.nan)
+    if onset is None:
+        row["fit_status"] = "no_onset"
+        return row
+    row.update(onset_step=int(steps[onset]), onset_tokens=int(tokens[onset]))
+    if onset > 0:
+        row.update(onset_prev_step=int(steps[onset - 1]), onset_prev_tokens=int(tokens[onset - 1]))
+    value = g["value"].to_numpy(float)
+    finite = np.isfinite(value)
+    x = np.log10(tokens[finite] + tps / 2)
+    fit = fit_transition(x, value[finite], increasing=increasing, n_boot=n_boot, rng=_rng(seed, key))
+    start, change, mid, width = fit.params
+    row.update(fit_status=fit.status, fit_start=start, fit_end=start + change, fit_log10_mid=mid, fit_width=width)
+    if fit.status != "ok":
+        return row
+    boot_tokens = 10.0 ** fit.boot_mid - tps / 2
+    ok = np.isfinite(boot_tokens)
+    tail = (1 - ci_level) / 2
+    low, high = np.quantile(boot_tokens[ok], [tail, 1 - tail]) if ok.any() else (np.nan, np.nan)
+    point = 10.0**mid - tps / 2
+    row.update(transition_tokens=point, transition_tokens_low=low, transition_tokens_high=high,
+               transition_step=point / tps, transition_step_low=low / tps, transition_step_high=high / tps,
+               n_boot_ok=int(ok.sum()), transition_boot_tokens=boot_tokens.tolist())
+    return row
+
+
+def _estimate_all(traj: pd.DataFrame, keys: Sequence[str], *, k: int, n_boot: int, seed: int, ci_level: float,
+                  extra=None) -> list[dict]:
+    _z(ci_level)
+    tps = tokens_per_step(traj)
+    rows = []
+    for key, g in traj.groupby(list(keys), dropna=False, sort=True):
+        g = g.sort_values("step")
+        increasing = bool(g["increasing"].iloc[0]) if "increasing" in g else True
+        row = dict(zip(keys, key))
+        row.update(_estimates(g, key, tps[str(key[0])], increasing=increasing, k=k, n_boot=n_boot, seed=seed,
+                              ci_level=ci_level))
+        if extra is not None:
+            row.update(extra(g))
+        rows.append(row)
+    return rows
+
+
+def _frame(rows: list[dict], schema: pa.Schema) -> pd.DataFrame:
+    """A DataFrame with exactly ``schema``'s columns, nullable integers as pandas ``Int64``."""
+    out = pd.DataFrame(rows, columns=schema.names)
+    for f in schema:
+        if pa.types.is_integer(f.type):
+            out[f.name] = out[f.name].astype("Int64" if f.nullable else f.type.to_pandas_dtype())
+        elif pa.types.is_floating(f.type):
+            out[f.name] = out[f.name].astype("float64")
+    return out
+
+
+def emergence_table(icl_traj: pd.DataFrame, *, k: int = DEFAULT_K, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
+                    ci_level: float = DEFAULT_CI_LEVEL) -> pd.DataFrame:
+    """Onset and transition of every ICL series of :func:`icl_trajectories` (EMERGENCE_SCHEMA columns)."""
+    rows = _estimate_all(icl_traj, ICL_KEYS, k=k, n_boot=n_boot, seed=seed, ci_level=ci_level,
+                         extra=lambda g: {"baseline_kind": g["baseline_kind"].iloc[0]})
+    return _frame(rows, EMERGENCE_SCHEMA)
+
+
+def formation_table(head_traj: pd.DataFrame, *, k: int = DEFAULT_K, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
+                    ci_level: float = DEFAULT_CI_LEVEL) -> pd.DataFrame:
+    """Onset and transition of every head's score of :func:`head_trajectories` (FORMATION_SCHEMA columns).
+
+    ``final_rank`` ranks the heads of one model and score by ``value - control`` at the model's
+    last checkpoint -- the trajectory-blind choice of "top-k heads".
+    """
+    final_steps = head_traj.groupby("model")["step"].max()
+
+    def final(g: pd.DataFrame) -> dict:
+        step = int(final_steps[g["model"].iloc[0]])
+        last = g[g["step"] == step]
+        value = float(last["value"].iloc[0]) if len(last) else np.nan
+        control = float(last["control"].iloc[0]) if len(last) else np.nan
+        return {"final_step": step, "final_value": value, "final_control": control}
+
+    out = _frame(_estimate_all(head_traj, HEAD_KEYS, k=k, n_boot=n_boot, seed=seed, ci_level=ci_level, extra=final),
+                 FORMATION_SCHEMA)
+    excess = out["final_value"] - out["final_control"]
+    ranks = excess.groupby([out["model"], out["score"]]).rank(ascending=False, method="first")
+    out["final_rank"] = ranks.astype("Int64")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Relation between formation and emergence
+# ---------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=64)
+def _block_permutations(n: int, block_length: int, n_perm: int, seed: int) -> np.ndarray:
+    """``n_perm`` permutations of ``range(n)`` that shuffle contiguous blocks (random phase)."""
+    if block_length < 1:
+        raise ValueError(f"block_length must be >= 1, got {block_length}")
+    rng = np.random.default_rng([seed, n, block_length])
+    perms = np.empty((n_perm, n), dtype=np.intp)
+    idx = np.arange(n)
+    for i in range(n_perm):
+        phase = int(rng.integers(block_length))
+        cuts = np.arange(phase if phase else block_length, n, block_length)
+        blocks = np.split(idx, cuts)
+        perms[i] = np.concatenate([blocks[j] for j in rng.permutation(len(blocks))])
+    perms.setflags(write=False)
+    return perms
+
+
+def _centred_ranks(v: np.ndarray) -> np.ndarray | None:
+    r = stats.rankdata(v)
+    r = r - r.mean()
+    norm = np.sqrt(r @ r)
+    return r / norm if norm > 0 else None
+
+
+def spearman_block_test(x: Sequence[float], y: Sequence[float], *, difference: bool = True,
+                        block_length: int | None = None, n_perm: int = DEFAULT_N_PERM,
+                        seed: int = 0) -> tuple[float, float]:
+    """Spearman correlation of two aligned series and its two-sided block-permutation p-value.
+
+    With ``difference`` (the default) both series are first differenced, so a shared upward trend
+    alone does not make them correlated; ``difference=False`` tests the levels (kept to show why the
+    default is needed). The null shuffles blocks of ``block_length`` consecutive values of ``x``
+    (default ``ceil(sqrt(len))``: short blocks break a rise's run of positive differences apart
+    and made the null too narrow in simulations). Returns ``(rho, p)``; NaN for a constant series.
+    """
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"spearman_block_test: series must be 1-D and aligned, got {x.shape} and {y.shape}")
+    if difference:
+        x, y = np.diff(x), np.diff(y)
+    if len(x) < 3:
+        return np.nan, np.nan
+    rx, ry = _centred_ranks(x), _centred_ranks(y)
+    if rx is None or ry is None:
+        return np.nan, np.nan
+    rho = float(rx @ ry)
+    length = block_length if block_length is not None else int(np.ceil(np.sqrt(len(x))))
+    null = rx[_block_permutations(len(x), length, n_perm, seed)] @ ry
+    p = (1 + np.count_nonzero(np.abs(null) >= abs(rho) - 1e-12)) / (n_perm + 1)
+    return rho, float(p)
+
+
+def _order(low: float, high: float) -> str:
+    if high < 0:
+        return "before"
+    if low > 0:
+        return "after"
+    return "with"
+
+
+def _key(values: Iterable) -> tuple:
+    """A hashable key with every kind of missing value (NaN, pd.NA, None) turned into None."""
+    return tuple(None if pd.isna(v) else v for v in values)
+
+
+def _records(table: pd.DataFrame, keys: Sequence[str], name: str) -> dict[tuple, dict]:
+    out: dict[tuple, dict] = {}
+    for record in table.to_dict("records"):
+        key = _key(record[k] for k in keys)
+        if key in out:
+            raise ValueError(f"{name} table has two rows for {dict(zip(keys, key))}")
+        out[key] = record
+    return out
+
+
+def _onset_lag(h: dict, m: dict) -> dict:
+    """Formation onset minus emergence onset; each onset lies in (prev, onset], so the lag lies in
+    [h_prev - m_onset, h_onset - m_prev] (unbounded where an onset is the first checkpoint)."""
+    missing = "no emergence" if pd.isna(m["onset_tokens"]) else "no formation" if pd.isna(h["onset_tokens"]) else None
+    if missing:
+        return {"lag_onset_tokens": np.nan, "lag_onset_low_tokens": np.nan, "lag_onset_high_tokens": np.nan,
+                "order_onset": missing}
+    h_prev = -np.inf if pd.isna(h["onset_prev_tokens"]) else float(h["onset_prev_tokens"])
+    m_prev = -np.inf if pd.isna(m["onset_prev_tokens"]) else float(m["onset_prev_tokens"])
+    low, high = h_prev - float(m["onset_tokens"]), float(h["onset_tokens"]) - m_prev
+    return {"lag_onset_tokens": float(h["onset_tokens"]) - float(m["onset_tokens"]), "lag_onset_low_tokens": low,
+            "lag_onset_high_tokens": high, "order_onset": _order(low, high)}
+
+
+def _boot_lags(h: dict, m: dict) -> np.ndarray:
+    """Paired differences of two independent bootstraps: draws of (formation - emergence)."""
+    hb, mb = np.asarray(h["transition_boot_tokens"], float), np.asarray(m["transition_boot_tokens"], float)
+    if len(hb) != len(mb):
+        raise ValueError(f"formation and emergence were bootstrapped {len(hb)} and {len(mb)} times; use one n_boot")
+    return hb - mb
+
+
+def _transition_lag(h: dict, m: dict, ci_level: float) -> dict:
+    """Formation midpoint minus emergence midpoint, interval from the two independent bootstraps."""
+    missing = "no emergence" if m["fit_status"] != "ok" else "no formation" if h["fit_status"] != "ok" else None
+    lags = _boot_lags(h, m) if missing is None else np.empty(0)
+    lags = lags[np.isfinite(lags)]
+    if not len(lags):
+        return {"lag_transition_tokens": np.nan, "lag_transition_low_tokens": np.nan,
+                "lag_transition_high_tokens": np.nan, "order_transition": missing or "no formation"}
+    tail = (1 - ci_level) / 2
+    low, high = np.quantile(lags, [tail, 1 - tail])
+    return {"lag_transition_tokens": float(h["transition_tokens"] - m["transition_tokens"]),
+            "lag_transition_low_tokens": float(low), "lag_transition_high_tokens": float(high),
+            "order_transition": _order(low, high)}
+
+
+def relation_table(head_traj: pd.DataFrame, formation: pd.DataFrame, icl_traj: pd.DataFrame,
+                   emergence: pd.DataFrame, *, block_length: int | None = None, n_perm: int = DEFAULT_N_PERM,
+                   alpha: float = DEFAULT_ALPHA, ci_level: float = DEFAULT_CI_LEVEL, seed: int = 0) -> pd.DataFrame:
+    """Every head's score against every ICL series of its model (RELATION_SCHEMA columns).
+
+    Lags are formation minus emergence in tokens (negative: the head formed first); ``order_*``
+    says ``before``/``with``/``after`` from whether the lag's interval lies below, around or above
+    zero. ``rho_level`` is the Spearman correlation of the two curves over their common checkpoints
+    (descriptive only); ``rho_diff`` and ``p_value`` are the detrended test of
+    :func:`spearman_block_test`; ``q_value`` is Benjamini-Hochberg adjusted within each model and
+    score, and ``related`` is ``q_value <= alpha``.
+    """
+    form = _records(formation, HEAD_KEYS, "formation")
+    emer = _records(emergence, ICL_KEYS, "emergence")
+    icl_series: dict[str, list[tuple[tuple, pd.Series]]] = {}
+    for ikey, g in icl_traj.groupby(list(ICL_KEYS), dropna=False, sort=True):
+        icl_series.setdefault(ikey[0], []).append((_key(ikey), g.set_index("step")["value"]))
+    rows = []
+    for hkey, g in head_traj.groupby(list(HEAD_KEYS), sort=True):
+        h = form.get(_key(hkey))
+        if h is None:
+            raise ValueError(f"formation table has no row for {dict(zip(HEAD_KEYS, hkey))}")
+        head_values = g.set_index("step")["value"]
+        for ikey, metric_values in icl_series.get(hkey[0], []):
+            m = emer.get(ikey)
+            if m is None:
+                raise ValueError(f"emergence table has no row for {dict(zip(ICL_KEYS, ikey))}")
+            both = pd.concat([head_values, metric_values], axis=1, join="inner").dropna().sort_index()
+            a, b = both.iloc[:, 0].to_numpy(), both.iloc[:, 1].to_numpy()
+            ra, rb = (_centred_ranks(a), _centred_ranks(b)) if len(both) >= 3 else (None, None)
+            rho_level = float(ra @ rb) if ra is not None and rb is not None else np.nan
+            rho_diff, p = spearman_block_test(a, b, block_length=block_length, n_perm=n_perm, seed=seed)
+            rows.append({**dict(zip(HEAD_KEYS, hkey)), "final_rank": h["final_rank"],
+                         **dict(zip(ICL_KEYS, ikey)), **_onset_lag(h, m), **_transition_lag(h, m, ci_level),
+                         "n_checkpoints": len(both), "rho_level": rho_level, "rho_diff": rho_diff, "p_value": p,
+                         "q_value": np.nan, "related": False})
+    out = _frame(rows, RELATION_SCHEMA)
+    for _, idx in out.groupby(["model", "score"]).groups.items():
+        p = out.loc[idx, "p_value"]
+        tested = p[p.notna()]
+        if len(tested):
+            out.loc[tested.index, "q_value"] = stats.false_discovery_control(tested.to_numpy(), method="bh")
+    out["related"] = (out["q_value"] <= alpha).fillna(False).astype(bool)
+    return out
+
+
+def summary_table(relation: pd.DataFrame, formation: pd.DataFrame, emergence: pd.DataFrame, *,
+                  top_k: int = DEFAULT_TOP_K, ci_level: float = DEFAULT_CI_LEVEL, seed: int = 0) -> pd.DataFrame:
+    """Did heads form before, with or after each ICL series emerged? (SUMMARY_SCHEMA columns).
+
+    For the top-k heads at the final checkpoint (``head_set = "top<k>"``) and for all heads: the
+    median lag over the set's heads that have one, with an interval -- for onsets, the medians of
+    the per-head interval ends (the median of values known to lie in intervals lies between these);
+    for transitions, a bootstrap that resamples heads and pairs each with one of its bootstrap lags.
+    ``order_*`` classifies that interval; per-head counts and related-head counts come alongside.
+    """
+    form = _records(formation, HEAD_KEYS, "formation")
+    emer = _records(emergence, ICL_KEYS, "emergence")
+    tail = (1 - ci_level) / 2
+    rows = []
+    in_top = (relation["final_rank"] <= top_k).fillna(False).astype(bool)
+    for set_name, subset in ((f"top{top_k}", relation[in_top]), ("all", relation)):
+        for key, g in subset.groupby(["model", "score", *ICL_KEYS[1:]], dropna=False, sort=True):
+            model, score, level, task, shots, metric = _key(key)
+            m = emer[(model, level, task, shots, metric)]
+            formed = g["order_transition"].isin(ORDERS[:3])
+            boot = [_boot_lags(form[(model, score, layer, head)], m)
+                    for layer, head in zip(g["layer"][formed], g["head"][formed])]
+            rng = np.random.default_rng([seed, zlib.crc32(repr((set_name, *key)).encode())])
+            rows.append({
+                "model": model, "score": score, "head_set": set_name, "level": level, "task": task, "shots": shots,
+                "metric": metric, "n_heads": len(g), "n_formed": int(g["order_onset"].isin(ORDERS[:3]).sum()),
+                "n_transition": int(formed.sum()), "emergence_onset_tokens": m["onset_tokens"],
+                "emergence_transition_tokens": m["transition_tokens"],
+                **_set_onset(g, m), **_set_transition(g, m, boot, tail, rng),
+                "n_before": int((g["order_transition"] == "before").sum()),
+                "n_with": int((g["order_transition"] == "with").sum()),
+                "n_after": int((g["order_transition"] == "after").sum()),
+                "n_related": int(g["related"].sum()), "median_rho_diff": g["rho_diff"].median()})
+    return _frame(rows, SUMMARY_SCHEMA)
+
+
+def _set_onset(g: pd.DataFrame, m: dict) -> dict:
+    formed = g[g["order_onset"].isin(ORDERS[:3])]
+    if pd.isna(m["onset_tokens"]) or formed.empty:
+        return {"lag_onset_tokens": np.nan, "lag_onset_low_tokens": np.nan, "lag_onset_high_tokens": np.nan,
+                "order_onset": "no emergence" if pd.isna(m["onset_tokens"]) else "no formation"}
+    low, high = formed["lag_onset_low_tokens"].median(), formed["lag_onset_high_tokens"].median()
+    return {"lag_onset_tokens": formed["lag_onset_tokens"].median(), "lag_onset_low_tokens": low,
+            "lag_onset_high_tokens": high, "order_onset": _order(low, high)}
+
+
+def _set_transition(g: pd.DataFrame, m: dict, boot: list[np.ndarray], tail: float, rng: np.random.Generator) -> dict:
+    formed = g[g["order_transition"].isin(ORDERS[:3])]
+    if m["fit_status"] != "ok" or formed.empty:
+        return {"lag_transition_tokens": np.nan, "lag_transition_low_tokens": np.nan,
+                "lag_transition_high_tokens": np.nan,
+                "order_transition": "no emergence" if m["fit_status"] != "ok" else "no formation"}
+    boot = np.stack(boot)
+    n_heads, n_boot = boot.shape
+    picks = rng.integers(n_heads, size=(n_boot, n_heads))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a replicate whose resampled heads all failed
+        medians = np.nanmedian(boot[picks, np.arange(n_boot)[:, None]], axis=1)
+    medians = medians[np.isfinite(medians)]
+    low, high = np.quantile(medians, [tail, 1 - tail])
+    return {"lag_transition_tokens": formed["lag_transition_tokens"].median(), "lag_transition_low_tokens": float(low),
+            "lag_transition_high_tokens": float(high), "order_transition": _order(low, high)}

@@ -1,0 +1,314 @@
+"""Figures for emergence and formation: the paper-style panel, RI heatmaps, the formation-vs-emergence
+scatter and the heads x ICL-metrics correlation map.
+
+Every curve is drawn at the checkpoints that exist -- markers on each, straight segments between,
+error bars instead of interpolated bands -- so a coarse stretch of the grid (Pythia has no checkpoint
+between steps 512 and 1000) looks coarse. The token axis is symlog with its linear part one step
+wide, so step 0 is drawn. Several models are faceted in columns, smallest model first.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.ticker import FixedLocator, NullLocator
+
+from icl_dynamics.checkpoints import model_slug
+from icl_dynamics.emergence import LEVELS, RI_PREFIX, tokens_per_step
+from icl_dynamics.figures import COLUMN_WIDTH_IN, PAGE_WIDTH_IN, new_figure, save_figure
+
+LEVEL_COLORS = {"loss_reduction": "C0", "format_compliance": "C1", "pattern_discovery": "C2"}
+LEVEL_MARKERS = {"loss_reduction": "o", "format_compliance": "s", "pattern_discovery": "^"}
+PANEL_METRICS = {"loss_reduction": ("icl_score",), "format_compliance": ("format_compliance",),
+                 "pattern_discovery": ("accuracy", "accuracy_constrained")}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([mMbB])\b")
+
+
+def model_order(models: Sequence[str]) -> list[str]:
+    """Models sorted by the parameter count in their name (``pythia-160m`` < ``pythia-1.4b``), then by name."""
+    def size(name: str) -> float:
+        match = _SIZE.search(name.split("/")[-1].replace("-", " "))
+        if not match:
+            return np.inf
+        return float(match.group(1)) * (1e9 if match.group(2).lower() == "b" else 1e6)
+
+    return sorted(set(models), key=lambda m: (size(m), m))
+
+
+def tokens_axis(ax: Axes, tokens_per_step: int, *, label: str | None = "training tokens") -> None:
+    """Symlog token axis whose linear part spans one optimiser step, so step 0 shows at the left."""
+    ax.set_xscale("symlog", linthresh=tokens_per_step, linscale=0.5)
+    first = int(np.ceil(np.log10(tokens_per_step))) + 1  # leave a decade between the 0 tick and the next
+    ax.xaxis.set_major_locator(FixedLocator([0.0, *(10.0**e for e in range(first, 16))]))
+    ax.xaxis.set_minor_locator(NullLocator())
+    if label:
+        ax.set_xlabel(label)
+
+
+def _in_top(table: pd.DataFrame, top_k: int) -> pd.Series:
+    """Rows whose head ranks among the first ``top_k`` at the final checkpoint (unranked heads never do)."""
+    return (table["final_rank"] <= top_k).fillna(False).astype(bool)
+
+
+def _widths(n_models: int) -> float:
+    return COLUMN_WIDTH_IN if n_models == 1 else PAGE_WIDTH_IN
+
+
+def _label(level: str, task: str, shots, metric: str) -> str:
+    parts = [metric.replace("_", " ")]
+    if task not in ("mean", "") and level != "loss_reduction":
+        parts.append(task)
+    if not pd.isna(shots):
+        parts.append(f"{int(shots)}-shot")
+    return ", ".join(parts)
+
+
+def _panel_series(icl_traj: pd.DataFrame, model: str, shots: int | None) -> pd.DataFrame:
+    """The model's rows for the panel: each level's panel metrics at ``shots`` (default: the most shots)."""
+    rows = icl_traj[icl_traj["model"] == model]
+    keep = []
+    for level, metrics in PANEL_METRICS.items():
+        part = rows[(rows["level"] == level) & rows["metric"].isin(metrics)]
+        if part.empty:
+            continue
+        if part["shots"].notna().any():
+            chosen = shots if shots is not None else int(part["shots"].max())
+            part = part[part["shots"] == chosen]
+        keep.append(part)
+    return pd.concat(keep) if keep else rows.iloc[:0]
+
+
+def _shade(axes: Sequence[Axes], emergence: pd.DataFrame) -> None:
+    """Shade each emerged series' transition interval and mark its onset checkpoint on every axis."""
+    for row in emergence.itertuples():
+        color = LEVEL_COLORS.get(row.level, "0.5")
+        for ax in axes:
+            if np.isfinite(row.transition_tokens_low) and np.isfinite(row.transition_tokens_high):
+                ax.axvspan(row.transition_tokens_low, row.transition_tokens_high, facecolor=color, alpha=0.25,
+                           edgecolor=color, lw=0.6)
+            if not pd.isna(row.onset_tokens):
+                ax.axvline(row.onset_tokens, color=color, ls=":", lw=0.8)
+
+
+def emergence_panel(icl_traj: pd.DataFrame, emergence: pd.DataFrame, head_traj: pd.DataFrame,
+                    formation: pd.DataFrame, path: str | os.PathLike[str], *, score: str | None = None,
+                    top_k: int = 5, shots: int | None = None) -> list[Path]:
+    """Three ICL levels against training tokens with the top heads' ``score`` beneath, per model.
+
+    Rows: loss reduction (ICL score), format compliance and pattern-discovery accuracy, then the
+    ``top_k`` heads at the final checkpoint for ``score`` (default: the relation-index score whose
+    best head has the largest final excess over its control) with their mean control dashed.
+    Shading is each ICL series' transition interval, dotted lines its onset checkpoint.
+    """
+    models = model_order(icl_traj["model"])
+    if not models:
+        raise ValueError("emergence_panel: the ICL trajectory table is empty")
+    tps = tokens_per_step(icl_traj)
+    score = score if score is not None else _default_score(formation)
+    fig, axes = new_figure(ncols=len(models), nrows=3, width=_widths(len(models)), height=4.6, sharex="col")
+    for col, model in enumerate(models):
+        ax_loss, ax_acc, ax_heads = axes[:, col]
+        series = _panel_series(icl_traj, model, shots)
+        for key, g in series.groupby(["level", "task", "shots", "metric"], dropna=False, sort=True):
+            level, task, shot, metric = key
+            g = g.sort_values("step")
+            ax = ax_loss if level == "loss_reduction" else ax_acc
+            style = "--" if metric == "accuracy_constrained" else "-"
+            ax.errorbar(g["tokens"], g["value"], yerr=[g["value"] - g["ci_low"], g["ci_high"] - g["value"]],
+                        color=LEVEL_COLORS.get(level, "0.3"), marker=LEVEL_MARKERS.get(level, "o"), ls=style,
+                        lw=0.9, elinewidth=0.5, capsize=0, label=_label(level, task, shot, metric))
+            ax.plot(g["tokens"], g["baseline"], color=LEVEL_COLORS.get(level, "0.3"), ls=(0, (2, 2)), lw=0.6)
+        shown = emergence.merge(series[["model", "level", "task", "shots", "metric"]].drop_duplicates(),
+                                on=["model", "level", "task", "shots", "metric"])
+        _shade(axes[:, col], shown)
+        _plot_heads(ax_heads, head_traj, formation, model, score, top_k)
+        ax_loss.set_title(model.split("/")[-1])
+        ax_loss.set_ylabel("ICL score (nats)\nlower = more ICL")
+        ax_acc.set_ylabel("fraction")
+        ax_acc.set_ylim(-0.02, 1.02)
+        ax_heads.set_ylabel(score.replace(RI_PREFIX, "RI ").replace("_", " "))
+        tokens_axis(ax_heads, tps[model])
+        ax_heads.plot(np.unique(series["tokens"]), np.zeros(series["tokens"].nunique()), "|", color="0.4", ms=4,
+                      transform=ax_heads.get_xaxis_transform(), clip_on=False)
+        if col == 0:
+            for ax in (ax_loss, ax_acc, ax_heads):
+                if ax.get_legend_handles_labels()[0]:
+                    ax.legend(loc="best", frameon=False, fontsize=6, handlelength=1.5)
+    return save_figure(fig, path)
+
+
+def _default_score(formation: pd.DataFrame) -> str:
+    ri = formation[formation["score"].str.startswith(RI_PREFIX)]
+    pool = ri if not ri.empty else formation
+    excess = pool["final_value"] - pool["final_control"]
+    if excess.notna().any():
+        return str(pool.loc[excess.idxmax(), "score"])
+    return str(pool["score"].iloc[0])
+
+
+def _plot_heads(ax: Axes, head_traj: pd.DataFrame, formation: pd.DataFrame, model: str, score: str, top_k: int) -> None:
+    top = formation[(formation["model"] == model) & (formation["score"] == score) & _in_top(formation, top_k)]
+    top = top.sort_values("final_rank")
+    traj = head_traj[(head_traj["model"] == model) & (head_traj["score"] == score)]
+    for i, row in enumerate(top.itertuples()):
+        g = traj[(traj["layer"] == row.layer) & (traj["head"] == row.head)].sort_values("step")
+        ax.plot(g["tokens"], g["value"], marker=".", lw=0.9, color=f"C{(i + 3) % 10}", label=f"L{row.layer}H{row.head}")
+    control = traj.merge(top[["layer", "head"]], on=["layer", "head"]).groupby("tokens")["control"].mean()
+    if len(control):
+        ax.plot(control.index, control.to_numpy(), color="0.3", ls=(0, (2, 2)), lw=0.7, label="control")
+
+
+def ri_heatmaps(ri: pd.DataFrame, path: str | os.PathLike[str], *, steps: Sequence[int] | None = None,
+                direction: str = "forward", gate: str = "argmax", variant: str = "literal",
+                n_steps: int = 4) -> list[Path]:
+    """Relation index per head (layer x head) for each relation at chosen steps: one figure per model and
+    family, written to ``<path>-<model slug>-<family>``. Grey cells: the head never qualified (RI undefined).
+
+    ``steps`` default: ``n_steps`` checkpoints evenly spaced in log(step + 1), first and last included.
+    """
+    sel = ri[(ri["direction"] == direction) & (ri["gate"] == gate) & (ri["variant"] == variant)]
+    if sel.empty:
+        raise ValueError(f"ri_heatmaps: no rows with direction={direction!r} gate={gate!r} variant={variant!r}")
+    written: list[Path] = []
+    base = Path(path)
+    for model in model_order(sel["model"]):
+        rows = sel[sel["model"] == model]
+        available = np.sort(rows["step"].unique())
+        chosen = list(steps) if steps is not None else _log_spaced(available, n_steps)
+        missing = sorted(set(chosen) - set(available.tolist()))
+        if missing:
+            raise ValueError(f"ri_heatmaps: model {model!r} has no RI rows at steps {missing}")
+        n_layers, n_heads = int(rows["layer"].max()) + 1, int(rows["head"].max()) + 1
+        for family, fam in rows.groupby("family", sort=True):
+            relations = sorted(fam["relation"].unique())
+            cell = (PAGE_WIDTH_IN - 1.2) / len(chosen) * float(np.clip(n_layers / n_heads, 0.35, 1.2))
+            fig, axes = new_figure(ncols=len(chosen), nrows=len(relations), width=PAGE_WIDTH_IN,
+                                   height=0.6 + len(relations) * (cell + 0.25))
+            vmax = float(np.nanmax(fam[fam["step"].isin(chosen)]["ri"].to_numpy(float), initial=0.0)) or 1.0
+            image = None
+            for i, relation in enumerate(relations):
+                for j, step in enumerate(chosen):
+                    ax = axes[i, j]
+                    cell = fam[(fam["relation"] == relation) & (fam["step"] == step)]
+                    grid = np.full((n_layers, n_heads), np.nan)
+                    grid[cell["layer"].to_numpy(int), cell["head"].to_numpy(int)] = cell["ri"].to_numpy(float)
+                    image = ax.imshow(np.ma.masked_invalid(grid), cmap=_cmap_with_bad(), vmin=0, vmax=vmax,
+                                      aspect="auto", interpolation="nearest")
+                    ax.set_xticks([0, n_heads - 1])
+                    ax.set_yticks([0, n_layers - 1])
+                    if i == 0:
+                        ax.set_title(f"step {step}")
+                    if j == 0:
+                        ax.set_ylabel(f"{relation}\nlayer")
+                    else:
+                        ax.set_yticklabels([])
+                    if i == len(relations) - 1:
+                        ax.set_xlabel("head")
+            fig.colorbar(image, ax=axes, shrink=0.8, label="relation index")
+            fig.suptitle(f"{model.split('/')[-1]}: {family} relations ({direction}, {gate} gate, {variant})",
+                         fontsize=8)
+            written += save_figure(fig, base.with_name(f"{base.name}-{model_slug(model)}-{family}"))
+    return written
+
+
+def _cmap_with_bad():
+    return matplotlib.colormaps["viridis"].with_extremes(bad="0.85")
+
+
+def _log_spaced(steps: np.ndarray, n: int) -> list[int]:
+    targets = np.geomspace(steps[0] + 1, steps[-1] + 1, n) - 1
+    return sorted({int(steps[np.argmin(np.abs(np.log1p(steps) - np.log1p(t)))]) for t in targets})
+
+
+def formation_emergence_scatter(formation: pd.DataFrame, emergence: pd.DataFrame, path: str | os.PathLike[str], *,
+                                scores: Sequence[str] | None = None, top_k: int = 3) -> list[Path]:
+    """Formation transition of the top-k heads per score (y) against each ICL series' emergence
+    transition (x), both with bootstrap intervals; above the diagonal the head formed later.
+
+    One panel per model; colour = score, marker = ICL level. Heads or series whose transition was not
+    located are left out and counted in the panel's corner.
+    """
+    models = model_order(emergence["model"])
+    scores = list(scores) if scores is not None else sorted(formation["score"].unique())
+    fig, axes = new_figure(ncols=len(models), width=_widths(len(models)), height=2.8 if len(models) == 1 else 3.0)
+    handles = {}
+    for col, model in enumerate(models):
+        ax = axes[0, col]
+        em = emergence[(emergence["model"] == model) & (emergence["fit_status"] == "ok")]
+        fo = formation[(formation["model"] == model) & formation["score"].isin(scores) & _in_top(formation, top_k)]
+        located = fo[fo["fit_status"] == "ok"]
+        for i, score in enumerate(scores):
+            heads = located[located["score"] == score]
+            for m in em.itertuples():
+                if heads.empty:
+                    continue
+                x = np.full(len(heads), m.transition_tokens)
+                handle = ax.errorbar(
+                    x, heads["transition_tokens"],
+                    xerr=[x - m.transition_tokens_low, m.transition_tokens_high - x],
+                    yerr=[heads["transition_tokens"] - heads["transition_tokens_low"],
+                          heads["transition_tokens_high"] - heads["transition_tokens"]],
+                    ls="none", marker=LEVEL_MARKERS.get(m.level, "o"), color=f"C{i % 10}", ms=3.5, elinewidth=0.5,
+                    alpha=0.8)
+                handles.setdefault(score, handle)
+        values = np.concatenate([em[["transition_tokens_low", "transition_tokens_high"]].to_numpy(float).ravel(),
+                                 located[["transition_tokens_low", "transition_tokens_high"]].to_numpy(float).ravel()])
+        values = values[np.isfinite(values) & (values > 0)]
+        if len(values):
+            lims = (values.min() / 2, values.max() * 2)
+            ax.plot(lims, lims, color="0.5", lw=0.7, ls="--")
+            ax.set_xlim(lims)
+            ax.set_ylim(lims)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("ICL emergence (tokens)")
+        if col == 0:
+            ax.set_ylabel(f"head formation, top {top_k} per score (tokens)")
+        ax.set_title(model.split("/")[-1])
+        ax.text(0.02, 0.98, f"not located: {len(fo) - len(located)} of {len(fo)} heads, "
+                f"{int((emergence['model'] == model).sum()) - len(em)} ICL series",
+                transform=ax.transAxes, va="top", fontsize=6)
+    level_handles = [axes[0, 0].plot([], [], ls="none", marker=LEVEL_MARKERS[lv], color="0.3")[0] for lv in LEVELS]
+    fig.legend([*handles.values(), *level_handles],
+               [*(s.replace("_", " ") for s in handles), *(lv.replace("_", " ") for lv in LEVELS)],
+               loc="outside lower center", ncols=3, frameon=False, fontsize=6)
+    return save_figure(fig, path)
+
+
+def correlation_map(relation: pd.DataFrame, path: str | os.PathLike[str], *, scores: Sequence[str] | None = None,
+                    top_k: int = 5) -> list[Path]:
+    """Heads (top-k per score at the final checkpoint) x ICL series: Spearman correlation of the first
+    differences, with a dot where the block-permutation test is significant after BH (``related``)."""
+    models = model_order(relation["model"])
+    scores = list(scores) if scores is not None else sorted(relation["score"].unique())
+    rel = relation[relation["score"].isin(scores) & _in_top(relation, top_k)]
+    n_rows = max((len(g[["score", "layer", "head"]].drop_duplicates()) for _, g in rel.groupby("model")), default=1)
+    fig, axes = new_figure(ncols=len(models), width=_widths(len(models)), height=1.0 + 0.12 * n_rows)
+    image = None
+    for col, model in enumerate(models):
+        ax = axes[0, col]
+        part = rel[rel["model"] == model].copy()
+        part["row"] = [f"{s.replace(RI_PREFIX, 'RI ').replace('_', ' ')} L{la}H{h}"
+                       for s, la, h in zip(part["score"], part["layer"], part["head"])]
+        part["col"] = [_label(*k) for k in zip(part["level"], part["task"], part["shots"], part["metric"])]
+        part = part.sort_values(["score", "final_rank"])
+        rows = list(dict.fromkeys(part["row"]))
+        part["level_order"] = part["level"].map({lv: i for i, lv in enumerate(LEVELS)})
+        cols = list(dict.fromkeys(part.sort_values(["level_order", "metric", "task", "shots"])["col"]))
+        rho, related = (part.pivot_table(index="row", columns="col", values=v, aggfunc="first")
+                        .reindex(index=rows, columns=cols) for v in ("rho_diff", "related"))
+        image = ax.imshow(rho.to_numpy(float), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+        yy, xx = np.nonzero(related.fillna(False).to_numpy(bool))
+        ax.plot(xx, yy, "k.", ms=3)
+        ax.set_yticks(range(len(rows)), rows, fontsize=5)
+        ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=6)
+        ax.set_title(model.split("/")[-1])
+    fig.colorbar(image, ax=axes, shrink=0.8, label="Spearman ρ of first differences")
+    return save_figure(fig, path)

@@ -1,0 +1,453 @@
+"""Emergence/formation estimators, the detrended relation test, the summary and the figures, on synthetic
+trajectories with known transitions (a Pythia-like grid, including its gap between steps 512 and 1000)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import optimize, stats
+
+from icl_dynamics import emergence as E
+from icl_dynamics.figures import emergence as F
+from icl_dynamics.io import read_table, write_rows
+
+TPS = 2**21
+STEPS = np.array([0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 2000, 3000, 4000, 6000, 8000, 10000, 13000,
+                  16000, 20000, 30000, 50000, 80000, 143000])
+X = np.log10(STEPS * TPS + TPS / 2)
+
+
+def xmid(step: float) -> float:
+    return float(np.log10(step * TPS + TPS / 2))
+
+
+def step_of(log10_tokens: float) -> float:
+    return (10.0**log10_tokens - TPS / 2) / TPS
+
+
+def within_one_checkpoint(estimate: float, true: float, steps=STEPS) -> bool:
+    """The estimate lies between the checkpoints just before and just after the ones bracketing ``true``."""
+    i = int(np.searchsorted(steps, true))
+    return steps[max(i - 2, 0)] <= estimate <= steps[min(i + 1, len(steps) - 1)]
+
+
+# ------------------------------------------------------------------ synthetic tables (known transitions)
+
+def icl_table(rng, model="m", loss_mid=1500, fc_mid=3000, pd_mid=6000, noise=0.01, width=0.15) -> pd.DataFrame:
+    rows = []
+    series = [("loss_reduction", "pile", None, "icl_score",
+               E.logistic(X, 0.0, -1.0, xmid(loss_mid), width), None, 0.02),
+              ("format_compliance", "fruit_month", 20, "format_compliance",
+               E.logistic(X, 0.05, 0.9, xmid(fc_mid), width), 0.1, noise),
+              ("pattern_discovery", "fruit_month", 20, "accuracy",
+               E.logistic(X, 0.2, 0.7, xmid(pd_mid), width), 0.5, noise)]
+    for level, task, shots, metric, curve, chance, se in series:
+        values = curve + rng.normal(0, se, len(X))
+        for step, v in zip(STEPS, values):
+            rows.append({"model": model, "step": int(step), "tokens": int(step) * TPS, "level": level, "task": task,
+                         "shots": shots, "metric": metric, "value": v, "ci_low": v - 1.96 * se,
+                         "ci_high": v + 1.96 * se, "n": 200, "chance": chance})
+    return pd.DataFrame(rows).astype({"shots": "Int64", "chance": "float64"})
+
+
+def heads_table(rng, model="m", mids=None, se=0.01, width=0.15, layers=2, heads=3) -> pd.DataFrame:
+    mids = mids if mids is not None else {(0, 0): 300, (1, 2): 40000}
+    rows = []
+    for layer in range(layers):
+        for head in range(heads):
+            mid = mids.get((layer, head))
+            curves = {s: np.full(len(X), 0.05) + rng.normal(0, se, len(X)) for s in E.HEAD_SCORES}
+            if mid:
+                curves["prefix_matching"] += E.logistic(X, 0.0, 0.6, xmid(mid), width)
+            for i, step in enumerate(STEPS):
+                row = {"model": model, "step": int(step), "tokens": int(step) * TPS, "layer": layer, "head": head}
+                for s in E.HEAD_SCORES:
+                    row.update({s: curves[s][i], f"{s}_control": 0.05, f"{s}_se": se})
+                rows.append(row)
+    return pd.DataFrame(rows).astype({"layer": "int32", "head": "int32"})
+
+
+def ri_table(rng, model="m", mids=None, events=400, layers=2, heads=3) -> pd.DataFrame:
+    mids = mids if mids is not None else {(1, 1): 2000}
+    rows = []
+    for layer in range(layers):
+        for head in range(heads):
+            mid = mids.get((layer, head))
+            base = E.logistic(X, 0.1, 0.5, xmid(mid), 0.15) if mid else np.full(len(X), 0.1)
+            values = np.clip(base + rng.normal(0, 0.01, len(X)), 0, 1)
+            for i, step in enumerate(STEPS):
+                for direction in ("forward", "reverse"):
+                    rows.append({"model": model, "step": int(step), "tokens": int(step) * TPS, "layer": layer,
+                                 "head": head, "family": "kg", "relation": "USED-FOR", "direction": direction,
+                                 "gate": "argmax", "variant": "literal", "ri": values[i], "events": events,
+                                 "opportunities": 2 * events, "pass_rate": 0.5, "ri_per_opportunity": values[i] / 2,
+                                 "control_tenth": 0.1, "control_tenth_events": events, "control_random": 0.08,
+                                 "control_random_events": events, "sih": False})
+    return pd.DataFrame(rows).astype({"layer": "int32", "head": "int32"})
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    rng = np.random.default_rng(0)
+    icl, heads, ri = icl_table(rng), heads_table(rng), ri_table(rng)
+    icl_traj = E.icl_trajectories(icl)
+    head_traj = E.head_trajectories(heads, ri)
+    emergence = E.emergence_table(icl_traj, n_boot=100)
+    formation = E.formation_table(head_traj, n_boot=100)
+    relation = E.relation_table(head_traj, formation, icl_traj, emergence, n_perm=499)
+    summary = E.summary_table(relation, formation, emergence, top_k=1)
+    return {"icl": icl, "heads": heads, "ri": ri, "icl_traj": icl_traj, "head_traj": head_traj,
+            "emergence": emergence, "formation": formation, "relation": relation, "summary": summary}
+
+
+# ------------------------------------------------------------------ onset
+
+@pytest.mark.parametrize(("flags", "k", "expected"), [
+    ([0, 1, 1, 0, 1, 1, 1], 2, 4),
+    ([0, 1, 1, 0, 1, 1, 1], 1, 1),
+    ([0, 1, 0, 1], 0, 1),
+    ([1, 1, 1], 3, None),          # a run cut short by the end of the data does not count
+    ([0, 0, 1, 1, 1, 1], 3, 2),
+    ([0, 0, 0], 0, None),
+])
+def test_onset_index_by_hand(flags, k, expected):
+    assert E.onset_index(np.array(flags, bool), k) == expected
+
+
+# ------------------------------------------------------------------ logistic transition
+
+def test_transition_recovered_within_one_checkpoint_and_covered():
+    rng = np.random.default_rng(1)
+    covered, total = 0, 0
+    for true in (40, 700, 2500, 12000, 40000):
+        for increasing in (True, False):
+            for _ in range(4):
+                y = E.logistic(X, 0.1, 0.6 if increasing else -0.6, xmid(true), 0.2) + rng.normal(0, 0.02, len(X))
+                fit = E.fit_transition(X, y, increasing=increasing, n_boot=200, rng=rng)
+                assert fit.status == "ok"
+                assert within_one_checkpoint(step_of(fit.log10_mid), true), (true, step_of(fit.log10_mid))
+                low, high = np.nanquantile(fit.boot_mid, [0.025, 0.975])
+                covered += low <= xmid(true) <= high
+                total += 1
+    assert covered / total >= 0.85  # nominal 0.95; unscaled residuals gave ~0.8 in simulations
+
+
+def test_transition_inside_a_grid_gap_gets_an_interval_spanning_the_gap():
+    # a step far sharper than the grid, between checkpoints 512 and 1000: the data cannot say where
+    rng = np.random.default_rng(2)
+    y = np.where(STEPS >= 1000, 0.7, 0.1) + rng.normal(0, 0.01, len(X))
+    fit = E.fit_transition(X, y, increasing=True, n_boot=200, rng=rng)
+    low, high = np.quantile(fit.boot_mid, [0.025, 0.975])
+    assert step_of(low) < 560 and step_of(high) > 920, (step_of(low), step_of(high))
+    assert 512 <= step_of(fit.log10_mid) <= 1000
+
+
+def test_flat_and_edge_series_are_not_located():
+    decreasing = E.logistic(X, 0.8, -0.6, xmid(2000), 0.2)
+    assert E.fit_transition(X, decreasing, increasing=True, n_boot=0).status in {"flat", "at_bound"}
+    assert E.fit_transition(X, np.full(len(X), 0.3), increasing=True, n_boot=0).status == "flat"
+    assert E.fit_transition(X[:4], decreasing[:4], increasing=False).status == "too_few_points"
+    late = E.logistic(X, 0.1, 0.6, xmid(10**6), 0.2)  # still rising at the last checkpoint: no midpoint inside
+    assert E.fit_transition(X, late, increasing=True, n_boot=0).status == "at_bound"
+
+
+def test_batched_refits_reach_scipys_optimum():
+    rng = np.random.default_rng(4)
+    lower = np.array([-np.inf, 0.0, X[0], E.MIN_WIDTH_DECADES])
+    upper = np.array([np.inf, np.inf, X[-1], X[-1] - X[0]])
+    ys = np.stack([E.logistic(X, 0.1, 0.6, xmid(rng.choice([100, 2500, 20000])), rng.uniform(0.1, 0.5))
+                   + rng.normal(0, 0.03, len(X)) for _ in range(30)])
+    p0 = np.tile([0.1, 0.5, np.median(X), 0.3], (30, 1))
+    batch = E._lm_batch(X, ys, p0, lower, upper)
+    for b in range(30):
+        ref = optimize.least_squares(lambda p: E.logistic(X, *p) - ys[b], p0[b], bounds=(lower, upper), method="trf",
+                                     xtol=1e-12, ftol=1e-12, gtol=1e-12)
+        batch_cost = ((E.logistic(X, *batch[b]) - ys[b]) ** 2).sum()
+        assert batch_cost <= 2 * ref.cost * (1 + 1e-6) + 1e-12
+        assert abs(batch[b, 2] - ref.x[2]) < 1e-3
+
+
+# ------------------------------------------------------------------ reliability definitions
+
+def test_icl_reliability_by_hand():
+    z = 1.959963984540054
+    base = {"model": "m", "level": "loss_reduction", "task": "pile", "shots": None, "metric": "icl_score", "n": 10,
+            "chance": None}
+    rows = [{**base, "step": s, "tokens": s * 8, "value": v, "ci_low": v - z * 0.05, "ci_high": v + z * 0.05}
+            for s, v in ((0, 0.0), (1, -0.1), (2, -0.3), (3, 0.3))]
+    acc = {"model": "m", "level": "pattern_discovery", "task": "t", "shots": 4, "metric": "accuracy", "n": 10,
+           "chance": 0.25}
+    rows += [{**acc, "step": s, "tokens": s * 8, "value": v, "ci_low": lo, "ci_high": 0.9}
+             for s, v, lo in ((0, 0.2, 0.1), (1, 0.4, 0.26), (2, 0.5, 0.25), (3, 0.6, 0.24))]
+    icl = pd.DataFrame(rows).astype({"shots": "Int64", "chance": "float64"})
+    traj = E.icl_trajectories(icl).set_index(["metric", "step"])
+    # difference to step 0 with se sqrt(0.05^2 + 0.05^2) = 0.0707: 0.1 < z * 0.0707 = 0.1386 < 0.3
+    assert traj.loc["icl_score", "reliable"].tolist() == [False, False, True, False]
+    assert traj.loc["accuracy", "reliable"].tolist() == [False, True, False, False]
+    assert (traj.loc["icl_score", "baseline_kind"] == "first_checkpoint").all()
+    assert not traj.loc["icl_score", "increasing"].any()
+
+
+def test_relation_index_margin_clears_both_controls_with_the_se_bound():
+    base = {"model": "m", "layer": 0, "head": 0, "family": "kg", "relation": "R", "direction": "forward",
+            "gate": "argmax", "variant": "literal", "opportunities": 500, "pass_rate": 0.5, "ri_per_opportunity": 0.1,
+            "sih": False}
+    # ri 0.5 vs controls 0.3 / 0.2 (same event counts): se bound (sqrt(.25) + sqrt(.21)) / sqrt(events);
+    # margin 0.2 - z * se: events 100 -> +0.0122, 90 -> +0.0020, 80 -> -0.0100 (tenth control binds)
+    # step 3 swaps the controls (the random-token control binds); at step 4 the tenth-token control
+    # rests on 25 events only: 0.2 - z * (0.05 + sqrt(.21 / 25)) = -0.0777
+    controls = ((0.3, 0.2, 100), (0.3, 0.2, 90), (0.3, 0.2, 80), (0.2, 0.3, 80), (0.3, 0.2, 25))
+    events = (100, 90, 80, 80, 100)
+    ri = pd.DataFrame([{**base, "step": s, "tokens": s * TPS, "ri": 0.5, "events": e, "control_tenth": ct,
+                        "control_tenth_events": n, "control_random": cr, "control_random_events": e}
+                       for s, e, (ct, cr, n) in zip(range(5), events, controls)])
+    heads = heads_table(np.random.default_rng(5), layers=1, heads=1, mids={}).iloc[:5]
+    traj = E.head_trajectories(heads, ri.astype({"layer": "int32", "head": "int32"}))
+    got = traj[traj["score"] == "ri:R"].sort_values("step")
+    margin = 0.2 - 1.959963984540054 * (0.5 + np.sqrt(0.21)) / np.sqrt([100, 90, 80])
+    assert margin.round(4).tolist() == [0.0122, 0.002, -0.01]
+    assert got["reliable"].tolist() == [True, True, False, False, False]
+    assert got["control"].tolist() == [0.3] * 5
+
+
+def test_head_score_reliability_and_bad_input():
+    heads = heads_table(np.random.default_rng(6), layers=1, heads=1, mids={})
+    heads.loc[0, ["prefix_matching", "prefix_matching_se"]] = [0.05 + 1.97 * 0.01, 0.01]
+    heads.loc[1, ["prefix_matching", "prefix_matching_se"]] = [0.05 + 1.95 * 0.01, 0.01]
+    traj = E.head_trajectories(heads)
+    pm = traj[traj["score"] == "prefix_matching"].sort_values("step")
+    assert pm["reliable"].iloc[:2].tolist() == [True, False]
+    with pytest.raises(ValueError, match="copying_se"):
+        E.head_trajectories(heads.assign(copying_se=np.nan))
+    with pytest.raises(ValueError, match="previous_token_control"):
+        E.head_trajectories(heads.drop(columns="previous_token_control"))
+    with pytest.raises(ValueError, match="direction='reverse'.*available"):
+        E.head_trajectories(heads, ri_table(np.random.default_rng(0)).query("direction == 'forward'"),
+                            direction="reverse")
+
+
+def test_level_curves_by_hand():
+    z = 1.959963984540054
+    rows = [{"model": "m", "step": s, "tokens": s * 8, "level": "pattern_discovery", "task": t, "shots": 4,
+             "metric": "accuracy", "value": v, "ci_low": v - z * se, "ci_high": v + z * se, "n": 50, "chance": c}
+            for s in (0, 1) for t, v, se, c in (("a", 0.5 + s / 10, 0.03, 0.5), ("b", 0.2, 0.04, 0.25))]
+    got = E.level_curves(pd.DataFrame(rows).astype({"shots": "Int64"})).set_index("step")
+    assert got.loc[1, "value"] == pytest.approx(0.4)
+    assert got.loc[1, "ci_high"] - got.loc[1, "value"] == pytest.approx(z * 0.05 / 2)  # sqrt(.03^2+.04^2)/2
+    assert got.loc[1, "chance"] == pytest.approx(0.375)
+    assert got.loc[1, "n"] == 100 and (got["task"] == "mean").all()
+    with pytest.raises(ValueError, match="tasks differ between steps"):
+        E.level_curves(pd.DataFrame(rows[:3]).astype({"shots": "Int64"}))
+
+
+def test_shots_read_back_as_float_give_the_same_tables():
+    icl = icl_table(np.random.default_rng(12))
+    as_read = icl.assign(shots=icl["shots"].astype("float64"))  # pd.read_parquet of a nullable int32 column
+    traj = E.icl_trajectories(as_read)
+    pd.testing.assert_frame_equal(E.icl_trajectories(icl), traj)
+    assert str(traj["shots"].dtype) == "Int64" and str(E.level_curves(as_read)["shots"].dtype) == "Int64"
+    pd.testing.assert_frame_equal(E.emergence_table(E.icl_trajectories(icl), n_boot=10),
+                                  E.emergence_table(traj, n_boot=10))
+
+
+def test_duplicates_are_excluded_and_token_grid_checked():
+    icl = icl_table(np.random.default_rng(7))
+    provenance = pd.DataFrame({"model": ["m", "m", "m"], "step": [0, 1, 2], "duplicate_of_step": [None, 0, None]})
+    dup = E.duplicate_checkpoints(provenance.astype({"duplicate_of_step": "Int64"}))
+    assert dup == {("m", 1)}
+    traj = E.icl_trajectories(icl, exclude=dup)
+    assert 1 not in set(traj["step"]) and 0 in set(traj["step"])
+    em = E.emergence_table(traj, n_boot=0)
+    assert (em["n_checkpoints"] == len(STEPS) - 1).all()
+    bad = icl.copy()
+    bad.loc[bad["step"] == 2, "tokens"] += 1
+    with pytest.raises(ValueError, match="tokens / step"):
+        E.tokens_per_step(bad)
+
+
+# ------------------------------------------------------------------ emergence and formation tables
+
+def test_emergence_recovers_known_transitions_and_onsets(pipeline):
+    em = pipeline["emergence"].set_index("level")
+    for level, true in (("loss_reduction", 1500), ("format_compliance", 3000), ("pattern_discovery", 6000)):
+        row = em.loc[level]
+        assert row["fit_status"] == "ok"
+        assert within_one_checkpoint(row["transition_step"], true), (level, row["transition_step"])
+        assert row["transition_tokens"] == pytest.approx(row["transition_step"] * TPS)
+        assert row["transition_step_low"] <= row["transition_step"] <= row["transition_step_high"]
+    # pattern discovery: the noiseless curve clears chance 0.5 + 1.96 * 0.01 first at this checkpoint
+    noiseless = E.logistic(X, 0.2, 0.7, xmid(6000), 0.15) - 1.96 * 0.01 > 0.5
+    expected = STEPS[E.onset_index(noiseless, E.DEFAULT_K)]
+    i = list(STEPS).index(expected)
+    assert em.loc["pattern_discovery", "onset_step"] in set(STEPS[max(i - 1, 0): i + 2])
+    onset = list(STEPS).index(em.loc["pattern_discovery", "onset_step"])
+    assert em.loc["pattern_discovery", "onset_prev_step"] == STEPS[onset - 1]
+
+
+def test_formation_recovers_heads_and_ranks_by_final_excess(pipeline):
+    fo = pipeline["formation"].set_index(["score", "layer", "head"])
+    assert within_one_checkpoint(fo.loc[("prefix_matching", 0, 0), "transition_step"], 300)
+    assert within_one_checkpoint(fo.loc[("prefix_matching", 1, 2), "transition_step"], 40000)
+    assert within_one_checkpoint(fo.loc[("ri:USED-FOR", 1, 1), "transition_step"], 2000)
+    flat = fo.drop(index=[("prefix_matching", 0, 0), ("prefix_matching", 1, 2), ("ri:USED-FOR", 1, 1)])
+    assert flat["onset_step"].isna().mean() > 0.9  # noise around the control rarely forms
+    pm = pipeline["formation"].query("score == 'prefix_matching'")
+    excess = pm["final_value"] - pm["final_control"]
+    assert pm.loc[excess.idxmax(), "final_rank"] == 1
+    assert sorted(pm["final_rank"]) == list(range(1, len(pm) + 1))
+
+
+# ------------------------------------------------------------------ correlation test
+
+def test_spearman_block_test_matches_slow_reference():
+    rng = np.random.default_rng(8)
+    x, y = rng.normal(size=30).cumsum(), rng.normal(size=30).cumsum()
+    rho, p = E.spearman_block_test(x, y, block_length=4, n_perm=199, seed=3)
+    assert rho == pytest.approx(stats.spearmanr(np.diff(x), np.diff(y))[0])
+    perms = E._block_permutations(29, 4, 199, 3)
+    null = np.array([stats.spearmanr(np.diff(x)[perm], np.diff(y))[0] for perm in perms])
+    assert p == pytest.approx((1 + np.sum(np.abs(null) >= abs(rho) - 1e-12)) / 200)
+
+
+def test_block_permutations_shuffle_contiguous_blocks():
+    n, length = 23, 5
+
+    def parses(perm, phase):
+        cuts = np.arange(phase if phase else length, n, length)
+        blocks = {int(b[0]): b for b in np.split(np.arange(n), cuts)}
+        i = 0
+        while i < n:
+            block = blocks.get(int(perm[i]))
+            if block is None or not np.array_equal(perm[i:i + len(block)], block):
+                return False
+            i += len(block)
+        return True
+
+    perms = E._block_permutations(n, length, 50, 0)
+    for perm in perms:
+        assert sorted(perm) == list(range(n))
+        assert any(parses(perm, phase) for phase in range(length))
+    assert len({tuple(p) for p in perms}) > 40
+    assert not parses(np.random.default_rng(0).permutation(n), 0)  # the check does reject a plain shuffle
+
+
+def test_two_unrelated_rising_curves_are_not_related_but_levels_would_be():
+    rng = np.random.default_rng(9)
+    diff_hits = level_hits = 0
+    n = 40
+    for i in range(n):
+        early = 10 ** rng.uniform(2.0, 2.6)
+        a = E.logistic(X, 0.1, 0.6, xmid(early), 0.2) + rng.normal(0, 0.03, len(X))
+        b = E.logistic(X, 0.2, 0.7, xmid(early * 10**1.2), 0.2) + rng.normal(0, 0.03, len(X))
+        diff_hits += E.spearman_block_test(a, b, n_perm=499, seed=i)[1] < E.DEFAULT_ALPHA
+        level_hits += E.spearman_block_test(a, b, difference=False, n_perm=499, seed=i)[1] < E.DEFAULT_ALPHA
+    assert diff_hits / n <= 0.1
+    assert level_hits / n >= 0.5  # a plain block shuffle of the levels calls such pairs related
+
+
+def test_curves_that_change_together_are_related():
+    rng = np.random.default_rng(10)
+    hits = 0
+    for i in range(20):
+        latent = sum(E.logistic(X, 0, 0.25, xmid(s), 0.05) for s in (30, 600, 4000, 40000))
+        a, b = latent + rng.normal(0, 0.02, len(X)), 0.7 * latent + rng.normal(0, 0.02, len(X))
+        hits += E.spearman_block_test(a, b, n_perm=499, seed=i)[1] < E.DEFAULT_ALPHA
+    assert hits / 20 >= 0.6
+
+
+# ------------------------------------------------------------------ relation and summary
+
+def test_relation_lags_orders_and_q_values(pipeline):
+    rel = pipeline["relation"].set_index(["score", "layer", "head", "level"])
+    fo = pipeline["formation"].set_index(["score", "layer", "head"])
+    em = pipeline["emergence"].set_index("level")
+    early = rel.loc[("prefix_matching", 0, 0, "pattern_discovery")]
+    late = rel.loc[("prefix_matching", 1, 2, "pattern_discovery")]
+    assert early["order_transition"] == "before" and early["order_onset"] == "before"
+    assert late["order_transition"] == "after" and late["order_onset"] == "after"
+    assert early["lag_transition_tokens"] == pytest.approx(
+        fo.loc[("prefix_matching", 0, 0), "transition_tokens"] - em.loc["pattern_discovery", "transition_tokens"])
+    assert early["lag_transition_low_tokens"] <= early["lag_transition_tokens"] <= early["lag_transition_high_tokens"]
+    pd_onset = em.loc["pattern_discovery", "onset_tokens"]
+    assert late["lag_onset_tokens"] == fo.loc[("prefix_matching", 1, 2), "onset_tokens"] - pd_onset
+    assert late["lag_onset_low_tokens"] == (fo.loc[("prefix_matching", 1, 2), "onset_prev_tokens"]
+                                            - em.loc["pattern_discovery", "onset_tokens"])
+    assert rel.loc[("copying", 0, 1, "pattern_discovery"), "order_transition"] == "no formation"
+    for (model, score), g in pipeline["relation"].groupby(["model", "score"]):
+        np.testing.assert_allclose(g["q_value"], stats.false_discovery_control(g["p_value"], method="bh"))
+    assert (pipeline["relation"]["related"] == (pipeline["relation"]["q_value"] <= 0.05)).all()
+
+
+def test_summary_answers_before_with_after(pipeline):
+    su = pipeline["summary"].set_index(["score", "head_set", "level"])
+    rel = pipeline["relation"]
+    # top-1 prefix-matching head at the final checkpoint is the late one (its excess is largest there)
+    top = su.loc[("prefix_matching", "top1", "pattern_discovery")]
+    assert top["n_heads"] == 1 and top["order_transition"] == "after"
+    ri = su.loc[("ri:USED-FOR", "top1", "pattern_discovery")]
+    assert ri["order_transition"] == "before" and ri["order_onset"] == "before"
+    everyone = su.loc[("prefix_matching", "all", "pattern_discovery")]
+    formed = rel.query("score == 'prefix_matching' and level == 'pattern_discovery' "
+                       "and order_transition in ['before', 'with', 'after']")
+    assert everyone["n_heads"] == 6 and everyone["n_transition"] == len(formed) == 2
+    assert (everyone["n_before"], everyone["n_after"]) == (1, 1)
+    assert everyone["lag_transition_tokens"] == pytest.approx(formed["lag_transition_tokens"].median())
+    assert everyone["lag_onset_low_tokens"] == pytest.approx(formed["lag_onset_low_tokens"].median())
+    assert su.loc[("copying", "all", "pattern_discovery"), "order_transition"] == "no formation"
+
+
+def test_tables_round_trip_through_their_schemas(pipeline, tmp_path):
+    for name, schema in (("emergence", E.EMERGENCE_SCHEMA), ("formation", E.FORMATION_SCHEMA),
+                         ("relation", E.RELATION_SCHEMA), ("summary", E.SUMMARY_SCHEMA)):
+        frame = pipeline[name]
+        path = write_rows(frame.to_dict("list"), schema, tmp_path / f"{name}.parquet")
+        back = read_table(path, schema).to_pandas()
+        assert list(back.columns) == schema.names and len(back) == len(frame)
+    em = read_table(tmp_path / "emergence.parquet").to_pandas()
+    assert em.loc[em["level"] == "loss_reduction", "shots"].isna().all()
+    assert len(em["transition_boot_tokens"].iloc[0]) == 100
+
+
+# ------------------------------------------------------------------ figures
+
+def test_figures_are_written_and_draw_only_real_checkpoints(pipeline, tmp_path):
+    rng = np.random.default_rng(11)
+    other = {"icl": icl_table(rng, "EleutherAI/pythia-1.4b"), "heads": heads_table(rng, "EleutherAI/pythia-1.4b"),
+             "ri": ri_table(rng, "EleutherAI/pythia-1.4b")}
+    icl_traj = pd.concat([pipeline["icl_traj"].assign(model="EleutherAI/pythia-70m"), E.icl_trajectories(other["icl"])])
+    head_traj = pd.concat([pipeline["head_traj"].assign(model="EleutherAI/pythia-70m"),
+                           E.head_trajectories(other["heads"], other["ri"])])
+    em = E.emergence_table(icl_traj, n_boot=20)
+    fo = E.formation_table(head_traj, n_boot=20)
+    rel = E.relation_table(head_traj, fo, icl_traj, em, n_perm=99)
+    written = F.emergence_panel(icl_traj, em, head_traj, fo, tmp_path / "panel")
+    written += F.formation_emergence_scatter(fo, em, tmp_path / "scatter")
+    written += F.correlation_map(rel, tmp_path / "corr")
+    ri = pd.concat([pipeline["ri"].assign(model="EleutherAI/pythia-70m"), other["ri"]])
+    ri.loc[(ri["layer"] == 0) & (ri["head"] == 1), "ri"] = np.nan
+    written += F.ri_heatmaps(ri, tmp_path / "ri", steps=[0, 1000, 143000])
+    names = sorted(p.name for p in written)
+    assert names == sorted([f"{stem}.{ext}" for stem in ("panel", "scatter", "corr", "ri-EleutherAI--pythia-70m-kg",
+                                                          "ri-EleutherAI--pythia-1.4b-kg") for ext in ("png", "pdf")])
+    assert all(p.stat().st_size > 1000 for p in written)
+    assert F.model_order(["EleutherAI/pythia-1.4b", "EleutherAI/pythia-160m", "EleutherAI/pythia-70m"]) == [
+        "EleutherAI/pythia-70m", "EleutherAI/pythia-160m", "EleutherAI/pythia-1.4b"]
+
+
+def test_panel_lines_sit_on_checkpoints(pipeline, tmp_path, monkeypatch):
+    captured = {}
+
+    def keep(fig, path, formats=("png", "pdf")):
+        captured["fig"] = fig
+        return []
+
+    monkeypatch.setattr(F, "save_figure", keep)
+    F.emergence_panel(pipeline["icl_traj"], pipeline["emergence"], pipeline["head_traj"], pipeline["formation"],
+                      tmp_path / "p", score="prefix_matching", top_k=2)
+    axes = captured["fig"].axes
+    data_lines = [line for ax in axes for line in ax.get_lines()
+                  if len(line.get_xdata()) > 2 and line.get_marker() not in ("None", "", "|")]
+    assert len(data_lines) >= 5  # ICL score, format compliance, accuracy, two heads
+    for line in data_lines:
+        np.testing.assert_array_equal(np.asarray(line.get_xdata(), float), STEPS * TPS)
