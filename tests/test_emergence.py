@@ -39,7 +39,7 @@ def icl_table(rng, model="m", loss_mid=1500, fc_mid=3000, pd_mid=6000, noise=0.0
     series = [("loss_reduction", "pile", None, "icl_score",
                E.logistic(X, 0.0, -1.0, xmid(loss_mid), width), None, 0.02),
               ("format_compliance", "fruit_month", 20, "format_compliance",
-               E.logistic(X, 0.05, 0.9, xmid(fc_mid), width), 0.1, noise),
+               E.logistic(X, 0.05, 0.9, xmid(fc_mid), width), None, noise),  # no chance: step-0 baseline
               ("pattern_discovery", "fruit_month", 20, "accuracy",
                E.logistic(X, 0.2, 0.7, xmid(pd_mid), width), 0.5, noise)]
     for level, task, shots, metric, curve, chance, se in series:
@@ -270,6 +270,8 @@ def test_duplicates_are_excluded_and_token_grid_checked():
 
 def test_emergence_recovers_known_transitions_and_onsets(pipeline):
     em = pipeline["emergence"].set_index("level")
+    assert em["baseline_kind"].to_dict() == {"format_compliance": "first_checkpoint",
+                                             "loss_reduction": "first_checkpoint", "pattern_discovery": "chance"}
     for level, true in (("loss_reduction", 1500), ("format_compliance", 3000), ("pattern_discovery", 6000)):
         row = em.loc[level]
         assert row["fit_status"] == "ok"
@@ -377,6 +379,20 @@ def test_relation_lags_orders_and_q_values(pipeline):
     for (model, score), g in pipeline["relation"].groupby(["model", "score"]):
         np.testing.assert_allclose(g["q_value"], stats.false_discovery_control(g["p_value"], method="bh"))
     assert (pipeline["relation"]["related"] == (pipeline["relation"]["q_value"] <= 0.05)).all()
+
+
+def test_relation_aligns_checkpoints_and_skips_missing_values(pipeline):
+    head = pipeline["head_traj"].query("score == 'ri:USED-FOR' and layer == 1 and head == 1").copy()
+    head.loc[head["step"].isin([2, 3000, 50000]), "value"] = np.nan  # e.g. the head never qualified there
+    head = head[head["step"] != 8]  # and a checkpoint this score was not measured at
+    icl = pipeline["icl_traj"].query("level == 'pattern_discovery'")
+    got = E.relation_table(head, pipeline["formation"], icl, pipeline["emergence"], block_length=3, n_perm=99).iloc[0]
+    keep = ~np.isin(STEPS, [2, 8, 3000, 50000])
+    a = head.set_index("step")["value"].reindex(STEPS[keep]).to_numpy()
+    b = icl.set_index("step")["value"].reindex(STEPS[keep]).to_numpy()
+    assert got["n_checkpoints"] == keep.sum()
+    assert got["rho_level"] == pytest.approx(stats.spearmanr(a, b)[0])
+    assert (got["rho_diff"], got["p_value"]) == pytest.approx(E.spearman_block_test(a, b, block_length=3, n_perm=99))
 
 
 def test_summary_answers_before_with_after(pipeline):

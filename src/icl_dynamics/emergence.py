@@ -362,7 +362,8 @@ def _ri_trajectories(ri: pd.DataFrame, z: float, direction: str, gate: str, vari
                          f"available: {combos}")
     keys = sel[["model", "step", "layer", "head", "relation"]]
     if keys.duplicated().any():
-        raise ValueError(f"relation index: duplicate rows for {keys[keys.duplicated()].iloc[0].to_dict()}")
+        raise ValueError(f"relation index: duplicate rows for {keys[keys.duplicated()].iloc[0].to_dict()} "
+                         "(several tau or parameter settings in one table? select one first)")
     value = sel["ri"].to_numpy(float)
     controls = sel[["control_tenth", "control_random"]].to_numpy(float)
     for name, arr in (("ri", value), ("control_tenth", controls[:, 0]), ("control_random", controls[:, 1])):
@@ -759,6 +760,16 @@ def _transition_lag(h: dict, m: dict, ci_level: float) -> dict:
             "order_transition": _order(low, high)}
 
 
+def _on_grid(trajectory: pd.DataFrame, grid: np.ndarray, key: tuple) -> np.ndarray:
+    """A trajectory's values at the model's checkpoints ``grid`` (NaN where it has none)."""
+    out = np.full(len(grid), np.nan)
+    steps = trajectory["step"].to_numpy(np.int64)
+    if len(np.unique(steps)) != len(steps):
+        raise ValueError(f"trajectory {key} has duplicate steps")
+    out[np.searchsorted(grid, steps)] = trajectory["value"].to_numpy(float)
+    return out
+
+
 def relation_table(head_traj: pd.DataFrame, formation: pd.DataFrame, icl_traj: pd.DataFrame,
                    emergence: pd.DataFrame, *, block_length: int | None = None, n_perm: int = DEFAULT_N_PERM,
                    alpha: float = DEFAULT_ALPHA, ci_level: float = DEFAULT_CI_LEVEL, seed: int = 0) -> pd.DataFrame:
@@ -773,27 +784,30 @@ def relation_table(head_traj: pd.DataFrame, formation: pd.DataFrame, icl_traj: p
     """
     form = _records(formation, HEAD_KEYS, "formation")
     emer = _records(emergence, ICL_KEYS, "emergence")
-    icl_series: dict[str, list[tuple[tuple, pd.Series]]] = {}
+    grids = {model: np.union1d(g["step"], icl_traj.loc[icl_traj["model"] == model, "step"]).astype(np.int64)
+             for model, g in head_traj.groupby("model")}
+    icl_series: dict[str, list[tuple[tuple, np.ndarray]]] = {}
     for ikey, g in icl_traj.groupby(list(ICL_KEYS), dropna=False, sort=True):
-        icl_series.setdefault(ikey[0], []).append((_key(ikey), g.set_index("step")["value"]))
+        if ikey[0] in grids:
+            icl_series.setdefault(ikey[0], []).append((_key(ikey), _on_grid(g, grids[ikey[0]], ikey)))
     rows = []
     for hkey, g in head_traj.groupby(list(HEAD_KEYS), sort=True):
         h = form.get(_key(hkey))
         if h is None:
             raise ValueError(f"formation table has no row for {dict(zip(HEAD_KEYS, hkey))}")
-        head_values = g.set_index("step")["value"]
+        head_values = _on_grid(g, grids[hkey[0]], hkey)
         for ikey, metric_values in icl_series.get(hkey[0], []):
             m = emer.get(ikey)
             if m is None:
                 raise ValueError(f"emergence table has no row for {dict(zip(ICL_KEYS, ikey))}")
-            both = pd.concat([head_values, metric_values], axis=1, join="inner").dropna().sort_index()
-            a, b = both.iloc[:, 0].to_numpy(), both.iloc[:, 1].to_numpy()
-            ra, rb = (_centred_ranks(a), _centred_ranks(b)) if len(both) >= 3 else (None, None)
+            both = np.isfinite(head_values) & np.isfinite(metric_values)
+            a, b = head_values[both], metric_values[both]
+            ra, rb = (_centred_ranks(a), _centred_ranks(b)) if len(a) >= 3 else (None, None)
             rho_level = float(ra @ rb) if ra is not None and rb is not None else np.nan
             rho_diff, p = spearman_block_test(a, b, block_length=block_length, n_perm=n_perm, seed=seed)
             rows.append({**dict(zip(HEAD_KEYS, hkey)), "final_rank": h["final_rank"],
                          **dict(zip(ICL_KEYS, ikey)), **_onset_lag(h, m), **_transition_lag(h, m, ci_level),
-                         "n_checkpoints": len(both), "rho_level": rho_level, "rho_diff": rho_diff, "p_value": p,
+                         "n_checkpoints": len(a), "rho_level": rho_level, "rho_diff": rho_diff, "p_value": p,
                          "q_value": np.nan, "related": False})
     out = _frame(rows, RELATION_SCHEMA)
     for _, idx in out.groupby(["model", "score"]).groups.items():
