@@ -22,6 +22,8 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/fetch.smk"
 include: "workflow/rules/heads.smk"
 include: "workflow/rules/loss.smk"
+include: "workflow/rules/icl_tasks.smk"
+include: "workflow/rules/relations.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/figures.smk"
 
@@ -31,3 +33,4 @@ rule all:
     input:
         expand(f"{RESULTS}/{{model}}/figures/{{figure}}.png", model=MODELS, figure=FIGURES),
         expand(f"{RESULTS}/{{model}}/{{stage}}.parquet", model=MODELS, stage=MERGED),
+        expand(f"{RESULTS}/{{model}}/relations/summary.parquet", model=MODELS),

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
+from icl_dynamics.icl import ICL_SCHEMA
 from icl_dynamics.icl_tasks import (
-    ICL_SCHEMA,
     SHOTS,
     TASKS,
     evaluate_tasks,

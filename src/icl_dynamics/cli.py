@@ -122,6 +122,43 @@ def cmd_loss(args: argparse.Namespace) -> None:
     log.info("ICL score %.3f [%.3f, %.3f] over %d documents", icl["value"], icl["ci_low"], icl["ci_high"], icl["n"])
 
 
+def cmd_fetch_agenda(args: argparse.Namespace) -> None:
+    from icl_dynamics.agenda import fetch_agenda
+
+    log.info("AGENDA files verified in %s", fetch_agenda(args.dest))
+
+
+def cmd_relations(args: argparse.Namespace) -> None:
+    from icl_dynamics.agenda import verify_agenda
+    from icl_dynamics.models import load_tokenizer
+    from icl_dynamics.relations import build_relations, read_texts, write_relations
+
+    tokenizer = load_tokenizer(args.model, args.step, cache_dir=args.cache_dir)
+    texts = read_texts(args.syntax_texts, column=args.syntax_column, split=args.syntax_split) if args.syntax_texts else None
+    tables = build_relations(verify_agenda(args.agenda_dir), tokenizer, unit=args.unit, anchor=args.anchor,
+                             spacy_model=args.spacy_model, syntax_texts=texts,
+                             syntax_source=str(args.syntax_texts) if args.syntax_texts else None)
+    write_relations(tables, args.out_dir)
+    summary = tables.summary.to_pandas()
+    for family, kept in summary.groupby("family")["kept"].sum().items():
+        log.info("%s: %d relations kept, %d dropped", family, kept,
+                 summary.loc[summary["family"] == family, "dropped"].sum())
+
+
+def cmd_icl_tasks(args: argparse.Namespace) -> None:
+    from icl_dynamics import io
+    from icl_dynamics.icl import ICL_SCHEMA
+    from icl_dynamics.icl_tasks import evaluate_tasks
+
+    ckpt = _load(args)
+    start = time.perf_counter()
+    rows = evaluate_tasks(ckpt.model, ckpt.tokenizer, shots=args.shots, n_prompts=args.n_prompts, seed=args.seed,
+                          batch_size=args.batch_size)
+    meta = {"n_prompts": args.n_prompts, "seed": args.seed, "shots": args.shots}
+    io.write_rows(_stamp(rows, args), ICL_SCHEMA, args.out, meta=meta)
+    log.info("%d ICL task rows in %.1f s", len(rows), time.perf_counter() - start)
+
+
 def _merge_schema(stage: str):
     from icl_dynamics import hub, icl, induction
 
@@ -218,6 +255,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="ICL-score rows (ICL table schema)")
     p.add_argument("--out-curve", required=True, help="loss-curve table")
     p.set_defaults(func=cmd_loss)
+
+    p = sub.add_parser("fetch-agenda", help="download the AGENDA test split at its pinned commit and verify it")
+    p.add_argument("--dest", required=True)
+    p.set_defaults(func=cmd_fetch_agenda)
+
+    p = sub.add_parser("relations", help="KG and syntactic relation triplets for one model's tokenizer")
+    _checkpoint_args(p, device=False)
+    p.add_argument("--agenda-dir", required=True, help="verified AGENDA copy (see fetch-agenda)")
+    p.add_argument("--unit", choices=("abstract", "sentence"), default="abstract")
+    p.add_argument("--anchor", choices=("single", "first"), default="single",
+                   help="syntax words: single-token words only, or anchor on the first sub-token")
+    p.add_argument("--spacy-model", default="en_core_web_sm")
+    p.add_argument("--syntax-texts", default=None, help="text file, datasets directory or hub dataset (default: AGENDA)")
+    p.add_argument("--syntax-column", default="text")
+    p.add_argument("--syntax-split", default="train")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_relations)
+
+    p = sub.add_parser("icl-tasks", help="format compliance and pattern discovery on the four synthetic tasks")
+    _checkpoint_args(p)
+    p.add_argument("--shots", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5, 10, 20])
+    p.add_argument("--n-prompts", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_icl_tasks)
 
     p = sub.add_parser("merge", help="concatenate one stage's per-checkpoint tables")
     p.add_argument("--stage", required=True)

@@ -38,30 +38,11 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
-import pyarrow as pa
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SHOTS: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 10, 20)
 WORDS_RESOURCE = "data/icl_words.json"
-
-ICL_SCHEMA = pa.schema(
-    [
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("step", pa.int64(), nullable=False),
-        pa.field("tokens", pa.int64(), nullable=False),
-        pa.field("level", pa.string(), nullable=False),  # loss_reduction | format_compliance | pattern_discovery
-        pa.field("task", pa.string(), nullable=False),
-        pa.field("shots", pa.int32(), nullable=True),  # null for loss-reduction rows
-        pa.field("metric", pa.string(), nullable=False),
-        pa.field("value", pa.float64(), nullable=False),
-        pa.field("ci_low", pa.float64(), nullable=False),
-        pa.field("ci_high", pa.float64(), nullable=False),
-        pa.field("n", pa.int64(), nullable=False),
-        pa.field("chance", pa.float64(), nullable=True),
-    ]
-)
-
 
 @dataclass(frozen=True)
 class Task:
@@ -233,6 +214,10 @@ def next_token_logits(
     """
     if any(len(s) == 0 for s in sequences):
         raise ValueError("cannot score an empty token sequence")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(s) for s in sequences)
+    if limit is not None and longest > limit:
+        raise ValueError(f"a prompt has {longest} tokens, more than the model's context of {limit}; use fewer shots")
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     out: list[torch.Tensor | None] = [None] * len(sequences)

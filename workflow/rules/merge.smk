@@ -4,7 +4,7 @@ MERGED = ["provenance", "heads", "icl", "loss_curve"]
 PER_STEP = {
     "provenance": ["provenance"],
     "heads": ["heads"],
-    "icl": ["loss"],
+    "icl": ["loss", "icl_tasks"],
     "loss_curve": ["loss_curve"],
 }
 

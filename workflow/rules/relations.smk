@@ -1,0 +1,48 @@
+# Relation triplets (KG from AGENDA, syntax from spaCy), once per model's tokenizer; they do not
+# depend on the checkpoint, so every relation-index job of the model reuses them.
+
+RELATIONS = config["relations"]
+AGENDA_DIR = RELATIONS["agenda_dir"] or "resources/agenda"
+
+
+if not RELATIONS["agenda_dir"]:
+
+    rule fetch_agenda:
+        output:
+            f"{AGENDA_DIR}/preprocessed.test.tsv",
+            f"{AGENDA_DIR}/relations.vocab",
+        conda:
+            "../envs/icl-dynamics.yaml"
+        log:
+            "logs/fetch_agenda.log",
+        params:
+            dest=lambda wildcards, output: os.path.dirname(output[0]),
+        shell:
+            "icl-dynamics fetch-agenda --dest {params.dest} 2> {log}"
+
+
+rule relations:
+    input:
+        provenance_of(STEPS[0]),
+        f"{AGENDA_DIR}/preprocessed.test.tsv",
+        f"{AGENDA_DIR}/relations.vocab",
+    output:
+        multiext(f"{RESULTS}/{{model}}/relations/", "sequences.parquet", "triplets.parquet", "summary.parquet"),
+    conda:
+        "../envs/icl-dynamics.yaml"
+    log:
+        "logs/{model}/relations.log",
+    params:
+        flags=lambda wc: checkpoint_flags(wc.model, STEPS[0], device=False),
+        out_dir=lambda wildcards, output: os.path.dirname(output[0]),
+        options=" ".join(
+            [
+                f"--agenda-dir {shlex.quote(AGENDA_DIR)} --unit {RELATIONS['unit']}",
+                f"--anchor {RELATIONS['anchor']} --spacy-model {shlex.quote(RELATIONS['spacy_model'])}",
+                f"--syntax-column {shlex.quote(RELATIONS['syntax_column'])}",
+                f"--syntax-split {shlex.quote(RELATIONS['syntax_split'])}",
+                f"--syntax-texts {shlex.quote(RELATIONS['syntax_texts'])}" if RELATIONS["syntax_texts"] else "",
+            ]
+        ),
+    shell:
+        cli("relations {params.flags} {params.options} --out-dir {params.out_dir}") + " 2> {log}"
