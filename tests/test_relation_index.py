@@ -279,6 +279,14 @@ def test_ov_scores_worked_example_and_normaliser():
     q4 = (p[:4] / p[:4].sum() - 0.25).clamp_min(0)
     torch.testing.assert_close(ov_scores(p.log(), mask)[:4], q4 / q4.sum())
     assert ov_scores(torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.bool)).isnan().all()
+    # picking targets of rows gives the same numbers as the full rows, and NaN for a negative target
+    logits, cand = torch.randn(4, 9, dtype=torch.float64), torch.rand(4, 9) < 0.7
+    cand[:, 0] = True
+    rows, targets = torch.tensor([2, 0, 2, 3]), torch.tensor([[0, 5, -1], [1, 1, 8], [3, 0, 2], [7, 4, 6]])
+    full = ov_scores(logits, cand)
+    picked = ov_scores(logits, cand, rows, targets)
+    torch.testing.assert_close(picked[targets >= 0], full[rows[:, None], targets][targets >= 0])
+    assert picked[0, 2].isnan() and not picked[targets >= 0].isnan().any()
 
 
 # ----------------------------------------------------------------------------- a head built by hand

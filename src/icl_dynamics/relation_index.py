@@ -147,21 +147,25 @@ def gate_passes(top: torch.Tensor, second: torch.Tensor, gate: str, tau: float) 
     raise ValueError(f"unknown gate {gate!r}; choose from {GATES}")
 
 
-def ov_mass(logits: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unnormalised q and its sum over C_j for rows of logits [..., U] (bool mask [..., U] of C_j):
-    q_t / sum q is the event score. Any positive rescaling of p cancels in that ratio, so p is left
-    as exp(logit - max) without the softmax normaliser; ids off C_j get q = 0."""
-    z = logits.masked_fill(~candidates, -math.inf)
-    e = (z - z.amax(-1, keepdim=True)).exp_()
-    q = (e - e.sum(-1, keepdim=True) / candidates.sum(-1, keepdim=True)).clamp_min_(0)
-    return q, q.sum(-1)
+def ov_scores(logits: torch.Tensor, candidates: torch.Tensor, rows: torch.Tensor | None = None,
+              targets: torch.Tensor | None = None) -> torch.Tensor:
+    """The event score a = q_t / sum_{C_j} q for rows of logits [..., R, U] over a sequence's ids,
+    with C_j given as a bool mask [R, U]: for every id ([..., R, U], 0 off C_j), or only at
+    ``targets`` [P, k] of rows ``rows`` [P] ([..., P, k]; a negative target gives NaN). NaN where
+    sum q is 0 (p uniform on C_j) or C_j is empty.
 
-
-def ov_scores(logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """The event score a = q_t / sum_C q for every candidate t of each row (0 off C_j; NaN for a row
-    whose sum is 0, i.e. p uniform on C_j, or with no candidate)."""
-    q, total = ov_mass(logits, candidates)
-    return q / total[..., None]
+    Any positive rescaling of p cancels in the ratio, so p is left as exp(logit - max) without the
+    softmax normaliser (the full-vocabulary one would cancel too).
+    """
+    e = logits.masked_fill(~candidates, -math.inf)
+    e.sub_(e.amax(-1, keepdim=True)).exp_()
+    mean = e.sum(-1, keepdim=True) / candidates.sum(-1, keepdim=True)
+    if targets is None:
+        q = e.sub_(mean).clamp_min_(0)
+        return q / q.sum(-1, keepdim=True)
+    picked = (e[..., rows[:, None], targets] - mean[..., rows, :]).clamp_min_(0)
+    total = e.sub_(mean).clamp_min_(0).sum(-1)
+    return (picked / total[..., rows, None]).masked_fill_(targets < 0, math.nan)
 
 
 def random_control_draws(seed: int, sequence_id: int, n: int) -> np.ndarray:
@@ -408,33 +412,34 @@ class _BatchScorer:
         w_v, _b_v, w_o = (w.to(self.dtype) for w in head_ov_weights(self.model, layer))
         w_ou = torch.einsum("hed,bdu->bheu", w_o, self.w_u_sub)  # W_O^h W_U[:, ids] [B, H, d_head, U]
         cand = rj[:, None] >= self.first[rb]  # C_j of each row [R, U]
+        pb, pj = rb[inverse], rj[inverse]  # each pair's sequence and query
+        tenth = torch.where(pj >= idx.tenth_pos[pb], idx.tenth[pb], -1)
+        targets = torch.stack([idx.tail[trip], tenth, idx.random[pb, pj]], 1)  # uniq indices [P, 3]
+        logits = []
         raw = None
-        for vi, variant in enumerate(self.variants):
+        for variant in self.variants:
             if variant == "contextual":
                 if value is None:
                     raise RuntimeError(f"layer {layer}: value vectors were not captured")
-                logits = (value @ w_ou)[rb, rh, rs]  # the head's real value at s
+                logits.append((value @ w_ou)[rb, rh, rs])  # the head's real value at s
             else:
                 if raw is None:  # raw-embedding logits x_t W_OV^h W_U[:, ids] of every token [B, H, T, U]
                     raw = torch.einsum("btd,hde->bhte", self.x, w_v) @ w_ou
-                logits = raw[rb, rh, rj if variant == "literal" else rs]
-            q, total = ov_mass(logits, cand)
-            self._accumulate(layer, vi, passed, trip, inverse, rh, rj, rb, q, total)
+                logits.append(raw[rb, rh, rj if variant == "literal" else rs])
+        scores = ov_scores(torch.stack(logits), cand, inverse, targets)  # [variants, P, 3]
+        for vi in range(len(self.variants)):
+            self._accumulate(layer, vi, passed, trip, rh[inverse], scores[vi])
 
     def _accumulate(self, layer: int, vi: int, passed: Mapping[str, torch.Tensor], trip: torch.Tensor,
-                    inverse: torch.Tensor, rh: torch.Tensor, rj: torch.Tensor, rb: torch.Tensor, q: torch.Tensor,
-                    total: torch.Tensor) -> None:
-        """Add the events (pairs of a score row and a triplet) that pass each gate."""
-        idx, acc = self.index, self.acc
+                    head: torch.Tensor, scores: torch.Tensor) -> None:
+        """Add the events (query, triplet) that pass each gate; ``scores`` [P, 3] holds their
+        scores for the tail, the tenth-token and the random control (NaN: not visible)."""
+        acc = self.acc
         heads = acc.passes.shape[-1]
-        tot = total[inverse].double()
-        tail = q[inverse, idx.tail[trip]].double() / tot
-        pb, pj = rb[inverse], rj[inverse]
-        tenth_ok = pj >= idx.tenth_pos[pb]
-        tenth = q[inverse, idx.tenth[pb]].double() / tot
-        rand = q[inverse, idx.random[pb, pj]].double() / tot
+        tail, tenth, rand = scores.double().unbind(1)
+        tenth_ok = ~tenth.isnan()
         defined = ~tail.isnan()
-        flat_all = idx.group[trip] * heads + rh[inverse]
+        flat_all = self.index.group[trip] * heads + head
         for gi, gate in enumerate(self.gates):
             keep = passed[gate] & defined
             flat, a, t_ok = flat_all[keep], tail[keep], tenth_ok[keep]
@@ -448,8 +453,8 @@ class _BatchScorer:
             stats["random_n"].index_add_(0, flat, ones)
             stats["random_sum"].index_add_(0, flat, rand[keep])
             # triplets with at least one event: each (triplet, head) once, then counted per group
-            marks = torch.unique(trip[keep] * heads + rh[inverse][keep])
-            stats["triplets_q"].index_add_(0, idx.group[marks // heads] * heads + marks % heads,
+            marks = torch.unique(trip[keep] * heads + head[keep])
+            stats["triplets_q"].index_add_(0, self.index.group[marks // heads] * heads + marks % heads,
                                            torch.ones_like(marks, dtype=torch.float64))
 
 
