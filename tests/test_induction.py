@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from transformers import PreTrainedTokenizerFast
 
 from conftest import tiny_neox
 from icl_dynamics.induction import (

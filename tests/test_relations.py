@@ -280,7 +280,7 @@ def test_build_and_write_are_deterministic(agenda_dir: Path, records, neox_token
     for name, schema in (("sequences", relations.SEQUENCES_SCHEMA), ("triplets", relations.TRIPLETS_SCHEMA),
                          ("summary", relations.SUMMARY_SCHEMA)):
         assert io.read_table(paths[name], schema).equals(getattr(first, name))
-        assert io.read_table(again[name], schema).equals(io.read_table(paths[name], schema))
+        assert again[name].read_bytes() == paths[name].read_bytes()  # same inputs, same bytes out
         assert io.read_provenance(paths[name])["relations"]["unit"] == "abstract"
 
 

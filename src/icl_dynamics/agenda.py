@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from icl_dynamics.io import sha256_file, write_bytes_atomic
 
 GRAPHWRITER_REPO = "rikdz/GraphWriter"
 RAW_URL = "https://raw.githubusercontent.com/{repo}/{commit}/data/{name}"
@@ -98,15 +99,6 @@ class AgendaRecord:
         return int(match.group(2)) if match else None
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_digest(label: str, got: str, pinned: PinnedFile) -> None:
     if got != pinned.sha256:
         raise ChecksumError(
@@ -156,14 +148,7 @@ def fetch_agenda(
             continue
         data = _download(pinned.url, retries=retries, timeout=timeout, backoff=backoff)
         _check_digest(pinned.url, hashlib.sha256(data).hexdigest(), pinned)
-        fd, tmp = tempfile.mkstemp(prefix=f".{pinned.name}.", suffix=".tmp", dir=dest)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_bytes_atomic(target, data)
     return verify_agenda(dest)
 
 

@@ -9,7 +9,7 @@ valid steps, so a typo never silently drops a checkpoint from a sweep.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 

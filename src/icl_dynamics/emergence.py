@@ -468,7 +468,6 @@ def _lm_batch(x: np.ndarray, ys: np.ndarray, p0: np.ndarray, lower: np.ndarray, 
         trial_resid = _batch_residuals(x, ys[active], trial)
         trial_cost = (trial_resid**2).sum(axis=1)
         better = trial_cost < cost[active]
-        gain = cost[active] - trial_cost
         rows = np.flatnonzero(active)
         accepted = rows[better]
         params[accepted], resid[accepted], cost[accepted] = trial[better], trial_resid[better], trial_cost[better]

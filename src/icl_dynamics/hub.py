@@ -27,6 +27,7 @@ import pyarrow as pa
 from huggingface_hub import HfApi, constants, hf_hub_download
 
 from icl_dynamics.checkpoints import revision as step_revision
+from icl_dynamics.io import sha256_file, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -121,15 +122,6 @@ class FetchResult:
 
 
 # --- hashing -------------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -277,11 +269,7 @@ def _fetch_online(model_id: str, step: int, cache_dir: str | os.PathLike[str] | 
 
 
 def _write_ref(model_id: str, revision: str, commit: str, cache_dir: str | os.PathLike[str] | None) -> None:
-    ref = repo_cache_dir(model_id, cache_dir) / "refs" / revision
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ref.with_name(f".{ref.name}.tmp")
-    tmp.write_text(commit)
-    os.replace(tmp, ref)
+    write_bytes_atomic(repo_cache_dir(model_id, cache_dir) / "refs" / revision, commit.encode())
 
 
 def fetch_checkpoint(
@@ -343,9 +331,7 @@ def write_snapshot(
     for name, data in files.items():
         blob = repo / "blobs" / hashes[name]
         if not blob.exists():
-            tmp = blob.with_name(blob.name + ".incomplete")
-            tmp.write_bytes(data)
-            os.replace(tmp, blob)
+            write_bytes_atomic(blob, data)
         link = snapshot / name
         if link.is_symlink() or link.exists():
             link.unlink()

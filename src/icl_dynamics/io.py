@@ -8,6 +8,7 @@ half-written file that Snakemake (or a reader) would take for a finished one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -29,8 +30,35 @@ class SchemaError(ValueError):
     """Rows do not fit the table's declared schema."""
 
 
-def provenance(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Return the provenance stamped into every table: package and library versions, time, host."""
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def provenance(extra: Mapping[str, Any] | None = None, *, reproducible: bool = False) -> dict[str, Any]:
+    """Return the provenance stamped into every table: package and library versions, time, host.
+
+    ``reproducible=True`` leaves out the time and host, so the same inputs give the same bytes.
+    """
     import torch
     import transformers
 
@@ -40,9 +68,10 @@ def provenance(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "pyarrow": pa.__version__,
         "python": platform.python_version(),
-        "host": platform.node(),
-        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if not reproducible:
+        info["host"] = platform.node()
+        info["written_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if extra:
         info.update(extra)
     return info
@@ -78,12 +107,17 @@ def write_table(
     path: str | os.PathLike[str],
     *,
     meta: Mapping[str, Any] | None = None,
+    reproducible: bool = False,
 ) -> Path:
-    """Write ``table`` to ``path`` atomically (temp file in the same directory, then rename)."""
+    """Write ``table`` to ``path`` atomically (temp file in the same directory, then rename).
+
+    With ``reproducible=True`` the provenance has no time or host: same table, same bytes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = dict(table.schema.metadata or {})
-    existing[PROVENANCE_KEY] = json.dumps(provenance(meta), sort_keys=True, default=str).encode()
+    existing[PROVENANCE_KEY] = json.dumps(provenance(meta, reproducible=reproducible), sort_keys=True,
+                                          default=str).encode()
     table = table.replace_schema_metadata(existing)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -456,10 +456,14 @@ def build_relations(
 
 
 def write_relations(tables: RelationTables, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write sequences.parquet, triplets.parquet and summary.parquet (atomically, with provenance)."""
+    """Write sequences.parquet, triplets.parquet and summary.parquet (atomically, with provenance).
+
+    The provenance carries no time or host, so the same inputs give byte-identical files.
+    """
     out = Path(out_dir)
     return {
-        name: io.write_table(getattr(tables, name), out / f"{name}.parquet", meta={"relations": tables.meta})
+        name: io.write_table(getattr(tables, name), out / f"{name}.parquet", meta={"relations": tables.meta},
+                             reproducible=True)
         for name in ("sequences", "triplets", "summary")
     }
 
