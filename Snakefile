@@ -1,6 +1,8 @@
 # icl-dynamics: how in-context learning and induction heads arise over training checkpoints.
 # Run: snakemake --cores 8 --workflow-profile workflow/profiles/local   (see README.md)
 
+from snakemake.exceptions import WorkflowError
+
 from icl_dynamics.checkpoints import model_slug, unslug
 from icl_dynamics.config import ConfigError, validate_config
 
@@ -24,8 +26,10 @@ include: "workflow/rules/heads.smk"
 include: "workflow/rules/loss.smk"
 include: "workflow/rules/icl_tasks.smk"
 include: "workflow/rules/relations.smk"
+include: "workflow/rules/relation_index.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/analysis.smk"
 
 
 rule all:
@@ -34,3 +38,4 @@ rule all:
         expand(f"{RESULTS}/{{model}}/figures/{{figure}}.png", model=MODELS, figure=FIGURES),
         expand(f"{RESULTS}/{{model}}/{{stage}}.parquet", model=MODELS, stage=MERGED),
         expand(f"{RESULTS}/{{model}}/relations/summary.parquet", model=MODELS),
+        rules.analyze.output,

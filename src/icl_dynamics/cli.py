@@ -159,10 +159,70 @@ def cmd_icl_tasks(args: argparse.Namespace) -> None:
     log.info("%d ICL task rows in %.1f s", len(rows), time.perf_counter() - start)
 
 
+def cmd_relation_index(args: argparse.Namespace) -> None:
+    from icl_dynamics import io
+    from icl_dynamics.relation_index import RELATION_INDEX_SCHEMA, score_relation_index
+    from icl_dynamics.relations import SEQUENCES_SCHEMA, TRIPLETS_SCHEMA
+
+    relations = Path(args.relations_dir)
+    sequences = io.read_table(relations / "sequences.parquet", SEQUENCES_SCHEMA)
+    triplets = io.read_table(relations / "triplets.parquet", TRIPLETS_SCHEMA)
+    ckpt = _load(args)
+    start = time.perf_counter()
+    rows = score_relation_index(
+        ckpt.model, sequences, triplets, gates=args.gates, variants=args.variants, tau=args.tau,
+        exclude_function_words=not args.keep_function_words, control_position=args.control_position,
+        seed=args.seed, min_events=args.min_events, sih_margin=args.sih_margin, batch_size=args.batch_size,
+    )
+    meta = {"relations_dir": str(relations), **{k: v for k, v in vars(args).items() if k != "func"}}
+    io.write_rows(_stamp(rows, args), RELATION_INDEX_SCHEMA, args.out, meta=meta)
+    sih = sum(r["sih"] for r in rows)
+    log.info("relation index: %d rows (%d flagged as semantic induction heads) in %.1f s", len(rows), sih,
+             time.perf_counter() - start)
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from icl_dynamics import emergence, io
+    from icl_dynamics.figures import emergence as fig
+
+    def read(paths: list[str] | None) -> pd.DataFrame | None:
+        return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True) if paths else None
+
+    start = time.perf_counter()
+    ri = read(args.relation_index)
+    tables = emergence.analyze(
+        read(args.icl), read(args.heads), ri, read(args.provenance), shots=args.shots, per_task=args.per_task,
+        direction=args.ri_direction, gate=args.ri_gate, variant=args.ri_variant, tau=args.ri_tau, k=args.k,
+        n_boot=args.n_boot, n_perm=args.n_perm, top_k=args.top_k, seed=args.seed,
+    )
+    out = Path(args.out_dir)
+    meta = {key: value for key, value in vars(args).items() if key != "func"}
+    schemas = {"emergence": emergence.EMERGENCE_SCHEMA, "formation": emergence.FORMATION_SCHEMA,
+               "relation": emergence.RELATION_SCHEMA, "summary": emergence.SUMMARY_SCHEMA}
+    for name, schema in schemas.items():
+        io.write_rows(tables[name].to_dict("list"), schema, out / f"{name}.parquet", meta=meta)
+    tables["summary"].to_csv(out / "summary.csv", index=False)  # the report's table
+    figures = out / "figures"
+    fig.emergence_panel(tables["icl_traj"], tables["emergence"], tables["head_traj"], tables["formation"],
+                        figures / "emergence_panel", top_k=args.top_k)
+    fig.formation_emergence_scatter(tables["formation"], tables["emergence"], figures / "formation_vs_emergence")
+    fig.correlation_map(tables["relation"], figures / "correlation_map")
+    if ri is not None:
+        fig.ri_heatmaps(ri, figures / "ri_heatmaps", direction=args.ri_direction, gate=args.ri_gate,
+                        variant=args.ri_variant)
+    log.info("analysis of %d ICL series and %d head scores in %.0f s -> %s", len(tables["emergence"]),
+             len(tables["formation"]), time.perf_counter() - start, out)
+
+
 def _merge_schema(stage: str):
     from icl_dynamics import hub, icl, induction
 
+    from icl_dynamics.relation_index import RELATION_INDEX_SCHEMA
+
     schemas = {
+        "relation_index": RELATION_INDEX_SCHEMA,
         "provenance": hub.PROVENANCE_SCHEMA,
         "heads": induction.INDUCTION_SCHEMA,
         "icl": icl.ICL_SCHEMA,
@@ -281,6 +341,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_icl_tasks)
+
+    p = sub.add_parser("relation-index", help="the paper's relation index of every head (Ren et al. 2024)")
+    _checkpoint_args(p)
+    p.add_argument("--relations-dir", required=True, help="output of the relations stage")
+    p.add_argument("--gates", nargs="+", default=["argmax", "margin"], choices=("argmax", "margin"))
+    p.add_argument("--variants", nargs="+", default=["literal", "source", "contextual"],
+                   choices=("literal", "source", "contextual"))
+    p.add_argument("--tau", type=float, default=2.2, help="margin of the margin gate")
+    p.add_argument("--keep-function-words", action="store_true", help="keep stop words and punctuation in C_j")
+    p.add_argument("--control-position", type=int, default=10, help="position of the fixed-token control")
+    p.add_argument("--min-events", type=int, default=20, help="events a head needs to be flagged as an SIH")
+    p.add_argument("--sih-margin", type=float, default=0.05, help="margin RI must exceed both controls by")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-token control")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_relation_index)
+
+    p = sub.add_parser("analyze", help="when heads form, when ICL emerges, how they relate (all models)")
+    p.add_argument("--icl", nargs="+", required=True, help="merged ICL tables")
+    p.add_argument("--heads", nargs="+", required=True, help="merged induction-score tables")
+    p.add_argument("--relation-index", nargs="*", default=None, help="merged relation-index tables")
+    p.add_argument("--provenance", nargs="*", default=None, help="merged provenance (duplicates are left out)")
+    p.add_argument("--shots", type=int, default=None, help="shot count of the ICL tasks (default: the largest)")
+    p.add_argument("--per-task", action="store_true", help="one series per task instead of the mean over tasks")
+    p.add_argument("--ri-direction", default="forward", choices=("forward", "reverse"))
+    p.add_argument("--ri-gate", default="argmax", choices=("argmax", "margin"))
+    p.add_argument("--ri-variant", default="literal", choices=("literal", "source", "contextual"))
+    p.add_argument("--ri-tau", type=float, default=None, help="tau of the margin gate, if several were scored")
+    p.add_argument("--k", type=int, default=3, help="checkpoints a crossing must hold for after its first")
+    p.add_argument("--n-boot", type=int, default=200)
+    p.add_argument("--n-perm", type=int, default=999)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("merge", help="concatenate one stage's per-checkpoint tables")
     p.add_argument("--stage", required=True)

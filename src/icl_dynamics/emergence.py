@@ -880,3 +880,38 @@ def _set_transition(g: pd.DataFrame, m: dict, boot: list[np.ndarray], tail: floa
     low, high = np.quantile(medians, [tail, 1 - tail])
     return {"lag_transition_tokens": formed["lag_transition_tokens"].median(), "lag_transition_low_tokens": float(low),
             "lag_transition_high_tokens": float(high), "order_transition": _order(low, high)}
+
+
+def analyze(icl: pd.DataFrame, heads: pd.DataFrame, ri: pd.DataFrame | None = None,
+            provenance: pd.DataFrame | None = None, *, shots: int | None = None, per_task: bool = False,
+            direction: str = "forward", gate: str = "argmax", variant: str = "literal", tau: float | None = None,
+            k: int = DEFAULT_K, n_boot: int = DEFAULT_N_BOOT, n_perm: int = DEFAULT_N_PERM,
+            block_length: int | None = None, alpha: float = DEFAULT_ALPHA, top_k: int = DEFAULT_TOP_K,
+            ci_level: float = DEFAULT_CI_LEVEL, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """The whole analysis from the merged per-checkpoint tables: trajectories and the four tables.
+
+    Checkpoints whose weights duplicate an earlier step's (``provenance``) are left out. The ICL
+    tasks enter at one shot count (``shots``, default the largest measured) and, unless
+    ``per_task``, averaged over tasks (:func:`level_curves`); the relation index at one direction,
+    gate and variant (and ``tau`` for the margin gate). Returns ``icl_traj``, ``head_traj``,
+    ``emergence``, ``formation``, ``relation`` and ``summary``.
+    """
+    exclude = duplicate_checkpoints(provenance) if provenance is not None else set()
+    task_rows = icl["shots"].notna()
+    chosen = shots if shots is not None else (int(icl.loc[task_rows, "shots"].max()) if task_rows.any() else None)
+    icl = icl[~task_rows | (icl["shots"] == chosen)]
+    if not per_task:
+        icl = pd.concat([icl[~icl["shots"].notna()], level_curves(icl[icl["shots"].notna()], ci_level=ci_level)]
+                        if icl["shots"].notna().any() else [icl], ignore_index=True)
+    if ri is not None and tau is not None and "tau" in ri:
+        ri = ri[(ri["gate"] != "margin") | (ri["tau"] == tau)]
+    icl_traj = icl_trajectories(icl, ci_level=ci_level, exclude=exclude)
+    head_traj = head_trajectories(heads, ri, ci_level=ci_level, direction=direction, gate=gate, variant=variant,
+                                  exclude=exclude)
+    emergence = emergence_table(icl_traj, k=k, n_boot=n_boot, seed=seed, ci_level=ci_level)
+    formation = formation_table(head_traj, k=k, n_boot=n_boot, seed=seed, ci_level=ci_level)
+    relation = relation_table(head_traj, formation, icl_traj, emergence, block_length=block_length, n_perm=n_perm,
+                              alpha=alpha, ci_level=ci_level, seed=seed)
+    summary = summary_table(relation, formation, emergence, top_k=top_k, ci_level=ci_level, seed=seed)
+    return {"icl_traj": icl_traj, "head_traj": head_traj, "emergence": emergence, "formation": formation,
+            "relation": relation, "summary": summary}

@@ -1,11 +1,12 @@
 # Stage 3: one table per stage across checkpoints (provenance also flags duplicate weights).
 
-MERGED = ["provenance", "heads", "icl", "loss_curve"]
+MERGED = ["provenance", "heads", "icl", "loss_curve", "relation_index"]
 PER_STEP = {
     "provenance": ["provenance"],
     "heads": ["heads"],
     "icl": ["loss", "icl_tasks"],
     "loss_curve": ["loss_curve"],
+    "relation_index": ["relation_index"],
 }
 
 

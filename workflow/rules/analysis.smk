@@ -1,0 +1,48 @@
+# Stage 5: emergence of each ICL level, formation of each head, their relation (all models at once),
+# the figures, and what `snakemake --report report.html` shows.
+
+ANALYSIS = config["analysis"]
+ANALYSIS_DIR = f"{RESULTS}/analysis"
+ANALYSIS_TABLES = ["emergence", "formation", "relation", "summary"]
+CATEGORY = "Emergence and formation"
+
+
+rule analyze:
+    input:
+        icl=expand(f"{RESULTS}/{{model}}/icl.parquet", model=MODELS),
+        heads=expand(f"{RESULTS}/{{model}}/heads.parquet", model=MODELS),
+        relation_index=expand(f"{RESULTS}/{{model}}/relation_index.parquet", model=MODELS),
+        provenance=expand(f"{RESULTS}/{{model}}/provenance.parquet", model=MODELS),
+    output:
+        tables=expand(f"{ANALYSIS_DIR}/{{table}}.parquet", table=ANALYSIS_TABLES),
+        summary=report(f"{ANALYSIS_DIR}/summary.csv", caption="../report/emergence_summary.rst", category=CATEGORY),
+        panel=report(f"{ANALYSIS_DIR}/figures/emergence_panel.png", caption="../report/emergence_panel.rst",
+                     category=CATEGORY),
+        scatter=report(f"{ANALYSIS_DIR}/figures/formation_vs_emergence.png",
+                       caption="../report/formation_vs_emergence.rst", category=CATEGORY),
+        correlation=report(f"{ANALYSIS_DIR}/figures/correlation_map.png", caption="../report/correlation_map.rst",
+                           category=CATEGORY),
+        heatmaps=report(
+            expand(f"{ANALYSIS_DIR}/figures/ri_heatmaps-{{model}}-{{family}}.png", model=MODELS, family=["kg", "syntax"]),
+            caption="../report/ri_heatmaps.rst",
+            category="Relation index",
+        ),
+    conda:
+        "../envs/icl-dynamics.yaml"
+    log:
+        "logs/analyze.log",
+    params:
+        out_dir=lambda wildcards, output: os.path.dirname(output.tables[0]),
+        options=" ".join(
+            [
+                f"--shots {ANALYSIS['shots']}" if ANALYSIS["shots"] is not None else "",
+                "--per-task" if ANALYSIS["per_task"] else "",
+                f"--ri-direction {ANALYSIS['ri_direction']} --ri-gate {ANALYSIS['ri_gate']}",
+                f"--ri-variant {ANALYSIS['ri_variant']} --ri-tau {config['relation_index']['tau']}",
+                f"--k {ANALYSIS['k']} --n-boot {ANALYSIS['n_boot']} --n-perm {ANALYSIS['n_perm']}",
+                f"--top-k {ANALYSIS['top_k']} --seed {ANALYSIS['seed']}",
+            ]
+        ),
+    shell:
+        "icl-dynamics analyze --icl {input.icl} --heads {input.heads} --relation-index {input.relation_index} "
+        "--provenance {input.provenance} {params.options} --out-dir {params.out_dir} 2> {log}"
