@@ -167,9 +167,10 @@ def _plot_heads(ax: Axes, head_traj: pd.DataFrame, formation: pd.DataFrame, mode
 
 def ri_heatmaps(ri: pd.DataFrame, path: str | os.PathLike[str], *, steps: Sequence[int] | None = None,
                 direction: str = "forward", gate: str = "argmax", variant: str = "literal",
-                n_steps: int = 4) -> list[Path]:
+                n_steps: int = 4, families: Sequence[str] = ("kg", "syntax")) -> list[Path]:
     """Relation index per head (layer x head) for each relation at chosen steps: one figure per model and
     family, written to ``<path>-<model slug>-<family>``. Grey cells: the head never qualified (RI undefined).
+    A family without triplets (none survived tokenisation) gets a figure that says so.
 
     ``steps`` default: ``n_steps`` checkpoints evenly spaced in log(step + 1), first and last included.
     """
@@ -186,6 +187,12 @@ def ri_heatmaps(ri: pd.DataFrame, path: str | os.PathLike[str], *, steps: Sequen
         if missing:
             raise ValueError(f"ri_heatmaps: model {model!r} has no RI rows at steps {missing}")
         n_layers, n_heads = int(rows["layer"].max()) + 1, int(rows["head"].max()) + 1
+        for family in sorted(set(families) - set(rows["family"])):
+            fig, axes = new_figure(width=COLUMN_WIDTH_IN, height=1.0)
+            axes[0, 0].axis("off")
+            axes[0, 0].text(0.5, 0.5, f"{model.split('/')[-1]}: no {family} triplets survived tokenisation",
+                            ha="center", va="center")
+            written += save_figure(fig, base.with_name(f"{base.name}-{model_slug(model)}-{family}"))
         for family, fam in rows.groupby("family", sort=True):
             relations = sorted(fam["relation"].unique())
             cell = (PAGE_WIDTH_IN - 1.2) / len(chosen) * float(np.clip(n_layers / n_heads, 0.35, 1.2))
