@@ -375,3 +375,74 @@ def test_bad_inputs_are_named():
         score_relation_index(model, seqs.drop(columns="function_mask"), trips)
     with pytest.raises(ValueError, match="gates"):
         score_relation_index(model, seqs, trips, gates=("top1",))
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def merged_table() -> pd.DataFrame:
+    """A merged relation-index table of one model over three steps, 2 layers x 3 heads, in which
+    head (1, 2) never qualifies and head (0, 0) has the best RI but too few events at the end."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for step in (0, 10, 100):
+        for family, relation in (("kg", "USED-FOR"), ("kg", "PART-OF"), ("syntax", "nsubj")):
+            for layer in range(2):
+                for head in range(3):
+                    never = (layer, head) == (1, 2)
+                    ri = math.nan if never else float(rng.random()) * (1 + step / 100)
+                    events = 0 if never else (5 if (layer, head) == (0, 0) and step == 100 else 50)
+                    if (layer, head) == (0, 0) and step == 100:
+                        ri = 9.0
+                    rows.append(dict(model="m/tiny", step=step, tokens=step * 10, layer=layer, head=head,
+                                     family=family, relation=relation, direction="forward", gate="argmax",
+                                     variant="literal", ri=ri, ri_se=0.01, events=events, min_events=20, triplets=40,
+                                     control_tenth=0.1, control_random=0.05, sih=bool(not never and ri > 0.5)))
+    return pd.DataFrame(rows)
+
+
+def test_final_heatmap_leaves_unqualified_heads_empty():
+    from icl_dynamics.figures.relation_index import final_heatmaps, select_rows
+
+    table = merged_table()
+    rows = select_rows(table, model=None, gate="argmax", variant="literal", direction="forward")
+    fig = final_heatmaps(rows, "kg")
+    axes = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title().split(" (")[0] for ax in axes] == ["PART-OF", "USED-FOR"]
+    want = table[(table.step == 100) & (table.relation == "USED-FOR")]
+    shown = axes[1].images[0].get_array()
+    assert shown.mask[1, 2] and shown.mask.sum() == 1  # never qualified: masked, not 0
+    for r in want.itertuples():
+        if not math.isnan(r.ri):
+            assert shown[r.layer, r.head] == pytest.approx(r.ri)
+    dots = axes[1].collections[0].get_offsets()
+    assert sorted(map(tuple, np.asarray(dots).tolist())) == sorted((r.head, r.layer) for r in want.itertuples() if r.sih)
+
+
+def test_top_heads_over_training_follow_the_final_choice(tmp_path):
+    from icl_dynamics.figures.relation_index import (
+        select_rows,
+        top_heads,
+        top_heads_over_training,
+        write_relation_index_figures,
+    )
+
+    table = merged_table()
+    rows = select_rows(table, model="m/tiny", gate="argmax", variant="literal", direction="forward")
+    rel = rows[rows.relation == "nsubj"]
+    last = rel[(rel.step == 100) & (rel.events >= 20)].sort_values("ri", ascending=False)
+    chosen = top_heads(rel, 2)
+    assert list(map(tuple, chosen.to_numpy())) == list(zip(last.layer[:2], last["head"][:2]))
+    assert (0, 0) not in set(map(tuple, chosen.to_numpy()))  # best RI, too few events
+    fig = top_heads_over_training(rows, "syntax", k=2)
+    lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
+    for layer, head in chosen.itertuples(index=False):
+        series = rel[(rel.layer == layer) & (rel["head"] == head)].sort_values("step")
+        np.testing.assert_allclose(lines[f"L{layer}H{head}"].get_ydata(), series.ri)
+    np.testing.assert_allclose(lines["random ctrl"].get_ydata(), 0.05)
+    written = write_relation_index_figures(table, tmp_path)
+    assert sorted(p.name for p in written) == sorted(
+        f"m--tiny_ri_{fam}_{kind}_argmax_literal_forward.{ext}"
+        for fam in ("kg", "syntax") for kind in ("final", "top") for ext in ("png", "pdf"))
+    with pytest.raises(ValueError, match="variant='source'"):
+        select_rows(table, model=None, gate="argmax", variant="source", direction="forward")

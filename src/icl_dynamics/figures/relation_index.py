@@ -1,0 +1,129 @@
+"""Figures of the relation index: per relation, a layer x head heatmap at the final checkpoint, and
+the top heads' RI against training step (input: the merged relation-index table of one model)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from icl_dynamics.checkpoints import model_slug
+from icl_dynamics.figures import PAGE_WIDTH_IN, new_figure, save_figure, step_axis
+from icl_dynamics.figures.heads import grid
+
+NEVER_QUALIFIED = "0.85"  # colour of heads whose RI is undefined (no qualifying event)
+
+
+def select_rows(ri: pd.DataFrame, *, model: str | None, gate: str, variant: str, direction: str) -> pd.DataFrame:
+    """Rows of one model (the only one when ``model`` is None) for one gate, variant and direction."""
+    models = sorted(ri["model"].unique())
+    if model is None:
+        if len(models) != 1:
+            raise ValueError(f"the relation-index table holds models {models}; name one")
+        model = models[0]
+    rows = ri[(ri["model"] == model) & (ri["gate"] == gate) & (ri["variant"] == variant)
+              & (ri["direction"] == direction)]
+    if rows.empty:
+        raise ValueError(f"no relation-index rows for model={model!r} gate={gate!r} variant={variant!r} "
+                         f"direction={direction!r}")
+    return rows
+
+
+def top_heads(rows: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The ``k`` heads of one relation with the highest RI at the last step among those with at least
+    ``min_events`` events there (the SIH rule's floor), chosen without looking at the trajectory."""
+    last = rows[rows["step"] == rows["step"].max()]
+    return last[last["events"] >= last["min_events"]].nlargest(k, "ri")[["layer", "head"]]
+
+
+def final_heatmaps(rows: pd.DataFrame, family: str) -> Figure:
+    """One layer x head heatmap of RI per relation of ``family`` at the last step of ``rows`` (one
+    model, gate, variant, direction). Grey: never qualified; white dot: flagged SIH."""
+    step = int(rows["step"].max())
+    last = rows[(rows["step"] == step) & (rows["family"] == family)]
+    if last.empty:
+        raise ValueError(f"no {family!r} relation rows at step {step}")
+    relations = sorted(last["relation"].unique())
+    ncols = min(4, len(relations))
+    nrows = math.ceil(len(relations) / ncols)
+    fig, axes = new_figure(ncols=ncols, nrows=nrows, width=min(PAGE_WIDTH_IN, 1.7 * ncols + 0.8),
+                           height=1.7 * nrows + 0.4)
+    vmax = float(np.nanmax(last["ri"].to_numpy(float), initial=0.0)) or 1.0
+    cmap = colormaps["viridis"].with_extremes(bad=NEVER_QUALIFIED)
+    image = None
+    for ax, relation in zip(axes.flat, relations):
+        cell = last[last["relation"] == relation]
+        image = ax.imshow(np.ma.masked_invalid(grid(cell, "ri")), cmap=cmap, vmin=0, vmax=vmax, aspect="auto",
+                          origin="lower", interpolation="nearest")
+        sih = cell[cell["sih"]]
+        ax.scatter(sih["head"], sih["layer"], s=6, color="white", edgecolors="black", linewidths=0.3)
+        ax.set_title(f"{relation} ({int(cell['triplets'].max()):,} triplets)")
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in list(axes.flat)[len(relations):]:
+        ax.set_axis_off()
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9, label="relation index")
+    first = rows.iloc[0]
+    fig.suptitle(f"{first['model']} step {step:,}: {family} ({first['direction']}, {first['gate']} gate, "
+                 f"{first['variant']}); grey = never qualified, dot = SIH")
+    return fig
+
+
+def top_heads_over_training(rows: pd.DataFrame, family: str, *, k: int = 3) -> Figure:
+    """RI (+- standard error) of each relation's top ``k`` final-step heads against training step,
+    with the mean tenth-token and random controls of those heads as dashed lines."""
+    fam = rows[rows["family"] == family]
+    if fam.empty:
+        raise ValueError(f"no {family!r} relation rows")
+    relations = sorted(fam["relation"].unique())
+    ncols = min(4, len(relations))
+    nrows = math.ceil(len(relations) / ncols)
+    fig, axes = new_figure(ncols=ncols, nrows=nrows, width=min(PAGE_WIDTH_IN, 1.8 * ncols + 0.4),
+                           height=1.8 * nrows + 0.3, sharey=True)
+    steps = sorted(int(s) for s in fam["step"].unique())
+    for ax, relation in zip(axes.flat, relations):
+        rel = fam[fam["relation"] == relation]
+        chosen = top_heads(rel, k)
+        traj = rel.merge(chosen, on=["layer", "head"])
+        for i, (layer, head) in enumerate(chosen.itertuples(index=False)):
+            line = traj[(traj["layer"] == layer) & (traj["head"] == head)].sort_values("step")
+            se = line["ri_se"].fillna(0.0)
+            ax.fill_between(line["step"], line["ri"] - se, line["ri"] + se, color=f"C{i}", alpha=0.2, linewidth=0)
+            ax.plot(line["step"], line["ri"], marker="o", color=f"C{i}", label=f"L{layer}H{head}")
+        controls = traj.groupby("step")[["control_tenth", "control_random"]].mean()
+        for column, style in (("control_tenth", (0, (1, 1))), ("control_random", (0, (3, 2)))):
+            ax.plot(controls.index, controls[column], color="0.4", linestyle=style, linewidth=0.8,
+                    label=column.replace("control_", "") + " ctrl")
+        step_axis(ax, steps)
+        ax.set_title(relation)
+        ax.legend(loc="upper left", frameon=False, fontsize=5)
+    for ax in list(axes.flat)[len(relations):]:
+        ax.set_axis_off()
+    axes[0][0].set_ylabel("relation index")
+    first = fam.iloc[0]
+    fig.suptitle(f"{first['model']}: top-{k} heads per {family} relation at the last step "
+                 f"({first['direction']}, {first['gate']} gate, {first['variant']})")
+    return fig
+
+
+def write_relation_index_figures(ri: pd.DataFrame, out_dir: str | os.PathLike[str], *, model: str | None = None,
+                                 gate: str = "argmax", variant: str = "literal", direction: str = "forward",
+                                 k: int = 3) -> list[Path]:
+    """Both figures for every family, saved under ``out_dir`` as
+    ``<model slug>_ri_<family>_{final,top}_<gate>_<variant>_<direction>`` (PNG and PDF)."""
+    rows = select_rows(ri, model=model, gate=gate, variant=variant, direction=direction)
+    base = Path(out_dir) / model_slug(rows["model"].iloc[0])
+    written: list[Path] = []
+    for family in sorted(rows["family"].unique()):
+        tag = f"{family}_{{}}_{gate}_{variant}_{direction}"
+        written += save_figure(final_heatmaps(rows, family), f"{base}_ri_{tag.format('final')}.png")
+        written += save_figure(top_heads_over_training(rows, family, k=k), f"{base}_ri_{tag.format('top')}.png")
+    return written
