@@ -39,6 +39,18 @@ Decisions the paper leaves open, fixed here (and recorded as columns of every ro
   (false when a control is undefined).
 * ``ri_se`` is the standard error over events; events of one triplet at successive j are not
   independent, so it is optimistic -- ``triplets_qualified`` says how many triplets stand behind it.
+* Sequences longer than ``max_len`` (default: the model's context) are cut there; triplets with
+  max(s, o) beyond the cut are dropped with a warning.
+
+How it is computed: each batch of sequences (sorted by length) runs the base model once (no LM
+head) with eager attention; each layer's pattern is reduced at once to per-query (argmax, top,
+runner-up) and dropped. Events are found from the query side: for each query with a strict argmax,
+the triplets whose head position is that argmax (indexed per (sequence, position)) and that are
+live at j. Score rows exist only for these (sequence, head, query) triples, over the sequence's own
+ids: logits (x W_V^h)(W_O^h W_U[:, ids]) of shape [batch, heads, positions, ids], never heads x
+positions x vocabulary. Scores are computed in float32 (float64 for a float64 model); a float16
+model's gate sees float16 probabilities, whose ties fail the strict gate more often, so prefer
+loading the model in float32 for this stage.
 """
 
 from __future__ import annotations
