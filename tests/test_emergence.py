@@ -203,7 +203,7 @@ def test_relation_index_margin_clears_both_controls_with_the_se_bound():
                         "control_tenth_events": n, "control_random": cr, "control_random_events": e}
                        for s, e, (ct, cr, n) in zip(range(5), events, controls)])
     heads = heads_table(np.random.default_rng(5), layers=1, heads=1, mids={}).iloc[:5]
-    traj = E.head_trajectories(heads, ri.astype({"layer": "int32", "head": "int32"}))
+    traj = E.head_trajectories(heads, ri.astype({"layer": "int32", "head": "int32"}), min_effect=0.0)
     got = traj[traj["score"] == "ri:R"].sort_values("step")
     margin = 0.2 - 1.959963984540054 * (0.5 + np.sqrt(0.21)) / np.sqrt([100, 90, 80])
     assert margin.round(4).tolist() == [0.0122, 0.002, -0.01]
@@ -215,9 +215,16 @@ def test_head_score_reliability_and_bad_input():
     heads = heads_table(np.random.default_rng(6), layers=1, heads=1, mids={})
     heads.loc[0, ["prefix_matching", "prefix_matching_se"]] = [0.05 + 1.97 * 0.01, 0.01]
     heads.loc[1, ["prefix_matching", "prefix_matching_se"]] = [0.05 + 1.95 * 0.01, 0.01]
-    traj = E.head_trajectories(heads)
+    traj = E.head_trajectories(heads, min_effect=0.0)
     pm = traj[traj["score"] == "prefix_matching"].sort_values("step")
     assert pm["reliable"].iloc[:2].tolist() == [True, False]
+    # the effect-size floor: 0.05 + 0.1 + 1.96 se is needed once min_effect is 0.1
+    heads.loc[0, "prefix_matching"] = 0.05 + 0.1 + 1.97 * 0.01
+    heads.loc[1, "prefix_matching"] = 0.05 + 0.1 + 1.95 * 0.01
+    pm = E.head_trajectories(heads, min_effect=0.1).query("score == 'prefix_matching'").sort_values("step")
+    assert pm["reliable"].iloc[:2].tolist() == [True, False]
+    assert not E.head_trajectories(heads.assign(prefix_matching=0.05 + 0.09),
+                                   min_effect=0.1).query("score == 'prefix_matching'")["reliable"].iloc[0]
     with pytest.raises(ValueError, match="copying_se"):
         E.head_trajectories(heads.assign(copying_se=np.nan))
     with pytest.raises(ValueError, match="previous_token_control"):
@@ -444,8 +451,9 @@ def test_figures_are_written_and_draw_only_real_checkpoints(pipeline, tmp_path):
     ri.loc[(ri["layer"] == 0) & (ri["head"] == 1), "ri"] = np.nan
     written += F.ri_heatmaps(ri, tmp_path / "ri", steps=[0, 1000, 143000])
     names = sorted(p.name for p in written)
-    assert names == sorted([f"{stem}.{ext}" for stem in ("panel", "scatter", "corr", "ri-EleutherAI--pythia-70m-kg",
-                                                          "ri-EleutherAI--pythia-1.4b-kg") for ext in ("png", "pdf")])
+    stems = ("panel", "scatter", "corr", *(f"ri-EleutherAI--pythia-{size}-{family}" for size in ("70m", "1.4b")
+                                           for family in ("kg", "syntax")))
+    assert names == sorted(f"{stem}.{ext}" for stem in stems for ext in ("png", "pdf"))  # syntax: "no triplets"
     assert all(p.stat().st_size > 1000 for p in written)
     assert F.model_order(["EleutherAI/pythia-1.4b", "EleutherAI/pythia-160m", "EleutherAI/pythia-70m"]) == [
         "EleutherAI/pythia-70m", "EleutherAI/pythia-160m", "EleutherAI/pythia-1.4b"]

@@ -73,6 +73,7 @@ DEFAULT_CI_LEVEL = 0.95
 DEFAULT_N_PERM = 999
 DEFAULT_ALPHA = 0.05
 DEFAULT_TOP_K = 10
+DEFAULT_MIN_EFFECT = 0.1  # formation needs a score this far above its control, beyond its interval
 MIN_FIT_POINTS = 6
 MIN_WIDTH_DECADES = 0.01  # narrowest logistic allowed: 10-90 % rise within ~0.04 decades of tokens
 RISE_10_90 = 2 * np.log(9)  # a logistic's 10-90 % rise spans this many widths
@@ -315,18 +316,21 @@ def icl_trajectories(icl: pd.DataFrame, *, ci_level: float = DEFAULT_CI_LEVEL,
 
 def head_trajectories(heads: pd.DataFrame, ri: pd.DataFrame | None = None, *, ci_level: float = DEFAULT_CI_LEVEL,
                       direction: str = "forward", gate: str = "argmax", variant: str = "literal",
-                      exclude: Iterable[tuple[str, int]] | None = None) -> pd.DataFrame:
+                      exclude: Iterable[tuple[str, int]] | None = None,
+                      min_effect: float = DEFAULT_MIN_EFFECT) -> pd.DataFrame:
     """Long table of per-head score trajectories with the reliability flag that defines formation.
 
     Columns: ``model, score, layer, head, step, tokens, value, control, reliable``. Scores are
-    ``prefix_matching``, ``previous_token``, ``copying`` (reliable: ``value - z * se > control``)
+    ``prefix_matching``, ``previous_token``, ``copying`` (reliable: ``value - z * se > control +
+    min_effect``: with ten probe samples the standard error is tiny, and without the effect-size
+    floor a head attending 0.052 where uniform attention gives 0.050 would count as formed)
     and, from the relation-index table filtered to one ``direction/gate/variant``, ``ri:<relation>``.
     The controls carry no standard error (and ``ri_se`` is optimistic: events of one triplet are
     correlated), so the margin over a control ``c`` uses the bound
     ``se(ri - c) <= sqrt(ri (1 - ri) / events) + sqrt(c (1 - c) / c_events)``: per-event scores lie
     in [0, 1], so their variance is at most ``mean (1 - mean)``, and the two means may share events.
-    It must clear both controls, and ``control`` is their maximum. A missing RI (the head never
-    qualified) or control is never reliable.
+    It must clear both controls by ``min_effect`` as well, and ``control`` is their maximum. A missing
+    RI (the head never qualified) or control is never reliable.
     """
     _require_columns(heads, HEADS_COLUMNS, "heads")
     z = _z(ci_level)
@@ -345,15 +349,17 @@ def head_trajectories(heads: pd.DataFrame, ri: pd.DataFrame | None = None, *, ci
         parts.append(pd.DataFrame({
             "model": frame["model"].to_numpy(), "score": score, "layer": frame["layer"].to_numpy(),
             "head": frame["head"].to_numpy(), "step": frame["step"].to_numpy(), "tokens": frame["tokens"].to_numpy(),
-            "value": value, "control": control, "reliable": value - z * se.to_numpy(float) > control}))
+            "value": value, "control": control,
+            "reliable": value - z * se.to_numpy(float) > control + min_effect}))
     if ri is not None:
-        parts.append(_ri_trajectories(_drop_excluded(ri, exclude), z, direction, gate, variant))
+        parts.append(_ri_trajectories(_drop_excluded(ri, exclude), z, direction, gate, variant, min_effect))
     out = pd.concat(parts, ignore_index=True)
     out = out.astype({"step": np.int64, "tokens": np.int64, "layer": np.int32, "head": np.int32})
     return out.sort_values(["model", "score", "layer", "head", "step"], ignore_index=True)
 
 
-def _ri_trajectories(ri: pd.DataFrame, z: float, direction: str, gate: str, variant: str) -> pd.DataFrame:
+def _ri_trajectories(ri: pd.DataFrame, z: float, direction: str, gate: str, variant: str,
+                     min_effect: float) -> pd.DataFrame:
     _require_columns(ri, RI_COLUMNS, "relation index")
     sel = ri[(ri["direction"] == direction) & (ri["gate"] == gate) & (ri["variant"] == variant)]
     if sel.empty:
@@ -374,7 +380,7 @@ def _ri_trajectories(ri: pd.DataFrame, z: float, direction: str, gate: str, vari
     with np.errstate(divide="ignore", invalid="ignore"):
         se_v = np.sqrt(value * (1 - value) / events)
         margins = [value - c - z * (se_v + np.sqrt(c * (1 - c) / n)) for c, n in zip(controls.T, control_events.T)]
-    reliable = np.all([m > 0 for m in margins], axis=0)  # NaN margins (no events, undefined RI) compare False
+    reliable = np.all([m > min_effect for m in margins], axis=0)  # NaN margins (no events) compare False
     return pd.DataFrame({
         "model": sel["model"].to_numpy(), "score": RI_PREFIX + sel["relation"].astype(str).to_numpy(),
         "layer": sel["layer"].to_numpy(), "head": sel["head"].to_numpy(), "step": sel["step"].to_numpy(),
@@ -887,13 +893,15 @@ def analyze(icl: pd.DataFrame, heads: pd.DataFrame, ri: pd.DataFrame | None = No
             direction: str = "forward", gate: str = "argmax", variant: str = "literal", tau: float | None = None,
             k: int = DEFAULT_K, n_boot: int = DEFAULT_N_BOOT, n_perm: int = DEFAULT_N_PERM,
             block_length: int | None = None, alpha: float = DEFAULT_ALPHA, top_k: int = DEFAULT_TOP_K,
-            ci_level: float = DEFAULT_CI_LEVEL, seed: int = 0) -> dict[str, pd.DataFrame]:
+            min_effect: float = DEFAULT_MIN_EFFECT, ci_level: float = DEFAULT_CI_LEVEL,
+            seed: int = 0) -> dict[str, pd.DataFrame]:
     """The whole analysis from the merged per-checkpoint tables: trajectories and the four tables.
 
     Checkpoints whose weights duplicate an earlier step's (``provenance``) are left out. The ICL
     tasks enter at one shot count (``shots``, default the largest measured) and, unless
     ``per_task``, averaged over tasks (:func:`level_curves`); the relation index at one direction,
-    gate and variant (and ``tau`` for the margin gate). Returns ``icl_traj``, ``head_traj``,
+    gate and variant (and ``tau`` for the margin gate). A head has formed once its score clears its
+    control by ``min_effect`` beyond its interval. Returns ``icl_traj``, ``head_traj``,
     ``emergence``, ``formation``, ``relation`` and ``summary``.
     """
     exclude = duplicate_checkpoints(provenance) if provenance is not None else set()
@@ -907,7 +915,7 @@ def analyze(icl: pd.DataFrame, heads: pd.DataFrame, ri: pd.DataFrame | None = No
         ri = ri[(ri["gate"] != "margin") | (ri["tau"] == tau)]
     icl_traj = icl_trajectories(icl, ci_level=ci_level, exclude=exclude)
     head_traj = head_trajectories(heads, ri, ci_level=ci_level, direction=direction, gate=gate, variant=variant,
-                                  exclude=exclude)
+                                  exclude=exclude, min_effect=min_effect)
     emergence = emergence_table(icl_traj, k=k, n_boot=n_boot, seed=seed, ci_level=ci_level)
     formation = formation_table(head_traj, k=k, n_boot=n_boot, seed=seed, ci_level=ci_level)
     relation = relation_table(head_traj, formation, icl_traj, emergence, block_length=block_length, n_perm=n_perm,
