@@ -35,7 +35,7 @@ include: "workflow/rules/analysis.smk"
 rule all:
     default_target: True
     input:
-        expand(f"{RESULTS}/{{model}}/figures/{{figure}}.png", model=MODELS, figure=FIGURES),
+        expand(f"{RESULTS}/{{model}}/figures", model=MODELS),
         expand(f"{RESULTS}/{{model}}/{{stage}}.parquet", model=MODELS, stage=MERGED),
         expand(f"{RESULTS}/{{model}}/relations/summary.parquet", model=MODELS),
         rules.analyze.output,

@@ -107,6 +107,7 @@ def test_snakemake_end_to_end_on_the_toy_zoo(toy_zoo, shared_dir, tmp_path):
     )
     config["text"]["path"] = str(toy_zoo / "text.jsonl")
     config["relations"]["agenda_dir"] = str(shared_dir / "data" / "agenda")
+    config["analysis"] = {"k": 1, "n_boot": 50, "n_perm": 99}  # four checkpoints only
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "snakemake", "--cores", "2", "-s", str(REPO / "Snakefile"),
                "-d", str(tmp_path), "--configfile", str(tmp_path / "config.yaml")]
@@ -143,6 +144,20 @@ def test_snakemake_end_to_end_on_the_toy_zoo(toy_zoo, shared_dir, tmp_path):
         for ext in ("png", "pdf"):
             assert (out / "figures" / f"{figure}.{ext}").stat().st_size > 1000
     assert (tmp_path / "logs" / "icl-dynamics--toy-neox" / "step1000" / "heads.log").exists()
+    ri = pd.read_parquet(out / "relation_index.parquet")
+    assert len(ri) == len(steps) * 8 * 7 * 2 * 2 * 3  # heads x KG relations x directions x gates x variants
+    assert set(ri["family"]) == {"kg"}  # the toy tokenizer knows no AGENDA words, only the letter anchors
+    assert ri["ri"].dropna().between(0, 1).all() and ri["ri"].notna().any()
+    analysis = tmp_path / "results" / "analysis"
+    summary = pd.read_parquet(analysis / "summary.parquet")
+    assert {"prefix_matching", "copying", "previous_token"} <= set(summary["score"])
+    assert (analysis / "figures" / "emergence_panel.pdf").exists()
+
+    report = subprocess.run([*command, "--report", str(tmp_path / "report.html")], capture_output=True, text=True,
+                            timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    html = (tmp_path / "report.html").read_text(errors="replace")
+    assert "emergence_panel.png" in html and "prefix_matching_heatmap.png" in html
 
     # a rerun has nothing to do
     dry = subprocess.run([*command, "-n"], capture_output=True, text=True, timeout=300)

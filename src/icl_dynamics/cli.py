@@ -251,15 +251,22 @@ def cmd_merge(args: argparse.Namespace) -> None:
 def cmd_figures(args: argparse.Namespace) -> None:
     import pandas as pd
 
-    from icl_dynamics.figures import heads as fig
+    from icl_dynamics.figures import heads as heads_fig
+    from icl_dynamics.figures.icl import write_icl_figures
+    from icl_dynamics.figures.relation_index import write_relation_index_figures
 
     heads = pd.read_parquet(args.heads)
     icl = pd.read_parquet(args.icl)
     provenance = pd.read_parquet(args.provenance) if args.provenance else None
     out = Path(args.out_dir)
-    fig.prefix_matching_heatmaps(heads, out / "prefix_matching_heatmap", steps=args.heatmap_steps)
-    fig.top_heads_vs_icl(heads, icl, out / "top_heads_vs_icl", top_k=args.top_k, provenance=provenance)
-    log.info("figures written to %s", out)
+    written = heads_fig.prefix_matching_heatmaps(heads, out / "prefix_matching_heatmap", steps=args.heatmap_steps)
+    written += heads_fig.top_heads_vs_icl(heads, icl, out / "top_heads_vs_icl", top_k=args.top_k,
+                                          provenance=provenance)
+    curves = pd.read_parquet(args.loss_curve) if args.loss_curve else None
+    written += write_icl_figures(icl, curves, out, model=heads["model"].iloc[0])
+    if args.relation_index:
+        written += write_relation_index_figures(pd.read_parquet(args.relation_index), out, k=args.top_k)
+    log.info("%d figure files written to %s", len(written), out)
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -385,10 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("figures", help="prefix-matching heatmaps and top heads against the ICL score")
+    p = sub.add_parser("figures", help="one model's figures: induction heads, ICL levels, relation index")
     p.add_argument("--heads", required=True)
     p.add_argument("--icl", required=True)
     p.add_argument("--provenance", default=None, help="merged provenance (marks duplicate checkpoints)")
+    p.add_argument("--loss-curve", default=None, help="merged loss-curve table")
+    p.add_argument("--relation-index", default=None, help="merged relation-index table")
     p.add_argument("--heatmap-steps", type=int, nargs="*", default=None)
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--out-dir", required=True)

@@ -1,21 +1,26 @@
-# Stage 4: figures (PNG and PDF side by side).
-
-FIGURES = ["prefix_matching_heatmap", "top_heads_vs_icl"]
+# Stage 4: one model's figures (PNG and PDF side by side) in results/<model>/figures/.
 
 
 rule figures:
     input:
         heads=f"{RESULTS}/{{model}}/heads.parquet",
         icl=f"{RESULTS}/{{model}}/icl.parquet",
+        loss_curve=f"{RESULTS}/{{model}}/loss_curve.parquet",
+        relation_index=f"{RESULTS}/{{model}}/relation_index.parquet",
         provenance=f"{RESULTS}/{{model}}/provenance.parquet",
     output:
-        expand(f"{RESULTS}/{{{{model}}}}/figures/{{figure}}.{{ext}}", figure=FIGURES, ext=["png", "pdf"]),
+        report(
+            directory(f"{RESULTS}/{{model}}/figures"),
+            patterns=["{name}.png"],
+            caption="../report/model_figures.rst",
+            category="Per model",
+            subcategory="{model}",
+        ),
     conda:
         "../envs/icl-dynamics.yaml"
     log:
         "logs/{model}/figures.log",
     params:
-        out_dir=f"{RESULTS}/{{model}}/figures",
         steps=(
             "--heatmap-steps " + " ".join(map(str, config["figures"]["heatmap_steps"]))
             if config["figures"]["heatmap_steps"]
@@ -23,5 +28,6 @@ rule figures:
         ),
         top_k=config["figures"]["top_k"],
     shell:
-        "icl-dynamics figures --heads {input.heads} --icl {input.icl} --provenance {input.provenance} "
-        "{params.steps} --top-k {params.top_k} --out-dir {params.out_dir} 2> {log}"
+        "icl-dynamics figures --heads {input.heads} --icl {input.icl} --loss-curve {input.loss_curve} "
+        "--relation-index {input.relation_index} --provenance {input.provenance} "
+        "{params.steps} --top-k {params.top_k} --out-dir {output} 2> {log}"
