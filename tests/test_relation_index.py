@@ -10,12 +10,11 @@ import pytest
 import torch
 from conftest import tiny_neox
 
-from icl_dynamics.attention import capture_attention
+from icl_dynamics.attention import capture_attention, head_ov_weights
 from icl_dynamics.io import to_table
 from icl_dynamics.relation_index import (
     RELATION_INDEX_SCHEMA,
     gate_statistics,
-    head_ov_weights,
     ov_scores,
     score_relation_index,
 )

@@ -74,19 +74,19 @@ def capture_attention(model: nn.Module, reducer: Reducer, *, with_inputs: bool =
                 handle.remove()
 
 
-def head_ov_weights(module: nn.Module, n_heads: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Per-head value and output weights of a GPT-NeoX attention module.
+def head_ov_weights(model: nn.Module, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-head W_V [H, d_model, d_head], b_V [H, d_head] and W_O [H, d_head, d_model] of a GPT-NeoX
+    layer, in the row-vector convention (x @ W_V @ W_O); b_V is zero when the layer has no bias.
 
-    ``query_key_value`` is fused per head as [heads, 3, d_head] (query, key, value), and head h's
-    output weight is its d_head-column block of ``dense.weight``. Returns ``W_V`` [heads, d_model,
-    d_head], ``b_V`` [heads, d_head] (or None) and ``W_O`` [heads, d_head, d_model], in the row-vector
-    convention ``x @ W_V[h] @ W_O[h]``.
+    ``query_key_value`` output features are laid out [heads, (q, k, v), d_head] (transformers views
+    them as [..., heads, 3 * d_head] and chunks in three); ``dense`` reads heads' outputs in order.
     """
-    weight = module.query_key_value.weight  # [3 * d_model, d_model], rows grouped per head
-    d_model = weight.shape[1]
-    d_head = d_model // n_heads
-    w_v = weight.view(n_heads, 3, d_head, d_model)[:, 2].transpose(1, 2)
-    bias = module.query_key_value.bias
-    b_v = bias.view(n_heads, 3, d_head)[:, 2] if bias is not None else None
-    w_o = module.dense.weight.view(d_model, n_heads, d_head).permute(1, 2, 0)
+    attn = attention_modules(model)[layer]
+    heads = model.config.num_attention_heads
+    d_model = model.config.hidden_size
+    d_head = d_model // heads
+    w_v = attn.query_key_value.weight.view(heads, 3, d_head, d_model)[:, 2].transpose(1, 2)
+    bias = attn.query_key_value.bias
+    b_v = bias.view(heads, 3, d_head)[:, 2] if bias is not None else torch.zeros_like(w_v[:, 0, :])
+    w_o = attn.dense.weight.t().reshape(heads, d_head, d_model)
     return w_v, b_v, w_o

@@ -167,12 +167,15 @@ def cmd_relation_index(args: argparse.Namespace) -> None:
     relations = Path(args.relations_dir)
     sequences = io.read_table(relations / "sequences.parquet", SEQUENCES_SCHEMA)
     triplets = io.read_table(relations / "triplets.parquet", TRIPLETS_SCHEMA)
+    if args.dtype == "auto":  # half-precision attention ties break the strict argmax of the gate
+        args.dtype = "float32"
     ckpt = _load(args)
     start = time.perf_counter()
     rows = score_relation_index(
         ckpt.model, sequences, triplets, gates=args.gates, variants=args.variants, tau=args.tau,
         exclude_function_words=not args.keep_function_words, control_position=args.control_position,
         seed=args.seed, min_events=args.min_events, sih_margin=args.sih_margin, batch_size=args.batch_size,
+        max_len=args.max_len,
     )
     meta = {"relations_dir": str(relations), **{k: v for k, v in vars(args).items() if k != "func"}}
     io.write_rows(_stamp(rows, args), RELATION_INDEX_SCHEMA, args.out, meta=meta)
@@ -362,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sih-margin", type=float, default=0.05, help="margin RI must exceed both controls by")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-token control")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-len", type=int, default=None,
+                   help="drop triplets beyond this many tokens (default: the model's context)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_relation_index)
 

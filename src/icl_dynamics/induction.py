@@ -24,7 +24,7 @@ import pyarrow as pa
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from icl_dynamics.attention import attention_modules, capture_attention, head_ov_weights
+from icl_dynamics.attention import capture_attention, head_ov_weights
 
 SCORES = ("prefix_matching", "previous_token", "copying")
 
@@ -134,16 +134,13 @@ def score_heads(model: PreTrainedModel, tokens: torch.Tensor, probe: Probe) -> d
     targets = prefix_targets(probe).to(device)
     queries = later_queries(probe).to(device)
     w_u = model.get_output_embeddings().weight.float()  # [V, d_model]
-    modules = attention_modules(model)
     out = {name: np.zeros((n_layers, n_heads, tokens.shape[0])) for name in SCORES}
 
     def reduce(layer: int, pattern: torch.Tensor, inputs: torch.Tensor) -> None:
         out["prefix_matching"][layer] = (pattern * targets)[:, :, queries].sum(-1).mean(-1).T.double().cpu().numpy()
         out["previous_token"][layer] = pattern.diagonal(offset=-1, dim1=-2, dim2=-1).mean(-1).T.double().cpu().numpy()
-        w_v, b_v, w_o = (w.float() if w is not None else None for w in head_ov_weights(modules[layer], n_heads))
-        values = torch.einsum("btd,hde->bhte", inputs.float(), w_v)
-        if b_v is not None:
-            values = values + b_v[None, :, None, :]
+        w_v, b_v, w_o = (w.float() for w in head_ov_weights(model, layer))
+        values = torch.einsum("btd,hde->bhte", inputs.float(), w_v) + b_v[None, :, None, :]
         attended = tokens.gather(1, pattern[:, :, queries].argmax(-1).flatten(1)).view(tokens.shape[0], n_heads, -1)
         for h in range(n_heads):  # one head at a time: never [heads, positions, vocab] at once
             head_out = pattern[:, h, queries] @ values[:, h]  # [B, Q, d_head]

@@ -67,7 +67,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from icl_dynamics.attention import attention_modules, capture_attention
+from icl_dynamics.attention import attention_modules, capture_attention, head_ov_weights
 
 GATES = ("argmax", "margin")
 VARIANTS = ("literal", "source", "contextual")
@@ -115,28 +115,6 @@ RELATION_INDEX_SCHEMA = pa.schema(
 
 SEQUENCE_COLUMNS = ("sequence_id", "family", "token_ids", "function_mask")
 TRIPLET_COLUMNS = ("sequence_id", "family", "relation", "direction", "s", "o", "head_id", "tail_id")
-
-
-# ----------------------------------------------------------------------------- weights
-
-
-def head_ov_weights(model: nn.Module, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-head W_V [H, d_model, d_head], b_V [H, d_head] and W_O [H, d_head, d_model] of a GPT-NeoX
-    layer, in the row-vector convention (x @ W_V @ W_O).
-
-    ``query_key_value`` output features are laid out [heads, (q, k, v), d_head] (transformers views
-    them as [..., heads, 3 * d_head] and chunks in three); ``dense`` reads heads' outputs in order.
-    """
-    attn = attention_modules(model)[layer]
-    heads = model.config.num_attention_heads
-    d_model = model.config.hidden_size
-    d_head = d_model // heads
-    qkv_w = attn.query_key_value.weight.view(heads, 3, d_head, d_model)
-    w_v = qkv_w[:, 2].transpose(1, 2)
-    qkv_b = attn.query_key_value.bias
-    b_v = qkv_b.view(heads, 3, d_head)[:, 2] if qkv_b is not None else torch.zeros_like(w_v[:, 0, :])
-    w_o = attn.dense.weight.t().reshape(heads, d_head, d_model)
-    return w_v, b_v, w_o
 
 
 # ----------------------------------------------------------------------------- pure scoring
