@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import pandas as pd
 
 matplotlib.use("Agg")
 
@@ -39,6 +41,15 @@ def new_figure(ncols: int = 1, nrows: int = 1, *, width: float = COLUMN_WIDTH_IN
     plt.rcParams.update(STYLE)
     height = height if height is not None else 2.4 * nrows
     return plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, constrained_layout=True, **kwargs)
+
+
+def grid(frame: pd.DataFrame, value: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """[layers, heads] array of ``value`` (NaN where a head has no row or no value)."""
+    if shape is None:
+        shape = (int(frame["layer"].max()) + 1, int(frame["head"].max()) + 1)
+    out = np.full(shape, np.nan)
+    out[frame["layer"].to_numpy(int), frame["head"].to_numpy(int)] = frame[value].to_numpy(dtype=float)
+    return out
 
 
 def step_axis(ax: Axes, steps: Sequence[int], *, label: str = "training step") -> None:

@@ -22,7 +22,7 @@ from matplotlib.ticker import FixedLocator, NullLocator
 
 from icl_dynamics.checkpoints import model_slug
 from icl_dynamics.emergence import LEVELS, RI_PREFIX, tokens_per_step
-from icl_dynamics.figures import COLUMN_WIDTH_IN, PAGE_WIDTH_IN, new_figure, save_figure
+from icl_dynamics.figures import COLUMN_WIDTH_IN, PAGE_WIDTH_IN, grid, new_figure, save_figure
 
 LEVEL_COLORS = {"loss_reduction": "C0", "format_compliance": "C1", "pattern_discovery": "C2"}
 LEVEL_MARKERS = {"loss_reduction": "o", "format_compliance": "s", "pattern_discovery": "^"}
@@ -204,9 +204,7 @@ def ri_heatmaps(ri: pd.DataFrame, path: str | os.PathLike[str], *, steps: Sequen
                 for j, step in enumerate(chosen):
                     ax = axes[i, j]
                     cell = fam[(fam["relation"] == relation) & (fam["step"] == step)]
-                    grid = np.full((n_layers, n_heads), np.nan)
-                    grid[cell["layer"].to_numpy(int), cell["head"].to_numpy(int)] = cell["ri"].to_numpy(float)
-                    image = ax.imshow(np.ma.masked_invalid(grid), cmap=_cmap_with_bad(), vmin=0, vmax=vmax,
+                    image = ax.imshow(np.ma.masked_invalid(grid(cell, "ri", (n_layers, n_heads))), cmap=_cmap_with_bad(), vmin=0, vmax=vmax,
                                       aspect="auto", interpolation="nearest")
                     ax.set_xticks([0, n_heads - 1])
                     ax.set_yticks([0, n_layers - 1])

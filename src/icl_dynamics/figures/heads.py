@@ -5,23 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from icl_dynamics.figures import PAGE_WIDTH_IN, new_figure, save_figure, step_axis
+from icl_dynamics.figures import PAGE_WIDTH_IN, grid, new_figure, save_figure, step_axis
 
 
 def default_steps(steps: Sequence[int]) -> list[int]:
     """First, middle and last of the measured steps (the heatmaps' default)."""
     steps = sorted(set(steps))
     return sorted({steps[0], steps[len(steps) // 2], steps[-1]})
-
-
-def grid(frame: pd.DataFrame, value: str) -> np.ndarray:
-    """[layers, heads] array of ``value`` (NaN where a head has no row or no value)."""
-    out = np.full((int(frame["layer"].max()) + 1, int(frame["head"].max()) + 1), np.nan)
-    out[frame["layer"].to_numpy(), frame["head"].to_numpy()] = frame[value].to_numpy(dtype=float)
-    return out
 
 
 def prefix_matching_heatmaps(heads: pd.DataFrame, out: str | Path, *, steps: Sequence[int] | None = None,

@@ -14,8 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from icl_dynamics.checkpoints import model_slug
-from icl_dynamics.figures import PAGE_WIDTH_IN, new_figure, save_figure, step_axis
-from icl_dynamics.figures.heads import grid
+from icl_dynamics.figures import PAGE_WIDTH_IN, grid, new_figure, save_figure, step_axis
 
 NEVER_QUALIFIED = "0.85"  # colour of heads whose RI is undefined (no qualifying event)
 
