@@ -31,11 +31,12 @@ def model_files(model, safetensors: bool = True, bin_: bool = True) -> tuple[dic
 
 @pytest.fixture()
 def cache(tmp_path):
-    """step0 and step1 identical (like Pythia's), step2 different and .bin only, step4 both formats."""
+    """step0, step1 and step16 identical (like Pythia's step0/step1), step2 different and .bin only,
+    step4 both formats."""
     root = tmp_path / "hub"
     m0, m2 = tiny_neox(seed=0), tiny_neox(seed=2)
     files, lfs = model_files(m0, safetensors=False)
-    hub.write_snapshot(root, MODEL, ["step0", "step1"], files, lfs)
+    hub.write_snapshot(root, MODEL, ["step0", "step1", "step16"], files, lfs)
     files, lfs = model_files(m2, safetensors=False)
     hub.write_snapshot(root, MODEL, ["step2"], files, lfs)
     files, lfs = model_files(m2)
@@ -73,9 +74,9 @@ def test_offline_fetch_prefers_safetensors_and_never_takes_both(cache):
 
 
 def test_identical_branches_are_flagged(cache):
-    rows = [hub.fetch_checkpoint(MODEL, s, cache_dir=cache).row(tokens=s) for s in (2, 1, 0)]
+    rows = [hub.fetch_checkpoint(MODEL, s, cache_dir=cache).row(tokens=s) for s in (16, 2, 1, 0)]
     flagged = {r["step"]: r["duplicate_of_step"] for r in hub.flag_duplicates(rows)}
-    assert flagged == {0: None, 1: 0, 2: None}
+    assert flagged == {0: None, 1: 0, 2: None, 16: 0}  # each duplicate names the earliest step
 
 
 def test_corrupt_blob_is_refused(cache):

@@ -97,10 +97,12 @@ def reference_scores(model, tokens, probe):
 def test_scores_match_float64_reference_on_a_random_model():
     probe = Probe(n_tokens=6, repeats=3, n_samples=2, seed=3)
     model = tiny_neox(vocab_size=40, hidden=32, layers=2, heads=4, seed=1)
-    # sharpen attention so the scores are far from their controls
+    # sharpen attention so the scores are far from their controls; random biases (transformers
+    # initialises them to zero, which would hide a dropped value bias)
     with torch.no_grad():
         for layer in model.gpt_neox.layers:
             layer.attention.query_key_value.weight.mul_(4)
+            layer.attention.query_key_value.bias.normal_(0, 0.5)
     tokens = repeated_tokens(torch.arange(3, 40), 0, probe)
     fast = score_heads(model.double(), tokens, probe)
     slow = reference_scores(model, tokens, probe)

@@ -281,6 +281,7 @@ def test_build_and_write_are_deterministic(agenda_dir: Path, records, neox_token
                          ("summary", relations.SUMMARY_SCHEMA)):
         assert io.read_table(paths[name], schema).equals(getattr(first, name))
         assert again[name].read_bytes() == paths[name].read_bytes()  # same inputs, same bytes out
+        assert not {"written_at", "host"} & set(io.read_provenance(paths[name]))  # nothing time- or host-bound
         assert io.read_provenance(paths[name])["relations"]["unit"] == "abstract"
 
 
