@@ -189,3 +189,88 @@ def test_fetch_cli_rejects_a_step_pythia_never_published(cache, tmp_path, caplog
     assert main(["fetch", "--model", MODEL, "--step", "3", "--cache-dir", str(cache), "--out", str(out)]) == 1
     assert "nearest valid steps: 2, 4" in caplog.text
     assert not out.exists()
+
+
+class FakeHub:
+    """Stands in for the hub's API and downloads (no network): serves ``files`` at one commit."""
+
+    def __init__(self, root, files: dict[str, bytes], lfs: set[str], corrupt: str | None = None):
+        from types import SimpleNamespace
+
+        self.root, self.files, self.corrupt, self.downloaded = root, files, corrupt, []
+        self.sha = "c0ffee" * 6 + "c0ff"
+        self.siblings = [
+            SimpleNamespace(
+                rfilename=name,
+                lfs=SimpleNamespace(sha256=hashlib.sha256(data).hexdigest()) if name in lfs else None,
+                blob_id=None if name in lfs else hub.git_blob_sha1(data),
+            )
+            for name, data in files.items()
+        ]
+
+    def api(self):
+        fake = self
+
+        class Api:
+            def model_info(self, repo_id, revision, files_metadata):
+                assert files_metadata and revision.startswith("step")
+                from types import SimpleNamespace
+
+                return SimpleNamespace(sha=fake.sha, siblings=fake.siblings)
+
+        return Api()
+
+    def download(self, repo_id, filename, revision, cache_dir):
+        assert revision == self.sha  # every file from the same commit
+        self.downloaded.append(filename)
+        path = hub.repo_cache_dir(repo_id, cache_dir) / "snapshots" / revision / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = self.files[filename]
+        path.write_bytes(data + b"!" if filename == self.corrupt else data)
+        return str(path)
+
+
+def serve(monkeypatch, fake: FakeHub) -> None:
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "HfApi", fake.api)
+    monkeypatch.setattr(hub, "hf_hub_download", fake.download)
+
+
+def test_online_fetch_takes_one_format_and_checks_the_lfs_hashes(tmp_path, monkeypatch):
+    files, lfs = model_files(tiny_neox())
+    files["tokenizer.json"] = b"{}"
+    fake = FakeHub(tmp_path, files, set(lfs))
+    serve(monkeypatch, fake)
+    result = hub.fetch_checkpoint(MODEL, 4, cache_dir=tmp_path / "hub")
+    assert sorted(fake.downloaded) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert result.hash_source == "hub-api" and result.commit == fake.sha
+    assert result.weights[0].expected == hashlib.sha256(files["model.safetensors"]).hexdigest()
+    assert hub.cached_commit(MODEL, "step4", tmp_path / "hub") == fake.sha  # refs/step4 for from_pretrained
+
+
+def test_online_fetch_refuses_a_download_that_differs_from_the_hub_hash(tmp_path, monkeypatch):
+    files, lfs = model_files(tiny_neox(), safetensors=False)
+    serve(monkeypatch, FakeHub(tmp_path, files, set(lfs), corrupt="pytorch_model.bin"))
+    with pytest.raises(hub.IntegrityError, match="pytorch_model.bin"):
+        hub.fetch_checkpoint(MODEL, 4, cache_dir=tmp_path / "hub")
+    assert not (hub.repo_cache_dir(MODEL, tmp_path / "hub") / "refs" / "step4").exists()
+
+
+def test_online_fetch_of_a_sharded_checkpoint_takes_the_index_and_its_shards(tmp_path, monkeypatch):
+    import json
+
+    files = {
+        "config.json": b"{}",
+        "pytorch_model.bin.index.json": json.dumps(
+            {"weight_map": {"a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}
+        ).encode(),
+        "pytorch_model-00001-of-00002.bin": b"shard one",
+        "pytorch_model-00002-of-00002.bin": b"shard two",
+    }
+    lfs = {"pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"}
+    fake = FakeHub(tmp_path, files, lfs)
+    serve(monkeypatch, fake)
+    result = hub.fetch_checkpoint(MODEL, 4, cache_dir=tmp_path / "hub")
+    assert result.weights_format == "bin"
+    assert [w.name for w in result.weights] == sorted(lfs)
+    assert set(fake.downloaded) == set(files)

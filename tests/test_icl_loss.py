@@ -83,3 +83,23 @@ def test_text_file_source_splits_on_blank_lines(tmp_path):
     path = tmp_path / "docs.txt"
     path.write_text("first doc\nstill first\n\nsecond\n\n\n")
     assert list(iter_texts(TextSource("text", path=str(path)))) == ["first doc\nstill first", "second"]
+
+
+def test_loss_reduction_on_agenda_text_with_the_gpt_neox_tokenizer(agenda_dir, neox_tokenizer, tmp_path):
+    from icl_dynamics.agenda import load_agenda, surface_text
+
+    texts = [surface_text(r) for r in load_agenda(agenda_dir)]
+    path = tmp_path / "agenda.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    docs = select_documents(iter_texts(TextSource("jsonl", path=str(path))), neox_tokenizer,
+                            context=128, n_docs=24, seed=3)
+    assert len(docs) == 24
+    for doc in docs[:5]:  # the selected tokens are the start of the abstract they index
+        assert texts[doc["doc_index"]].startswith(neox_tokenizer.decode(doc["token_ids"][:20]))
+    model = tiny_neox(vocab_size=50_304, hidden=32, seed=5)
+    losses = per_token_losses(model, torch.tensor([d["token_ids"] for d in docs]), batch_size=8)
+    curve, icl = loss_reduction(losses, early=10, late=100, n_boot=500)
+    assert len(curve) == 127
+    # an untrained model predicts (almost) uniformly: loss log(V) everywhere, no in-context learning
+    assert all(abs(c["loss"] - np.log(50_304)) < 0.1 for c in curve)
+    assert icl["ci_low"] < 0 < icl["ci_high"] and abs(icl["value"]) < 0.05
