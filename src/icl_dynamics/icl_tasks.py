@@ -39,6 +39,7 @@ from functools import cache
 from importlib import resources
 
 import torch
+from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SHOTS: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 10, 20)
@@ -221,7 +222,7 @@ def next_token_logits(
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     out: list[torch.Tensor | None] = [None] * len(sequences)
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc="ICL prompts", mininterval=5):
         rows = order[start : start + batch_size]
         width = len(sequences[rows[0]])
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

@@ -66,6 +66,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from icl_dynamics.attention import attention_modules, capture_attention, head_ov_weights
 
@@ -499,7 +500,8 @@ def score_relation_index(
     layers, heads = config.num_hidden_layers, config.num_attention_heads
     acc = _Accumulator(gates, variants, len(keys), layers, heads, device)
 
-    for batch in _batches(seqs, batch_size):
+    for batch in tqdm(_batches(seqs, batch_size), desc="relation index", total=-(-len(seqs) // batch_size),
+                      mininterval=5):
         scorer = _BatchScorer(model, batch, acc, gates=gates, variants=variants, tau=tau, dtype=dtype, device=device)
         handles = []
         if "contextual" in variants:
