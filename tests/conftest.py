@@ -76,5 +76,5 @@ def toy_zoo(tmp_path_factory) -> Path:
     reuse = os.environ.get("ICL_TOY_ZOO")
     if reuse:
         read_manifest(reuse)
-        return Path(reuse)
+        return Path(reuse).resolve()
     return write_zoo(train(ToyConfig(), progress=False), tmp_path_factory.mktemp("toy") / "zoo")
