@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+from icl_dynamics.io import atomic_path  # noqa: E402
 
 STYLE = {
     "figure.dpi": 150,
@@ -68,14 +69,8 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], formats: Sequence[str
     written = []
     for fmt in formats:
         target = base.with_name(f"{base.name}.{fmt}")  # not with_suffix: 'pythia-1.4b' has a dot
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".{fmt}", dir=target.parent)
-        os.close(fd)
-        try:
+        with atomic_path(target) as tmp:
             fig.savefig(tmp, format=fmt, bbox_inches="tight")
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         written.append(target)
     plt.close(fig)
     return written

@@ -1,0 +1,38 @@
+"""Parquet I/O: schema checks that name the column, provenance, and writes that never half-happen."""
+
+import pyarrow as pa
+import pytest
+
+from icl_dynamics import io
+
+SCHEMA = pa.schema([pa.field("step", pa.int64(), nullable=False), pa.field("value", pa.float64())])
+
+
+def test_rows_are_checked_against_the_schema():
+    assert io.to_table([{"step": 1, "value": 0.5}], SCHEMA).to_pylist() == [{"step": 1, "value": 0.5}]
+    with pytest.raises(io.SchemaError, match="column 'step' does not fit type int64"):
+        io.to_table([{"step": "one", "value": 0.5}], SCHEMA)
+    with pytest.raises(io.SchemaError, match=r"columns not in the schema: \['extra'\]"):
+        io.to_table([{"step": 1, "value": 0.5, "extra": 1}], SCHEMA)
+    with pytest.raises(io.SchemaError, match="column 'step' has nulls but is declared non-nullable"):
+        io.to_table({"step": [None], "value": [1.0]}, SCHEMA)
+
+
+def test_written_tables_carry_provenance_and_read_back(tmp_path):
+    path = io.write_rows([{"step": 3, "value": 1.5}], SCHEMA, tmp_path / "t.parquet", meta={"stage": "demo"})
+    assert io.read_table(path, SCHEMA).to_pylist() == [{"step": 3, "value": 1.5}]
+    prov = io.read_provenance(path)
+    assert prov["stage"] == "demo" and prov["icl_dynamics"] and "written_at" in prov
+    with pytest.raises(io.SchemaError, match="column 'value' has type double, expected string"):
+        io.read_table(path, pa.schema([pa.field("value", pa.string())]))
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
+    path = io.write_rows([{"step": 1, "value": 1.0}], SCHEMA, tmp_path / "t.parquet")
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="killed"):
+        with io.atomic_path(path) as tmp:
+            tmp.write_bytes(b"half a file")
+            raise RuntimeError("killed mid-write")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.parquet"]
