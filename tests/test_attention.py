@@ -1,8 +1,8 @@
 """Attention capture: real, non-empty patterns, one layer at a time, and the model left as it was."""
 
 import torch
-
 from conftest import tiny_neox
+
 from icl_dynamics.attention import capture_attention
 
 

@@ -3,8 +3,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from icl_dynamics.config import ConfigError, validate_config
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"

@@ -7,9 +7,9 @@ import pickle
 
 import pytest
 import torch
+from conftest import tiny_neox
 from safetensors.torch import save as save_safetensors
 
-from conftest import tiny_neox
 from icl_dynamics import hub
 from icl_dynamics.cli import main
 from icl_dynamics.models import load_checkpoint

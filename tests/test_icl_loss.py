@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_neox
+
 from icl_dynamics.icl import (
     TextSource,
     bootstrap_mean,

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_neox
 
 from icl_dynamics.icl import ICL_SCHEMA
 from icl_dynamics.icl_tasks import (
@@ -22,8 +23,6 @@ from icl_dynamics.icl_tasks import (
     wilson_interval,
 )
 from icl_dynamics.io import to_table
-
-from conftest import tiny_neox
 
 LINE = re.compile(r"^ (\S+), (\S+): (\d)$")
 QUERY = re.compile(r"^ (\S+), (\S+):$")

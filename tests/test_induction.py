@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_neox
+
 from icl_dynamics.induction import (
     Probe,
     candidate_ids,

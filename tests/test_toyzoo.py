@@ -94,7 +94,6 @@ def test_snakemake_end_to_end_on_the_toy_zoo(toy_zoo, shared_dir, tmp_path):
 
     import pandas as pd
     import yaml
-
     from conftest import REPO
 
     config = yaml.safe_load((REPO / "config" / "toy.yaml").read_text())

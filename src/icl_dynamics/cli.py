@@ -221,7 +221,6 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 def _merge_schema(stage: str):
     from icl_dynamics import hub, icl, induction
-
     from icl_dynamics.relation_index import RELATION_INDEX_SCHEMA
 
     schemas = {

@@ -31,7 +31,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from icl_dynamics import hub, io as tables
+from icl_dynamics import hub
+from icl_dynamics import io as tables
 from icl_dynamics.checkpoints import Schedule, revision
 
 log = logging.getLogger(__name__)

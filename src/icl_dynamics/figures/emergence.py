@@ -14,7 +14,6 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
@@ -22,7 +21,8 @@ from matplotlib.ticker import FixedLocator, NullLocator
 
 from icl_dynamics.checkpoints import model_slug
 from icl_dynamics.emergence import LEVELS, RI_PREFIX, tokens_per_step
-from icl_dynamics.figures import COLUMN_WIDTH_IN, PAGE_WIDTH_IN, grid, new_figure, save_figure
+from icl_dynamics.figures import COLUMN_WIDTH_IN, PAGE_WIDTH_IN, new_figure, save_figure
+from icl_dynamics.figures.relation_index import ri_panel
 
 LEVEL_COLORS = {"loss_reduction": "C0", "format_compliance": "C1", "pattern_discovery": "C2"}
 LEVEL_MARKERS = {"loss_reduction": "o", "format_compliance": "s", "pattern_discovery": "^"}
@@ -169,7 +169,8 @@ def ri_heatmaps(ri: pd.DataFrame, path: str | os.PathLike[str], *, steps: Sequen
                 direction: str = "forward", gate: str = "argmax", variant: str = "literal",
                 n_steps: int = 4, families: Sequence[str] = ("kg", "syntax")) -> list[Path]:
     """Relation index per head (layer x head) for each relation at chosen steps: one figure per model and
-    family, written to ``<path>-<model slug>-<family>``. Grey cells: the head never qualified (RI undefined).
+    family, written to ``<path>-<model slug>-<family>``. Grey cells: the head never qualified (RI undefined);
+    white dots: flagged semantic induction heads.
     A family without triplets (none survived tokenisation) gets a figure that says so.
 
     ``steps`` default: ``n_steps`` checkpoints evenly spaced in log(step + 1), first and last included.
@@ -204,8 +205,7 @@ def ri_heatmaps(ri: pd.DataFrame, path: str | os.PathLike[str], *, steps: Sequen
                 for j, step in enumerate(chosen):
                     ax = axes[i, j]
                     cell = fam[(fam["relation"] == relation) & (fam["step"] == step)]
-                    image = ax.imshow(np.ma.masked_invalid(grid(cell, "ri", (n_layers, n_heads))), cmap=_cmap_with_bad(), vmin=0, vmax=vmax,
-                                      aspect="auto", interpolation="nearest")
+                    image = ri_panel(ax, cell, vmax, (n_layers, n_heads))
                     ax.set_xticks([0, n_heads - 1])
                     ax.set_yticks([0, n_layers - 1])
                     if i == 0:
@@ -221,10 +221,6 @@ def ri_heatmaps(ri: pd.DataFrame, path: str | os.PathLike[str], *, steps: Sequen
                          fontsize=8)
             written += save_figure(fig, base.with_name(f"{base.name}-{model_slug(model)}-{family}"))
     return written
-
-
-def _cmap_with_bad():
-    return matplotlib.colormaps["viridis"].with_extremes(bad="0.85")
 
 
 def _log_spaced(steps: np.ndarray, n: int) -> list[int]:

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 from matplotlib.ticker import MaxNLocator
 
 from icl_dynamics.checkpoints import model_slug
@@ -41,6 +43,18 @@ def top_heads(rows: pd.DataFrame, k: int) -> pd.DataFrame:
     return last[last["events"] >= last["min_events"]].nlargest(k, "ri")[["layer", "head"]]
 
 
+def ri_panel(ax: Axes, cell: pd.DataFrame, vmax: float, shape: tuple[int, int] | None = None) -> AxesImage:
+    """Draw one layer x head RI map (layer 0 at the bottom): grey where the head never qualified,
+    a white dot where it is flagged as a semantic induction head. Returns the image for a colour bar."""
+    cmap = colormaps["viridis"].with_extremes(bad=NEVER_QUALIFIED)
+    image = ax.imshow(np.ma.masked_invalid(grid(cell, "ri", shape)), cmap=cmap, vmin=0, vmax=vmax, aspect="auto",
+                      origin="lower", interpolation="nearest")
+    if "sih" in cell:
+        sih = cell[cell["sih"].astype(bool)]
+        ax.scatter(sih["head"], sih["layer"], s=6, color="white", edgecolors="black", linewidths=0.3)
+    return image
+
+
 def final_heatmaps(rows: pd.DataFrame, family: str) -> Figure:
     """One layer x head heatmap of RI per relation of ``family`` at the last step of ``rows`` (one
     model, gate, variant, direction). Grey: never qualified; white dot: flagged SIH."""
@@ -54,14 +68,10 @@ def final_heatmaps(rows: pd.DataFrame, family: str) -> Figure:
     fig, axes = new_figure(ncols=ncols, nrows=nrows, width=min(PAGE_WIDTH_IN, 1.7 * ncols + 0.8),
                            height=1.7 * nrows + 0.4)
     vmax = float(np.nanmax(last["ri"].to_numpy(float), initial=0.0)) or 1.0
-    cmap = colormaps["viridis"].with_extremes(bad=NEVER_QUALIFIED)
     image = None
     for ax, relation in zip(axes.flat, relations):
         cell = last[last["relation"] == relation]
-        image = ax.imshow(np.ma.masked_invalid(grid(cell, "ri")), cmap=cmap, vmin=0, vmax=vmax, aspect="auto",
-                          origin="lower", interpolation="nearest")
-        sih = cell[cell["sih"]]
-        ax.scatter(sih["head"], sih["layer"], s=6, color="white", edgecolors="black", linewidths=0.3)
+        image = ri_panel(ax, cell, vmax)
         ax.set_title(f"{relation} ({int(cell['triplets'].max()):,} triplets)")
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
