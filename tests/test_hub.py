@@ -274,3 +274,23 @@ def test_online_fetch_of_a_sharded_checkpoint_takes_the_index_and_its_shards(tmp
     assert result.weights_format == "bin"
     assert [w.name for w in result.weights] == sorted(lfs)
     assert set(fake.downloaded) == set(files)
+
+
+def test_pythia_style_bin_keys_load_into_the_right_parameters(tmp_path):
+    """Pythia's .bin files name the unembedding ``embed_out`` and carry old attention buffers."""
+    model = tiny_neox(seed=3)
+    state = {("embed_out.weight" if k == "lm_head.weight" else k): v for k, v in model.state_dict().items()}
+    for layer in range(model.config.num_hidden_layers):
+        prefix = f"gpt_neox.layers.{layer}.attention."
+        state[prefix + "bias"] = torch.tril(torch.ones(1, 1, 8, 8, dtype=torch.bool))
+        state[prefix + "masked_bias"] = torch.tensor(-1e9)
+        state[prefix + "rotary_emb.inv_freq"] = torch.ones(2)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    files = {"config.json": model.config.to_json_string().encode(), "pytorch_model.bin": buf.getvalue()}
+    hub.write_snapshot(tmp_path, MODEL, ["step0"], files, ["pytorch_model.bin"])
+    loaded = load_checkpoint(MODEL, 0, cache_dir=tmp_path, device="cpu", dtype="float32", tokenizer=False).model
+    assert torch.equal(loaded.get_output_embeddings().weight, model.get_output_embeddings().weight)
+    tokens = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
