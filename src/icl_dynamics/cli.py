@@ -20,10 +20,9 @@ log = logging.getLogger("icl_dynamics")
 
 
 def _schedule(args: argparse.Namespace):
-    from icl_dynamics.checkpoints import PYTHIA
-    from icl_dynamics.toyzoo import ToyConfig
+    from icl_dynamics.config import schedule_named
 
-    return ToyConfig(seed=args.toy_seed).schedule() if args.schedule == "toy" else PYTHIA
+    return schedule_named(args.schedule, args.toy_seed)
 
 
 def _checkpoint_args(p: argparse.ArgumentParser, *, device: bool = True) -> None:
@@ -107,15 +106,21 @@ def cmd_loss(args: argparse.Namespace) -> None:
     import torch
 
     from icl_dynamics import io
-    from icl_dynamics.icl import ICL_SCHEMA, LOSS_CURVE_SCHEMA, TEXT_TOKENS_SCHEMA, loss_reduction, per_token_losses
+    from icl_dynamics.icl import (
+        ICL_SCHEMA,
+        LOSS_CURVE_SCHEMA,
+        TEXT_TOKENS_SCHEMA,
+        TextSource,
+        loss_reduction,
+        per_token_losses,
+    )
 
     table = io.read_table(args.text_tokens, TEXT_TOKENS_SCHEMA)
     docs = torch.tensor(table.column("token_ids").to_pylist(), dtype=torch.long)
     ckpt = _load(args)
     losses = per_token_losses(ckpt.model, docs, batch_size=args.batch_size, progress=True)
     curve, icl = loss_reduction(losses, early=args.early, late=args.late, n_boot=args.bootstrap, seed=args.seed)
-    task = io.read_provenance(args.text_tokens).get("source", {})
-    icl["task"] = task.get("name") if task.get("kind") == "hub" else Path(task.get("path") or "text").name
+    icl["task"] = TextSource(**io.read_provenance(args.text_tokens)["source"]).label()
     meta = {"early": args.early, "late": args.late, "bootstrap": args.bootstrap, "text_tokens": str(args.text_tokens)}
     io.write_rows(_stamp([icl], args), ICL_SCHEMA, args.out, meta=meta)
     io.write_rows(_stamp(curve, args), LOSS_CURVE_SCHEMA, args.out_curve, meta=meta)

@@ -53,13 +53,18 @@ def load_schema(path: str | os.PathLike[str]) -> dict:
     return yaml.safe_load(Path(path).read_text())
 
 
-def schedule_for(config: Mapping[str, Any]) -> Schedule:
-    """The checkpoint grid named by ``config['schedule']``."""
-    if config["schedule"] == "toy":
+def schedule_named(name: str, toy_seed: int) -> Schedule:
+    """The checkpoint grid called ``name`` (``pythia``, or ``toy`` for the zoo trained with ``toy_seed``)."""
+    if name == "toy":
         from icl_dynamics.toyzoo import ToyConfig
 
-        return ToyConfig(seed=config["toy_zoo"]["seed"]).schedule()
+        return ToyConfig(seed=toy_seed).schedule()
     return PYTHIA
+
+
+def schedule_for(config: Mapping[str, Any]) -> Schedule:
+    """The checkpoint grid named by ``config['schedule']``."""
+    return schedule_named(config["schedule"], config["toy_zoo"]["seed"])
 
 
 def validate_config(config: Mapping[str, Any], schema: Mapping[str, Any] | str | os.PathLike[str]) -> dict:

@@ -908,9 +908,9 @@ def analyze(icl: pd.DataFrame, heads: pd.DataFrame, ri: pd.DataFrame | None = No
     task_rows = icl["shots"].notna()
     chosen = shots if shots is not None else (int(icl.loc[task_rows, "shots"].max()) if task_rows.any() else None)
     icl = icl[~task_rows | (icl["shots"] == chosen)]
-    if not per_task:
-        icl = pd.concat([icl[~icl["shots"].notna()], level_curves(icl[icl["shots"].notna()], ci_level=ci_level)]
-                        if icl["shots"].notna().any() else [icl], ignore_index=True)
+    kept = icl["shots"].notna()
+    if not per_task and kept.any():
+        icl = pd.concat([icl[~kept], level_curves(icl[kept], ci_level=ci_level)], ignore_index=True)
     if ri is not None and tau is not None and "tau" in ri:
         ri = ri[(ri["gate"] != "margin") | (ri["tau"] == tau)]
     icl_traj = icl_trajectories(icl, ci_level=ci_level, exclude=exclude)
