@@ -1,4 +1,4 @@
-"""Shared test fixtures: paths to ../shared data, the real GPT-NeoX tokenizer, tiny random models."""
+"""Shared test fixtures: paths to ../shared data, the Pythia-format cache and its tokenizer, tiny random models."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+PYTHIA_MODEL = "EleutherAI/pythia-random-tiny"
+PYTHIA_STEPS = (0, 1, 2, 1000)
+
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
@@ -24,19 +27,23 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def neox_tokenizer_path(shared_dir: Path) -> Path:
-    return shared_dir / "data" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+def pythia_cache(shared_dir: Path, tmp_path_factory) -> Path:
+    """A hub cache mirroring a real Pythia repository (see ``icl_dynamics.pythia_format``): fp16
+    ``pytorch_model.bin`` with Pythia's key names, the published config and tokenizer files, and the
+    branches of :data:`PYTHIA_STEPS`, ``step0`` and ``step1`` byte-identical as on the hub."""
+    from icl_dynamics.pythia_format import write_pythia_cache
+
+    root = tmp_path_factory.mktemp("pythia") / "hub"
+    write_pythia_cache(root, PYTHIA_MODEL, shared_dir, PYTHIA_STEPS)
+    return root
 
 
 @pytest.fixture(scope="session")
-def neox_tokenizer(neox_tokenizer_path: Path):
-    from transformers import PreTrainedTokenizerFast
+def neox_tokenizer(pythia_cache: Path):
+    """The GPT-NeoX tokenizer exactly as the pipeline loads it from a Pythia repository."""
+    from icl_dynamics.models import load_tokenizer
 
-    # The special tokens Pythia's hub repositories declare in special_tokens_map.json.
-    special = "<|endoftext|>"
-    return PreTrainedTokenizerFast(
-        tokenizer_file=str(neox_tokenizer_path), bos_token=special, eos_token=special, unk_token=special
-    )
+    return load_tokenizer(PYTHIA_MODEL, 0, cache_dir=pythia_cache)
 
 
 @pytest.fixture(scope="session")

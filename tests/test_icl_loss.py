@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_neox
+from conftest import PYTHIA_MODEL, tiny_neox
 
 from icl_dynamics.icl import (
     TextSource,
@@ -15,6 +15,7 @@ from icl_dynamics.icl import (
     per_token_losses,
     select_documents,
 )
+from icl_dynamics.models import load_checkpoint
 
 
 def test_per_token_losses_match_float64_cross_entropy():
@@ -85,7 +86,7 @@ def test_text_file_source_splits_on_blank_lines(tmp_path):
     assert list(iter_texts(TextSource("text", path=str(path)))) == ["first doc\nstill first", "second"]
 
 
-def test_loss_reduction_on_agenda_text_with_the_gpt_neox_tokenizer(agenda_dir, neox_tokenizer, tmp_path):
+def test_loss_reduction_on_agenda_text_with_the_gpt_neox_tokenizer(agenda_dir, neox_tokenizer, pythia_cache, tmp_path):
     from icl_dynamics.agenda import load_agenda, surface_text
 
     texts = [surface_text(r) for r in load_agenda(agenda_dir)]
@@ -96,7 +97,7 @@ def test_loss_reduction_on_agenda_text_with_the_gpt_neox_tokenizer(agenda_dir, n
     assert len(docs) == 24
     for doc in docs[:5]:  # the selected tokens are the start of the abstract they index
         assert texts[doc["doc_index"]].startswith(neox_tokenizer.decode(doc["token_ids"][:20]))
-    model = tiny_neox(vocab_size=50_304, hidden=32, seed=5)
+    model = load_checkpoint(PYTHIA_MODEL, 2, cache_dir=pythia_cache, device="cpu", tokenizer=False).model
     losses = per_token_losses(model, torch.tensor([d["token_ids"] for d in docs]), batch_size=8)
     curve, icl = loss_reduction(losses, early=10, late=100, n_boot=500)
     assert len(curve) == 127

@@ -172,8 +172,24 @@ def encode(text: str, tokenizer: PreTrainedTokenizerBase, words: Sequence[Word])
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer; character offsets are needed to place anchors")
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = [(int(a), int(b)) for a, b in encoding["offset_mapping"]]
+    offsets = word_offsets(text, encoding["offset_mapping"])
     return Encoded(list(encoding["input_ids"]), offsets, function_mask(text, offsets, words))
+
+
+def word_offsets(text: str, offsets: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Character spans without a token's leading spaces (``" B"`` -> the span of ``B``).
+
+    Whether a fast tokenizer's spans include the space before a word depends on how it was loaded
+    (transformers 5's ``AutoTokenizer`` on a Pythia repository includes it, ``tokenizer_file=``
+    does not); anchors and function flags are placed on words, so both must give the same spans.
+    Exactly what the tokenizer file's own byte-level ``trim_offsets`` does: only spaces are trimmed
+    (a newline token keeps its span), and a token of spaces only becomes an empty span at its end.
+    """
+    spans = []
+    for a, b in offsets:
+        a, b = int(a), int(b)
+        spans.append((b - len(text[a:b].lstrip(" ")), b))
+    return spans
 
 
 def function_mask(text: str, offsets: Sequence[tuple[int, int]], words: Sequence[Word]) -> list[bool]:
