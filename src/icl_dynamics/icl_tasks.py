@@ -24,8 +24,10 @@ Prompt format, chosen against the GPT-NeoX tokenizer (tests check it with the re
 
 Prompts are batched with right padding: under causal attention a real token never sees the
 pads that follow it, and positions count from 0 exactly as for the unpadded prompt, so each
-prompt's next-token logits are read at its own last real token (``logits_to_keep`` with one
-position per row, so the full ``[batch, time, vocab]`` logits are never built).
+prompt's next-token logits are read at its own last real token: the base model's final hidden
+state there goes through the unembedding, so the full ``[batch, time, vocab]`` logits are never
+built. (A per-row 2-D ``logits_to_keep`` tensor would do the same on the newest transformers, but
+crashes on 5.17, which current CUDA images ship.)
 """
 
 from __future__ import annotations
@@ -230,10 +232,9 @@ def next_token_logits(
         for r, i in enumerate(rows):
             ids[r, : len(sequences[i])] = torch.as_tensor(sequences[i])
             mask[r, : len(sequences[i])] = 1
-        last = (mask.sum(1) - 1).unsqueeze(1)  # [batch, 1] position of each row's last real token
-        logits = model(
-            input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=last.to(device)
-        ).logits[:, 0, :]
+        last = (mask.sum(1) - 1).to(device)  # position of each row's last real token
+        hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[torch.arange(len(rows), device=device), last])
         for r, i in enumerate(rows):
             out[i] = logits[r].float().cpu()
     return torch.stack(out)  # type: ignore[arg-type]
