@@ -33,7 +33,7 @@ def _checkpoint_args(p: argparse.ArgumentParser, *, device: bool = True) -> None
     p.add_argument("--toy-seed", type=int, default=TOY_SEED, help="seed of the toy zoo (schedule toy)")
     if device:
         p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-        p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
+        p.add_argument("--dtype", default="auto", help="auto (= float32) | float32 | float16 | bfloat16")
 
 
 def _load(args: argparse.Namespace):
@@ -81,7 +81,8 @@ def cmd_heads(args: argparse.Namespace) -> None:
     ckpt = _load(args)
     probe = Probe(args.n_tokens, args.repeats, args.n_samples, args.exclude_frac, args.seed)
     start = time.perf_counter()
-    rows = induction_rows(ckpt.model, ckpt.tokenizer, probe)
+    with ckpt.guard("heads"):
+        rows = induction_rows(ckpt.model, ckpt.tokenizer, probe)
     io.write_rows(_stamp(rows, args), INDUCTION_SCHEMA, args.out, meta={"probe": vars(probe)})
     best = max(rows, key=lambda r: r["prefix_matching"])
     log.info("induction scores in %.1f s; best prefix matching %.3f (layer %d head %d)",
@@ -118,7 +119,8 @@ def cmd_loss(args: argparse.Namespace) -> None:
     table = io.read_table(args.text_tokens, TEXT_TOKENS_SCHEMA)
     docs = torch.tensor(table.column("token_ids").to_pylist(), dtype=torch.long)
     ckpt = _load(args)
-    losses = per_token_losses(ckpt.model, docs, batch_size=args.batch_size, progress=True)
+    with ckpt.guard("loss"):
+        losses = per_token_losses(ckpt.model, docs, batch_size=args.batch_size, progress=True)
     curve, icl = loss_reduction(losses, early=args.early, late=args.late, n_boot=args.bootstrap, seed=args.seed)
     icl["task"] = TextSource(**io.read_provenance(args.text_tokens)["source"]).label()
     meta = {"early": args.early, "late": args.late, "bootstrap": args.bootstrap, "text_tokens": str(args.text_tokens)}
@@ -157,8 +159,9 @@ def cmd_icl_tasks(args: argparse.Namespace) -> None:
 
     ckpt = _load(args)
     start = time.perf_counter()
-    rows = evaluate_tasks(ckpt.model, ckpt.tokenizer, shots=args.shots, n_prompts=args.n_prompts, seed=args.seed,
-                          batch_size=args.batch_size)
+    with ckpt.guard("icl_tasks"):
+        rows = evaluate_tasks(ckpt.model, ckpt.tokenizer, shots=args.shots, n_prompts=args.n_prompts,
+                              seed=args.seed, batch_size=args.batch_size)
     meta = {"n_prompts": args.n_prompts, "seed": args.seed, "shots": args.shots}
     io.write_rows(_stamp(rows, args), ICL_SCHEMA, args.out, meta=meta)
     log.info("%d ICL task rows in %.1f s", len(rows), time.perf_counter() - start)
@@ -172,16 +175,15 @@ def cmd_relation_index(args: argparse.Namespace) -> None:
     relations = Path(args.relations_dir)
     sequences = io.read_table(relations / "sequences.parquet", SEQUENCES_SCHEMA)
     triplets = io.read_table(relations / "triplets.parquet", TRIPLETS_SCHEMA)
-    if args.dtype == "auto":  # half-precision attention ties break the strict argmax of the gate
-        args.dtype = "float32"
     ckpt = _load(args)
     start = time.perf_counter()
-    rows = score_relation_index(
-        ckpt.model, sequences, triplets, gates=args.gates, variants=args.variants, tau=args.tau,
-        exclude_function_words=not args.keep_function_words, control_position=args.control_position,
-        seed=args.seed, min_events=args.min_events, sih_margin=args.sih_margin, batch_size=args.batch_size,
-        max_len=args.max_len,
-    )
+    with ckpt.guard("relation_index"):
+        rows = score_relation_index(
+            ckpt.model, sequences, triplets, gates=args.gates, variants=args.variants, tau=args.tau,
+            exclude_function_words=not args.keep_function_words, control_position=args.control_position,
+            seed=args.seed, min_events=args.min_events, sih_margin=args.sih_margin, batch_size=args.batch_size,
+            max_len=args.max_len,
+        )
     meta = {"relations_dir": str(relations), **{k: v for k, v in vars(args).items() if k != "func"}}
     io.write_rows(_stamp(rows, args), RELATION_INDEX_SCHEMA, args.out, meta=meta)
     sih = sum(r["sih"] for r in rows)
@@ -204,6 +206,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         read(args.icl), read(args.heads), ri, read(args.provenance), shots=args.shots, per_task=args.per_task,
         direction=args.ri_direction, gate=args.ri_gate, variant=args.ri_variant, tau=args.ri_tau, k=args.k,
         n_boot=args.n_boot, n_perm=args.n_perm, top_k=args.top_k, min_effect=args.min_effect, seed=args.seed,
+        include_suspect=args.include_suspect,
     )
     out = Path(args.out_dir)
     meta = {key: value for key, value in vars(args).items() if key != "func"}
@@ -246,11 +249,15 @@ def cmd_merge(args: argparse.Namespace) -> None:
     schema = _merge_schema(args.stage)
     merged = io.concat_tables(args.inputs, schema)
     if args.stage == "provenance":
-        merged = io.to_table(hub.flag_duplicates(merged.to_pylist()), schema)
+        merged = io.to_table(hub.flag_duplicates(merged.to_pylist(), _schedule(args)), schema)
         for row in merged.to_pylist():
             if row["duplicate_of_step"] is not None:
-                log.warning("%s step %d serves the same weights as step %d", row["model"], row["step"],
-                            row["duplicate_of_step"])
+                log.warning("%s step %d serves the same weights as step %d (benign: consecutive checkpoints); "
+                            "it is left out of the analysis", row["model"], row["step"], row["duplicate_of_step"])
+            elif row["suspect"]:
+                log.warning("%s step %d serves the same weights as non-consecutive step(s) %s: SUSPECT branch, "
+                            "left out of the analysis unless analysis.include_suspect is true", row["model"],
+                            row["step"], ", ".join(map(str, row["same_weights_as"])))
     io.write_table(merged, args.out, meta={"stage": args.stage, "inputs": len(args.inputs)})
     log.info("merged %d tables, %d rows -> %s", len(args.inputs), merged.num_rows, args.out)
 
@@ -378,7 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--icl", nargs="+", required=True, help="merged ICL tables")
     p.add_argument("--heads", nargs="+", required=True, help="merged induction-score tables")
     p.add_argument("--relation-index", nargs="*", default=None, help="merged relation-index tables")
-    p.add_argument("--provenance", nargs="*", default=None, help="merged provenance (duplicates are left out)")
+    p.add_argument("--provenance", nargs="*", default=None,
+                   help="merged provenance (duplicate and suspect checkpoints are left out)")
+    p.add_argument("--include-suspect", action="store_true",
+                   help="keep checkpoints whose weights equal a non-consecutive step's (see provenance 'suspect')")
     p.add_argument("--shots", type=int, default=None, help="shot count of the ICL tasks (default: the largest)")
     p.add_argument("--per-task", action="store_true", help="one series per task instead of the mean over tasks")
     p.add_argument("--ri-direction", default="forward", choices=("forward", "reverse"))
@@ -397,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="concatenate one stage's per-checkpoint tables")
     p.add_argument("--stage", required=True)
+    p.add_argument("--schedule", choices=("pythia", "toy"), default="pythia",
+                   help="checkpoint grid (which steps are consecutive, for duplicate weights)")
+    p.add_argument("--toy-seed", type=int, default=TOY_SEED, help="seed of the toy zoo (schedule toy)")
     p.add_argument("--out", required=True)
     p.add_argument("inputs", nargs="+")
     p.set_defaults(func=cmd_merge)

@@ -7,10 +7,13 @@ Pythia checkpoint takes (``from_pretrained(repo_id, revision="step<N>")``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from icl_dynamics.checkpoints import revision
@@ -27,13 +30,58 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> float32 on CPU (half precision is slow and lossy there), float16 on CUDA."""
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """``auto`` -> float32 for every stage and device; otherwise the named dtype.
+
+    Pythia's files are float16; float32 holds them exactly. Computing in float16 or bfloat16 changes
+    the answers beyond what the measurements can carry (README, "Precision"): argmax gates flip on
+    attention ties, small Pythia models overflow in float16 attention.
+    """
     if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+class NonFiniteError(RuntimeError):
+    """A forward pass produced NaN or Inf."""
+
+
+@contextmanager
+def finite_guard(model: nn.Module, context: str) -> Iterator[None]:
+    """Within the block, stop any forward pass of a GPT-NeoX ``model`` at the first NaN/Inf.
+
+    Checked in execution order: the embedding, each layer's attention (output and probabilities),
+    each layer's output, the final layer norm and the logits; the error names ``context`` (model,
+    step, stage) and the first module that went bad.
+    """
+    base = getattr(model, "gpt_neox", None)
+    if base is None:
+        raise TypeError(f"expected a GPTNeoX model, got {type(model).__name__}")
+    dtype = next(model.parameters()).dtype
+
+    def check(where: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: object, output: object) -> None:
+            tensors = output if isinstance(output, tuple) else (output,)
+            for tensor in tensors:
+                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    advice = "" if dtype == torch.float32 else "; rerun with dtype float32 (or auto)"
+                    raise NonFiniteError(f"{context}: non-finite values (NaN/Inf) first appear in {where} "
+                                         f"({str(dtype).removeprefix('torch.')}){advice}")
+
+        return hook
+
+    modules = [("the embedding", base.embed_in)]
+    for i, layer in enumerate(base.layers):
+        modules += [(f"layer {i} attention", layer.attention), (f"layer {i}", layer)]
+    modules += [("the final layer norm", base.final_layer_norm), ("the logits", model.get_output_embeddings())]
+    handles = [module.register_forward_hook(check(where)) for where, module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass
@@ -48,6 +96,10 @@ class Checkpoint:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def guard(self, stage: str):
+        """:func:`finite_guard` naming this checkpoint and ``stage`` in its error."""
+        return finite_guard(self.model, f"{self.model_id}@{revision(self.step)}, stage {stage}")
 
 
 def load_checkpoint(
@@ -68,7 +120,7 @@ def load_checkpoint(
     tok = load_tokenizer(model_id, step, cache_dir=cache_dir) if tokenizer else None
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_id, dtype=resolve_dtype(dtype, dev), attn_implementation="eager", **kwargs
+            model_id, dtype=resolve_dtype(dtype), attn_implementation="eager", **kwargs
         )
     except OSError as exc:
         raise _not_cached(model_id, step, cache_dir, exc) from exc
