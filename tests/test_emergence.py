@@ -260,9 +260,16 @@ def test_shots_read_back_as_float_give_the_same_tables():
 
 def test_duplicates_are_excluded_and_token_grid_checked():
     icl = icl_table(np.random.default_rng(7))
-    provenance = pd.DataFrame({"model": ["m", "m", "m"], "step": [0, 1, 2], "duplicate_of_step": [None, 0, None]})
+    provenance = pd.DataFrame({"model": ["m", "m", "m"], "step": [0, 1, 2], "duplicate_of_step": [None, 0, None],
+                               "suspect": [False, False, False]})
     dup = E.duplicate_checkpoints(provenance.astype({"duplicate_of_step": "Int64"}))
     assert dup == {("m", 1)}
+    # suspect steps (weights equal to a non-consecutive step's) are left out by default, loudly
+    suspect = provenance.assign(suspect=[False, False, True]).astype({"duplicate_of_step": "Int64"})
+    with pytest.warns(UserWarning, match="leaving out suspect checkpoints.*m step 2"):
+        assert E.duplicate_checkpoints(suspect) == {("m", 1), ("m", 2)}
+    with pytest.warns(UserWarning, match="keeping suspect checkpoints"):
+        assert E.duplicate_checkpoints(suspect, include_suspect=True) == {("m", 1)}
     traj = E.icl_trajectories(icl, exclude=dup)
     assert 1 not in set(traj["step"]) and 0 in set(traj["step"])
     em = E.emergence_table(traj, n_boot=0)

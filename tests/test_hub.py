@@ -11,6 +11,7 @@ from conftest import tiny_neox
 from safetensors.torch import save as save_safetensors
 
 from icl_dynamics import hub
+from icl_dynamics.checkpoints import PYTHIA, StepError
 from icl_dynamics.cli import main
 from icl_dynamics.models import load_checkpoint
 
@@ -73,10 +74,29 @@ def test_offline_fetch_prefers_safetensors_and_never_takes_both(cache):
     assert only_bin.weights[0].expected == hashlib.sha256(only_bin.weights[0].path.read_bytes()).hexdigest()
 
 
-def test_identical_branches_are_flagged(cache):
+def test_identical_branches_are_flagged_benign_only_when_consecutive(cache):
+    """step0 = step1 (consecutive: benign, step1 measures nothing new); step16 also serves step0's
+    weights, which no training run does: all three are suspect, none is silently kept or dropped."""
     rows = [hub.fetch_checkpoint(MODEL, s, cache_dir=cache).row(tokens=s) for s in (16, 2, 1, 0)]
-    flagged = {r["step"]: r["duplicate_of_step"] for r in hub.flag_duplicates(rows)}
-    assert flagged == {0: None, 1: 0, 2: None, 16: 0}  # each duplicate names the earliest step
+    flagged = {r["step"]: (r["duplicate_of_step"], r["suspect"], r["same_weights_as"])
+               for r in hub.flag_duplicates(rows, PYTHIA)}
+    assert flagged == {0: (None, True, [1, 16]), 1: (None, True, [0, 16]), 2: (None, False, []),
+                       16: (None, True, [0, 1])}
+    benign = hub.flag_duplicates([r for r in rows if r["step"] != 16], PYTHIA)
+    assert {r["step"]: (r["duplicate_of_step"], r["suspect"]) for r in benign} == {
+        0: (None, False), 1: (0, False), 2: (None, False)}
+
+
+def test_an_early_branch_serving_late_weights_never_drops_the_genuine_late_step():
+    """pythia-2.8b: early branches serve step143000's weights. The later step must not become the
+    "duplicate" of the early one; both are suspect, and a run of early branches too."""
+    rows = [{"model": "m", "step": s, "weights_digest": d}
+            for s, d in ((0, "a"), (1, "a"), (2, "z"), (4, "z"), (8, "b"), (1000, "c"), (143000, "z"))]
+    flagged = {r["step"]: (r["duplicate_of_step"], r["suspect"]) for r in hub.flag_duplicates(rows, PYTHIA)}
+    assert flagged == {0: (None, False), 1: (0, False), 2: (None, True), 4: (None, True), 8: (None, False),
+                       1000: (None, False), 143000: (None, True)}
+    with pytest.raises(StepError, match="step 3 is not a checkpoint"):
+        hub.flag_duplicates([{"model": "m", "step": 3, "weights_digest": "a"}], PYTHIA)
 
 
 def test_corrupt_blob_is_refused(cache):

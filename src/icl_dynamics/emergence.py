@@ -190,11 +190,23 @@ set's formed heads with its interval, the verdict (``order_*``), and how many he
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
-def duplicate_checkpoints(provenance: pd.DataFrame) -> set[tuple[str, int]]:
-    """The (model, step) pairs that the provenance table flags as duplicates of another step."""
-    _require_columns(provenance, ("model", "step", "duplicate_of_step"), "provenance")
+def duplicate_checkpoints(provenance: pd.DataFrame, *, include_suspect: bool = False) -> set[tuple[str, int]]:
+    """The (model, step) pairs to leave out: duplicates of the step before them, and (unless
+    ``include_suspect``) suspect steps whose weights equal a non-consecutive step's. Warns about the latter."""
+    _require_columns(provenance, ("model", "step", "duplicate_of_step", "suspect"), "provenance")
     dup = provenance[provenance["duplicate_of_step"].notna()]
-    return {(str(m), int(s)) for m, s in zip(dup["model"], dup["step"])}
+    out = {(str(m), int(s)) for m, s in zip(dup["model"], dup["step"])}
+    suspect = provenance[provenance["suspect"].astype(bool)]
+    if len(suspect):
+        listed = "; ".join(f"{m} step {s}" for m, s in zip(suspect["model"], suspect["step"]))
+        if include_suspect:
+            warnings.warn(f"keeping suspect checkpoints (weights equal to a non-consecutive step's): {listed}",
+                          stacklevel=2)
+        else:
+            warnings.warn(f"leaving out suspect checkpoints (weights equal to a non-consecutive step's): {listed}; "
+                          "include them with analysis.include_suspect / --include-suspect", stacklevel=2)
+            out |= {(str(m), int(s)) for m, s in zip(suspect["model"], suspect["step"])}
+    return out
 
 
 def tokens_per_step(table: pd.DataFrame) -> dict[str, int]:
@@ -894,17 +906,18 @@ def analyze(icl: pd.DataFrame, heads: pd.DataFrame, ri: pd.DataFrame | None = No
             k: int = DEFAULT_K, n_boot: int = DEFAULT_N_BOOT, n_perm: int = DEFAULT_N_PERM,
             block_length: int | None = None, alpha: float = DEFAULT_ALPHA, top_k: int = DEFAULT_TOP_K,
             min_effect: float = DEFAULT_MIN_EFFECT, ci_level: float = DEFAULT_CI_LEVEL,
-            seed: int = 0) -> dict[str, pd.DataFrame]:
+            seed: int = 0, include_suspect: bool = False) -> dict[str, pd.DataFrame]:
     """The whole analysis from the merged per-checkpoint tables: trajectories and the four tables.
 
-    Checkpoints whose weights duplicate an earlier step's (``provenance``) are left out. The ICL
+    Checkpoints whose weights duplicate the step before them (``provenance``) are left out, and so are
+    suspect ones (weights equal to a non-consecutive step's) unless ``include_suspect``. The ICL
     tasks enter at one shot count (``shots``, default the largest measured) and, unless
     ``per_task``, averaged over tasks (:func:`level_curves`); the relation index at one direction,
     gate and variant (and ``tau`` for the margin gate). A head has formed once its score clears its
     control by ``min_effect`` beyond its interval. Returns ``icl_traj``, ``head_traj``,
     ``emergence``, ``formation``, ``relation`` and ``summary``.
     """
-    exclude = duplicate_checkpoints(provenance) if provenance is not None else set()
+    exclude = duplicate_checkpoints(provenance, include_suspect=include_suspect) if provenance is not None else set()
     task_rows = icl["shots"].notna()
     chosen = shots if shots is not None else (int(icl.loc[task_rows, "shots"].max()) if task_rows.any() else None)
     icl = icl[~task_rows | (icl["shots"] == chosen)]

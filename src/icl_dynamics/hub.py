@@ -26,6 +26,7 @@ from typing import TypeVar
 import pyarrow as pa
 from huggingface_hub import HfApi, constants, hf_hub_download
 
+from icl_dynamics.checkpoints import Schedule
 from icl_dynamics.checkpoints import revision as step_revision
 from icl_dynamics.io import sha256_file, write_bytes_atomic
 
@@ -56,11 +57,14 @@ PROVENANCE_SCHEMA = pa.schema(
         pa.field("hash_source", pa.string(), nullable=False),
         pa.field("seconds", pa.float64(), nullable=False),
         pa.field("duplicate_of_step", pa.int64()),
+        pa.field("suspect", pa.bool_(), nullable=False),
+        pa.field("same_weights_as", pa.list_(pa.int64()), nullable=False),
     ]
 )
 """One row per checkpoint. ``sha256`` lists each weight file's sha256 (checked); ``weights_digest`` is
 the sha256 of those, so two steps with equal digests serve byte-identical weights.
-``duplicate_of_step`` is filled by :func:`flag_duplicates` when tables are merged."""
+``duplicate_of_step``, ``suspect`` and ``same_weights_as`` are filled by :func:`flag_duplicates`
+when tables are merged."""
 
 
 class IntegrityError(RuntimeError):
@@ -118,6 +122,8 @@ class FetchResult:
             "hash_source": self.hash_source,
             "seconds": self.seconds,
             "duplicate_of_step": None,
+            "suspect": False,
+            "same_weights_as": [],
         }
 
 
@@ -295,14 +301,27 @@ def fetch_checkpoint(
     return result
 
 
-def flag_duplicates(rows: list[Mapping]) -> list[dict]:
-    """Set ``duplicate_of_step`` on provenance rows whose weights equal an earlier step's (per model)."""
-    first: dict[tuple[str, str], int] = {}
+def flag_duplicates(rows: list[Mapping], schedule: Schedule) -> list[dict]:
+    """Flag provenance rows (per model) whose weights are byte-identical to another measured step's.
+
+    Two failure shapes look alike here and must not be confused. Consecutive checkpoints of
+    ``schedule`` serving one set of weights are benign (Pythia's ``step0`` and ``step1``): every step
+    after the first of such a run gets ``duplicate_of_step`` (it measures nothing new). Identical
+    weights on steps that are *not* consecutive mean a branch serves another step's weights
+    (pythia-2.8b's early branches serve late weights), and nothing says which step is genuine: all of
+    them become ``suspect``. ``same_weights_as`` lists the other steps with those weights.
+    """
+    groups: dict[tuple[str, str], list[int]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["weights_digest"]), []).append(row["step"])
     out = []
     for row in sorted(rows, key=lambda r: (r["model"], r["step"])):
-        key = (row["model"], row["weights_digest"])
-        out.append({**row, "duplicate_of_step": first.get(key)})
-        first.setdefault(key, row["step"])
+        steps = sorted(groups[(row["model"], row["weights_digest"])])
+        positions = [schedule.steps.index(schedule.check(s)) for s in steps]
+        consecutive = positions == list(range(positions[0], positions[0] + len(positions)))
+        duplicate_of = steps[0] if consecutive and row["step"] != steps[0] else None
+        out.append({**row, "duplicate_of_step": duplicate_of, "suspect": not consecutive,
+                    "same_weights_as": [s for s in steps if s != row["step"]]})
     return out
 
 

@@ -23,5 +23,9 @@ rule merge:
         "../envs/icl-dynamics.yaml"
     log:
         "logs/{model}/merge_{stage}.log",
+    params:
+        schedule=config["schedule"],
+        toy_seed=config["toy_zoo"]["seed"],
     shell:
-        "icl-dynamics merge --stage {wildcards.stage} --out {output} {input} 2> {log}"
+        "icl-dynamics merge --stage {wildcards.stage} --schedule {params.schedule} --toy-seed {params.toy_seed} "
+        "--out {output} {input} 2> {log}"

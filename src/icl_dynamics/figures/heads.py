@@ -49,13 +49,14 @@ def top_heads_vs_icl(heads: pd.DataFrame, icl: pd.DataFrame, out: str | Path, *,
     """Top heads' ``score`` (with standard errors and the control) above the ICL score, against step.
 
     Markers sit at the measured checkpoints; hollow markers flag checkpoints whose weights duplicate
-    an earlier step's (from the merged provenance).
+    the step before them or are suspect (equal to a non-consecutive step's; from the merged provenance).
     """
     fig, axes = new_figure(nrows=2, height=4.2, sharex=True)
     ax_heads, ax_icl = axes[0][0], axes[1][0]
     duplicates = set()
-    if provenance is not None and "duplicate_of_step" in provenance:
-        duplicates = set(provenance.loc[provenance["duplicate_of_step"].notna(), "step"].astype(int))
+    if provenance is not None:
+        flagged = provenance["duplicate_of_step"].notna() | provenance["suspect"].astype(bool)
+        duplicates = set(provenance.loc[flagged, "step"].astype(int))
     for layer, head in top_heads(heads, top_k, score):
         rows = heads[(heads["layer"] == layer) & (heads["head"] == head)].sort_values("step")
         line, = ax_heads.plot(rows["step"], rows[score], marker="o", label=f"L{layer}H{head}")
