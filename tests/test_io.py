@@ -36,3 +36,23 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
             raise RuntimeError("killed mid-write")
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.parquet"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_get_the_permissions_of_the_users_umask(tmp_path, umask, mode):
+    """Tables, figures and cache refs all go through atomic_path; mkstemp alone would give 0600."""
+    import os
+    import stat
+
+    from icl_dynamics import hub
+
+    old = os.umask(umask)
+    try:
+        table = io.write_rows([{"step": 1, "value": 1.0}], SCHEMA, tmp_path / "t.parquet")
+        ref = hub.repo_cache_dir("org/model", tmp_path / "hub") / "refs" / "step1"
+        hub.write_snapshot(tmp_path / "hub", "org/model", ["step1"], {"config.json": b"{}"})
+    finally:
+        os.umask(old)
+    assert os.umask(old) == old  # the umask is left as it was
+    for path in (table, ref, ref.parent.parent / "blobs" / hub.git_blob_sha1(b"{}")):
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path

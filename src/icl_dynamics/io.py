@@ -44,7 +44,9 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it to ``path``, else delete it.
 
-    Readers (and Snakemake) never see a half-written file under the final name.
+    Readers (and Snakemake) never see a half-written file under the final name. The file gets the
+    permissions the user's umask gives a new file (``mkstemp`` alone would leave it 0600, unreadable
+    to colleagues sharing a results folder or cache).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,10 +54,18 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
