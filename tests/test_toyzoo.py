@@ -1,15 +1,14 @@
-"""The toy zoo: hub-cache layout, loading through from_pretrained offline, determinism, phase change."""
+"""The toy zoo: hub-cache layout, loading through the pipeline's loaders offline, determinism, phase change."""
 
 import json
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from icl_dynamics import hub
 from icl_dynamics.induction import Probe, induction_rows
-from icl_dynamics.models import load_checkpoint
+from icl_dynamics.models import load_checkpoint, load_tokenizer
 from icl_dynamics.toyzoo import TOY_MODEL_ID, TOY_STEPS, ToyConfig, toy_vocabulary, train
 
 
@@ -30,16 +29,16 @@ def test_zoo_is_laid_out_like_the_hub_cache(toy_zoo):
     assert formats == {True, False}  # both weight formats are exercised
 
 
-def test_from_pretrained_loads_a_step_offline(toy_zoo):
-    model = AutoModelForCausalLM.from_pretrained(TOY_MODEL_ID, revision="step900", cache_dir=toy_zoo / "hub")
-    tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL_ID, revision="step900", cache_dir=toy_zoo / "hub")
+def test_the_pipeline_loaders_load_a_step_offline(toy_zoo):
+    ckpt = load_checkpoint(TOY_MODEL_ID, 900, cache_dir=toy_zoo / "hub", device="cpu")
+    model, tokenizer = ckpt.model, ckpt.tokenizer
     assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 64
     assert 100_000 < sum(p.numel() for p in model.parameters()) < 130_000
     assert len(tokenizer) == len(toy_vocabulary()) == model.config.vocab_size
 
 
 def test_tokenizer_holds_every_icl_word_as_one_token(toy_zoo):
-    tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL_ID, revision="step0", cache_dir=toy_zoo / "hub")
+    tokenizer = load_tokenizer(TOY_MODEL_ID, 0, cache_dir=toy_zoo / "hub")
     from importlib import resources
 
     words = json.loads(resources.files("icl_dynamics").joinpath("data/icl_words.json").read_text())
@@ -71,7 +70,7 @@ def test_induction_heads_form_during_training(toy_zoo):
 
 
 def test_held_out_text_tokenises_to_training_length_sequences(toy_zoo):
-    tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL_ID, revision="step0", cache_dir=toy_zoo / "hub")
+    tokenizer = load_tokenizer(TOY_MODEL_ID, 0, cache_dir=toy_zoo / "hub")
     lines = (toy_zoo / "text.jsonl").read_text().splitlines()
     assert len(lines) == ToyConfig().text_docs
     for line in lines[:20]:

@@ -1,0 +1,188 @@
+"""Every stage on a cache that mirrors a real Pythia repository, through the pipeline's own loaders.
+
+The fixture (``icl_dynamics.pythia_format``) holds random GPT-NeoX weights stored as Pythia stores
+them (fp16 ``pytorch_model.bin``, Pythia's key names, the published config) and the repository's
+own tokenizer files. CI also runs this module alone against the oldest library versions that
+``pyproject.toml`` declares (README, "Tests").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import PYTHIA_MODEL, PYTHIA_STEPS, REPO
+
+from icl_dynamics import agenda, hub, relations
+from icl_dynamics.cli import main
+from icl_dynamics.models import load_checkpoint, load_tokenizer
+from icl_dynamics.pythia_format import write_pythia_cache
+
+pytestmark = pytest.mark.pythia_format
+
+# Triplets the relations stage keeps on the AGENDA test split with the default settings (anchors on
+# single tokens, whole abstracts), as with the tokenizer built directly from tokenizer.json.
+KG_KEPT, SYNTAX_KEPT = 4_398, 47_570
+
+
+def snapshot(cache: Path, step: int) -> Path:
+    return hub.repo_cache_dir(PYTHIA_MODEL, cache) / "snapshots" / hub.cached_commit(PYTHIA_MODEL, f"step{step}", cache)
+
+
+def run(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+def test_the_fixture_is_laid_out_and_stored_like_a_pythia_repository(pythia_cache: Path) -> None:
+    snap = snapshot(pythia_cache, 1000)
+    assert sorted(p.name for p in snap.iterdir()) == ["config.json", "pytorch_model.bin", "special_tokens_map.json",
+                                                     "tokenizer.json", "tokenizer_config.json"]
+    config = json.loads((snap / "config.json").read_text())
+    assert config["torch_dtype"] == "float16" and config["vocab_size"] == 50_304
+    assert json.loads((snap / "tokenizer_config.json").read_text())["tokenizer_class"] == "GPTNeoXTokenizerFast"
+    state = torch.load(snap / "pytorch_model.bin", weights_only=True)
+    assert "embed_out.weight" in state and "lm_head.weight" not in state
+    assert "gpt_neox.layers.0.attention.bias" in state and "gpt_neox.layers.1.attention.rotary_emb.inv_freq" in state
+    assert state["gpt_neox.embed_in.weight"].dtype == torch.float16
+    # step0 and step1 are byte-identical branches, as on the hub; the others differ
+    assert snapshot(pythia_cache, 0) == snapshot(pythia_cache, 1) != snapshot(pythia_cache, 2)
+
+    # the pipeline's loader: float16 files upcast exactly to float32 (auto), embed_out is the unembedding
+    ckpt = load_checkpoint(PYTHIA_MODEL, 1000, cache_dir=pythia_cache, device="cpu")
+    assert ckpt.model.dtype == torch.float32
+    assert torch.equal(ckpt.model.get_output_embeddings().weight, state["embed_out.weight"].float())
+    assert torch.equal(ckpt.model.gpt_neox.layers[1].attention.query_key_value.weight,
+                       state["gpt_neox.layers.1.attention.query_key_value.weight"].float())
+    assert ckpt.tokenizer("Hello world")["input_ids"] == [12092, 1533]  # shared/README's check
+    assert ckpt.tokenizer.bos_token == ckpt.tokenizer.eos_token == "<|endoftext|>"
+
+
+def test_word_spans_agree_with_the_tokenizer_file_whatever_the_loader_reports(neox_tokenizer, shared_dir) -> None:
+    """transformers 5's AutoTokenizer puts the space before a word into the token's span; the
+    relations stage must place anchors exactly as with the tokenizer file read directly."""
+    from tokenizers import Tokenizer
+
+    direct = Tokenizer.from_file(str(shared_dir / "data/tokenizers/gpt-neox-20b/tokenizer.json"))
+    records = agenda.load_agenda(shared_dir / "data" / "agenda")[:50]
+    for text in [agenda.surface_text(r) for r in records] + ["we present a B for C (D) and  E.\n F"]:
+        encoded = relations.encode(text, neox_tokenizer, [])
+        reference = direct.encode(text, add_special_tokens=False)
+        assert encoded.token_ids == reference.ids
+        assert encoded.offsets == [tuple(o) for o in reference.offsets]
+
+
+def test_fetch_and_merge_flag_step1_as_a_benign_duplicate(pythia_cache: Path, tmp_path: Path) -> None:
+    outs = []
+    for step in PYTHIA_STEPS:
+        outs.append(tmp_path / f"prov{step}.parquet")
+        assert run("fetch", "--model", PYTHIA_MODEL, "--step", step, "--cache-dir", pythia_cache,
+                   "--out", outs[-1]) == 0
+    assert run("merge", "--stage", "provenance", "--out", tmp_path / "prov.parquet", *outs) == 0
+    prov = pd.read_parquet(tmp_path / "prov.parquet").set_index("step")
+    assert prov["weights_format"].eq("bin").all() and prov["hash_source"].eq("cache-etag").all()
+    assert prov["duplicate_of_step"].isna().drop(1).all() and prov.loc[1, "duplicate_of_step"] == 0
+    assert not prov["suspect"].any()
+
+
+def test_a_branch_serving_another_steps_weights_is_suspect_on_both_steps(shared_dir, tmp_path, caplog) -> None:
+    """pythia-2.8b's failure shape: an early branch serves the final step's weights."""
+    cache = tmp_path / "hub"
+    write_pythia_cache(cache, PYTHIA_MODEL, shared_dir, {0: 0, 1: 0, 2: 7, 1000: 3, 143000: 7})
+    outs = []
+    for step in (0, 1, 2, 1000, 143000):
+        outs.append(tmp_path / f"prov{step}.parquet")
+        assert run("fetch", "--model", PYTHIA_MODEL, "--step", step, "--cache-dir", cache, "--out", outs[-1]) == 0
+    with caplog.at_level(logging.WARNING):
+        assert run("merge", "--stage", "provenance", "--out", tmp_path / "prov.parquet", *outs) == 0
+    prov = pd.read_parquet(tmp_path / "prov.parquet").set_index("step")
+    assert prov["suspect"].to_dict() == {0: False, 1: False, 2: True, 1000: False, 143000: True}
+    assert pd.isna(prov.loc[143000, "duplicate_of_step"])  # the genuine late step is not dropped as a copy
+    assert list(prov.loc[2, "same_weights_as"]) == [143000]
+    assert "step 143000 serves the same weights as non-consecutive step(s) 2: SUSPECT" in caplog.text
+
+
+def test_float16_overflow_stops_the_stage_naming_model_step_stage_and_layer(shared_dir, tmp_path, caplog) -> None:
+    """Layer 1's MLP scaled so that its output overflows float16 (as Pythia-70m's attention can)."""
+    cache = tmp_path / "hub"
+    write_pythia_cache(cache, PYTHIA_MODEL, shared_dir, [0], scale={"layers.1.mlp": 3e3})
+    common = ["--model", PYTHIA_MODEL, "--step", "0", "--cache-dir", cache, "--device", "cpu", "--n-samples", "2"]
+    with caplog.at_level(logging.ERROR):
+        assert run("heads", *common, "--dtype", "float16", "--out", tmp_path / "h16.parquet") == 1
+    assert (f"{PYTHIA_MODEL}@step0, stage heads: non-finite values (NaN/Inf) first appear in layer 1 (float16); "
+            "rerun with dtype float32") in caplog.text
+    assert not (tmp_path / "h16.parquet").exists()
+    assert run("heads", *common, "--out", tmp_path / "auto.parquet") == 0  # auto = float32 does not overflow
+    assert np.isfinite(pd.read_parquet(tmp_path / "auto.parquet")["prefix_matching"]).all()
+
+
+def test_auto_precision_gives_the_float64_answer_on_fp16_weights(pythia_cache: Path, tmp_path: Path) -> None:
+    """``auto`` (float32 from the float16 files) against float64 from the same files, per stage."""
+    common = ["--model", PYTHIA_MODEL, "--step", "1000", "--cache-dir", pythia_cache, "--device", "cpu"]
+    tables = {}
+    for dtype in ("auto", "float64"):
+        assert run("heads", *common, "--dtype", dtype, "--out", tmp_path / f"heads-{dtype}.parquet") == 0
+        assert run("icl-tasks", *common, "--dtype", dtype, "--shots", "0", "5", "--n-prompts", "20",
+                   "--out", tmp_path / f"icl-{dtype}.parquet") == 0
+        tables[dtype] = [pd.read_parquet(tmp_path / f"{name}-{dtype}.parquet") for name in ("heads", "icl")]
+    (heads, icl), (heads64, icl64) = tables["auto"], tables["float64"]
+    for score in ("prefix_matching", "previous_token", "copying"):
+        np.testing.assert_allclose(heads[score], heads64[score], rtol=0, atol=1e-6)
+    pd.testing.assert_series_equal(icl["value"], icl64["value"])  # every top-1 token the same
+
+
+def test_snakemake_end_to_end_on_the_pythia_format_fixture(pythia_cache: Path, shared_dir: Path, tmp_path: Path) -> None:
+    """The default workflow (pythia schedule, dtype auto) on the fixture, offline: every stage runs
+    through load_checkpoint/load_tokenizer, and the relations keep every triplet."""
+    import datasets
+    import yaml
+
+    texts = tmp_path / "abstracts"  # a datasets directory, so the oldest declared datasets is exercised too
+    records = agenda.load_agenda(shared_dir / "data" / "agenda")
+    datasets.Dataset.from_dict({"text": [agenda.surface_text(r) for r in records]}).save_to_disk(str(texts))
+    config = {
+        "models": [PYTHIA_MODEL], "schedule": "pythia", "checkpoints": {"steps": list(PYTHIA_STEPS)},
+        "device": "cpu", "dtype": "auto", "hf_cache": str(pythia_cache), "hub_offline": True, "results": "results",
+        "text": {"kind": "disk", "name": None, "path": str(texts), "n_docs": 40, "context": 128},
+        "loss": {"early": 10, "late": 100, "bootstrap": 200},
+        "induction": {"n_samples": 4},
+        "icl_tasks": {"shots": [0, 1, 5, 20], "n_prompts": 10},
+        "relations": {"agenda_dir": str(shared_dir / "data" / "agenda")},
+        "analysis": {"k": 1, "n_boot": 50, "n_perm": 99},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "snakemake", "--cores", "2", "-s", str(REPO / "Snakefile"),
+               "-d", str(tmp_path), "--configfile", str(tmp_path / "config.yaml")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    out = tmp_path / "results" / PYTHIA_MODEL.replace("/", "--")
+    summary = pd.read_parquet(out / "relations" / "summary.parquet").groupby("family")["kept"].sum()
+    assert summary.to_dict() == {"kg": KG_KEPT, "syntax": SYNTAX_KEPT}
+    triplets = pd.read_parquet(out / "relations" / "triplets.parquet")
+    forward = triplets[triplets["direction"] == "forward"]
+    assert forward.groupby("family").size().to_dict() == {"kg": KG_KEPT, "syntax": SYNTAX_KEPT}
+    tokenizer = load_tokenizer(PYTHIA_MODEL, 0, cache_dir=pythia_cache)
+    letters = forward.loc[forward["family"] == "kg", "head_id"].unique()
+    assert {tokenizer.decode([int(i)]).lstrip(" ") for i in letters} == set(relations.LETTERS)
+
+    provenance = pd.read_parquet(out / "provenance.parquet").set_index("step")
+    assert provenance.loc[1, "duplicate_of_step"] == 0 and not provenance["suspect"].any()
+    heads = pd.read_parquet(out / "heads.parquet")
+    assert len(heads) == len(PYTHIA_STEPS) * 2 * 4 and heads["prefix_matching"].between(0, 1).all()
+    icl = pd.read_parquet(out / "icl.parquet")
+    assert set(icl["level"]) == {"loss_reduction", "format_compliance", "pattern_discovery"}
+    assert len(icl[icl["level"] != "loss_reduction"]) == len(PYTHIA_STEPS) * 4 * 4 * 3
+    ri = pd.read_parquet(out / "relation_index.parquet")
+    assert set(ri["family"]) == {"kg", "syntax"} and ri["events"].sum() > 0
+    assert ri["ri"].dropna().between(0, 1).all()
+    analysis = tmp_path / "results" / "analysis"
+    assert (analysis / "summary.parquet").exists() and (analysis / "figures" / "emergence_panel.png").exists()
+    log = (tmp_path / "logs" / out.name / "step1000" / "relation_index.log").read_text()
+    assert "(torch.float32)" in log  # dtype auto
