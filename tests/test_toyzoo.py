@@ -2,12 +2,13 @@
 
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from icl_dynamics import hub
-from icl_dynamics.induction import Probe, induction_rows
+from icl_dynamics.induction import Probe, induction_rows, ov_copying_scores
 from icl_dynamics.models import load_checkpoint, load_tokenizer
 from icl_dynamics.toyzoo import TOY_MODEL_ID, TOY_STEPS, ToyConfig, toy_vocabulary, train
 
@@ -67,6 +68,17 @@ def test_induction_heads_form_during_training(toy_zoo):
         best[step] = max(r["prefix_matching"] for r in induction_rows(ckpt.model, ckpt.tokenizer, probe))
     assert best[0] < 0.1 and best[900] < 0.2  # before
     assert best[1100] > 0.8 and best[TOY_STEPS[-1]] > 0.9  # after the phase change
+
+
+def test_layer1_induction_heads_copy_and_random_heads_do_not(toy_zoo):
+    """Olsson's eigenvalue copying score: every head of the random step-0 model is near 0, the final
+    step's layer-1 induction heads (prefix matching > 0.5) copy."""
+    first = load_checkpoint(TOY_MODEL_ID, 0, cache_dir=toy_zoo / "hub", device="cpu")
+    assert np.abs(ov_copying_scores(first.model)).max() < 0.2
+    last = load_checkpoint(TOY_MODEL_ID, TOY_STEPS[-1], cache_dir=toy_zoo / "hub", device="cpu")
+    rows = induction_rows(last.model, last.tokenizer, Probe(n_tokens=15))
+    induction = [r for r in rows if r["layer"] == 1 and r["prefix_matching"] > 0.5]
+    assert len(induction) >= 2 and all(r["copying"] > 0.5 for r in induction)
 
 
 def test_held_out_text_tokenises_to_training_length_sequences(toy_zoo):

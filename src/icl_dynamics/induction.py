@@ -6,13 +6,14 @@ The probe is ``n_samples`` sequences of a BOS token followed by ``n_tokens`` ran
 * prefix matching: attention from each token of a later repeat to the tokens that followed its
   earlier occurrences (summed over those occurrences), averaged over queries and samples;
 * previous token: attention from each token to the one before it;
-* copying: the head's direct output at each later-repeat token, pushed through the unembedding,
-  mean-subtracted over the vocabulary; the positive part's share on the attended token (if the
-  head raises it) or minus the negative part's share (if it lowers it), so -1..1 with 0 for a
-  head that neither copies nor suppresses.
+* copying (Olsson et al.'s eigenvalue score, from the weights alone): the eigenvalues lambda of the
+  head's full OV circuit token -> logits, sum(lambda) / sum(|lambda|) in -1..1; +1 for a head whose
+  output raises the logit of whatever token it attends to, -1 for one that suppresses it, about 0
+  for a random map. See :func:`ov_copying_scores` for the layer norms folded in.
 
-Each score comes with its standard error over samples and a control: what the score is for a
-head without the mechanism (uniform causal attention for the two attention scores, 0 for copying).
+The attention scores come with their standard error over samples and a control: their value for a
+head attending uniformly to every visible position. Copying has no sampling error (``_se`` = 0) and
+the control 0, the score of a head that neither copies nor suppresses.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from icl_dynamics.attention import capture_attention, head_ov_weights
 
-SCORES = ("prefix_matching", "previous_token", "copying")
+ATTENTION_SCORES = ("prefix_matching", "previous_token")
+SCORES = (*ATTENTION_SCORES, "copying")
 
 INDUCTION_SCHEMA = pa.schema(
     [
@@ -115,41 +117,55 @@ def controls(probe: Probe) -> dict[str, float]:
     }
 
 
-def signed_share(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Copying score of logit vectors [..., V] for target ids [...], in -1..1 (see module doc)."""
-    centred = logits - logits.mean(dim=-1, keepdim=True)
-    pos, neg = centred.clamp(min=0), (-centred).clamp(min=0)
-    at = centred.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    pos_share = pos.gather(-1, target.unsqueeze(-1)).squeeze(-1) / pos.sum(-1).clamp(min=1e-30)
-    neg_share = neg.gather(-1, target.unsqueeze(-1)).squeeze(-1) / neg.sum(-1).clamp(min=1e-30)
-    return torch.where(at >= 0, pos_share, -neg_share)
-
-
 @torch.no_grad()
 def score_heads(model: PreTrainedModel, tokens: torch.Tensor, probe: Probe) -> dict[str, np.ndarray]:
-    """Per-sample scores [layers, heads, samples] for each of :data:`SCORES`, one layer at a time."""
+    """Per-sample attention scores [layers, heads, samples]: prefix matching and previous token."""
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
     device = next(model.parameters()).device
     tokens = tokens.to(device)
     targets = prefix_targets(probe).to(device)
     queries = later_queries(probe).to(device)
-    w_u = model.get_output_embeddings().weight.float()  # [V, d_model]
-    out = {name: np.zeros((n_layers, n_heads, tokens.shape[0])) for name in SCORES}
+    out = {name: np.zeros((n_layers, n_heads, tokens.shape[0])) for name in ATTENTION_SCORES}
 
-    def reduce(layer: int, pattern: torch.Tensor, inputs: torch.Tensor) -> None:
+    def reduce(layer: int, pattern: torch.Tensor) -> None:
         out["prefix_matching"][layer] = (pattern * targets)[:, :, queries].sum(-1).mean(-1).T.double().cpu().numpy()
         out["previous_token"][layer] = pattern.diagonal(offset=-1, dim1=-2, dim2=-1).mean(-1).T.double().cpu().numpy()
-        w_v, b_v, w_o = (w.float() for w in head_ov_weights(model, layer))
-        values = torch.einsum("btd,hde->bhte", inputs.float(), w_v) + b_v[None, :, None, :]
-        attended = tokens.gather(1, pattern[:, :, queries].argmax(-1).flatten(1)).view(tokens.shape[0], n_heads, -1)
-        for h in range(n_heads):  # one head at a time: never [heads, positions, vocab] at once
-            head_out = pattern[:, h, queries] @ values[:, h]  # [B, Q, d_head]
-            logits = (head_out @ w_o[h]) @ w_u.T  # [B, Q, V]
-            out["copying"][layer][h] = signed_share(logits, attended[:, h]).mean(-1).double().cpu().numpy()
 
-    with capture_attention(model, reduce, with_inputs=True):
+    with capture_attention(model, reduce):
         model(tokens)
     return out
+
+
+@torch.no_grad()
+def ov_copying_scores(model: PreTrainedModel) -> np.ndarray:
+    """Olsson et al.'s copying score of every head [layers, heads], in float64 (method notes §7).
+
+    The full OV circuit maps a token to logits: ``W_E P G_l W_V^h W_O^h P G_f W_U`` ([V, V]), with the
+    layer norms as the model applies them folded in: P centres (both layer norms subtract the mean
+    over d_model), G_l is the layer's input layer-norm gain, G_f the final layer norm's. Left out, as in
+    the usual folded-circuit analyses: the layer norms' division by each vector's norm (depends on the
+    residual stream, not on the head) and the biases b_V, b_O and the layer norms' (constant offsets,
+    no token-to-token map). The [V, V] matrix is A B with A = W_E P G_l W_V^h and B = W_O^h P G_f W_U, and B A
+    ([d_head, d_head]) has the same nonzero eigenvalues, so only ``W_U W_E`` ([d_model, d_model]) ever
+    touches the vocabulary: the score does not depend on |V|, unlike a share of vocabulary-wide logits.
+    """
+    base = model.gpt_neox
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    device = next(model.parameters()).device
+    w_e = base.embed_in.weight.double()  # [V, d_model]
+    w_u = model.get_output_embeddings().weight.double()  # [V, d_model]: logits = h @ w_u.T
+    d_model = w_e.shape[1]
+    center = torch.eye(d_model, dtype=torch.float64, device=device) - 1.0 / d_model
+    left = center * base.final_layer_norm.weight.double()[None, :]  # P G_f
+    gram = left @ (w_u.T @ w_e) @ center  # P G_f W_U W_E P
+    scores = np.zeros((n_layers, n_heads))
+    for layer in range(n_layers):
+        w_v, _b_v, w_o = (w.double() for w in head_ov_weights(model, layer))  # [H, d, dh], [H, dh, d]
+        inner = gram * base.layers[layer].input_layernorm.weight.double()[None, :]  # ... P G_l
+        small = w_o @ inner @ w_v  # B A per head [H, dh, dh]
+        eig = torch.linalg.eigvals(small)
+        scores[layer] = (eig.sum(-1).real / eig.abs().sum(-1).clamp_min(1e-300)).cpu().numpy()
+    return scores
 
 
 def induction_rows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, probe: Probe = Probe()) -> list[dict]:
@@ -159,16 +175,18 @@ def induction_rows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
         raise ValueError("the tokenizer has neither a BOS nor an EOS token to start the probe with")
     tokens = repeated_tokens(candidate_ids(tokenizer, probe.exclude_frac), bos, probe)
     per_sample = score_heads(model, tokens, probe)
+    copying = ov_copying_scores(model)
     ctrl = controls(probe)
     n_layers, n_heads, n = per_sample["prefix_matching"].shape
     rows = []
     for layer in range(n_layers):
         for head in range(n_heads):
             row = {"layer": layer, "head": head, "n_samples": n}
-            for name in SCORES:
+            for name in ATTENTION_SCORES:
                 values = per_sample[name][layer, head]
                 row[name] = float(values.mean())
                 row[f"{name}_se"] = float(values.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
                 row[f"{name}_control"] = ctrl[name]
+            row.update(copying=float(copying[layer, head]), copying_se=0.0, copying_control=ctrl["copying"])
             rows.append(row)
     return rows
