@@ -80,10 +80,11 @@ def ri_table(rng, model="m", mids=None, events=400, layers=2, heads=3) -> pd.Dat
                 for direction in ("forward", "reverse"):
                     rows.append({"model": model, "step": int(step), "tokens": int(step) * TPS, "layer": layer,
                                  "head": head, "family": "kg", "relation": "USED-FOR", "direction": direction,
-                                 "gate": "argmax", "variant": "literal", "ri": values[i], "events": events,
+                                 "gate": "argmax", "variant": "source", "ri": values[i], "events": events,
                                  "opportunities": 2 * events, "pass_rate": 0.5, "ri_per_opportunity": values[i] / 2,
                                  "control_tenth": 0.1, "control_tenth_events": events, "control_random": 0.08,
-                                 "control_random_events": events, "sih": False})
+                                 "control_random_events": events, "effect": values[i] - 0.1,
+                                 "effect_se": 0.01, "sih": False})
     return pd.DataFrame(rows).astype({"layer": "int32", "head": "int32"})
 
 
@@ -189,26 +190,21 @@ def test_icl_reliability_by_hand():
     assert not traj.loc["icl_score", "increasing"].any()
 
 
-def test_relation_index_margin_clears_both_controls_with_the_se_bound():
+def test_relation_index_formation_uses_the_sih_tests_effect_and_se():
+    """The trajectory of ri:<relation> is the SIH test's effect (RI minus the control it clears least)
+    over control 0, reliable when effect - z * effect_se clears min_effect; no test, never reliable."""
     base = {"model": "m", "layer": 0, "head": 0, "family": "kg", "relation": "R", "direction": "forward",
-            "gate": "argmax", "variant": "literal", "opportunities": 500, "pass_rate": 0.5, "ri_per_opportunity": 0.1,
-            "sih": False}
-    # ri 0.5 vs controls 0.3 / 0.2 (same event counts): se bound (sqrt(.25) + sqrt(.21)) / sqrt(events);
-    # margin 0.2 - z * se: events 100 -> +0.0122, 90 -> +0.0020, 80 -> -0.0100 (tenth control binds)
-    # step 3 swaps the controls (the random-token control binds); at step 4 the tenth-token control
-    # rests on 25 events only: 0.2 - z * (0.05 + sqrt(.21 / 25)) = -0.0777
-    controls = ((0.3, 0.2, 100), (0.3, 0.2, 90), (0.3, 0.2, 80), (0.2, 0.3, 80), (0.3, 0.2, 25))
-    events = (100, 90, 80, 80, 100)
-    ri = pd.DataFrame([{**base, "step": s, "tokens": s * TPS, "ri": 0.5, "events": e, "control_tenth": ct,
-                        "control_tenth_events": n, "control_random": cr, "control_random_events": e}
-                       for s, e, (ct, cr, n) in zip(range(5), events, controls)])
+            "gate": "argmax", "variant": "source", "ri": 0.5, "control_tenth": 0.3, "control_random": 0.2}
+    z = 1.959963984540054
+    cases = [(0.2, 0.1 / z - 1e-6), (0.2, 0.1 / z + 1e-6), (0.05, 0.0), (np.nan, np.nan), (0.3, 0.01)]
+    ri = pd.DataFrame([{**base, "step": s, "tokens": s * TPS, "effect": e, "effect_se": se}
+                       for s, (e, se) in enumerate(cases)])
     heads = heads_table(np.random.default_rng(5), layers=1, heads=1, mids={}).iloc[:5]
-    traj = E.head_trajectories(heads, ri.astype({"layer": "int32", "head": "int32"}), min_effect=0.0)
+    traj = E.head_trajectories(heads, ri.astype({"layer": "int32", "head": "int32"}), min_effect=0.1)
     got = traj[traj["score"] == "ri:R"].sort_values("step")
-    margin = 0.2 - 1.959963984540054 * (0.5 + np.sqrt(0.21)) / np.sqrt([100, 90, 80])
-    assert margin.round(4).tolist() == [0.0122, 0.002, -0.01]
-    assert got["reliable"].tolist() == [True, True, False, False, False]
-    assert got["control"].tolist() == [0.3] * 5
+    assert got["reliable"].tolist() == [True, False, False, False, True]
+    assert got["control"].tolist() == [0.0] * 5
+    np.testing.assert_allclose(got["value"], [0.2, 0.2, 0.05, np.nan, 0.3])
 
 
 def test_head_score_reliability_and_bad_input():

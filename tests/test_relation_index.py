@@ -21,7 +21,8 @@ from icl_dynamics.relation_index import (
 
 KEY = ["layer", "head", "family", "relation", "direction", "gate", "variant"]
 NUMERIC = ["ri", "ri_se", "events", "passes", "opportunities", "pass_rate", "ri_per_opportunity", "triplets",
-           "triplets_qualified", "control_tenth", "control_tenth_events", "control_random", "control_random_events"]
+           "triplets_qualified", "control_tenth", "control_tenth_events", "control_random", "control_random_events",
+           "effect", "effect_se", "clusters", "p_value", "p_adjusted"]
 
 
 # ----------------------------------------------------------------------------- inputs by hand
@@ -36,8 +37,8 @@ def random_inputs(seed: int, vocab: int, n_seq: int = 6) -> tuple[pd.DataFrame, 
         n = int(rng.integers(8, 34))
         toks = rng.integers(0, vocab // 2, n)  # small id range: repeats, so C_j differs from positions
         mask = rng.random(n) < 0.25
-        seqs.append(dict(sequence_id=sid, source="test", unit="abstract", family="kg", text="",
-                         token_ids=toks.tolist(), function_mask=mask.tolist()))
+        seqs.append(dict(sequence_id=sid, document_id=i // 2 if i < 4 else i, source="test", unit="abstract",
+                         family="kg", text="", token_ids=toks.tolist(), function_mask=mask.tolist()))
         for r in range(8):
             s, o = (int(x) for x in rng.choice(n, 2, replace=False))
             direction = "forward" if r % 2 == 0 else "reverse"
@@ -105,30 +106,82 @@ def head_vocab_probs(model, tokens: torch.Tensor, layer: int) -> dict[str, torch
     return probs
 
 
+def reference_matched(ids: list[int], rows: pd.DataFrame, order: list[int], content: list[bool], seed: int,
+                      sequence_id: int) -> dict[int, int | None]:
+    """Each triplet's matched control by its definition: a token of the tail's kind (any KG entity
+    letter; a syntax tail of the same label and direction), neither the triplet's head nor tail nor
+    linked to the head by any triplet, visible at max(s, o); uniform in order of first appearance."""
+    rng = np.random.default_rng([seed, sequence_id, 1])
+    links = [(ids[r.s], ids[r.o]) for r in rows.itertuples()]
+    out = {}
+    for t in rows.itertuples():
+        same_kind = [r for r in rows.itertuples() if r.family == t.family
+                     and (t.family == "kg" or (r.relation, r.direction) == (t.relation, t.direction))]
+        kind = {ids[r.o] for r in same_kind} | ({ids[r.s] for r in same_kind} if t.family == "kg" else set())
+        linked = {b for a, b in links if a == ids[t.s]} | {a for a, b in links if b == ids[t.s]}
+        horizon = max(t.s, t.o)
+        visible = [c for c in order if any(ids[k] == c and content[k] for k in range(horizon + 1))]
+        eligible = [c for c in visible if c in kind and c not in linked | {ids[t.s], ids[t.o]}]
+        out[t.Index] = eligible[int(rng.integers(len(eligible)))] if eligible else None
+    return out
+
+
+def reference_test(events: list[tuple[int, float]]) -> tuple[float, float, float, int]:
+    """Mean, cluster-robust SE, one-sided p (t, G - 1 df) and cluster count of (document, value) events,
+    by the textbook formula with explicit loops."""
+    from scipy import stats as st
+
+    by_doc: dict[int, list[float]] = {}
+    for doc, value in events:
+        by_doc.setdefault(doc, []).append(value)
+    n_total = sum(len(v) for v in by_doc.values())
+    g = len(by_doc)
+    if g < 2:
+        return (sum(sum(v) for v in by_doc.values()) / n_total if n_total else math.nan), math.nan, math.nan, g
+    mean = sum(sum(v) for v in by_doc.values()) / n_total
+    meat = sum(sum(x - mean for x in v) ** 2 for v in by_doc.values())
+    se = math.sqrt(g / (g - 1) * meat) / n_total
+    p = st.t.sf(mean / se, g - 1) if se > 0 else (0.0 if mean > 0 else 1.0)
+    return mean, se, p, g
+
+
+def reference_holm(p: dict) -> dict:
+    """Holm by its definition: the k-th smallest p times (m - k + 1), made monotone, capped at 1."""
+    ordered = sorted(p, key=lambda key: p[key])
+    m, out, running = len(ordered), {}, 0.0
+    for k, key in enumerate(ordered):
+        running = max(running, min(1.0, (m - k) * p[key]))
+        out[key] = running
+    return out
+
+
 def reference_rows(model, seqs: pd.DataFrame, trips: pd.DataFrame, *, tau: float, exclude: bool,
-                   control_position: int, seed: int, min_events: int, sih_margin: float) -> pd.DataFrame:
+                   control_position: int, seed: int, alpha: float, min_clusters: int) -> pd.DataFrame:
     """The relation index by its definition: explicit loops over heads, triplets and query positions."""
     cfg = model.config
     acc: dict[tuple, dict[str, list]] = {}
     opp: dict[tuple, int] = {}
     trip_count: dict[tuple, int] = {}
     for seq in seqs.itertuples():
-        toks = torch.tensor(seq.token_ids)
-        n, ids, fmask = len(toks), list(seq.token_ids), list(seq.function_mask)
-        content = [not (exclude and fmask[k]) for k in range(n)]
+        ids = [cfg.bos_token_id, *seq.token_ids]  # BOS prepended: every position moves by one
+        fmask = [True, *seq.function_mask]
+        toks = torch.tensor(ids)
+        n = len(ids)
+        content = [k > 0 and not (exclude and fmask[k]) for k in range(n)]  # the BOS is never a candidate
         attn = hand_attention(model, toks)
         order = []  # candidates in order of first content appearance
         for k in range(n):
             if content[k] and ids[k] not in order:
                 order.append(ids[k])
-        tenth_pos = next((k for k in range(min(control_position, n - 1), n) if content[k]), None)
+        tenth_pos = next((k for k in range(min(control_position + 1, n - 1), n) if content[k]), None)
         draws = np.random.default_rng([seed, seq.sequence_id]).random(n)
-        rows = trips[trips.sequence_id == seq.sequence_id]
+        rows = trips[trips.sequence_id == seq.sequence_id].assign(s=lambda r: r.s + 1, o=lambda r: r.o + 1)
+        matched = reference_matched(ids, rows, order, content, seed, seq.sequence_id)
         for layer in range(cfg.num_hidden_layers):
             probs = head_vocab_probs(model, toks, layer)
             for t in rows.itertuples():
                 group = (t.family, t.relation, t.direction)
-                tail = ids[t.o]
+                tail, head_tok = ids[t.o], ids[t.s]
                 counted = False
                 for j in range(max(t.s, t.o), n):
                     cands = [ids[k] for k in range(j + 1) if content[k]]
@@ -152,7 +205,9 @@ def reference_rows(model, seqs: pd.DataFrame, trips: pd.DataFrame, *, tau: float
                                 ok = ok and row[t.s].item() / best_other > tau if best_other > 0 else ok
                             for variant in ("literal", "source", "contextual"):
                                 stats = acc.setdefault((layer, h, *group, gate, variant),
-                                                       dict(a=[], tenth=[], rand=[], passes=0, trips=set()))
+                                                       dict(a=[], tenth=[], rand=[], matched=[], passes=0,
+                                                            trips=set(), d_ri=[], d_tenth=[], d_rand=[],
+                                                            d_matched=[]))
                                 if not ok:
                                     continue
                                 stats["passes"] += 1
@@ -165,28 +220,55 @@ def reference_rows(model, seqs: pd.DataFrame, trips: pd.DataFrame, *, tau: float
                                 total = sum(q.values())
                                 if total == 0:
                                     continue
-                                stats["a"].append(q[tail] / total)
+                                banned = {tail, head_tok} | ({ids[j]} if variant == "literal" else set())
+                                if variant == "literal" and ids[j] == tail:
+                                    continue  # a self-copying head would raise the tail here
+                                a = q[tail] / total
+                                stats["a"].append(a)
                                 stats["trips"].add(t.Index)
-                                stats["rand"].append(q[rand_target] / total)
-                                if tenth_pos is not None and j >= tenth_pos:
-                                    stats["tenth"].append(q[ids[tenth_pos]] / total)
+                                stats["d_ri"].append((seq.document_id, a))
+                                targets = {"rand": rand_target, "matched": matched[t.Index],
+                                           "tenth": ids[tenth_pos] if tenth_pos is not None and j >= tenth_pos
+                                           else None}
+                                for name, target in targets.items():
+                                    if target is not None and target not in banned:
+                                        stats[name].append(q[target] / total)
+                                        stats[f"d_{name}"].append((seq.document_id, a - q[target] / total))
     out = []
+    tests = {}
+    for key, st in acc.items():
+        _, ri_se, _, _ = reference_test(st["d_ri"])
+        each = [reference_test(st[f"d_{name}"]) for name in ("matched", "tenth", "rand")]
+        p = math.nan if any(math.isnan(e[2]) for e in each) else max(e[2] for e in each)
+        g = min(e[3] for e in each)
+        tests[key] = dict(ri_se=ri_se, effect=each[0][0], effect_se=each[0][1], p_value=p, clusters=g,
+                          tested=g >= min_clusters and not math.isnan(p))
+    adjusted = {}
+    for gate in ("argmax", "margin"):
+        for variant in ("literal", "source", "contextual"):
+            family_p = {k: t["p_value"] for k, t in tests.items() if k[-2:] == (gate, variant) and t["tested"]}
+            adjusted.update(reference_holm(family_p))
     for (layer, h, family, relation, direction, gate, variant), st in acc.items():
         group = (family, relation, direction)
+        test = tests[(layer, h, family, relation, direction, gate, variant)]
+        p_adj = adjusted.get((layer, h, family, relation, direction, gate, variant), math.nan)
+        status = "insufficient" if not test.pop("tested") else "sih" if p_adj < alpha else "not significant"
         a = np.array(st["a"])
         o = opp.get(group, 0)
         c10 = np.mean(st["tenth"]) if st["tenth"] else math.nan
         cr = np.mean(st["rand"]) if st["rand"] else math.nan
         ri = a.mean() if len(a) else math.nan
         out.append(dict(layer=layer, head=h, family=family, relation=relation, direction=direction, gate=gate,
-                        variant=variant, ri=ri, ri_se=a.std(ddof=1) / math.sqrt(len(a)) if len(a) > 1 else math.nan,
+                        variant=variant, ri=ri, ri_se=test.pop("ri_se"),
                         events=len(a), passes=st["passes"], opportunities=o,
                         pass_rate=st["passes"] / o if o else math.nan,
                         ri_per_opportunity=a.sum() / o if o else math.nan,
                         triplets=trip_count.get(group, 0), triplets_qualified=len(st["trips"]),
+                        control_matched=np.mean(st["matched"]) if st["matched"] else math.nan,
+                        control_matched_events=len(st["matched"]),
                         control_tenth=c10, control_tenth_events=len(st["tenth"]), control_random=cr,
-                        control_random_events=len(st["rand"]),
-                        sih=bool(len(a) >= min_events and ri - max(c10, cr) > sih_margin)))
+                        control_random_events=len(st["rand"]), **test, p_adjusted=p_adj, sih_status=status,
+                        sih=status == "sih"))
     return pd.DataFrame(out)
 
 
@@ -207,8 +289,8 @@ def sharp_model():
     [(True, 10, 4, 2.2), (False, 3, 1, 1.5)],
 )
 def test_matches_slow_reference(sharp_model, exclude, control_position, batch_size, tau):
-    seqs, trips = random_inputs(seed=11, vocab=48)
-    params = dict(tau=tau, control_position=control_position, seed=5, min_events=3, sih_margin=0.02)
+    seqs, trips = random_inputs(seed=11, vocab=48, n_seq=10)
+    params = dict(tau=tau, control_position=control_position, seed=5, alpha=0.05, min_clusters=2)
     got = pd.DataFrame(score_relation_index(sharp_model, pd.DataFrame(seqs), trips, exclude_function_words=exclude,
                                             batch_size=batch_size, **params))
     want = reference_rows(sharp_model, seqs, trips, exclude=exclude, **params)
@@ -217,12 +299,13 @@ def test_matches_slow_reference(sharp_model, exclude, control_position, batch_si
     for col in NUMERIC:
         np.testing.assert_allclose(merged[f"{col}_got"].astype(float), merged[f"{col}_want"].astype(float),
                                    rtol=0, atol=1e-6, equal_nan=True, err_msg=col)
-    assert (merged["sih_got"] == merged["sih_want"]).all()
+    assert (merged["sih_status_got"] == merged["sih_status_want"]).all()
+    assert {"insufficient", "not significant"} <= set(got["sih_status"])
     # the comparison means something: both gates fire, margin less often, and the variants differ
     events = got.groupby("gate")["events"].sum()
     assert events["argmax"] > events["margin"] > 20
     assert got.groupby("variant")["ri"].mean().nunique() == 3
-    assert (got["control_tenth_events"] > 0).any() and got["sih"].any() and not got["sih"].all()
+    assert (got["control_tenth_events"] > 0).any() and got["p_adjusted"].notna().sum() > 10
 
 
 def test_rows_fit_schema(sharp_model):
@@ -315,19 +398,22 @@ def handbuilt(writes: int) -> torch.nn.Module:
     return model
 
 
-def handbuilt_inputs(n_seq: int = 6) -> tuple[pd.DataFrame, pd.DataFrame]:
+def handbuilt_inputs(n_seq: int = 12) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """T_S relates to T_O (USED-FOR) and to a function word; T_X to another token (CONJUNCTION), so
+    T_X and that token are entities unrelated to T_S: its matched controls."""
     rng = np.random.default_rng(0)
     seqs, trips = [], []
     for sid in range(n_seq):
         toks = [T_X, *rng.integers(5, 16, 19).tolist()]
-        s, o, fw = 2 + sid, 18 - sid, 19
+        s, o, fw = 2 + sid % 6, 18 - sid % 6, 19
         toks[s], toks[o], toks[fw] = T_S, T_O, T_FW
         mask = [k == fw for k in range(20)]
-        seqs.append(dict(sequence_id=sid, source="hand", unit="u", family="kg", text="", token_ids=toks,
-                         function_mask=mask))
-        for rel, tail_pos in (("USED-FOR", o), ("FW", fw)):
+        seqs.append(dict(sequence_id=sid, document_id=sid, source="hand", unit="u", family="kg", text="",
+                         token_ids=toks, function_mask=mask))
+        for rel, head_pos, tail_pos in (("USED-FOR", s, o), ("FW", s, fw), ("CONJUNCTION", 0, 1)):
             trips.append(dict(sequence_id=sid, family="kg", relation=rel, category="c", direction="forward",
-                              s=s, o=tail_pos, head_id=T_S, tail_id=toks[tail_pos], head_str="", tail_str=""))
+                              s=head_pos, o=tail_pos, head_id=toks[head_pos], tail_id=toks[tail_pos],
+                              head_str="", tail_str=""))
     return pd.DataFrame(seqs), pd.DataFrame(trips)
 
 
@@ -338,10 +424,12 @@ def test_handbuilt_head(writes, expected):
     used = rows[rows.relation == "USED-FOR"]
     head0 = used[used["head"] == 0]
     # every j >= max(s, o) is an opportunity and head 0 passes both gates at each of them
-    assert (head0["events"] == sum(20 - (18 - i) for i in range(6))).all()
+    # (literal leaves out j = o, where the current token is the tail itself)
+    expected_events = 2 * sum(20 - (18 - i) for i in range(6)) - np.where(head0["variant"] == "literal", 12, 0)
+    assert (head0["events"] == expected_events).all()
     assert (head0["pass_rate"] == 1.0).all()
     np.testing.assert_allclose(head0["ri"], expected, atol=1e-6)
-    assert (head0["sih"] == (expected == 1.0)).all()
+    assert (head0["sih"] == (expected == 1.0)).all()  # 12 documents, far above both controls
     assert (head0["control_tenth"] < 0.5).all() and (head0["control_random"] < 0.5).all()
     # the zero heads tie everywhere: never qualify, RI undefined, no SIH
     others = used[used["head"] != 0]
@@ -381,7 +469,7 @@ def test_bad_inputs_are_named():
 
 def merged_table() -> pd.DataFrame:
     """A merged relation-index table of one model over three steps, 2 layers x 3 heads, in which
-    head (1, 2) never qualifies and head (0, 0) has the best RI but too few events at the end."""
+    head (1, 2) never qualifies and head (0, 0) has the best RI but too few documents at the end."""
     rng = np.random.default_rng(0)
     rows = []
     for step in (0, 10, 100):
@@ -393,10 +481,12 @@ def merged_table() -> pd.DataFrame:
                     events = 0 if never else (5 if (layer, head) == (0, 0) and step == 100 else 50)
                     if (layer, head) == (0, 0) and step == 100:
                         ri = 9.0
+                    status = ("insufficient" if never or events < 20 else "sih" if ri > 0.5 else "not significant")
                     rows.append(dict(model="m/tiny", step=step, tokens=step * 10, layer=layer, head=head,
                                      family=family, relation=relation, direction="forward", gate="argmax",
-                                     variant="literal", ri=ri, ri_se=0.01, events=events, min_events=20, triplets=40,
-                                     control_tenth=0.1, control_random=0.05, sih=bool(not never and ri > 0.5)))
+                                     variant="source", ri=ri, ri_se=0.01, events=events, triplets=40,
+                                     control_tenth=0.1, control_random=0.05, effect=ri - 0.1, sih_status=status,
+                                     sih=status == "sih"))
     return pd.DataFrame(rows)
 
 
@@ -404,7 +494,7 @@ def test_final_heatmap_leaves_unqualified_heads_empty():
     from icl_dynamics.figures.relation_index import final_heatmaps, select_rows
 
     table = merged_table()
-    rows = select_rows(table, model=None, gate="argmax", variant="literal", direction="forward")
+    rows = select_rows(table, model=None, gate="argmax", variant="source", direction="forward")
     fig = final_heatmaps(rows, "kg")
     axes = [ax for ax in fig.axes if ax.images]
     assert [ax.get_title().split(" (")[0] for ax in axes] == ["PART-OF", "USED-FOR"]
@@ -427,7 +517,7 @@ def test_top_heads_over_training_follow_the_final_choice(tmp_path):
     )
 
     table = merged_table()
-    rows = select_rows(table, model="m/tiny", gate="argmax", variant="literal", direction="forward")
+    rows = select_rows(table, model="m/tiny", gate="argmax", variant="source", direction="forward")
     rel = rows[rows.relation == "nsubj"]
     last = rel[(rel.step == 100) & (rel.events >= 20)].sort_values("ri", ascending=False)
     chosen = top_heads(rel, 2)
@@ -441,7 +531,7 @@ def test_top_heads_over_training_follow_the_final_choice(tmp_path):
     np.testing.assert_allclose(lines["random ctrl"].get_ydata(), 0.05)
     written = write_relation_index_figures(table, tmp_path)
     assert sorted(p.name for p in written) == sorted(
-        f"m--tiny_ri_{fam}_{kind}_argmax_literal_forward.{ext}"
+        f"m--tiny_ri_{fam}_{kind}_argmax_source_forward.{ext}"
         for fam in ("kg", "syntax") for kind in ("final", "top") for ext in ("png", "pdf"))
-    with pytest.raises(ValueError, match="variant='source'"):
-        select_rows(table, model=None, gate="argmax", variant="source", direction="forward")
+    with pytest.raises(ValueError, match="variant='literal'"):
+        select_rows(table, model=None, gate="argmax", variant="literal", direction="forward")

@@ -40,19 +40,23 @@ def _forward(rows: relations.Rows, sequence_id: int | None = None) -> list[dict]
     return [t for t in rows.triplets if t["direction"] == "forward" and sequence_id in (None, t["sequence_id"])]
 
 
-def test_hand_checked_first_abstract(kg: relations.Rows, neox_tokenizer) -> None:
+def test_hand_checked_first_abstract(kg: relations.Rows, records, neox_tokenizer) -> None:
     # "we present a <method_6> for <task_1> that supplements <material_4> with <material_5> ..." with
-    # relation 6 USED-FOR 1: related entities get letters first (B, C), then the rest by first mention.
+    # relation 6 USED-FOR 1: every mentioned entity gets a letter of this abstract's permutation.
+    letters = relations.assign_letters(records[0])
+    m6, t1, m4, m5 = (letters[k] for k in (6, 1, 4, 5))
     sequence = kg.sequences[0]
-    assert sequence["text"].startswith("we present a B for C that supplements D with F encoding general")
+    assert sequence["text"].startswith(f"we present a {m6} for {t1} that supplements {m4} with {m5} encoding general")
     forward, reverse = [t for t in kg.triplets if t["sequence_id"] == 0]
-    assert (forward["relation"], forward["direction"], forward["head_str"], forward["tail_str"]) == ("USED-FOR", "forward", " B", " C")
+    assert (forward["relation"], forward["direction"], forward["head_str"], forward["tail_str"]) == (
+        "USED-FOR", "forward", f" {m6}", f" {t1}")
     ids = sequence["token_ids"]
     assert neox_tokenizer.decode(ids[: forward["s"]]) == "we present a"
     assert neox_tokenizer.decode(ids[forward["s"] + 1 : forward["o"]]) == " for"
-    assert (forward["head_id"], forward["tail_id"]) == (neox_tokenizer.encode(" B")[0], neox_tokenizer.encode(" C")[0])
+    assert (forward["head_id"], forward["tail_id"]) == (neox_tokenizer.encode(f" {m6}")[0],
+                                                        neox_tokenizer.encode(f" {t1}")[0])
     assert (reverse["s"], reverse["o"], reverse["head_str"], reverse["tail_str"], reverse["direction"]) == (
-        forward["o"], forward["s"], " C", " B", "reverse")
+        forward["o"], forward["s"], f" {t1}", f" {m6}", "reverse")
 
 
 def test_letters_go_to_related_entities_first_and_skip_words() -> None:
@@ -64,12 +68,28 @@ def test_letters_go_to_related_entities_first_and_skip_words() -> None:
         tokens=tuple(f"<task_{i}>" for i in range(22)) + (".",),
     )
     letters = relations.assign_letters(record)
-    assert (letters[21], letters[20]) == ("C", "B")  # related first, in order of first mention
-    assert [letters[i] for i in range(18)] == list("DFGHJKLMOPQRTUVXYZ")
+    assert sorted(letters) == [*range(18), 20, 21]  # related first, then by first mention
     assert 18 not in letters and 19 not in letters  # past the end of the alphabet: keep their words
-    assert not set(letters.values()) & set("AEINSW")
+    assert sorted(letters.values()) == sorted(relations.LETTERS)  # each letter once, none of AEINSW
+    assert letters == relations.assign_letters(record)  # deterministic
     text, tokens = relations.kg_text(record, letters)
-    assert text.startswith("D F G") and text.endswith("Z entity 18 entity 19 B C.")
+    assert text.startswith(" ".join(letters[i] for i in range(3)))
+    assert text.endswith(f"{letters[17]} entity 18 entity 19 {letters[20]} {letters[21]}.")
+
+
+def test_letters_are_shuffled_per_abstract(records) -> None:
+    """In order of mention every abstract would give its first related entity B; the per-abstract
+    permutation spreads each role over the whole alphabet."""
+    firsts = []
+    for record in records[:200]:
+        letters = relations.assign_letters(record)
+        related = {k for r in record.relations if r.head != r.tail for k in (r.head, r.tail)}
+        mentioned = [record.mention(token) for token in record.tokens]
+        first = next((k for k in mentioned if k in related and k in letters), None)
+        if first is not None:
+            firsts.append(letters[first])
+    counts = Counter(firsts)
+    assert len(counts) == len(relations.LETTERS) and max(counts.values()) < 0.2 * len(firsts)
 
 
 def test_every_kg_drop_reason_is_counted(neox_tokenizer, nlp) -> None:
@@ -81,8 +101,10 @@ def test_every_kg_drop_reason_is_counted(neox_tokenizer, nlp) -> None:
         relations=tuple(agenda.Relation(*r) for r in rels),
         tokens=tuple(f"<task_{i}>" for i in range(10)) + (".",),
     )
-    # four letters: related entities 0, 1, 2, 4 get B, C, D, F; 5 and 6 (also related) get none
+    # four letters: related entities 0, 1, 2, 4 get B, C, D, F (in some order); 5 and 6 (also related) none
     rows = relations.kg_rows([record], neox_tokenizer, nlp.make_doc, letters="BCDF")
+    got = relations.assign_letters(record, "BCDF")
+    assert sorted(got) == [0, 1, 2, 4, 10] and got[10] == got[1]  # entity 10 has the words of 1
     assert {(rel, reason): n for (_, rel, _, reason), n in rows.counts.items()} == {
         ("USED-FOR", ""): 1,  # 1 -> 0
         ("USED-FOR", relations.DUPLICATE): 1,  # entity 10 has the words of 1: the same letter triple again
@@ -91,8 +113,10 @@ def test_every_kg_drop_reason_is_counted(neox_tokenizer, nlp) -> None:
         ("CONJUNCTION", ""): 1,
         ("PART-OF", relations.NO_LETTER): 1,
     }
-    assert [(t["head_str"], t["tail_str"]) for t in _forward(rows)] == [(" C", "B"), (" D", " F")]
-    assert rows.sequences[0]["text"] == "B C D entity 3 F entity 5 entity 6 entity 7 entity 8 entity 9."
+    assert [(t["head_str"].strip(), t["tail_str"].strip()) for t in _forward(rows)] == [(got[1], got[0]),
+                                                                                        (got[2], got[4])]
+    assert rows.sequences[0]["text"] == (f"{got[0]} {got[1]} {got[2]} entity 3 {got[4]} entity 5 entity 6 "
+                                         "entity 7 entity 8 entity 9.")
 
 
 def test_letter_anchors_decode_to_the_annotated_entities(kg: relations.Rows, records, neox_tokenizer) -> None:

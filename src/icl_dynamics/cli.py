@@ -181,7 +181,8 @@ def cmd_relation_index(args: argparse.Namespace) -> None:
         rows = score_relation_index(
             ckpt.model, sequences, triplets, gates=args.gates, variants=args.variants, tau=args.tau,
             exclude_function_words=not args.keep_function_words, control_position=args.control_position,
-            seed=args.seed, min_events=args.min_events, sih_margin=args.sih_margin, batch_size=args.batch_size,
+            seed=args.seed, alpha=args.alpha, min_clusters=args.min_clusters, batch_size=args.batch_size,
+            bos=not args.no_bos,
             max_len=args.max_len,
         )
     meta = {"relations_dir": str(relations), **{k: v for k, v in vars(args).items() if k != "func"}}
@@ -372,9 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=2.2, help="margin of the margin gate")
     p.add_argument("--keep-function-words", action="store_true", help="keep stop words and punctuation in C_j")
     p.add_argument("--control-position", type=int, default=10, help="position of the fixed-token control")
-    p.add_argument("--min-events", type=int, default=20, help="events a head needs to be flagged as an SIH")
-    p.add_argument("--sih-margin", type=float, default=0.05, help="margin RI must exceed both controls by")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random-token control")
+    p.add_argument("--alpha", type=float, default=0.05, help="family-wise error rate of the SIH test (Holm)")
+    p.add_argument("--min-clusters", type=int, default=10,
+                   help="documents a cell needs behind its test; fewer: 'insufficient'")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-token and matched controls")
+    p.add_argument("--no-bos", action="store_true", help="score without prepending <|endoftext|>")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-len", type=int, default=None,
                    help="drop triplets beyond this many tokens (default: the model's context)")
@@ -393,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-task", action="store_true", help="one series per task instead of the mean over tasks")
     p.add_argument("--ri-direction", default="forward", choices=("forward", "reverse"))
     p.add_argument("--ri-gate", default="argmax", choices=("argmax", "margin"))
-    p.add_argument("--ri-variant", default="literal", choices=("literal", "source", "contextual"))
+    p.add_argument("--ri-variant", default="source", choices=("literal", "source", "contextual"))
     p.add_argument("--ri-tau", type=float, default=None, help="tau of the margin gate, if several were scored")
     p.add_argument("--k", type=int, default=3, help="checkpoints a crossing must hold for after its first")
     p.add_argument("--n-boot", type=int, default=200)

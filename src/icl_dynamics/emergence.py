@@ -65,7 +65,7 @@ ICL_COLUMNS = ("model", "step", "tokens", "level", "task", "shots", "metric", "v
 HEADS_COLUMNS = ("model", "step", "tokens", "layer", "head",
                  *HEAD_SCORES, *(f"{s}_control" for s in HEAD_SCORES), *(f"{s}_se" for s in HEAD_SCORES))
 RI_COLUMNS = ("model", "step", "tokens", "layer", "head", "relation", "direction", "gate", "variant",
-              "ri", "events", "control_tenth", "control_tenth_events", "control_random", "control_random_events")
+              "ri", "control_tenth", "control_random", "effect", "effect_se")
 
 DEFAULT_K = 3
 DEFAULT_N_BOOT = 200
@@ -327,7 +327,7 @@ def icl_trajectories(icl: pd.DataFrame, *, ci_level: float = DEFAULT_CI_LEVEL,
 
 
 def head_trajectories(heads: pd.DataFrame, ri: pd.DataFrame | None = None, *, ci_level: float = DEFAULT_CI_LEVEL,
-                      direction: str = "forward", gate: str = "argmax", variant: str = "literal",
+                      direction: str = "forward", gate: str = "argmax", variant: str = "source",
                       exclude: Iterable[tuple[str, int]] | None = None,
                       min_effect: float = DEFAULT_MIN_EFFECT) -> pd.DataFrame:
     """Long table of per-head score trajectories with the reliability flag that defines formation.
@@ -337,12 +337,10 @@ def head_trajectories(heads: pd.DataFrame, ri: pd.DataFrame | None = None, *, ci
     min_effect``: with ten probe samples the standard error is tiny, and without the effect-size
     floor a head attending 0.052 where uniform attention gives 0.050 would count as formed)
     and, from the relation-index table filtered to one ``direction/gate/variant``, ``ri:<relation>``.
-    The controls carry no standard error (and ``ri_se`` is optimistic: events of one triplet are
-    correlated), so the margin over a control ``c`` uses the bound
-    ``se(ri - c) <= sqrt(ri (1 - ri) / events) + sqrt(c (1 - c) / c_events)``: per-event scores lie
-    in [0, 1], so their variance is at most ``mean (1 - mean)``, and the two means may share events.
-    It must clear both controls by ``min_effect`` as well, and ``control`` is their maximum. A missing
-    RI (the head never qualified) or control is never reliable.
+    The relation index enters as the SIH test's estimate (relation_index.py): ``effect``, RI minus
+    the control it clears least, paired per event, with its cluster-robust ``effect_se`` (documents as
+    clusters); the trajectory's value is that effect, its control 0, and a checkpoint is reliable when
+    ``effect - z * effect_se > min_effect``. A missing effect (no events, too few documents) never is.
     """
     _require_columns(heads, HEADS_COLUMNS, "heads")
     z = _z(ci_level)
@@ -387,16 +385,13 @@ def _ri_trajectories(ri: pd.DataFrame, z: float, direction: str, gate: str, vari
     for name, arr in (("ri", value), ("control_tenth", controls[:, 0]), ("control_random", controls[:, 1])):
         if ((arr < 0) | (arr > 1)).any():
             raise ValueError(f"relation index: column {name} has values outside [0, 1]")
-    events = sel["events"].to_numpy(float)
-    control_events = sel[["control_tenth_events", "control_random_events"]].to_numpy(float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        se_v = np.sqrt(value * (1 - value) / events)
-        margins = [value - c - z * (se_v + np.sqrt(c * (1 - c) / n)) for c, n in zip(controls.T, control_events.T)]
-    reliable = np.all([m > min_effect for m in margins], axis=0)  # NaN margins (no events) compare False
+    effect, effect_se = sel["effect"].to_numpy(float), sel["effect_se"].to_numpy(float)
+    with np.errstate(invalid="ignore"):
+        reliable = effect - z * effect_se > min_effect  # NaN (no events, too few documents) compares False
     return pd.DataFrame({
         "model": sel["model"].to_numpy(), "score": RI_PREFIX + sel["relation"].astype(str).to_numpy(),
         "layer": sel["layer"].to_numpy(), "head": sel["head"].to_numpy(), "step": sel["step"].to_numpy(),
-        "tokens": sel["tokens"].to_numpy(), "value": value, "control": controls.max(axis=1), "reliable": reliable})
+        "tokens": sel["tokens"].to_numpy(), "value": effect, "control": np.zeros(len(sel)), "reliable": reliable})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -902,7 +897,7 @@ def _set_transition(g: pd.DataFrame, m: dict, boot: list[np.ndarray], tail: floa
 
 def analyze(icl: pd.DataFrame, heads: pd.DataFrame, ri: pd.DataFrame | None = None,
             provenance: pd.DataFrame | None = None, *, shots: int | None = None, per_task: bool = False,
-            direction: str = "forward", gate: str = "argmax", variant: str = "literal", tau: float | None = None,
+            direction: str = "forward", gate: str = "argmax", variant: str = "source", tau: float | None = None,
             k: int = DEFAULT_K, n_boot: int = DEFAULT_N_BOOT, n_perm: int = DEFAULT_N_PERM,
             block_length: int | None = None, alpha: float = DEFAULT_ALPHA, top_k: int = DEFAULT_TOP_K,
             min_effect: float = DEFAULT_MIN_EFFECT, ci_level: float = DEFAULT_CI_LEVEL,

@@ -10,8 +10,10 @@ For a triplet (t_s, r, t_o) at positions s, o of a sequence and every query posi
    q_t = max(0, p_t - mean_C p); a = q_{t_o} / sum_C q (event skipped when the sum is 0). The
    full-vocabulary normaliser cancels, so only the logits of the sequence's own ids are formed.
 3. RI = mean of a over the qualifying events of a relation, with the event count, the gate's pass
-   rate, RI per opportunity (failed gates count 0) and two nulls: the same score with the tail
-   replaced by the "tenth token" and by a seeded random candidate.
+   rate, RI per opportunity (failed gates count 0) and three nulls, the same score with the tail
+   replaced by: a *matched* control (a token of the tail's kind with no relation to the head, see
+   :func:`matched_controls`: RI minus it is the primary ``effect``), the "tenth token", and a seeded
+   random candidate. A control that is the triplet's own head or tail token is dropped for that event.
 
 Variants of x (each labelled in the output): ``literal`` = raw embedding of the current token t_j
 (the paper's formula), ``source`` = raw embedding of the attended token t_s (the paper's prose),
@@ -20,6 +22,14 @@ Biases are left out of ``literal``/``source`` (as in the formula); b_O is shared
 never included.
 
 Decisions the paper leaves open, fixed here (and recorded as columns of every row):
+
+* BOS (``bos``, default on): Pythia adds no BOS, so without one position 0 is the attention sink
+  and a triplet whose head token opens the sequence passes the argmax gate almost everywhere.
+  ``<|endoftext|>`` (the config's ``bos_token_id``) is prepended; it is never a candidate nor a head
+  position (method notes §8).
+* ``literal`` (x = the current token t_j) is biased where t_j is the tail itself: any head that copies
+  its own input raises it. Those events are left out, and so is a control equal to t_j; ``source``
+  has no such bias and is the analysis default (method notes §9.1).
 
 * Candidate set with ``exclude_function_words``: an id is in C_j when it occurs at some position
   k <= j whose ``function_mask`` is false (an id seen only as a stop word / punctuation is not a
@@ -35,10 +45,14 @@ Decisions the paper leaves open, fixed here (and recorded as columns of every ro
   heads and triplets at that position, with ``numpy.random.default_rng([seed, sequence_id])``
   drawing u_j ~ U[0, 1) for j = 0..n-1 and taking the floor(u_j * |C_j|)-th candidate in order of
   first (candidate) appearance. Batch size and sequence order therefore do not change it.
-* SIH rule: ``events >= min_events`` and ``ri - max(control_tenth, control_random) > sih_margin``
-  (false when a control is undefined).
-* ``ri_se`` is the standard error over events; events of one triplet at successive j are not
-  independent, so it is optimistic -- ``triplets_qualified`` says how many triplets stand behind it.
+* SIH rule (a significance test, not a margin): per cell (head, relation, direction, gate, variant)
+  the paired differences a - c of each event against each control, clustered by source document
+  (``document_id``: events of one abstract are not independent draws), give a mean, a cluster-robust
+  standard error and a one-sided t-test of "RI above that control"; the cell's p is the larger of
+  the two. Holm's method controls the family-wise error over every tested cell of the checkpoint
+  for each (gate, variant), at ``alpha``. A cell with fewer than ``min_clusters`` documents behind
+  either comparison is ``insufficient``, not "not significant". See :func:`clustered_test`.
+* ``ri_se`` is RI's cluster-robust standard error over documents.
 * Sequences longer than ``max_len`` (default: the model's context) are cut there; triplets with
   max(s, o) beyond the cut are dropped with a warning.
 
@@ -74,7 +88,8 @@ GATES = ("argmax", "margin")
 VARIANTS = ("literal", "source", "contextual")
 DIRECTIONS = ("forward", "reverse")
 DEFAULT_TAU = 2.2
-DEFAULT_SIH_MARGIN = 0.05
+DEFAULT_ALPHA = 0.05
+DEFAULT_MIN_CLUSTERS = 10
 
 RELATION_INDEX_SCHEMA = pa.schema(
     [
@@ -90,7 +105,7 @@ RELATION_INDEX_SCHEMA = pa.schema(
         pa.field("variant", pa.string(), nullable=False),
         pa.field("tau", pa.float64()),  # null for the argmax gate
         pa.field("ri", pa.float64()),  # null (NaN) when the head never qualified
-        pa.field("ri_se", pa.float64()),  # standard error over events; null below 2 events
+        pa.field("ri_se", pa.float64()),  # cluster-robust standard error (documents); null below 2 documents
         pa.field("events", pa.int64(), nullable=False),  # qualifying events with a defined score
         pa.field("passes", pa.int64(), nullable=False),  # opportunities passing the gate
         pa.field("opportunities", pa.int64(), nullable=False),  # (triplet, j) with the tail in C_j
@@ -98,23 +113,35 @@ RELATION_INDEX_SCHEMA = pa.schema(
         pa.field("ri_per_opportunity", pa.float64()),  # sum of a / opportunities
         pa.field("triplets", pa.int64(), nullable=False),  # triplets with >= 1 opportunity
         pa.field("triplets_qualified", pa.int64(), nullable=False),  # triplets with >= 1 event
+        pa.field("control_matched", pa.float64()),  # mean score of the matched control (same kind of token)
+        pa.field("control_matched_events", pa.int64(), nullable=False),
         pa.field("control_tenth", pa.float64()),
         pa.field("control_tenth_events", pa.int64(), nullable=False),
         pa.field("control_random", pa.float64()),
         pa.field("control_random_events", pa.int64(), nullable=False),
+        # the SIH test: RI against each control, paired per event, clustered by document
+        pa.field("effect", pa.float64()),  # primary effect: mean of (a - matched control) over its events
+        pa.field("effect_se", pa.float64()),  # its cluster-robust standard error
+        pa.field("clusters", pa.int64(), nullable=False),  # documents behind the test (the fewest of the controls)
+        pa.field("p_value", pa.float64()),  # one-sided, the largest of the three controls' p
+        pa.field("p_adjusted", pa.float64()),  # Holm over every tested cell of the (gate, variant)
+        pa.field("sih_status", pa.string(), nullable=False),  # sih | not significant | insufficient
         pa.field("sih", pa.bool_(), nullable=False),
         # parameters of the scoring and of the SIH rule, repeated on every row so that merged
         # tables (which drop file metadata) stay self-describing
         pa.field("exclude_function_words", pa.bool_(), nullable=False),
         pa.field("control_position", pa.int32(), nullable=False),
         pa.field("seed", pa.int64(), nullable=False),
-        pa.field("min_events", pa.int64(), nullable=False),
-        pa.field("sih_margin", pa.float64(), nullable=False),
+        pa.field("alpha", pa.float64(), nullable=False),
+        pa.field("min_clusters", pa.int64(), nullable=False),
+        pa.field("bos", pa.bool_(), nullable=False),  # sequences scored with <|endoftext|> prepended
     ]
 )
 """One row per (model, step, layer, head, family, relation, direction, gate, variant)."""
 
-SEQUENCE_COLUMNS = ("sequence_id", "family", "token_ids", "function_mask")
+SEQUENCE_COLUMNS = ("sequence_id", "document_id", "family", "token_ids", "function_mask")
+CONTROLS = ("matched", "tenth", "random")
+STREAMS = ("ri", *CONTROLS)  # per-event values summed per (cell, document): a, and a - c for each control
 TRIPLET_COLUMNS = ("sequence_id", "family", "relation", "direction", "s", "o", "head_id", "tail_id")
 
 
@@ -170,12 +197,16 @@ def random_control_draws(seed: int, sequence_id: int, n: int) -> np.ndarray:
 @dataclass
 class _Sequence:
     sequence_id: int
+    document: int  # source document: the cluster of the significance test
     tokens: np.ndarray  # [n] int64
     uniq: np.ndarray  # [U] candidate ids, in order of first candidate appearance
     first: np.ndarray  # [U] first candidate position of each uniq id
     tenth: tuple[int, int] | None  # (position, uniq index) of the tenth-token control
     random: np.ndarray  # [n] uniq index of the random control at each j (-1 before any candidate)
-    triplets: np.ndarray  # [m, 4] int64 (s, first opportunity j, group, tail uniq index) of live triplets
+    position_uniq: np.ndarray  # [n] uniq index of the token at each position (-1: never a candidate)
+    # [m, 6] int64 of live triplets: s, first opportunity j, group, tail, head and matched-control uniq
+    # indices (-1: none)
+    triplets: np.ndarray
 
 
 def _as_frame(table: pa.Table | pd.DataFrame, columns: Sequence[str], what: str) -> pd.DataFrame:
@@ -194,8 +225,10 @@ def _prepare(
     control_position: int,
     seed: int,
     max_len: int,
+    bos_id: int | None,
 ) -> tuple[list[_Sequence], list[tuple[str, str, str]]]:
-    """Check the inputs against the relations contract and index them per sequence."""
+    """Check the inputs against the relations contract and index them per sequence (with ``bos_id``
+    prepended when given: positions shift by one, the BOS is never a candidate nor a head position)."""
     seqs = _as_frame(sequences, SEQUENCE_COLUMNS, "sequences")
     trips = _as_frame(triplets, TRIPLET_COLUMNS, "triplets")
     if seqs["sequence_id"].duplicated().any():
@@ -234,6 +267,8 @@ def _prepare(
                 f"sequence {sid}: triplet {bad['relation']} s={bad['s']} o={bad['o']} names ids "
                 f"{bad['head_id']}/{bad['tail_id']} but the tokens there are {tokens[bad['s']]}/{tokens[bad['o']]}"
             )
+        if bos_id is not None:
+            tokens, mask, s, o = np.concatenate([[bos_id], tokens]), np.concatenate([[True], mask]), s + 1, o + 1
         if len(tokens) > max_len:
             keep = np.maximum(s, o) < max_len
             truncated += int((~keep).sum())
@@ -242,7 +277,9 @@ def _prepare(
             if not len(rows):
                 continue
         seq = _index_sequence(sid, tokens, mask, rows, s, o, group_of, exclude_function_words=exclude_function_words,
-                              control_position=control_position, seed=seed)
+                              control_position=control_position + (bos_id is not None), seed=seed,
+                              bos=bos_id is not None)
+        seq.document = int(row.document_id)
         if len(seq.triplets):
             prepared.append(seq)
     if truncated:
@@ -253,9 +290,11 @@ def _prepare(
 def _index_sequence(
     sid: int, tokens: np.ndarray, mask: np.ndarray, rows: pd.DataFrame, s: np.ndarray, o: np.ndarray,
     group_of: Mapping[tuple[str, str, str], int], *, exclude_function_words: bool, control_position: int, seed: int,
+    bos: bool,
 ) -> _Sequence:
     n = len(tokens)
     content = ~mask if exclude_function_words else np.ones(n, dtype=bool)
+    content[0] &= not bos
     positions = np.flatnonzero(content)
     uniq, first_idx = np.unique(tokens[positions], return_index=True)
     order = np.argsort(positions[first_idx], kind="stable")
@@ -267,12 +306,48 @@ def _index_sequence(
     draws = random_control_draws(seed, sid, n)
     random = np.where(visible > 0, np.floor(draws * visible).astype(np.int64), -1)
     groups = [group_of[key] for key in zip(rows["family"], rows["relation"], rows["direction"])]
-    tail = np.asarray([index.get(int(t), -1) for t in tokens[o]], dtype=np.int64)
+    position_uniq = np.asarray([index.get(int(t), -1) for t in tokens], dtype=np.int64)
+    tail, head = position_uniq[o], position_uniq[s]
+    matched = matched_controls(tokens, rows, s, o, index, first, seed=seed, sequence_id=sid)
     # opportunities: j >= max(s, o) with the tail in C_j; a tail that is never a candidate has none
     start = np.maximum(np.maximum(s, o), np.append(first, n)[tail])
     live = start < n
-    trip = np.stack([s, start, np.asarray(groups, np.int64), tail], axis=1)[live]
-    return _Sequence(sid, tokens, uniq, first, tenth, random, trip)
+    trip = np.stack([s, start, np.asarray(groups, np.int64), tail, head, matched], axis=1)[live]
+    return _Sequence(sid, -1, tokens, uniq, first, tenth, random, position_uniq, trip)
+
+
+def matched_controls(tokens: np.ndarray, rows: pd.DataFrame, s: np.ndarray, o: np.ndarray,
+                     index: Mapping[int, int], first: np.ndarray, *, seed: int, sequence_id: int) -> np.ndarray:
+    """Each triplet's matched control (uniq index, -1 when there is none): a token of the same kind as
+    its tail that the relations give no link to its head (method notes §2.5 and §9.11).
+
+    Same kind: for the knowledge graph, any entity letter of the sequence (a head or tail of one of
+    its KG triplets); for syntax, a tail of the same dependency label and direction. Excluded: the
+    triplet's own head and tail tokens and every token a triplet of the sequence links to the head
+    token. It must be a candidate visible from the first opportunity on (first candidate position
+    <= max(s, o)). Drawn uniformly, in order of first appearance, with
+    ``numpy.random.default_rng([seed, sequence_id, 1])``, one draw per triplet in table order.
+    """
+    family, relation, direction = (rows[c].to_numpy() for c in ("family", "relation", "direction"))
+    head_tok, tail_tok = tokens[s], tokens[o]
+    linked: dict[int, set[int]] = {}
+    for h, t in zip(head_tok.tolist(), tail_tok.tolist()):
+        linked.setdefault(h, set()).add(t)
+        linked.setdefault(t, set()).add(h)
+    rng = np.random.default_rng([seed, sequence_id, 1])
+    out = np.full(len(rows), -1, dtype=np.int64)
+    for i in range(len(rows)):
+        if family[i] == "kg":
+            kind = (family == "kg")
+            pool = set(head_tok[kind].tolist()) | set(tail_tok[kind].tolist())
+        else:
+            pool = set(tail_tok[(family == family[i]) & (relation == relation[i]) & (direction == direction[i])].tolist())
+        pool -= {int(head_tok[i]), int(tail_tok[i])} | linked[int(head_tok[i])]
+        horizon = max(s[i], o[i])
+        eligible = sorted(index[t] for t in pool if t in index and first[index[t]] <= horizon)
+        if eligible:
+            out[i] = eligible[int(rng.integers(len(eligible)))]
+    return out
 
 
 # ----------------------------------------------------------------------------- per-batch scoring
@@ -281,7 +356,7 @@ def _index_sequence(
 class _Accumulator:
     """Sums over events per (gate, variant, group, head), on the scoring device, in float64."""
 
-    FIELDS = ("n", "sum", "sum2", "tenth_n", "tenth_sum", "random_n", "random_sum", "triplets_q")
+    FIELDS = ("n", "sum", *(f"{c}_{k}" for c in CONTROLS for k in ("n", "sum")), "triplets_q")
 
     def __init__(self, gates: Sequence[str], variants: Sequence[str], groups: int, layers: int, heads: int,
                  device: torch.device) -> None:
@@ -290,6 +365,20 @@ class _Accumulator:
         self.passes = torch.zeros((len(gates), layers, groups, heads), dtype=torch.float64, device=device)
         self.opportunities = np.zeros(groups, dtype=np.int64)
         self.triplets = np.zeros(groups, dtype=np.int64)
+        self.n_cells = int(np.prod(shape))
+        self.n_docs = 1
+        # per stream: (key = cell * n_docs + document, sum, count) of each batch's events
+        self.parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {k: [] for k in STREAMS}
+
+    def add_clustered(self, stream: str, cell: torch.Tensor, document: torch.Tensor, values: torch.Tensor,
+                      n_docs: int) -> None:
+        """Sum ``values`` per (cell, document) and keep the sums for the cluster-robust test."""
+        if not len(values):
+            return
+        keys, inverse = torch.unique(cell * n_docs + document, return_inverse=True)
+        sums = torch.zeros(len(keys), dtype=torch.float64, device=values.device).index_add_(0, inverse, values)
+        counts = torch.bincount(inverse, minlength=len(keys))
+        self.parts[stream].append((keys.cpu().numpy(), sums.cpu().numpy(), counts.cpu().numpy()))
 
 
 @dataclass
@@ -298,30 +387,38 @@ class _BatchIndex:
     finds its triplets directly; plus the per-position control targets."""
 
     lengths: torch.Tensor  # [B]
+    document: torch.Tensor  # [B] source document of each sequence
+    row: torch.Tensor  # [n_trip] batch row of each triplet
     order: torch.Tensor  # triplets sorted by (b, s)
     slot_start: torch.Tensor  # [B * T] first index into ``order`` of the triplets with head at (b, s)
     slot_count: torch.Tensor  # [B * T]
     start: torch.Tensor  # [n_trip] first j of each triplet's opportunities
     group: torch.Tensor
     tail: torch.Tensor  # uniq index of the tail
+    head: torch.Tensor  # uniq index of the head token (-1: not a candidate)
+    matched: torch.Tensor  # uniq index of the matched control (-1: none)
     tenth_pos: torch.Tensor  # [B] position of the tenth-token control (T when none)
     tenth: torch.Tensor  # [B] its uniq index
     random: torch.Tensor  # [B, T] uniq index of the random control at each j
+    position_uniq: torch.Tensor  # [B, T] uniq index of the token at each position (-1: none)
 
 
 def _batch_index(batch: Sequence[_Sequence], t_max: int, acc: _Accumulator, device: torch.device) -> _BatchIndex:
     """Index a batch's triplets and add their opportunities (independent of heads) to ``acc``."""
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("b", "s", "start", "group", "tail")}
-    lengths, tenth_pos, tenth = [], [], []
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("b", "s", "start", "group", "tail", "head", "matched")}
+    lengths, tenth_pos, tenth, document = [], [], [], []
     random = np.zeros((len(batch), t_max), dtype=np.int64)
+    position_uniq = np.full((len(batch), t_max), -1, dtype=np.int64)
     for b, seq in enumerate(batch):
         n = len(seq.tokens)
-        s, start, group, tail = seq.triplets.T
+        s, start, group, tail, head, matched = seq.triplets.T
         np.add.at(acc.opportunities, group, n - start)
         np.add.at(acc.triplets, group, 1)
-        for key, col in zip(cols, (np.full(len(s), b), s, start, group, tail)):
+        for key, col in zip(cols, (np.full(len(s), b), s, start, group, tail, head, matched)):
             cols[key].append(col)
+        position_uniq[b, :n] = seq.position_uniq
         lengths.append(n)
+        document.append(seq.document)
         tenth_pos.append(seq.tenth[0] if seq.tenth else t_max)
         tenth.append(seq.tenth[1] if seq.tenth else 0)
         random[b, :n] = seq.random
@@ -331,9 +428,10 @@ def _batch_index(batch: Sequence[_Sequence], t_max: int, acc: _Accumulator, devi
     count = np.bincount(slot, minlength=len(batch) * t_max)
     as_t = lambda x: torch.as_tensor(np.asarray(x, dtype=np.int64), device=device)  # noqa: E731
     return _BatchIndex(
-        lengths=as_t(lengths), order=as_t(order), slot_start=as_t(np.cumsum(count) - count), slot_count=as_t(count),
-        start=as_t(c["start"]), group=as_t(c["group"]), tail=as_t(c["tail"]),
-        tenth_pos=as_t(tenth_pos), tenth=as_t(tenth), random=as_t(random),
+        lengths=as_t(lengths), document=as_t(document), row=as_t(c["b"]), order=as_t(order),
+        slot_start=as_t(np.cumsum(count) - count), slot_count=as_t(count), start=as_t(c["start"]),
+        group=as_t(c["group"]), tail=as_t(c["tail"]), head=as_t(c["head"]), matched=as_t(c["matched"]),
+        tenth_pos=as_t(tenth_pos), tenth=as_t(tenth), random=as_t(random), position_uniq=as_t(position_uniq),
     )
 
 
@@ -405,7 +503,11 @@ class _BatchScorer:
         cand = rj[:, None] >= self.first[rb]  # C_j of each row [R, U]
         pb, pj = rb[inverse], rj[inverse]  # each pair's sequence and query
         tenth = torch.where(pj >= idx.tenth_pos[pb], idx.tenth[pb], -1)
-        targets = torch.stack([idx.tail[trip], tenth, idx.random[pb, pj]], 1)  # uniq indices [P, 3]
+        controls = torch.stack([idx.matched[trip], tenth, idx.random[pb, pj]], 1)  # CONTROLS order
+        # a control that is the triplet's own tail or head token is no control: dropped for that event
+        own = (controls == idx.tail[trip, None]) | (controls == idx.head[trip, None])
+        targets = torch.cat([idx.tail[trip, None], controls.masked_fill(own, -1)], 1)  # uniq indices [P, 4]
+        current = idx.position_uniq[pb, pj]  # t_j, for the literal variant
         logits = []
         raw = None
         for variant in self.variants:
@@ -417,32 +519,39 @@ class _BatchScorer:
                 if raw is None:  # raw-embedding logits x_t W_OV^h W_U[:, ids] of every token [B, H, T, U]
                     raw = torch.einsum("btd,hde->bhte", self.x, w_v) @ w_ou
                 logits.append(raw[rb, rh, rj if variant == "literal" else rs])
-        scores = ov_scores(torch.stack(logits), cand, inverse, targets)  # [variants, P, 3]
-        for vi in range(len(self.variants)):
+        scores = ov_scores(torch.stack(logits), cand, inverse, targets)  # [variants, P, 4]
+        for vi, variant in enumerate(self.variants):
+            if variant == "literal":  # x_j is the current token's: a self-copying head raises t_j
+                scores[vi, :, 0].masked_fill_(current == targets[:, 0], math.nan)
+                scores[vi, :, 1:].masked_fill_(current[:, None] == targets[:, 1:], math.nan)
             self._accumulate(layer, vi, passed, trip, rh[inverse], scores[vi])
 
     def _accumulate(self, layer: int, vi: int, passed: Mapping[str, torch.Tensor], trip: torch.Tensor,
                     head: torch.Tensor, scores: torch.Tensor) -> None:
-        """Add the events (query, triplet) that pass each gate; ``scores`` [P, 3] holds their
-        scores for the tail, the tenth-token and the random control (NaN: not visible)."""
+        """Add the events (query, triplet) that pass each gate; ``scores`` [P, 4] holds their scores
+        for the tail and for each of :data:`CONTROLS` (NaN: no event, or no such control for it)."""
         acc = self.acc
         heads = acc.passes.shape[-1]
-        tail, tenth, rand = scores.double().unbind(1)
-        tenth_ok = ~tenth.isnan()
+        tail, *controls = scores.double().unbind(1)
         defined = ~tail.isnan()
         flat_all = self.index.group[trip] * heads + head
+        n_v, n_layers, n_groups = len(self.variants), *acc.stats["n"].shape[2:4]
         for gi, gate in enumerate(self.gates):
             keep = passed[gate] & defined
-            flat, a, t_ok = flat_all[keep], tail[keep], tenth_ok[keep]
+            flat, a = flat_all[keep], tail[keep]
             stats = {k: v[gi, vi, layer].view(-1) for k, v in acc.stats.items()}
-            ones = torch.ones_like(a)
-            stats["n"].index_add_(0, flat, ones)
+            stats["n"].index_add_(0, flat, torch.ones_like(a))
             stats["sum"].index_add_(0, flat, a)
-            stats["sum2"].index_add_(0, flat, a * a)
-            stats["tenth_n"].index_add_(0, flat[t_ok], ones[t_ok])
-            stats["tenth_sum"].index_add_(0, flat[t_ok], tenth[keep][t_ok])
-            stats["random_n"].index_add_(0, flat, ones)
-            stats["random_sum"].index_add_(0, flat, rand[keep])
+            # per (cell, document) sums for the cluster-robust test of RI against each control
+            cell = ((gi * n_v + vi) * n_layers + layer) * (n_groups * heads) + flat
+            document = self.index.document[self.index.row[trip[keep]]]
+            acc.add_clustered("ri", cell, document, a, acc.n_docs)
+            for name, control in zip(CONTROLS, controls):
+                c = control[keep]
+                ok = ~c.isnan()
+                stats[f"{name}_n"].index_add_(0, flat[ok], torch.ones_like(c[ok]))
+                stats[f"{name}_sum"].index_add_(0, flat[ok], c[ok])
+                acc.add_clustered(name, cell[ok], document[ok], (a - c)[ok], acc.n_docs)
             # triplets with at least one event: each (triplet, head) once, then counted per group
             marks = torch.unique(trip[keep] * heads + head[keep])
             stats["triplets_q"].index_add_(0, self.index.group[marks // heads] * heads + marks % heads,
@@ -470,10 +579,11 @@ def score_relation_index(
     exclude_function_words: bool = True,
     control_position: int = 10,
     seed: int = 0,
-    min_events: int = 20,
-    sih_margin: float = DEFAULT_SIH_MARGIN,
+    alpha: float = DEFAULT_ALPHA,
+    min_clusters: int = DEFAULT_MIN_CLUSTERS,
     batch_size: int = 8,
     max_len: int | None = None,
+    bos: bool = True,
 ) -> list[dict[str, Any]]:
     """Relation index of every head of a GPT-NeoX ``model`` for every (family, relation, direction)
     of ``triplets`` over ``sequences`` (the relations stage's tables), per gate and variant.
@@ -487,18 +597,22 @@ def score_relation_index(
             raise ValueError(f"{name}s must be distinct values from {allowed}, got {got}")
     if not tau > 0:
         raise ValueError(f"tau must be positive, got {tau}")
-    if batch_size < 1 or control_position < 0 or min_events < 0:
-        raise ValueError("batch_size must be >= 1, control_position and min_events >= 0")
+    if batch_size < 1 or control_position < 0 or min_clusters < 2 or not 0 < alpha < 1:
+        raise ValueError("batch_size must be >= 1, control_position >= 0, min_clusters >= 2 and 0 < alpha < 1")
     attention_modules(model)  # raises for non-GPT-NeoX models
     config = model.config
     max_len = int(max_len or config.max_position_embeddings)
+    bos_id = config.bos_token_id if bos else None
+    if bos and bos_id is None:
+        raise ValueError("the model config names no bos_token_id; pass bos=False to score without one")
     seqs, keys = _prepare(sequences, triplets, exclude_function_words=exclude_function_words,
-                          control_position=control_position, seed=seed, max_len=max_len)
+                          control_position=control_position, seed=seed, max_len=max_len, bos_id=bos_id)
     param = next(model.parameters())
     device = param.device
     dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
     layers, heads = config.num_hidden_layers, config.num_attention_heads
     acc = _Accumulator(gates, variants, len(keys), layers, heads, device)
+    acc.n_docs = max((seq.document for seq in seqs), default=0) + 1
 
     for batch in tqdm(_batches(seqs, batch_size), desc="relation index", total=-(-len(seqs) // batch_size),
                       mininterval=5):
@@ -515,15 +629,82 @@ def score_relation_index(
                 handle.remove()
 
     params = dict(exclude_function_words=bool(exclude_function_words), control_position=int(control_position),
-                  seed=int(seed), min_events=int(min_events), sih_margin=float(sih_margin))
+                  seed=int(seed), alpha=float(alpha), min_clusters=int(min_clusters), bos=bool(bos))
     return _rows(acc, keys, gates, variants, tau, params)
+
+
+def clustered_test(keys: np.ndarray, sums: np.ndarray, counts: np.ndarray, n_cells: int,
+                   n_docs: int) -> dict[str, np.ndarray]:
+    """Mean of per-event values per cell, its cluster-robust standard error and a one-sided p-value.
+
+    ``keys`` = cell * n_docs + document, with the sum and count of the events behind each (repeats
+    allowed). Clusters are documents: every event of one document is one draw. The standard error is
+    the CR1 sandwich sqrt(G / (G - 1) * sum_g (S_g - n_g mean)^2) / N over the G clusters with events;
+    p tests mean > 0 against Student's t with G - 1 degrees of freedom (NaN below 2 clusters).
+    Returns per cell: ``mean``, ``se``, ``p``, ``clusters``, ``events``.
+    """
+    from scipy import stats as st
+
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    s_g = np.bincount(inverse, weights=sums, minlength=len(uniq))
+    n_g = np.bincount(inverse, weights=counts, minlength=len(uniq))
+    cell = uniq // n_docs
+
+    def per_cell(values: np.ndarray) -> np.ndarray:
+        return np.bincount(cell, weights=values, minlength=n_cells)
+
+    clusters = np.bincount(cell, minlength=n_cells).astype(float)
+    events, total = per_cell(n_g), per_cell(s_g)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / events
+        spread = per_cell(s_g**2) - 2 * mean * per_cell(s_g * n_g) + mean**2 * per_cell(n_g**2)
+        se = np.sqrt(np.maximum(spread, 0.0) * clusters / (clusters - 1)) / events
+        se[clusters < 2] = np.nan
+        t = mean / se
+        p = np.where(se > 0, st.t.sf(t, np.maximum(clusters - 1, 1)), np.where(mean > 0, 0.0, 1.0))
+    p[clusters < 2] = np.nan
+    return {"mean": mean, "se": se, "p": p, "clusters": clusters, "events": events}
+
+
+def holm(p: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error control); NaN entries are not tested."""
+    flat = np.asarray(p, dtype=float).ravel()
+    out = np.full(flat.shape, np.nan)
+    tested = np.flatnonzero(~np.isnan(flat))
+    order = tested[np.argsort(flat[tested], kind="stable")]
+    m = len(order)
+    scaled = np.minimum(1.0, (m - np.arange(m)) * flat[order])
+    out[order] = np.maximum.accumulate(scaled) if m else scaled
+    return out.reshape(np.shape(p))
+
+
+def _control_columns(stats: Mapping[str, np.ndarray], control: str, at: tuple) -> dict[str, Any]:
+    n = int(stats[f"{control}_n"][at])
+    return {"": float(stats[f"{control}_sum"][at]) / n if n else math.nan, "_events": n}
 
 
 def _rows(acc: _Accumulator, keys: Sequence[tuple[str, str, str]], gates: Sequence[str],
           variants: Sequence[str], tau: float, params: Mapping[str, Any]) -> list[dict[str, Any]]:
     stats = {k: v.cpu().numpy() for k, v in acc.stats.items()}
     passes = acc.passes.cpu().numpy()
-    _, _, layers, groups, heads = stats["n"].shape
+    shape = stats["n"].shape
+    _, _, layers, groups, heads = shape
+    tests = {}
+    for stream in STREAMS:
+        parts = acc.parts[stream] or [(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64))]
+        keys_, sums, counts = (np.concatenate(x) for x in zip(*parts))
+        tests[stream] = {k: v.reshape(shape) for k, v in
+                         clustered_test(keys_, sums, counts, acc.n_cells, acc.n_docs).items()}
+    # the cell's test: RI above *each* control, so the largest p; the effect is over the matched control
+    p_all = np.stack([tests[c]["p"] for c in CONTROLS])
+    untested = np.isnan(p_all).any(0)
+    p_cell = np.where(untested, np.nan, np.nanmax(np.where(np.isnan(p_all), 0.0, p_all), 0))
+    clusters = np.min(np.stack([tests[c]["clusters"] for c in CONTROLS]), 0)
+    sufficient = (clusters >= params["min_clusters"]) & ~np.isnan(p_cell)
+    adjusted = np.full(shape, np.nan)
+    for gi in range(len(gates)):  # one family per (gate, variant): every cell of this checkpoint
+        for vi in range(len(variants)):
+            adjusted[gi, vi] = holm(np.where(sufficient[gi, vi], p_cell[gi, vi], np.nan))
     rows = []
     with np.errstate(invalid="ignore", divide="ignore"):
         for gi, gate in enumerate(gates):
@@ -534,23 +715,21 @@ def _rows(acc: _Accumulator, keys: Sequence[tuple[str, str, str]], gates: Sequen
                         for head in range(heads):
                             at = (gi, vi, layer, g, head)
                             n, total = int(stats["n"][at]), float(stats["sum"][at])
-                            ri = total / n if n else math.nan
-                            var = (float(stats["sum2"][at]) - n * ri * ri) / (n - 1) if n > 1 else math.nan
-                            tn, rn = int(stats["tenth_n"][at]), int(stats["random_n"][at])
-                            c10 = float(stats["tenth_sum"][at]) / tn if tn else math.nan
-                            crand = float(stats["random_sum"][at]) / rn if rn else math.nan
-                            sih = (n >= params["min_events"] and not math.isnan(c10) and not math.isnan(crand)
-                                   and ri - max(c10, crand) > params["sih_margin"])
                             n_pass = int(passes[gi, layer, g, head])
+                            status = ("insufficient" if not sufficient[at] else
+                                      "sih" if adjusted[at] < params["alpha"] else "not significant")
                             rows.append(dict(
                                 layer=layer, head=head, family=family, relation=relation, direction=direction,
                                 gate=gate, variant=variant, tau=float(tau) if gate == "margin" else None,
-                                ri=ri, ri_se=math.sqrt(max(var, 0.0) / n) if n > 1 else math.nan,
+                                ri=total / n if n else math.nan, ri_se=float(tests["ri"]["se"][at]),
                                 events=n, passes=n_pass, opportunities=opp,
                                 pass_rate=n_pass / opp if opp else math.nan,
                                 ri_per_opportunity=total / opp if opp else math.nan,
                                 triplets=int(acc.triplets[g]), triplets_qualified=int(stats["triplets_q"][at]),
-                                control_tenth=c10, control_tenth_events=tn,
-                                control_random=crand, control_random_events=rn, sih=bool(sih), **params,
+                                **{f"control_{c}{suffix}": value for c in CONTROLS
+                                   for suffix, value in _control_columns(stats, c, at).items()},
+                                effect=float(tests["matched"]["mean"][at]), effect_se=float(tests["matched"]["se"][at]),
+                                clusters=int(clusters[at]), p_value=float(p_cell[at]),
+                                p_adjusted=float(adjusted[at]), sih_status=status, sih=status == "sih", **params,
                             ))
     return rows

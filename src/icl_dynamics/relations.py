@@ -17,12 +17,14 @@ import bisect
 import os
 import string
 import unicodedata
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
@@ -64,6 +66,7 @@ SAME_TOKEN = "head and tail share a token"
 
 SEQUENCES_SCHEMA = pa.schema([
     pa.field("sequence_id", pa.int32(), nullable=False),
+    pa.field("document_id", pa.int32(), nullable=False),  # the source document (cluster for the SIH test)
     pa.field("source", pa.string(), nullable=False),
     pa.field("unit", pa.string(), nullable=False),
     pa.field("family", pa.string(), nullable=False),
@@ -116,10 +119,11 @@ class Rows:
     counts: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)
     _decoded: dict[int, str] = field(default_factory=dict)
 
-    def add_sequence(self, *, source: str, unit: str, family: str, text: str, encoded: Encoded) -> int:
+    def add_sequence(self, *, document_id: int, source: str, unit: str, family: str, text: str,
+                     encoded: Encoded) -> int:
         sequence_id = self.first_id + len(self.sequences)
         self.sequences.append(dict(
-            sequence_id=sequence_id, source=source, unit=unit, family=family, text=text,
+            sequence_id=sequence_id, document_id=document_id, source=source, unit=unit, family=family, text=text,
             token_ids=encoded.token_ids, function_mask=encoded.function_mask,
         ))
         return sequence_id
@@ -266,8 +270,14 @@ def load_spacy(name: str = DEFAULT_SPACY_MODEL) -> Any:
 def assign_letters(record: agenda.AgendaRecord, letters: Sequence[str] = LETTERS) -> dict[int, str]:
     """Letter of each mentioned entity (entity index -> letter); deterministic per abstract.
 
-    Entities with the same words share a letter. Entities in (non-self) relations come first, then
-    the rest, each in order of first mention; entities past the end of the alphabet get none.
+    Entities with the same words share a letter. Which entities get one: those in (non-self)
+    relations first, then the rest, each in order of first mention, until the letters run out. Which
+    letter each gets: a permutation of ``letters`` drawn per abstract (seeded by its text), not the
+    alphabet in order of mention. In order of mention, the letters of related entities would follow a
+    pattern shared by every abstract (a CONJUNCTION "B and C" joins consecutive letters), so a
+    head's fixed preference among letters, even a random head's, would pass for a relation effect
+    that recurs in every document. Shuffled per abstract, that preference averages out over
+    documents, the clusters of the SIH test (tested on random-init models).
     """
     first: dict[str, int] = {}
     for position, token in enumerate(record.tokens):
@@ -276,7 +286,9 @@ def assign_letters(record: agenda.AgendaRecord, letters: Sequence[str] = LETTERS
             first.setdefault(record.entities[k], position)
     related = {record.entities[k] for r in record.relations if r.head != r.tail for k in (r.head, r.tail)}
     order = sorted(first, key=lambda surface: (surface not in related, first[surface]))
-    by_surface = dict(zip(order, letters))
+    seed = zlib.crc32(" ".join(record.tokens).encode("utf-8"))
+    shuffled = [letters[i] for i in np.random.default_rng(seed).permutation(len(letters))]
+    by_surface = dict(zip(order, shuffled))
     return {k: by_surface[e] for k, e in enumerate(record.entities) if e in by_surface}
 
 
@@ -331,7 +343,7 @@ def kg_rows(
     """KG sequences (letters substituted) and triplets; ``make_doc`` is spaCy's tokenizer (for flags)."""
     _check_option("unit", unit, UNITS)
     rows = Rows(tokenizer, first_id)
-    for record in records:
+    for document_id, record in enumerate(records):
         lettered = assign_letters(record, letters)
         text, tokens = kg_text(record, lettered)
         mentioned = {record.entities[k] for k in map(record.mention, record.tokens) if k is not None}
@@ -363,7 +375,8 @@ def kg_rows(
             begin, end = units[u]
             unit_text = text[begin:end]
             encoded = encode(unit_text, tokenizer, spacy_words(make_doc(unit_text)))
-            sequence_id = rows.add_sequence(source=source, unit=unit, family=KG, text=unit_text, encoded=encoded)
+            sequence_id = rows.add_sequence(document_id=document_id, source=source, unit=unit, family=KG,
+                                            text=unit_text, encoded=encoded)
             for rel, where in chosen:
                 if where != u:
                     continue
@@ -386,14 +399,15 @@ def syntax_rows(
     _check_option("unit", unit, UNITS)
     _check_option("anchor", anchor_mode, ANCHORS)
     rows = Rows(tokenizer, first_id)
-    for doc in docs:
+    for document_id, doc in enumerate(docs):
         for span in ([doc[:]] if unit == "abstract" else list(doc.sents)):
             arcs = [t for t in span if t.dep_ in SYNTAX_CATEGORIES and t.head.i != t.i]
             if unit == "sentence" and not arcs:
                 continue
             shift = span.start_char
             encoded = encode(span.text, tokenizer, spacy_words(span, shift))
-            sequence_id = rows.add_sequence(source=source, unit=unit, family=SYNTAX, text=span.text, encoded=encoded)
+            sequence_id = rows.add_sequence(document_id=document_id, source=source, unit=unit, family=SYNTAX,
+                                            text=span.text, encoded=encoded)
             for arc in arcs:
                 head, tail = (
                     anchor_position(encoded.offsets, w.idx - shift, w.idx - shift + len(w.text), anchor_mode)
@@ -458,6 +472,7 @@ def build_relations(
         "unit": unit,
         "anchor": anchor,
         "letters": "".join(letters),
+        "letter_assignment": "per-abstract permutation seeded by crc32 of the abstract's tokens",
         "syntax_categories": SYNTAX_CATEGORIES,
         "source": source,
         "syntax_source": syntax_source or "texts",

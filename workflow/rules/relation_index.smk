@@ -20,8 +20,8 @@ rule relation_index:
         options=" ".join(
             [
                 f"--gates {' '.join(RI['gates'])} --variants {' '.join(RI['variants'])} --tau {RI['tau']}",
-                f"--control-position {RI['control_position']} --min-events {RI['min_events']}",
-                f"--sih-margin {RI['sih_margin']} --seed {RI['seed']} --batch-size {RI['batch_size']}",
+                f"--control-position {RI['control_position']} --alpha {RI['alpha']}",
+                f"--min-clusters {RI['min_clusters']} --seed {RI['seed']} --batch-size {RI['batch_size']}",
                 "" if RI["exclude_function_words"] else "--keep-function-words",
             ]
         ),

@@ -166,7 +166,7 @@ def _plot_heads(ax: Axes, head_traj: pd.DataFrame, formation: pd.DataFrame, mode
 
 
 def ri_heatmaps(ri: pd.DataFrame, path: str | os.PathLike[str], *, steps: Sequence[int] | None = None,
-                direction: str = "forward", gate: str = "argmax", variant: str = "literal",
+                direction: str = "forward", gate: str = "argmax", variant: str = "source",
                 n_steps: int = 4, families: Sequence[str] = ("kg", "syntax")) -> list[Path]:
     """Relation index per head (layer x head) for each relation at chosen steps: one figure per model and
     family, written to ``<path>-<model slug>-<family>``. Grey cells: the head never qualified (RI undefined);

@@ -37,10 +37,11 @@ def select_rows(ri: pd.DataFrame, *, model: str | None, gate: str, variant: str,
 
 
 def top_heads(rows: pd.DataFrame, k: int) -> pd.DataFrame:
-    """The ``k`` heads of one relation with the highest RI at the last step among those with at least
-    ``min_events`` events there (the SIH rule's floor), chosen without looking at the trajectory."""
+    """The ``k`` heads of one relation with the largest effect over the controls (RI minus the control it
+    clears least) at the last step, among cells with enough documents for the SIH test; chosen without
+    looking at the trajectory."""
     last = rows[rows["step"] == rows["step"].max()]
-    return last[last["events"] >= last["min_events"]].nlargest(k, "ri")[["layer", "head"]]
+    return last[last["sih_status"] != "insufficient"].nlargest(k, "effect")[["layer", "head"]]
 
 
 def ri_panel(ax: Axes, cell: pd.DataFrame, vmax: float, shape: tuple[int, int] | None = None) -> AxesImage:
@@ -124,7 +125,7 @@ def top_heads_over_training(rows: pd.DataFrame, family: str, *, k: int = 3) -> F
 
 
 def write_relation_index_figures(ri: pd.DataFrame, out_dir: str | os.PathLike[str], *, model: str | None = None,
-                                 gate: str = "argmax", variant: str = "literal", direction: str = "forward",
+                                 gate: str = "argmax", variant: str = "source", direction: str = "forward",
                                  k: int = 3) -> list[Path]:
     """Both figures for every family, saved under ``out_dir`` as
     ``<model slug>_ri_<family>_{final,top}_<gate>_<variant>_<direction>`` (PNG and PDF)."""
