@@ -535,3 +535,28 @@ def test_top_heads_over_training_follow_the_final_choice(tmp_path):
         for fam in ("kg", "syntax") for kind in ("final", "top") for ext in ("png", "pdf"))
     with pytest.raises(ValueError, match="variant='literal'"):
         select_rows(table, model=None, gate="argmax", variant="literal", direction="forward")
+
+
+def test_dominance_ratio_quantiles_match_the_attention_by_hand(sharp_model):
+    """ratio_p50 / ratio_p95 per head (and p95 over all heads) against the exact quantiles of
+    top / runner-up attention over every query row with two visible keys, BOS prepended."""
+    seqs, trips = random_inputs(seed=4, vocab=48, n_seq=5)
+    rows = pd.DataFrame(score_relation_index(sharp_model, seqs, trips, gates=("argmax",), variants=("source",)))
+    ratios: dict[tuple[int, int], list[float]] = {}
+    for ids in seqs["token_ids"]:
+        toks = torch.tensor([sharp_model.config.bos_token_id, *ids])
+        for layer, attn in enumerate(hand_attention(sharp_model, toks)):
+            for h in range(attn.shape[0]):
+                for j in range(1, len(toks)):
+                    top2 = attn[h, j, : j + 1].topk(2).values
+                    ratios.setdefault((layer, h), []).append((top2[0] / top2[1]).item())
+    step = 10 ** (4 / 400)  # one histogram bin
+    for (layer, h), values in ratios.items():
+        got = rows[(rows["layer"] == layer) & (rows["head"] == h)].iloc[0]
+        for q, column in ((0.5, "ratio_p50"), (0.95, "ratio_p95")):
+            exact = np.quantile(values, q, method="inverted_cdf")
+            assert got[column] / step <= exact * (1 + 1e-9) and exact <= got[column] * (1 + 1e-9), (layer, h, q)
+    pooled = np.quantile([v for vs in ratios.values() for v in vs], 0.95, method="inverted_cdf")
+    assert rows["ratio_p95_model"].nunique() == 1
+    assert rows["ratio_p95_model"].iloc[0] / step <= pooled <= rows["ratio_p95_model"].iloc[0] * (1 + 1e-9)
+    assert rows["ratio_p95"].max() > 2.0 > rows["ratio_p50"].min()  # heads differ: the statistic is informative

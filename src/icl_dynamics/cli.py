@@ -188,8 +188,9 @@ def cmd_relation_index(args: argparse.Namespace) -> None:
     meta = {"relations_dir": str(relations), **{k: v for k, v in vars(args).items() if k != "func"}}
     io.write_rows(_stamp(rows, args), RELATION_INDEX_SCHEMA, args.out, meta=meta)
     sih = sum(r["sih"] for r in rows)
-    log.info("relation index: %d rows (%d flagged as semantic induction heads) in %.1f s", len(rows), sih,
-             time.perf_counter() - start)
+    log.info("relation index: %d rows (%d flagged as semantic induction heads) in %.1f s; 95th percentile of "
+             "the attention dominance ratio over all heads: %.2f (tau = %.2f)", len(rows), sih,
+             time.perf_counter() - start, rows[0]["ratio_p95_model"] if rows else float("nan"), args.tau)
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:

@@ -127,6 +127,12 @@ RELATION_INDEX_SCHEMA = pa.schema(
         pa.field("p_adjusted", pa.float64()),  # Holm over every tested cell of the (gate, variant)
         pa.field("sih_status", pa.string(), nullable=False),  # sih | not significant | insufficient
         pa.field("sih", pa.bool_(), nullable=False),
+        # the margin gate's statistic, attention on the argmax key / on the runner-up, over every query
+        # of the scored sequences: this head's median and 95th percentile, and the 95th percentile over
+        # all heads (the paper's tau = 2.2 was its model's 95th percentile), to judge tau per model
+        pa.field("ratio_p50", pa.float64()),
+        pa.field("ratio_p95", pa.float64()),
+        pa.field("ratio_p95_model", pa.float64()),
         # parameters of the scoring and of the SIH rule, repeated on every row so that merged
         # tables (which drop file metadata) stay self-describing
         pa.field("exclude_function_words", pa.bool_(), nullable=False),
@@ -184,6 +190,30 @@ def ov_scores(logits: torch.Tensor, candidates: torch.Tensor, rows: torch.Tensor
     picked = (e[..., rows[:, None], targets] - mean[..., rows, :]).clamp_min_(0)
     total = e.sub_(mean).clamp_min_(0).sum(-1)
     return (picked / total[..., rows, None]).masked_fill_(targets < 0, math.nan)
+
+
+RATIO_BINS = 400
+RATIO_LOG10_MAX = 4.0  # ratios from 1 to 10^4 in steps of 10^0.01 (2.3 %); larger ones in the last bin
+
+
+def ratio_bins(top: torch.Tensor, second: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head index and histogram bin of the dominance ratio top / runner-up of each real query row
+    [B, H, T] with a runner-up (the first position has none)."""
+    ok = real & (second > 0)
+    _, h, _ = ok.nonzero(as_tuple=True)
+    log_ratio = torch.log10(top[ok].double() / second[ok].double())
+    bins = (log_ratio * (RATIO_BINS / RATIO_LOG10_MAX)).long().clamp_(0, RATIO_BINS - 1)
+    return h, bins
+
+
+def ratio_quantile(hist: np.ndarray, q: float) -> np.ndarray:
+    """The q-quantile of the ratio from histograms [..., RATIO_BINS] (upper bin edge; NaN if empty)."""
+    cumulative = np.cumsum(hist, axis=-1)
+    total = cumulative[..., -1:]
+    with np.errstate(invalid="ignore"):
+        index = np.argmax(cumulative >= q * total, axis=-1)
+    edge = 10 ** ((index + 1) * RATIO_LOG10_MAX / RATIO_BINS)
+    return np.where(total[..., 0] > 0, edge, np.nan)
 
 
 def random_control_draws(seed: int, sequence_id: int, n: int) -> np.ndarray:
@@ -363,6 +393,8 @@ class _Accumulator:
         shape = (len(gates), len(variants), layers, groups, heads)
         self.stats = {f: torch.zeros(shape, dtype=torch.float64, device=device) for f in self.FIELDS}
         self.passes = torch.zeros((len(gates), layers, groups, heads), dtype=torch.float64, device=device)
+        # dominance ratio top / runner-up of every real query row (the margin gate's statistic)
+        self.ratio_hist = torch.zeros((layers, heads, RATIO_BINS), dtype=torch.float64, device=device)
         self.opportunities = np.zeros(groups, dtype=np.int64)
         self.triplets = np.zeros(groups, dtype=np.int64)
         self.n_cells = int(np.prod(shape))
@@ -477,6 +509,9 @@ class _BatchScorer:
         value = self.values.pop(layer, None)
         batch, heads, t_max = argmax.shape
         real = torch.arange(t_max, device=argmax.device) < idx.lengths[:, None, None]
+        rows_h, bins = ratio_bins(top, second, real)
+        acc.ratio_hist[layer].view(-1).index_add_(0, rows_h * RATIO_BINS + bins,
+                                                  torch.ones_like(bins, dtype=torch.float64))
         qb, qh, qj = (gate_passes(top, second, "argmax", self.tau) & real).nonzero(as_tuple=True)
         # pairs (query, triplet) whose head position is the query's (strict) argmax and that are live at j
         slot = qb * t_max + argmax[qb, qh, qj]
@@ -688,6 +723,9 @@ def _rows(acc: _Accumulator, keys: Sequence[tuple[str, str, str]], gates: Sequen
     stats = {k: v.cpu().numpy() for k, v in acc.stats.items()}
     passes = acc.passes.cpu().numpy()
     shape = stats["n"].shape
+    hist = acc.ratio_hist.cpu().numpy()
+    ratio = {"p50": ratio_quantile(hist, 0.5), "p95": ratio_quantile(hist, 0.95)}
+    ratio_model_p95 = float(ratio_quantile(hist.sum((0, 1)), 0.95))
     _, _, layers, groups, heads = shape
     tests = {}
     for stream in STREAMS:
@@ -730,6 +768,8 @@ def _rows(acc: _Accumulator, keys: Sequence[tuple[str, str, str]], gates: Sequen
                                    for suffix, value in _control_columns(stats, c, at).items()},
                                 effect=float(tests["matched"]["mean"][at]), effect_se=float(tests["matched"]["se"][at]),
                                 clusters=int(clusters[at]), p_value=float(p_cell[at]),
-                                p_adjusted=float(adjusted[at]), sih_status=status, sih=status == "sih", **params,
+                                p_adjusted=float(adjusted[at]), sih_status=status, sih=status == "sih",
+                                ratio_p50=float(ratio["p50"][layer, head]), ratio_p95=float(ratio["p95"][layer, head]),
+                                ratio_p95_model=ratio_model_p95, **params,
                             ))
     return rows
