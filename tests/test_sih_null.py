@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import PYTHIA_MODEL
@@ -52,3 +53,29 @@ def test_the_sih_flag_is_silent_on_random_init_models(random_models, relation_ta
             flagged[step] = rows.loc[rows["sih"], ["layer", "head", "relation", "direction", "p_adjusted"]]
     assert min(tested) > 100  # the test had cells to flag: 2 layers x 4 heads x 26 relations, most tested
     assert len(flagged) <= 2, flagged
+
+
+def test_shuffled_tails_flag_nothing_on_a_trained_toy_checkpoint(toy_zoo, agenda_dir):
+    """Triplets whose tail is moved to a random visible content token carry no relation: the trained
+    toy zoo's induction and copying heads must not pass for semantic induction heads on them."""
+    from icl_dynamics.toyzoo import TOY_MODEL_ID, TOY_STEPS
+
+    ckpt = load_checkpoint(TOY_MODEL_ID, TOY_STEPS[-1], cache_dir=toy_zoo / "hub", device="cpu")
+    tables = relations.build_relations(agenda_dir, ckpt.tokenizer, syntax_texts=[])
+    seqs, trips = tables.sequences.to_pandas(), tables.triplets.to_pandas()
+    rng = np.random.default_rng(0)
+    tokens = dict(zip(seqs["sequence_id"], seqs["token_ids"]))
+    masks = dict(zip(seqs["sequence_id"], seqs["function_mask"]))
+    shuffled = []
+    for t in trips.itertuples(index=False):
+        ids, mask = tokens[t.sequence_id], masks[t.sequence_id]
+        o = int(rng.choice([k for k in range(len(ids)) if not mask[k] and ids[k] != ids[t.s]]))
+        shuffled.append({**t._asdict(), "o": o, "head_id": int(ids[t.s]), "tail_id": int(ids[o])})
+    with pytest.warns(UserWarning, match="beyond max_len=64"):  # the toy's context is 64 tokens
+        rows = pd.DataFrame(score_relation_index(ckpt.model, seqs, pd.DataFrame(shuffled), gates=("argmax",),
+                                                 variants=("source", "literal")))
+    assert (rows["sih_status"] != "insufficient").sum() > 40  # cells were tested
+    assert not rows["sih"].any()
+    # the margin rule this test replaced (RI above both unmatched controls by 0.05, >= 20 events) fires here
+    margin_rule = (rows["events"] >= 20) & (rows["ri"] - rows[["control_tenth", "control_random"]].max(axis=1) > 0.05)
+    assert margin_rule.any()
