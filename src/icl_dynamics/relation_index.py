@@ -48,10 +48,10 @@ Decisions the paper leaves open, fixed here (and recorded as columns of every ro
 * SIH rule (a significance test, not a margin): per cell (head, relation, direction, gate, variant)
   the paired differences a - c of each event against each control, clustered by source document
   (``document_id``: events of one abstract are not independent draws), give a mean, a cluster-robust
-  standard error and a one-sided t-test of "RI above that control"; the cell's p is the larger of
-  the two. Holm's method controls the family-wise error over every tested cell of the checkpoint
+  standard error and a one-sided t-test of "RI above that control"; the cell's p is the largest of
+  the three. Holm's method controls the family-wise error over every tested cell of the checkpoint
   for each (gate, variant), at ``alpha``. A cell with fewer than ``min_clusters`` documents behind
-  either comparison is ``insufficient``, not "not significant". See :func:`clustered_test`.
+  any comparison is ``insufficient``, not "not significant". See :func:`clustered_test`.
 * ``ri_se`` is RI's cluster-robust standard error over documents.
 * Sequences longer than ``max_len`` (default: the model's context) are cut there; triplets with
   max(s, o) beyond the cut are dropped with a warning.
@@ -306,10 +306,10 @@ def _prepare(
             tokens, mask = tokens[:max_len], mask[:max_len]
             if not len(rows):
                 continue
-        seq = _index_sequence(sid, tokens, mask, rows, s, o, group_of, exclude_function_words=exclude_function_words,
+        seq = _index_sequence(sid, int(row.document_id), tokens, mask, rows, s, o, group_of,
+                              exclude_function_words=exclude_function_words,
                               control_position=control_position + (bos_id is not None), seed=seed,
                               bos=bos_id is not None)
-        seq.document = int(row.document_id)
         if len(seq.triplets):
             prepared.append(seq)
     if truncated:
@@ -318,7 +318,7 @@ def _prepare(
 
 
 def _index_sequence(
-    sid: int, tokens: np.ndarray, mask: np.ndarray, rows: pd.DataFrame, s: np.ndarray, o: np.ndarray,
+    sid: int, document: int, tokens: np.ndarray, mask: np.ndarray, rows: pd.DataFrame, s: np.ndarray, o: np.ndarray,
     group_of: Mapping[tuple[str, str, str], int], *, exclude_function_words: bool, control_position: int, seed: int,
     bos: bool,
 ) -> _Sequence:
@@ -343,7 +343,7 @@ def _index_sequence(
     start = np.maximum(np.maximum(s, o), np.append(first, n)[tail])
     live = start < n
     trip = np.stack([s, start, np.asarray(groups, np.int64), tail, head, matched], axis=1)[live]
-    return _Sequence(sid, -1, tokens, uniq, first, tenth, random, position_uniq, trip)
+    return _Sequence(sid, document, tokens, uniq, first, tenth, random, position_uniq, trip)
 
 
 def matched_controls(tokens: np.ndarray, rows: pd.DataFrame, s: np.ndarray, o: np.ndarray,
@@ -364,12 +364,13 @@ def matched_controls(tokens: np.ndarray, rows: pd.DataFrame, s: np.ndarray, o: n
     for h, t in zip(head_tok.tolist(), tail_tok.tolist()):
         linked.setdefault(h, set()).add(t)
         linked.setdefault(t, set()).add(h)
+    kg = family == "kg"
+    entities = set(head_tok[kg].tolist()) | set(tail_tok[kg].tolist())
     rng = np.random.default_rng([seed, sequence_id, 1])
     out = np.full(len(rows), -1, dtype=np.int64)
     for i in range(len(rows)):
-        if family[i] == "kg":
-            kind = (family == "kg")
-            pool = set(head_tok[kind].tolist()) | set(tail_tok[kind].tolist())
+        if kg[i]:
+            pool = set(entities)
         else:
             pool = set(tail_tok[(family == family[i]) & (relation == relation[i]) & (direction == direction[i])].tolist())
         pool -= {int(head_tok[i]), int(tail_tok[i])} | linked[int(head_tok[i])]
@@ -402,12 +403,11 @@ class _Accumulator:
         # per stream: (key = cell * n_docs + document, sum, count) of each batch's events
         self.parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {k: [] for k in STREAMS}
 
-    def add_clustered(self, stream: str, cell: torch.Tensor, document: torch.Tensor, values: torch.Tensor,
-                      n_docs: int) -> None:
+    def add_clustered(self, stream: str, cell: torch.Tensor, document: torch.Tensor, values: torch.Tensor) -> None:
         """Sum ``values`` per (cell, document) and keep the sums for the cluster-robust test."""
         if not len(values):
             return
-        keys, inverse = torch.unique(cell * n_docs + document, return_inverse=True)
+        keys, inverse = torch.unique(cell * self.n_docs + document, return_inverse=True)
         sums = torch.zeros(len(keys), dtype=torch.float64, device=values.device).index_add_(0, inverse, values)
         counts = torch.bincount(inverse, minlength=len(keys))
         self.parts[stream].append((keys.cpu().numpy(), sums.cpu().numpy(), counts.cpu().numpy()))
@@ -580,13 +580,13 @@ class _BatchScorer:
             # per (cell, document) sums for the cluster-robust test of RI against each control
             cell = ((gi * n_v + vi) * n_layers + layer) * (n_groups * heads) + flat
             document = self.index.document[self.index.row[trip[keep]]]
-            acc.add_clustered("ri", cell, document, a, acc.n_docs)
+            acc.add_clustered("ri", cell, document, a)
             for name, control in zip(CONTROLS, controls):
                 c = control[keep]
                 ok = ~c.isnan()
                 stats[f"{name}_n"].index_add_(0, flat[ok], torch.ones_like(c[ok]))
                 stats[f"{name}_sum"].index_add_(0, flat[ok], c[ok])
-                acc.add_clustered(name, cell[ok], document[ok], (a - c)[ok], acc.n_docs)
+                acc.add_clustered(name, cell[ok], document[ok], (a - c)[ok])
             # triplets with at least one event: each (triplet, head) once, then counted per group
             marks = torch.unique(trip[keep] * heads + head[keep])
             stats["triplets_q"].index_add_(0, self.index.group[marks // heads] * heads + marks % heads,
