@@ -15,9 +15,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-Reducer = Callable[..., None]
-"""Called as ``reducer(layer, pattern)`` with ``pattern`` of shape [batch, heads, query, key], or as
-``reducer(layer, pattern, inputs)`` when inputs are requested (see :func:`capture_attention`)."""
+Reducer = Callable[[int, torch.Tensor], None]
+"""Called as ``reducer(layer, pattern)`` with ``pattern`` of shape [batch, heads, query, key]."""
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -42,31 +41,26 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def capture_attention(model: nn.Module, reducer: Reducer, *, with_inputs: bool = False) -> Iterator[None]:
+def capture_attention(model: nn.Module, reducer: Reducer) -> Iterator[None]:
     """Within the block, every forward pass calls ``reducer(layer, pattern)`` once per layer.
 
     The pattern is the post-softmax attention probability of that layer's heads (causal and
-    padding masks applied), as float32. With ``with_inputs=True`` the reducer also receives the
-    attention module's input [batch, query, d_model]: the layer-normed residual stream, from which
-    values (and so each head's output) can be recomputed.
+    padding masks applied), as float32.
     """
     handles = []
 
     def make_hook(layer: int) -> Callable[..., None]:
-        def hook(_module: nn.Module, args: tuple, kwargs: dict, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        def hook(_module: nn.Module, _args: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
             pattern = output[1]
             if pattern is None:  # pragma: no cover - guarded by eager_attention
                 raise RuntimeError("attention weights were not formed; is the model in eager mode?")
-            if with_inputs:
-                reducer(layer, pattern.float(), args[0] if args else kwargs["hidden_states"])
-            else:
-                reducer(layer, pattern.float())
+            reducer(layer, pattern.float())
 
         return hook
 
     with eager_attention(model):
         for layer, module in enumerate(attention_modules(model)):
-            handles.append(module.register_forward_hook(make_hook(layer), with_kwargs=True))
+            handles.append(module.register_forward_hook(make_hook(layer)))
         try:
             yield
         finally:
