@@ -147,9 +147,9 @@ def cmd_relations(args: argparse.Namespace) -> None:
                              syntax_source=str(args.syntax_texts) if args.syntax_texts else None)
     write_relations(tables, args.out_dir)
     summary = tables.summary.to_pandas()
-    for family, kept in summary.groupby("family")["kept"].sum().items():
-        log.info("%s: %d relations kept, %d dropped", family, kept,
-                 summary.loc[summary["family"] == family, "dropped"].sum())
+    for family, counts in summary.groupby("family")[["kept", "dropped", "recovered"]].sum().iterrows():
+        log.info("%s: %d relations kept (%d recovered by spacing normalisation), %d dropped", family,
+                 counts["kept"], counts["recovered"], counts["dropped"])
 
 
 def cmd_icl_tasks(args: argparse.Namespace) -> None:

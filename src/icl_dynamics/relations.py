@@ -9,6 +9,12 @@ Both families keep the annotated direction (``forward``) and, as separate rows, 
 Each model token also carries a function-word flag (spaCy stop word or punctuation) so the scorer
 can drop those ids from its candidate set. Everything dropped is counted, with its reason, in the
 summary table. Same inputs give the same table contents.
+
+Spacing is normalised so that a word is always the same token id wherever it stands: GPT-NeoX's BPE
+gives "B" in "(B" or at the start of a text a different id from " B" elsewhere. Every sequence
+starts with a space, and a space is inserted between a word and an opening bracket, an opening quote
+or a line break directly before it (:func:`space_words`). The summary counts, per relation, the kept
+relations whose head or tail owes its space to this (``recovered``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import string
 import unicodedata
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,9 +100,24 @@ SUMMARY_SCHEMA = pa.schema([
     pa.field("kept", pa.int64(), nullable=False),
     pa.field("dropped", pa.int64(), nullable=False),
     pa.field("reason", pa.string(), nullable=False),
+    # kept relations whose head or tail token has its leading space only through spacing normalisation
+    pa.field("recovered", pa.int64(), nullable=False),
 ])
 
 Word = tuple[int, int, bool]  # character span of a spaCy token in the sequence text, and its function flag
+
+OPENERS = "([{"
+QUOTES = "\"'\u201c\u2018"
+SPACES_KEY = "icl_dynamics_inserted_spaces"  # spaCy ``Doc.user_data`` key set by :func:`parse`
+
+
+@dataclass(frozen=True)
+class Spaced:
+    """A text after :func:`space_words`, with where its original characters went."""
+
+    text: str
+    index: tuple[int, ...]  # position in ``text`` of each original character (and of the end)
+    inserted: frozenset[int]  # positions in ``text`` of the inserted spaces
 
 
 @dataclass(frozen=True)
@@ -117,6 +138,7 @@ class Rows:
     sequences: list[dict[str, Any]] = field(default_factory=list)
     triplets: list[dict[str, Any]] = field(default_factory=list)
     counts: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)
+    recovered: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     _decoded: dict[int, str] = field(default_factory=dict)
 
     def add_sequence(self, *, document_id: int, source: str, unit: str, family: str, text: str,
@@ -147,8 +169,8 @@ class Rows:
             ))
 
     def pair(self, sequence_id: int, encoded: Encoded, family: str, relation: str, category: str,
-             head: tuple[int | None, str], tail: tuple[int | None, str]) -> None:
-        """Keep the pair of anchors, or count why it cannot be kept."""
+             head: tuple[int | None, str], tail: tuple[int | None, str], recovered: bool = False) -> None:
+        """Keep the pair of anchors, or count why it cannot be kept (``recovered``: see :func:`space_words`)."""
         unk = self.tokenizer.unk_token_id
         reason = head[1] or tail[1]
         if not reason and unk is not None and unk in (encoded.token_ids[head[0]], encoded.token_ids[tail[0]]):
@@ -159,6 +181,7 @@ class Rows:
             self.drop(family, relation, category, reason)
         else:
             self.keep(sequence_id, family, relation, category, head[0], tail[0], encoded.token_ids)
+            self.recovered[(family, relation, category)] += recovered
 
 
 @dataclass
@@ -178,6 +201,54 @@ def encode(text: str, tokenizer: PreTrainedTokenizerBase, words: Sequence[Word])
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     offsets = word_offsets(text, encoding["offset_mapping"])
     return Encoded(list(encoding["input_ids"]), offsets, function_mask(text, offsets, words))
+
+
+def space_words(text: str) -> Spaced:
+    """Insert a space between a word and an opening bracket, an opening quote or a non-space
+    whitespace (a line break) directly before it, so the word tokenises as its spaced form.
+
+    The method notes (§8) anchor entities on the space-prefixed letter (" B"); without this, "(B"
+    gives the id of "B", a different token from the " B" of every other mention. A quote counts as
+    opening only at the start, after whitespace or after a bracket, so "don't" is left alone.
+    """
+    pieces: list[str] = []
+    index: list[int] = []
+    inserted: set[int] = set()
+    position = 0
+    for i, char in enumerate(text):
+        if i > 0 and char.isalnum():
+            before = text[i - 1]
+            opening_quote = before in QUOTES and (i == 1 or text[i - 2].isspace() or text[i - 2] in OPENERS)
+            if before in OPENERS or opening_quote or (before.isspace() and before != " "):
+                pieces.append(" ")
+                inserted.add(position)
+                position += 1
+        pieces.append(char)
+        index.append(position)
+        position += 1
+    index.append(position)
+    return Spaced("".join(pieces), tuple(index), frozenset(inserted))
+
+
+def unit_text(text: str, begin: int, end: int, inserted: frozenset[int] = frozenset()) -> tuple[str, int, frozenset[int]]:
+    """The sequence for characters ``[begin, end)`` of ``text``: with one space in front (the one
+    before it in ``text``, or a new one) so its first word is the same token as anywhere else.
+
+    Returns the sequence, ``shift`` (its position p is ``text``'s p + shift) and the positions in
+    it of spaces that normalisation added (the leading one and those of ``inserted``).
+    """
+    shift = begin - 1
+    sequence = text[shift:end] if begin > 0 and text[shift] == " " else " " + text[begin:end]
+    return sequence, shift, frozenset({0} | {p - shift for p in inserted if begin <= p < end})
+
+
+def parse(nlp: Any, texts: Iterable[str], *, batch_size: int = 32) -> Iterator[Any]:
+    """spaCy docs of ``texts`` after :func:`space_words` (what :func:`syntax_rows` reads); each doc
+    keeps the positions of its inserted spaces in ``user_data``."""
+    spaced = [space_words(text) for text in texts]
+    for doc, item in nlp.pipe(((s.text, s) for s in spaced), batch_size=batch_size, as_tuples=True):
+        doc.user_data[SPACES_KEY] = item.inserted
+        yield doc
 
 
 def word_offsets(text: str, offsets: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -292,10 +363,12 @@ def assign_letters(record: agenda.AgendaRecord, letters: Sequence[str] = LETTERS
     return {k: by_surface[e] for k, e in enumerate(record.entities) if e in by_surface}
 
 
-def kg_text(record: agenda.AgendaRecord, lettered: dict[int, str]) -> tuple[str, list[tuple[str, int, int, int]]]:
-    """The abstract with lettered mentions as letters (other mentions keep their words).
+def kg_text(record: agenda.AgendaRecord,
+            lettered: dict[int, str]) -> tuple[Spaced, list[tuple[str, int, int, int]]]:
+    """The abstract with lettered mentions as letters (other mentions keep their words), spacing
+    normalised by :func:`space_words`.
 
-    Returns the text and, per sentence-split token, ``(letter or "", sentence, start, end)``.
+    Returns the text and, per sentence-split token, ``(letter or "", sentence, start, end)`` in it.
     """
     tokens: list[str] = []
     letter_of: list[str] = []
@@ -310,7 +383,9 @@ def kg_text(record: agenda.AgendaRecord, lettered: dict[int, str]) -> tuple[str,
         if token in SENTENCE_END:
             sentence += 1
     text, spans = agenda.detokenize(tokens)
-    return text, [(letter, sent, a, b) for letter, sent, (a, b) in zip(letter_of, sentence_of, spans)]
+    spaced = space_words(text)
+    at = spaced.index
+    return spaced, [(letter, sent, at[a], at[b - 1] + 1) for letter, sent, (a, b) in zip(letter_of, sentence_of, spans)]
 
 
 def _kg_drop_reason(record: agenda.AgendaRecord, rel: agenda.Relation, lettered: dict[int, str],
@@ -345,7 +420,8 @@ def kg_rows(
     rows = Rows(tokenizer, first_id)
     for document_id, record in enumerate(records):
         lettered = assign_letters(record, letters)
-        text, tokens = kg_text(record, lettered)
+        spaced, tokens = kg_text(record, lettered)
+        text = spaced.text
         mentioned = {record.entities[k] for k in map(record.mention, record.tokens) if k is not None}
         units = [(0, len(text))]
         if unit == "sentence":
@@ -372,17 +448,17 @@ def kg_rows(
                 seen.add(key)
                 chosen.append((rel, where))
         for u in sorted({where for _, where in chosen} if unit == "sentence" else {0}):
-            begin, end = units[u]
-            unit_text = text[begin:end]
-            encoded = encode(unit_text, tokenizer, spacy_words(make_doc(unit_text)))
+            sequence, shift, added = unit_text(text, *units[u], spaced.inserted)
+            encoded = encode(sequence, tokenizer, spacy_words(make_doc(sequence)))
             sequence_id = rows.add_sequence(document_id=document_id, source=source, unit=unit, family=KG,
-                                            text=unit_text, encoded=encoded)
+                                            text=sequence, encoded=encoded)
             for rel, where in chosen:
                 if where != u:
                     continue
-                spans = [firsts[u][lettered[k]] for k in (rel.head, rel.tail)]
-                head, tail = (anchor_position(encoded.offsets, a - begin, b - begin, "single") for a, b in spans)
-                rows.pair(sequence_id, encoded, KG, rel.relation, rel.relation, head, tail)
+                spans = [(a - shift, b - shift) for a, b in (firsts[u][lettered[k]] for k in (rel.head, rel.tail))]
+                head, tail = (anchor_position(encoded.offsets, a, b, "single") for a, b in spans)
+                rows.pair(sequence_id, encoded, KG, rel.relation, rel.relation, head, tail,
+                          recovered=any(a - 1 in added for a, _ in spans))
     return rows
 
 
@@ -395,37 +471,44 @@ def syntax_rows(
     source: str = "agenda-test",
     first_id: int = 0,
 ) -> Rows:
-    """Syntax sequences (surface text) and dependency triplets from parsed spaCy ``docs``."""
+    """Syntax sequences (surface text) and dependency triplets from spaCy ``docs`` made by :func:`parse`."""
     _check_option("unit", unit, UNITS)
     _check_option("anchor", anchor_mode, ANCHORS)
     rows = Rows(tokenizer, first_id)
     for document_id, doc in enumerate(docs):
+        if SPACES_KEY not in doc.user_data:
+            raise ValueError("syntax_rows needs docs from relations.parse (spacing normalised before parsing); "
+                             f"document {document_id} was parsed another way")
         for span in ([doc[:]] if unit == "abstract" else list(doc.sents)):
             arcs = [t for t in span if t.dep_ in SYNTAX_CATEGORIES and t.head.i != t.i]
             if unit == "sentence" and not arcs:
                 continue
-            shift = span.start_char
-            encoded = encode(span.text, tokenizer, spacy_words(span, shift))
+            sequence, shift, added = unit_text(doc.text, span.start_char, span.end_char, doc.user_data[SPACES_KEY])
+            encoded = encode(sequence, tokenizer, spacy_words(span, shift))
             sequence_id = rows.add_sequence(document_id=document_id, source=source, unit=unit, family=SYNTAX,
-                                            text=span.text, encoded=encoded)
+                                            text=sequence, encoded=encoded)
             for arc in arcs:
-                head, tail = (
-                    anchor_position(encoded.offsets, w.idx - shift, w.idx - shift + len(w.text), anchor_mode)
-                    for w in (arc.head, arc)
-                )
-                rows.pair(sequence_id, encoded, SYNTAX, arc.dep_, SYNTAX_CATEGORIES[arc.dep_], head, tail)
+                starts = [w.idx - shift for w in (arc.head, arc)]
+                head, tail = (anchor_position(encoded.offsets, a, a + len(w.text), anchor_mode)
+                              for a, w in zip(starts, (arc.head, arc)))
+                rows.pair(sequence_id, encoded, SYNTAX, arc.dep_, SYNTAX_CATEGORIES[arc.dep_], head, tail,
+                          recovered=any(a - 1 in added for a in starts))
     return rows
 
 
-def summary_rows(counts: Counter[tuple[str, str, str, str]], relations: Iterable[tuple[str, str, str]]) -> list[dict[str, Any]]:
-    """One row per (relation, reason); every relation in ``relations`` gets a kept row, even if 0."""
+def summary_rows(counts: Counter[tuple[str, str, str, str]], relations: Iterable[tuple[str, str, str]],
+                 recovered: Counter[tuple[str, str, str]] | None = None) -> list[dict[str, Any]]:
+    """One row per (relation, reason); every relation in ``relations`` gets a kept row, even if 0.
+    ``recovered`` (kept rows only) counts kept relations that spacing normalisation recovered."""
+    recovered = recovered or Counter()
     counts = Counter(counts)
     for family, relation, category in relations:
         counts[(family, relation, category, "")] += 0
     order = {KG: 0, SYNTAX: 1}
     return [
         dict(family=family, relation=relation, category=category,
-             kept=n if not reason else 0, dropped=n if reason else 0, reason=reason)
+             kept=n if not reason else 0, dropped=n if reason else 0, reason=reason,
+             recovered=0 if reason else recovered[(family, relation, category)])
         for (family, relation, category, reason), n in sorted(counts.items(), key=lambda kv: (order[kv[0][0]], kv[0]))
     ]
 
@@ -457,7 +540,7 @@ def build_relations(
     kg = kg_rows(records, tokenizer, nlp.make_doc, unit=unit, source=source, letters=letters)
     if syntax_texts is None:
         syntax_texts, syntax_source = [agenda.surface_text(r) for r in records], source
-    docs = nlp.pipe(syntax_texts, batch_size=batch_size)
+    docs = parse(nlp, syntax_texts, batch_size=batch_size)
     syntax = syntax_rows(docs, tokenizer, unit=unit, anchor_mode=anchor, source=syntax_source or "texts",
                          first_id=kg.first_id + len(kg.sequences))
     labels = [(KG, r.relation, r.relation) for rec in records for r in rec.relations]
@@ -473,6 +556,7 @@ def build_relations(
         "anchor": anchor,
         "letters": "".join(letters),
         "letter_assignment": "per-abstract permutation seeded by crc32 of the abstract's tokens",
+        "spacing": "leading space per sequence; space after opening brackets/quotes and line breaks",
         "syntax_categories": SYNTAX_CATEGORIES,
         "source": source,
         "syntax_source": syntax_source or "texts",
@@ -481,7 +565,8 @@ def build_relations(
     return RelationTables(
         sequences=io.to_table(kg.sequences + syntax.sequences, SEQUENCES_SCHEMA),
         triplets=io.to_table(kg.triplets + syntax.triplets, TRIPLETS_SCHEMA),
-        summary=io.to_table(summary_rows(kg.counts + syntax.counts, labels), SUMMARY_SCHEMA),
+        summary=io.to_table(summary_rows(kg.counts + syntax.counts, labels, kg.recovered + syntax.recovered),
+                            SUMMARY_SCHEMA),
         meta=meta,
     )
 
