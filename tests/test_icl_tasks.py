@@ -13,11 +13,15 @@ from conftest import tiny_neox
 
 from icl_dynamics.icl import ICL_SCHEMA
 from icl_dynamics.icl_tasks import (
+    BASELINES,
     SHOTS,
     TASKS,
+    Prompt,
     evaluate_tasks,
     label_token_ids,
     load_words,
+    lookup_prediction,
+    majority_prediction,
     make_prompts,
     next_token_logits,
     wilson_interval,
@@ -56,7 +60,7 @@ def _parse(text: str) -> tuple[list[tuple[str, str, int]], tuple[str, str]]:
 def test_word_lists() -> None:
     words = load_words()
     assert {c: len(ws) for c, ws in words.items()} == {
-        "fruit": 14, "month": 12, "furniture": 16, "profession": 16, "animal": 16
+        "fruit": 14, "month": 12, "furniture": 19, "profession": 30, "animal": 30
     }
     all_words = [w for ws in words.values() for w in ws]
     assert len(all_words) == len(set(all_words))
@@ -93,7 +97,8 @@ def test_prompt_rules(task) -> None:
             assert _hand_label(task.name, *query) == p.label
             assert all(_hand_label(task.name, a, b) == y for a, b, y in demos)
             pairs = [frozenset((a, b)) for a, b, _ in demos]
-            assert frozenset(query) not in pairs and len(set(pairs)) == len(pairs)
+            assert not set(query) & {w for a, b, _ in demos for w in (a, b)}  # query words held out
+            assert len(set(pairs)) == len(pairs)
             assert query[0] != query[1] and all(a != b for a, b, _ in demos)
             demo_labels = [y for _, _, y in demos]
             if shots >= task.n_classes:
@@ -101,6 +106,32 @@ def test_prompt_rules(task) -> None:
             else:
                 assert len(set(demo_labels)) == shots
     assert make_prompts(task, 5, seed=0) != make_prompts(task, 5, seed=1)
+
+
+def test_baselines_by_hand() -> None:
+    demos = (("apple", "May", 0), ("June", "fig", 1), ("pear", "July", 0), ("May", "plum", 1))
+    prompt = Prompt("", 0, ("March", "fig"), demos)
+    assert lookup_prediction(prompt) == 1  # "fig" in the second slot of the second demonstration
+    assert lookup_prediction(Prompt("", 0, ("fig", "March"), demos)) == 1  # no slot match: majority, a tie -> last
+    assert majority_prediction(Prompt("", 0, ("fig", "March"), demos[:3])) == 0
+    assert lookup_prediction(Prompt("", 1, ("apple", "March"), demos)) == 0  # "apple" in the first slot
+    assert majority_prediction(Prompt("", 1, ("fig", "March"), ())) == 0
+
+
+@pytest.mark.parametrize("task", TASKS, ids=lambda t: t.name)
+def test_lookup_shortcut_is_at_chance_on_the_prompts(task) -> None:
+    """With the query's words in the demonstrations, copying the label of a demonstration sharing a
+    query word scored 0.89 on binary fruit/month at 20 shots. Held out, no demonstration shares one:
+    the lookup is the majority guess, and both are at chance (99.9 % binomial interval, 600 prompts)."""
+    from scipy.stats import binomtest
+
+    for shots in (5, 20):
+        prompts = make_prompts(task, shots, n_prompts=600, seed=11)
+        lookup = [lookup_prediction(p) for p in prompts]
+        assert lookup == [majority_prediction(p) for p in prompts]
+        hits = sum(y == p.label for y, p in zip(lookup, prompts))
+        ci = binomtest(hits, len(prompts)).proportion_ci(confidence_level=0.999)
+        assert ci.low <= task.chance <= ci.high, (shots, hits / len(prompts))
 
 
 def test_right_padded_batch_matches_unpadded_prompts() -> None:
@@ -132,22 +163,25 @@ def test_constant_label_model_complies_at_chance(neox_tokenizer) -> None:
     one = tok.convert_tokens_to_ids("Ġ1")
     shots = (0, 2, 10)
     rows = evaluate_tasks(_fixed_token_model(one), tok, shots=shots, n_prompts=50, batch_size=16)
-    assert len(rows) == len(TASKS) * len(shots) * 3
+    assert len(rows) == len(TASKS) * len(shots) * (3 + len(BASELINES))
     for row in rows:
         task = next(t for t in TASKS if t.name == row["task"])
-        k_ones = sum(p.label == 1 for p in make_prompts(task, row["shots"], 50, 0))
+        prompts = make_prompts(task, row["shots"], 50, 0)
+        k_ones = sum(p.label == 1 for p in prompts)
         expected = 1.0 if row["metric"] == "format_compliance" else k_ones / 50
+        if row["metric"] in BASELINES:
+            expected = sum(BASELINES[row["metric"]](p) == p.label for p in prompts) / 50
         assert row["value"] == pytest.approx(expected)
         assert (row["ci_low"], row["ci_high"]) == pytest.approx(wilson_interval(round(expected * 50), 50))
         assert row["chance"] == (None if row["metric"] == "format_compliance" else pytest.approx(1 / task.n_classes))
-        if row["level"] == "pattern_discovery":
+        if row["level"] == "pattern_discovery" and row["metric"] not in BASELINES:
             assert abs(row["value"] - task.chance) <= 1 / 50  # balanced queries: chance up to rounding
     table = to_table([{**r, "model": "m", "step": 0, "tokens": 0} for r in rows], ICL_SCHEMA)
     assert table.num_rows == len(rows)
 
     apple = tok.convert_tokens_to_ids("Ġapple")
     rows = evaluate_tasks(_fixed_token_model(apple), tok, tasks=TASKS[:1], shots=(1,), n_prompts=10)
-    assert [r["value"] for r in rows if r["metric"] != "accuracy_constrained"] == [0.0, 0.0]
+    assert [r["value"] for r in rows if r["metric"] in ("format_compliance", "accuracy")] == [0.0, 0.0]
 
 
 def test_wilson_interval_hand_values() -> None:
