@@ -40,7 +40,7 @@ def icl_table(rng, model="m", loss_mid=1500, fc_mid=3000, pd_mid=6000, noise=0.0
                E.logistic(X, 0.0, -1.0, xmid(loss_mid), width), None, 0.02),
               ("format_compliance", "fruit_month", 20, "format_compliance",
                E.logistic(X, 0.05, 0.9, xmid(fc_mid), width), None, noise),  # no chance: step-0 baseline
-              ("pattern_discovery", "fruit_month", 20, "accuracy",
+              ("pattern_discovery", "fruit_month", 20, "accuracy_constrained",
                E.logistic(X, 0.2, 0.7, xmid(pd_mid), width), 0.5, noise)]
     for level, task, shots, metric, curve, chance, se in series:
         values = curve + rng.normal(0, se, len(X))
@@ -172,55 +172,42 @@ def test_batched_refits_reach_scipys_optimum():
 # ------------------------------------------------------------------ reliability definitions
 
 def test_icl_reliability_by_hand():
+    """One rule for every series: past the step-0 value by more than z * sqrt(se_0^2 + se_t^2)."""
     z = 1.959963984540054
     base = {"model": "m", "level": "loss_reduction", "task": "pile", "shots": None, "metric": "icl_score", "n": 10,
             "chance": None}
     rows = [{**base, "step": s, "tokens": s * 8, "value": v, "ci_low": v - z * 0.05, "ci_high": v + z * 0.05}
             for s, v in ((0, 0.0), (1, -0.1), (2, -0.3), (3, 0.3))]
-    acc = {"model": "m", "level": "pattern_discovery", "task": "t", "shots": 4, "metric": "accuracy", "n": 10,
-           "chance": 0.25}
-    rows += [{**acc, "step": s, "tokens": s * 8, "value": v, "ci_low": lo, "ci_high": 0.9}
-             for s, v, lo in ((0, 0.2, 0.1), (1, 0.4, 0.26), (2, 0.5, 0.25), (3, 0.6, 0.24))]
+    acc = {"model": "m", "level": "pattern_discovery", "task": "t", "shots": 4, "metric": "accuracy_constrained",
+           "n": 10, "chance": 0.25}
+    rows += [{**acc, "step": s, "tokens": s * 8, "value": v, "ci_low": v - z * 0.05, "ci_high": v + z * 0.05}
+             for s, v in ((0, 0.2, ), (1, 0.4), (2, 0.3), (3, 0.5))]
+    rows += [{**acc, "metric": "baseline_lookup", "step": s, "tokens": s * 8, "value": 0.25, "ci_low": 0.1,
+              "ci_high": 0.4} for s in range(4)]
     icl = pd.DataFrame(rows).astype({"shots": "Int64", "chance": "float64"})
     traj = E.icl_trajectories(icl).set_index(["metric", "step"])
-    # difference to step 0 with se sqrt(0.05^2 + 0.05^2) = 0.0707: 0.1 < z * 0.0707 = 0.1386 < 0.3
+    assert "baseline_lookup" not in traj.index.get_level_values("metric")  # model-free rows are not series
+    # differences to step 0 against z * sqrt(0.05^2 + 0.05^2) = 0.1386, in the good direction
     assert traj.loc["icl_score", "reliable"].tolist() == [False, False, True, False]
-    assert traj.loc["accuracy", "reliable"].tolist() == [False, True, False, False]
-    assert (traj.loc["icl_score", "baseline_kind"] == "first_checkpoint").all()
+    assert traj.loc["accuracy_constrained", "reliable"].tolist() == [False, True, False, True]
+    np.testing.assert_allclose(traj.loc["icl_score", "standardised"], [0, 2, 6, -6])  # (v0 - v) / 0.05
+    np.testing.assert_allclose(traj.loc["accuracy_constrained", "standardised"], [0, 4, 2, 6])
+    assert (traj.loc["icl_score", "reference"] == 0.0).all() and np.allclose(traj["spread"], 0.05)
     assert not traj.loc["icl_score", "increasing"].any()
 
 
-def test_relation_index_formation_uses_the_sih_tests_effect_and_se():
-    """The trajectory of ri:<relation> is the SIH test's effect (RI minus the control it clears least)
-    over control 0, reliable when effect - z * effect_se clears min_effect; no test, never reliable."""
-    base = {"model": "m", "layer": 0, "head": 0, "family": "kg", "relation": "R", "direction": "forward",
-            "gate": "argmax", "variant": "source", "ri": 0.5, "control_tenth": 0.3, "control_random": 0.2}
+def test_head_reliability_by_hand_uses_the_step0_spread_across_heads():
+    """Two heads at step 0 score 0.05 and 0.07 with se 0.01: mu0 = 0.06, s0^2 = var 0.0002 + se^2 0.0001.
+    With se 0.01 a head is reliable above 0.06 + z * sqrt(0.0003 + 0.0001) = 0.0992."""
     z = 1.959963984540054
-    cases = [(0.2, 0.1 / z - 1e-6), (0.2, 0.1 / z + 1e-6), (0.05, 0.0), (np.nan, np.nan), (0.3, 0.01)]
-    ri = pd.DataFrame([{**base, "step": s, "tokens": s * TPS, "effect": e, "effect_se": se}
-                       for s, (e, se) in enumerate(cases)])
-    heads = heads_table(np.random.default_rng(5), layers=1, heads=1, mids={}).iloc[:5]
-    traj = E.head_trajectories(heads, ri.astype({"layer": "int32", "head": "int32"}), min_effect=0.1)
-    got = traj[traj["score"] == "ri:R"].sort_values("step")
-    assert got["reliable"].tolist() == [True, False, False, False, True]
-    assert got["control"].tolist() == [0.0] * 5
-    np.testing.assert_allclose(got["value"], [0.2, 0.2, 0.05, np.nan, 0.3])
-
-
-def test_head_score_reliability_and_bad_input():
-    heads = heads_table(np.random.default_rng(6), layers=1, heads=1, mids={})
-    heads.loc[0, ["prefix_matching", "prefix_matching_se"]] = [0.05 + 1.97 * 0.01, 0.01]
-    heads.loc[1, ["prefix_matching", "prefix_matching_se"]] = [0.05 + 1.95 * 0.01, 0.01]
-    traj = E.head_trajectories(heads, min_effect=0.0)
-    pm = traj[traj["score"] == "prefix_matching"].sort_values("step")
-    assert pm["reliable"].iloc[:2].tolist() == [True, False]
-    # the effect-size floor: 0.05 + 0.1 + 1.96 se is needed once min_effect is 0.1
-    heads.loc[0, "prefix_matching"] = 0.05 + 0.1 + 1.97 * 0.01
-    heads.loc[1, "prefix_matching"] = 0.05 + 0.1 + 1.95 * 0.01
-    pm = E.head_trajectories(heads, min_effect=0.1).query("score == 'prefix_matching'").sort_values("step")
-    assert pm["reliable"].iloc[:2].tolist() == [True, False]
-    assert not E.head_trajectories(heads.assign(prefix_matching=0.05 + 0.09),
-                                   min_effect=0.1).query("score == 'prefix_matching'")["reliable"].iloc[0]
+    heads = heads_table(np.random.default_rng(6), layers=1, heads=2, mids={}).query("step <= 2").copy()
+    heads.loc[heads["step"] == 0, "prefix_matching"] = [0.05, 0.07]
+    edge = 0.06 + z * 0.02
+    heads.loc[heads["step"] == 1, "prefix_matching"] = [edge + 1e-6, edge - 1e-6]
+    heads.loc[heads["step"] == 2, "prefix_matching"] = [0.3, 0.06]
+    traj = E.head_trajectories(heads).query("score == 'prefix_matching'").sort_values(["head", "step"])
+    assert traj["reliable"].tolist() == [False, True, True, False, False, False]
+    assert traj["reference"].iloc[0] == pytest.approx(0.06) and traj["spread"].iloc[0] == pytest.approx(0.0003**0.5)
     with pytest.raises(ValueError, match="copying_se"):
         E.head_trajectories(heads.assign(copying_se=np.nan))
     with pytest.raises(ValueError, match="previous_token_control"):
@@ -228,6 +215,29 @@ def test_head_score_reliability_and_bad_input():
     with pytest.raises(ValueError, match="direction='reverse'.*available"):
         E.head_trajectories(heads, ri_table(np.random.default_rng(0)).query("direction == 'forward'"),
                             direction="reverse")
+
+
+def test_relation_index_formation_uses_the_sih_tests_effect_and_se():
+    """The trajectory of ri:<relation> is the SIH test's effect (RI minus the control it clears least)
+    with its cluster-robust se, by the same rule; a cell without a test is never reliable and does not
+    enter the step-0 null."""
+    z = 1.959963984540054
+    base = {"model": "m", "family": "kg", "relation": "R", "direction": "forward", "gate": "argmax",
+            "variant": "source", "ri": 0.5, "control_tenth": 0.3, "control_random": 0.2}
+    cells = {(0, 0): [(0.0, 0.01), (0.2, 0.01), (0.3, 0.01)], (0, 1): [(0.02, 0.01), (0.04, 0.01), (0.03, 0.01)],
+             (1, 0): [(np.nan, np.nan), (np.nan, np.nan), (0.9, np.nan)]}
+    ri = pd.DataFrame([{**base, "layer": layer, "head": head, "step": s, "tokens": s * TPS, "effect": e,
+                        "effect_se": se} for (layer, head), values in cells.items() for s, (e, se) in enumerate(values)])
+    heads = heads_table(np.random.default_rng(5), layers=2, heads=2, mids={}).query("step <= 2")
+    traj = E.head_trajectories(heads, ri.astype({"layer": "int32", "head": "int32"}))
+    got = traj[traj["score"] == "ri:R"].set_index(["layer", "head", "step"])
+    # null from the two tested cells at step 0: mu0 = 0.01, s0^2 = 0.0002 + 0.0001
+    assert got["reference"].iloc[0] == pytest.approx(0.01) and got["spread"].iloc[0] == pytest.approx(0.0003**0.5)
+    threshold = 0.01 + z * np.sqrt(0.0003 + 0.0001)
+    assert got["reliable"].tolist() == [False, 0.2 > threshold, 0.3 > threshold, False, False, False,
+                                        False, False, False]
+    assert (got["control"] == 0).all() and (got["family"] == "kg").all()
+    np.testing.assert_allclose(got["value"], [0.0, 0.2, 0.3, 0.02, 0.04, 0.03, np.nan, np.nan, 0.9])
 
 
 def test_level_curves_by_hand():
@@ -280,17 +290,17 @@ def test_duplicates_are_excluded_and_token_grid_checked():
 
 def test_emergence_recovers_known_transitions_and_onsets(pipeline):
     em = pipeline["emergence"].set_index("level")
-    assert em["baseline_kind"].to_dict() == {"format_compliance": "first_checkpoint",
-                                             "loss_reduction": "first_checkpoint", "pattern_discovery": "chance"}
+    icl = pipeline["icl"].set_index(["level", "step"])
     for level, true in (("loss_reduction", 1500), ("format_compliance", 3000), ("pattern_discovery", 6000)):
         row = em.loc[level]
         assert row["fit_status"] == "ok"
         assert within_one_checkpoint(row["transition_step"], true), (level, row["transition_step"])
         assert row["transition_tokens"] == pytest.approx(row["transition_step"] * TPS)
         assert row["transition_step_low"] <= row["transition_step"] <= row["transition_step_high"]
-    # pattern discovery: the noiseless curve clears chance 0.5 + 1.96 * 0.01 first at this checkpoint
-    noiseless = E.logistic(X, 0.2, 0.7, xmid(6000), 0.15) - 1.96 * 0.01 > 0.5
-    expected = STEPS[E.onset_index(noiseless, E.DEFAULT_K)]
+        assert row["reference"] == icl.loc[(level, 0), "value"]  # every series against its own step 0
+    # pattern discovery: the noiseless curve clears its step 0 by 1.96 * sqrt(2) * 0.01 first at this checkpoint
+    curve = E.logistic(X, 0.2, 0.7, xmid(6000), 0.15)
+    expected = STEPS[E.onset_index(curve - curve[0] > 1.96 * np.sqrt(2) * 0.01, E.DEFAULT_K)]
     i = list(STEPS).index(expected)
     assert em.loc["pattern_discovery", "onset_step"] in set(STEPS[max(i - 1, 0): i + 2])
     onset = list(STEPS).index(em.loc["pattern_discovery", "onset_step"])
@@ -376,16 +386,15 @@ def test_relation_lags_orders_and_q_values(pipeline):
     em = pipeline["emergence"].set_index("level")
     early = rel.loc[("prefix_matching", 0, 0, "pattern_discovery")]
     late = rel.loc[("prefix_matching", 1, 2, "pattern_discovery")]
-    assert early["order_transition"] == "before" and early["order_onset"] == "before"
-    assert late["order_transition"] == "after" and late["order_onset"] == "after"
-    assert early["lag_transition_tokens"] == pytest.approx(
+    assert early["order"] == "before" and late["order"] == "after"
+    assert early["lag_tokens"] == pytest.approx(
         fo.loc[("prefix_matching", 0, 0), "transition_tokens"] - em.loc["pattern_discovery", "transition_tokens"])
-    assert early["lag_transition_low_tokens"] <= early["lag_transition_tokens"] <= early["lag_transition_high_tokens"]
-    pd_onset = em.loc["pattern_discovery", "onset_tokens"]
-    assert late["lag_onset_tokens"] == fo.loc[("prefix_matching", 1, 2), "onset_tokens"] - pd_onset
-    assert late["lag_onset_low_tokens"] == (fo.loc[("prefix_matching", 1, 2), "onset_prev_tokens"]
-                                            - em.loc["pattern_discovery", "onset_tokens"])
-    assert rel.loc[("copying", 0, 1, "pattern_discovery"), "order_transition"] == "no formation"
+    draws = (np.array(fo.loc[("prefix_matching", 0, 0), "transition_boot_tokens"])
+             - np.array(em.loc["pattern_discovery", "transition_boot_tokens"]))
+    assert (early["lag_low_tokens"], early["lag_high_tokens"]) == pytest.approx(
+        tuple(np.quantile(draws[np.isfinite(draws)], [0.025, 0.975])))
+    assert rel.loc[("copying", 0, 1, "pattern_discovery"), "order"] == "no formation"
+    assert rel.loc[("ri:USED-FOR", 1, 1, "pattern_discovery"), "family"] == "kg"
     for (model, score), g in pipeline["relation"].groupby(["model", "score"]):
         np.testing.assert_allclose(g["q_value"], stats.false_discovery_control(g["p_value"], method="bh"))
     assert (pipeline["relation"]["related"] == (pipeline["relation"]["q_value"] <= 0.05)).all()
@@ -406,21 +415,58 @@ def test_relation_aligns_checkpoints_and_skips_missing_values(pipeline):
 
 
 def test_summary_answers_before_with_after(pipeline):
-    su = pipeline["summary"].set_index(["score", "head_set", "level"])
-    rel = pipeline["relation"]
+    su = pipeline["summary"].set_index(["subject", "head_set", "level"])
+    rel, fo = pipeline["relation"], pipeline["formation"]
+    assert set(su.index.get_level_values("subject")) == {"induction", "previous_token", "copying", "sih:kg",
+                                                          "loss_reduction", "format_compliance", "pattern_discovery"}
+    assert set(pipeline["summary"]["metric"]) == set(E.LEVEL_METRIC.values())  # constrained accuracy for level 3
     # top-1 prefix-matching head at the final checkpoint is the late one (its excess is largest there)
-    top = su.loc[("prefix_matching", "top1", "pattern_discovery")]
-    assert top["n_heads"] == 1 and top["order_transition"] == "after"
-    ri = su.loc[("ri:USED-FOR", "top1", "pattern_discovery")]
-    assert ri["order_transition"] == "before" and ri["order_onset"] == "before"
-    everyone = su.loc[("prefix_matching", "all", "pattern_discovery")]
-    formed = rel.query("score == 'prefix_matching' and level == 'pattern_discovery' "
-                       "and order_transition in ['before', 'with', 'after']")
-    assert everyone["n_heads"] == 6 and everyone["n_transition"] == len(formed) == 2
+    top = su.loc[("induction", "top1", "pattern_discovery")]
+    assert (top["n_units"], top["n_formed"], top["order"]) == (1, 1, "after")
+    assert su.loc[("sih:kg", "top1", "pattern_discovery"), "order"] == "before"
+    everyone = su.loc[("induction", "all", "pattern_discovery")]
+    formed = fo.query("score == 'prefix_matching' and fit_status == 'ok'")
+    assert (everyone["n_units"], everyone["n_formed"], len(formed)) == (6, 2, 2)
     assert (everyone["n_before"], everyone["n_after"]) == (1, 1)
-    assert everyone["lag_transition_tokens"] == pytest.approx(formed["lag_transition_tokens"].median())
-    assert everyone["lag_onset_low_tokens"] == pytest.approx(formed["lag_onset_low_tokens"].median())
-    assert su.loc[("copying", "all", "pattern_discovery"), "order_transition"] == "no formation"
+    assert everyone["subject_tokens"] == pytest.approx(formed["transition_tokens"].median())
+    assert everyone["lag_tokens"] == pytest.approx(everyone["subject_tokens"] - everyone["level_tokens"])
+    assert everyone["order"] == "with"  # an early and a late head: the median's interval straddles zero
+    assert everyone["subject_low_tokens"] <= everyone["subject_tokens"] <= everyone["subject_high_tokens"]
+    assert su.loc[("copying", "all", "pattern_discovery"), "order"] == "no formation"
+    # levels against levels, on the same midpoints: loss reduction (1500) before pattern discovery (6000)
+    levels = su.loc[("loss_reduction", "", "pattern_discovery")]
+    em = pipeline["emergence"].set_index("level")
+    assert levels["subject_kind"] == "icl_level" and levels["order"] == "before"
+    assert levels["lag_tokens"] == pytest.approx(em.loc["loss_reduction", "transition_tokens"]
+                                                 - em.loc["pattern_discovery", "transition_tokens"])
+    assert pd.isna(levels["n_before"]) and len(rel)
+
+
+def _calibration_run(seed: int, icl_mid: float, head_mid: float, se: float = 0.03) -> pd.Series:
+    """One format-compliance series and four heads (one rising like it, at ``head_mid``) through the
+    pipeline's own functions; returns the rising head's relation row."""
+    rng = np.random.default_rng(seed)
+    v = E.logistic(X, 0.05, 0.9, xmid(icl_mid), 0.15) + rng.normal(0, se, len(X))
+    icl = pd.DataFrame({"model": "m", "step": STEPS, "tokens": STEPS * TPS, "level": "format_compliance",
+                        "task": "mean", "shots": 20, "metric": "format_compliance", "value": v,
+                        "ci_low": v - 1.96 * se, "ci_high": v + 1.96 * se, "n": 200, "chance": np.nan})
+    heads = heads_table(rng, mids={(0, 0): head_mid}, se=se, layers=1, heads=4)
+    head_traj = E.head_trajectories(heads).query("score == 'prefix_matching' and head == 0")
+    icl_traj = E.icl_trajectories(icl.astype({"shots": "Int64"}))
+    em = E.emergence_table(icl_traj, seed=seed)
+    fo = E.formation_table(head_traj, seed=seed)
+    return E.relation_table(head_traj, fo, icl_traj, em, n_perm=99, seed=seed).iloc[0]
+
+
+def test_before_with_after_is_calibrated_on_simulated_curves():
+    """Identical noisy curves are called "with" in >= 95 % of 200 seeds (measured: 193); a head curve
+    0.7 decades earlier is called "before" with an interval holding the true lag in >= 90 % (189)."""
+    same = [_calibration_run(seed, 4000, 4000)["order"] for seed in range(200)]
+    assert same.count("with") >= 190, pd.Series(same).value_counts().to_dict()
+    true_lag = (1000 - 6000) * TPS
+    shifted = [_calibration_run(seed, 6000, 1000) for seed in range(200)]
+    right = [r["order"] == "before" and r["lag_low_tokens"] <= true_lag <= r["lag_high_tokens"] for r in shifted]
+    assert sum(right) >= 180, sum(right)
 
 
 def test_tables_round_trip_through_their_schemas(pipeline, tmp_path):

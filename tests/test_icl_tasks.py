@@ -211,6 +211,8 @@ def test_level_figure_plots_the_table(tmp_path) -> None:
                 rows.append(dict(model="org/m-1.4b", step=step, tokens=step, level="pattern_discovery",
                                  task=task.name, shots=shots, metric="accuracy", value=value,
                                  ci_low=value - 0.1, ci_high=value + 0.1, n=50, chance=0.5))
+            rows.append(dict(model="org/m-1.4b", step=step, tokens=step, level="pattern_discovery", task=task.name,
+                             shots=5, metric="baseline_lookup", value=0.48, ci_low=0.4, ci_high=0.6, n=50, chance=0.5))
         rows.append(dict(model="org/m-1.4b", step=step, tokens=step, level="loss_reduction", task="pile",
                          shots=None, metric="icl_score", value=-step / 1000, ci_low=-1, ci_high=0, n=10,
                          chance=None))
@@ -221,6 +223,8 @@ def test_level_figure_plots_the_table(tmp_path) -> None:
     np.testing.assert_allclose(five.get_xdata(), [0, 1, 512, 1000])
     np.testing.assert_allclose(five.get_ydata(), [0.0025, 0.003, 0.2585, 0.5025])
     assert any(line.get_label() == "chance" and line.get_ydata()[0] == 0.5 for line in ax.get_lines())
+    lookup = next(line for line in ax.get_lines() if line.get_label() == "lookup baseline, 5-shot")
+    np.testing.assert_allclose(lookup.get_ydata(), [0.48] * 4)
 
     curves = pd.DataFrame([dict(model="org/m-1.4b", step=s, position=p, loss=5 - p / (s + 1), ci_low=0, ci_high=9)
                            for s in (0, 1, 512, 1000) for p in range(1, 6)])

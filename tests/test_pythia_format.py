@@ -22,6 +22,7 @@ from conftest import PYTHIA_MODEL, PYTHIA_STEPS, REPO
 
 from icl_dynamics import agenda, hub, relations
 from icl_dynamics.cli import main
+from icl_dynamics.icl_tasks import BASELINES
 from icl_dynamics.models import load_checkpoint, load_tokenizer
 from icl_dynamics.pythia_format import write_pythia_cache
 
@@ -180,7 +181,7 @@ def test_snakemake_end_to_end_on_the_pythia_format_fixture(pythia_cache: Path, s
     assert len(heads) == len(PYTHIA_STEPS) * 2 * 4 and heads["prefix_matching"].between(0, 1).all()
     icl = pd.read_parquet(out / "icl.parquet")
     assert set(icl["level"]) == {"loss_reduction", "format_compliance", "pattern_discovery"}
-    assert len(icl[icl["level"] != "loss_reduction"]) == len(PYTHIA_STEPS) * 4 * 4 * 3
+    assert len(icl[icl["level"] != "loss_reduction"]) == len(PYTHIA_STEPS) * 4 * 4 * (3 + len(BASELINES))
     ri = pd.read_parquet(out / "relation_index.parquet")
     assert set(ri["family"]) == {"kg", "syntax"} and ri["events"].sum() > 0
     assert ri["ri"].dropna().between(0, 1).all()

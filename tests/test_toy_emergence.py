@@ -1,4 +1,4 @@
-"""Issue 6 on the toy zoo: induction heads form and the ICL score drops at the same checkpoint."""
+"""On the toy zoo: induction heads form and the ICL score drops together (midpoints within one checkpoint)."""
 
 import json
 
@@ -32,12 +32,11 @@ def test_head_formation_and_icl_emergence_coincide_on_the_toy_zoo(toy_zoo):
     top = formation[(formation["score"] == "prefix_matching") & (formation["final_rank"] == 1)].iloc[0]
     grid = list(TOY_STEPS)
     assert emerged["onset_step"] in (925, 950, 975, 1000, 1050)  # the phase change seen in training
-    assert abs(grid.index(int(top["onset_step"])) - grid.index(int(emerged["onset_step"]))) <= 1
-    # the continuous transition points agree within one checkpoint interval as well
+    # heads and ICL are compared on their transition midpoints (the onset only gates the fit)
     lo, hi = sorted([top["transition_step"], emerged["transition_step"]])
     between = [s for s in grid if lo < s < hi]
     assert len(between) <= 1
     summary = tables["summary"]
-    row = summary[(summary["score"] == "prefix_matching") & (summary["head_set"] == "top10")
+    row = summary[(summary["subject"] == "induction") & (summary["head_set"] == "top10")
                   & (summary["metric"] == "icl_score")].iloc[0]
-    assert row["order_onset"] == "with"
+    assert row["order"] == "with"

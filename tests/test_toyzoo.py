@@ -6,11 +6,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from transformers import GPTNeoXForCausalLM
 
 from icl_dynamics import hub
+from icl_dynamics.icl_tasks import BASELINES
 from icl_dynamics.induction import Probe, induction_rows, ov_copying_scores
 from icl_dynamics.models import load_checkpoint, load_tokenizer
-from icl_dynamics.toyzoo import TOY_MODEL_ID, TOY_STEPS, ToyConfig, toy_vocabulary, train
+from icl_dynamics.toyzoo import TOY_MODEL_ID, TOY_STEPS, ToyConfig, model_config, toy_vocabulary, train
 
 
 def test_zoo_is_laid_out_like_the_hub_cache(toy_zoo):
@@ -71,10 +73,17 @@ def test_induction_heads_form_during_training(toy_zoo):
 
 
 def test_layer1_induction_heads_copy_and_random_heads_do_not(toy_zoo):
-    """Olsson's eigenvalue copying score: every head of the random step-0 model is near 0, the final
-    step's layer-1 induction heads (prefix matching > 0.5) copy."""
+    """Olsson's eigenvalue copying score: every head of the random step-0 model lies inside the
+    random-init null (40 fresh inits of the same shape: |score| has 95th percentile ~0.21, so "< 0.2"
+    fails for 40 % of random models; the 99.9th is ~0.3), the final step's layer-1 induction heads
+    (prefix matching > 0.5) copy."""
+    null = []
+    for seed in range(40):
+        torch.manual_seed(1000 + seed)
+        null += list(np.abs(ov_copying_scores(GPTNeoXForCausalLM(model_config(ToyConfig(), len(toy_vocabulary()))))).ravel())
+    bound = np.quantile(null, 0.999)
     first = load_checkpoint(TOY_MODEL_ID, 0, cache_dir=toy_zoo / "hub", device="cpu")
-    assert np.abs(ov_copying_scores(first.model)).max() < 0.2
+    assert np.abs(ov_copying_scores(first.model)).max() < bound < 0.5
     last = load_checkpoint(TOY_MODEL_ID, TOY_STEPS[-1], cache_dir=toy_zoo / "hub", device="cpu")
     rows = induction_rows(last.model, last.tokenizer, Probe(n_tokens=15))
     induction = [r for r in rows if r["layer"] == 1 and r["prefix_matching"] > 0.5]
@@ -137,7 +146,7 @@ def test_snakemake_end_to_end_on_the_toy_zoo(toy_zoo, shared_dir, tmp_path):
     # levels 2 and 3: induction copies a label after ':' (format compliance rises) but cannot
     # discover the arbitrary mapping (accuracy stays near chance)
     tasks = icl[(icl["level"] != "loss_reduction") & (icl["shots"] >= 1)]
-    assert len(tasks) == len(steps) * 4 * 5 * 3
+    assert len(tasks) == len(steps) * 4 * 5 * (3 + len(BASELINES))  # tasks x shots x metrics
     compliance = tasks[tasks["metric"] == "format_compliance"].groupby("step")["value"].mean()
     assert compliance[steps[0]] < 0.1 and compliance[steps[-1]] > 0.8
     accuracy = tasks[tasks["metric"] == "accuracy_constrained"]
@@ -160,7 +169,7 @@ def test_snakemake_end_to_end_on_the_toy_zoo(toy_zoo, shared_dir, tmp_path):
     assert ri["ri"].dropna().between(0, 1).all() and ri["ri"].notna().any()
     analysis = tmp_path / "results" / "analysis"
     summary = pd.read_parquet(analysis / "summary.parquet")
-    assert {"prefix_matching", "copying", "previous_token"} <= set(summary["score"])
+    assert {"induction", "copying", "previous_token", "sih:kg", "loss_reduction"} <= set(summary["subject"])
     assert (analysis / "figures" / "emergence_panel.pdf").exists()
 
     report = subprocess.run([*command, "--report", str(tmp_path / "report.html")], capture_output=True, text=True,

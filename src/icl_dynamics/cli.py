@@ -207,7 +207,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     tables = emergence.analyze(
         read(args.icl), read(args.heads), ri, read(args.provenance), shots=args.shots, per_task=args.per_task,
         direction=args.ri_direction, gate=args.ri_gate, variant=args.ri_variant, tau=args.ri_tau, k=args.k,
-        n_boot=args.n_boot, n_perm=args.n_perm, top_k=args.top_k, min_effect=args.min_effect, seed=args.seed,
+        n_boot=args.n_boot, n_perm=args.n_perm, top_k=args.top_k, seed=args.seed,
         include_suspect=args.include_suspect,
     )
     out = Path(args.out_dir)
@@ -403,8 +403,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=int, default=200)
     p.add_argument("--n-perm", type=int, default=999)
     p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--min-effect", type=float, default=0.1,
-                   help="how far above its control (beyond its interval) a head's score must be to count as formed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_analyze)

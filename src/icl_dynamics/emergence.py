@@ -1,39 +1,50 @@
 """When heads form, when in-context learning emerges, and how the two are related over training.
 
-Every curve here is a *trajectory*: one value per checkpoint plus a yes/no "reliably past its
-baseline" flag. Two estimates are computed for each trajectory:
+Every curve here is a *trajectory*: one value per checkpoint with its standard error. Head
+formation and ICL emergence are found by one procedure on one scale (method notes §6 compare them
+only by eye; this makes the comparison a measurement):
 
-* **onset** -- the first checkpoint from which the flag holds and stays true for the next ``k``
-  checkpoints (a run of ``k + 1`` reliable checkpoints; a run cut short by the end of the data does
-  not count). The true onset lies in ``(onset_prev, onset]``: the grid cannot say more.
-* **transition** -- the midpoint of a monotone four-parameter logistic fitted in
+* **reference** -- each series is measured against its step-0 null: the mean ``mu0`` of the
+  series' units at the first checkpoint (normally step 0; one unit for an ICL series, every head of
+  the model for a head score) and its spread ``s0``, with ``s0^2`` the variance across those
+  units plus their mean squared standard error (for one ICL series: its step-0 standard error
+  squared). ``standardised = sign * (value - mu0) / s0`` is the series on that common scale
+  (``sign`` = -1 where lower is better, the ICL score).
+* **reliable** -- ``sign * (value - mu0) > z * sqrt(s0^2 + se^2)``: past the step-0 null beyond
+  the checkpoint's own noise, with the same ``z`` for every series.
+* **onset** -- the first checkpoint from which the flag holds for ``k + 1`` checkpoints in a row (a
+  run cut short by the end of the data does not count). Only a series with an onset is fitted:
+  the logistic of a curve that never leaves its null describes noise.
+* **transition** (the midpoint every comparison uses) -- the midpoint of a monotone
+  four-parameter logistic fitted to the standardised series in
   ``x = log10(tokens + tokens_per_step / 2)``: step 0 sits half a step before step 1, as far below
   step 1 on the log axis as step 2 is above it, so it stays in the fit instead of being dropped.
   The interval comes from a wild (Rademacher) residual bootstrap; a refit whose rise is sharper
   than the gap between the checkpoints around it has its midpoint drawn uniformly within that gap,
   so a jump that falls into a gap of the grid (Pythia has no checkpoint between steps 512 and
-  1000) gets an interval spanning the gap instead of an arbitrary spot in it. Only trajectories
-  with an onset are fitted: the logistic of a curve that never leaves its baseline describes noise.
+  1000) gets an interval spanning the gap instead of an arbitrary spot in it.
 
-ICL trajectories (:func:`icl_trajectories`) are reliable when accuracy-like metrics have their
-interval above chance, or -- where ``chance`` is null (the ICL score) -- when the interval of the
-difference to the first checkpoint (normally step 0) excludes zero in the good direction (lower is
-better for the ICL score). Head trajectories (:func:`head_trajectories`) are reliable when
-``score - z * se > control``; for the relation index the margin must clear both the tenth-token
-and the random-token control, using a bound on the standard error (see :func:`head_trajectories`).
+"Before / with / after" is read from the lag between two midpoints and the interval of its
+bootstrap (formation minus emergence; negative: the head first); ``with`` means the interval
+contains zero. Calibrated by simulation (tests): identical noisy curves give ``with`` in >= 95 %
+of seeds, and a head curve shifted by a known lag gives ``before`` with an interval holding the
+lag in >= 90 %.
 
-The relation between a head and an ICL series (:func:`relation_table`) is the lag of formation
-behind emergence (both estimates, with intervals) and a Spearman correlation across checkpoints.
-Two curves that both merely rise have a large Spearman correlation of their *levels*, and a plain
-block-shuffle test of the levels called ~80 % of independent pairs related in simulations, so the
-test statistic is the Spearman correlation of their *first differences* (the change from one
-checkpoint to the next), with a null from block permutations of one differenced series (blocks of
-``ceil(sqrt(n))`` checkpoints by default). It is significant when the two curves change at the same
-checkpoints: independent curves rising a decade of tokens apart are called related at about the
-nominal rate, but curves whose rises overlap in time are (rightly) co-timed -- the lag says by how
-much. p-values are Benjamini-Hochberg adjusted within each model and score (``q_value``).
-:func:`summary_table` answers "before, with or after?" for the top-k heads at the final checkpoint
-and for all heads.
+ICL levels are compared on the same midpoints. Pattern discovery enters ordering claims through
+``accuracy_constrained`` (argmax over the task's labels): unconstrained accuracy can never exceed
+format compliance, so it would put format compliance first by construction. The model-free
+``baseline_*`` rows of the ICL table are not series.
+
+The relation between a head and an ICL series (:func:`relation_table`) is that lag and a
+Spearman correlation across checkpoints. Two curves that both merely rise have a large Spearman
+correlation of their *levels*, and a plain block-shuffle test of the levels called ~80 % of
+independent pairs related in simulations, so the test statistic is the Spearman correlation of
+their *first differences* (the change from one checkpoint to the next), with a null from block
+permutations of one differenced series (blocks of ``ceil(sqrt(n))`` checkpoints by default).
+p-values are Benjamini-Hochberg adjusted within each model and score (``q_value``).
+:func:`summary_table` gives, per model, each ICL level's midpoint, each head class's midpoint
+(induction = prefix matching, previous token, copying, SIH per relation family), the lags between
+them with intervals, and the verdicts.
 
 Tables are pandas DataFrames; the ``*_SCHEMA`` constants are their Parquet schemas (write with
 ``icl_dynamics.io.write_rows(df.to_dict("list"), SCHEMA, path)``).
@@ -57,14 +68,20 @@ HEAD_KEYS = ("model", "score", "layer", "head")
 HEAD_SCORES = ("prefix_matching", "previous_token", "copying")
 RI_PREFIX = "ri:"
 LEVELS = ("loss_reduction", "format_compliance", "pattern_discovery")
+# the series that stands for each level in ordering claims (constrained accuracy: see the docstring)
+LEVEL_METRIC = {"loss_reduction": "icl_score", "format_compliance": "format_compliance",
+                "pattern_discovery": "accuracy_constrained"}
+BASELINE_PREFIX = "baseline_"  # model-free predictors stored beside the ICL accuracies; not series
 LOWER_IS_BETTER = frozenset({"icl_score"})
 ORDERS = ("before", "with", "after", "no formation", "no emergence")
+# head classes of the summary: a classic score, or the relation index pooled over one relation family
+HEAD_CLASSES = {"prefix_matching": "induction", "previous_token": "previous_token", "copying": "copying"}
 
 ICL_COLUMNS = ("model", "step", "tokens", "level", "task", "shots", "metric", "value", "ci_low", "ci_high", "n",
                "chance")
 HEADS_COLUMNS = ("model", "step", "tokens", "layer", "head",
                  *HEAD_SCORES, *(f"{s}_control" for s in HEAD_SCORES), *(f"{s}_se" for s in HEAD_SCORES))
-RI_COLUMNS = ("model", "step", "tokens", "layer", "head", "relation", "direction", "gate", "variant",
+RI_COLUMNS = ("model", "step", "tokens", "layer", "head", "family", "relation", "direction", "gate", "variant",
               "ri", "control_tenth", "control_random", "effect", "effect_se")
 
 DEFAULT_K = 3
@@ -73,7 +90,6 @@ DEFAULT_CI_LEVEL = 0.95
 DEFAULT_N_PERM = 999
 DEFAULT_ALPHA = 0.05
 DEFAULT_TOP_K = 10
-DEFAULT_MIN_EFFECT = 0.1  # formation needs a score this far above its control, beyond its interval
 MIN_FIT_POINTS = 6
 MIN_WIDTH_DECADES = 0.01  # narrowest logistic allowed: 10-90 % rise within ~0.04 decades of tokens
 RISE_10_90 = 2 * np.log(9)  # a logistic's 10-90 % rise spans this many widths
@@ -86,6 +102,8 @@ _ESTIMATE_FIELDS = [
     pa.field("increasing", pa.bool_(), nullable=False),
     pa.field("n_checkpoints", pa.int32(), nullable=False),
     pa.field("k", pa.int32(), nullable=False),
+    pa.field("reference", pa.float64()),  # the step-0 null's mean (mu0) and spread (s0)
+    pa.field("spread", pa.float64()),
     pa.field("onset_step", pa.int64()),
     pa.field("onset_tokens", pa.int64()),
     pa.field("onset_prev_step", pa.int64()),
@@ -111,7 +129,6 @@ EMERGENCE_SCHEMA = pa.schema([
     pa.field("task", pa.string(), nullable=False),
     pa.field("shots", pa.int32()),
     pa.field("metric", pa.string(), nullable=False),
-    pa.field("baseline_kind", pa.string(), nullable=False),
     *_ESTIMATE_FIELDS,
 ])
 """One row per ICL series (model, level, task, shots, metric): onset and transition of emergence."""
@@ -119,6 +136,7 @@ EMERGENCE_SCHEMA = pa.schema([
 FORMATION_SCHEMA = pa.schema([
     pa.field("model", pa.string(), nullable=False),
     pa.field("score", pa.string(), nullable=False),
+    pa.field("family", pa.string(), nullable=False),  # relation family of an ri: score, else ""
     pa.field("layer", pa.int32(), nullable=False),
     pa.field("head", pa.int32(), nullable=False),
     *_ESTIMATE_FIELDS,
@@ -131,19 +149,16 @@ FORMATION_SCHEMA = pa.schema([
 checkpoint by ``value - control`` (1 = largest excess; null where the final value is missing)."""
 
 _LAG_FIELDS = [
-    pa.field("lag_onset_tokens", pa.float64()),
-    pa.field("lag_onset_low_tokens", pa.float64()),
-    pa.field("lag_onset_high_tokens", pa.float64()),
-    pa.field("order_onset", pa.string(), nullable=False),
-    pa.field("lag_transition_tokens", pa.float64()),
-    pa.field("lag_transition_low_tokens", pa.float64()),
-    pa.field("lag_transition_high_tokens", pa.float64()),
-    pa.field("order_transition", pa.string(), nullable=False),
+    pa.field("lag_tokens", pa.float64()),  # midpoint minus midpoint; negative: the subject first
+    pa.field("lag_low_tokens", pa.float64()),
+    pa.field("lag_high_tokens", pa.float64()),
+    pa.field("order", pa.string(), nullable=False),  # before | with | after | no formation | no emergence
 ]
 
 RELATION_SCHEMA = pa.schema([
     pa.field("model", pa.string(), nullable=False),
     pa.field("score", pa.string(), nullable=False),
+    pa.field("family", pa.string(), nullable=False),
     pa.field("layer", pa.int32(), nullable=False),
     pa.field("head", pa.int32(), nullable=False),
     pa.field("final_rank", pa.int32()),
@@ -159,31 +174,38 @@ RELATION_SCHEMA = pa.schema([
     pa.field("q_value", pa.float64()),
     pa.field("related", pa.bool_(), nullable=False),
 ])
-"""One row per (head, score) x ICL series of the same model: lags (formation minus emergence, in
-tokens; negative = the head formed first) and the detrended, block-permutation-tested correlation."""
+"""One row per (head, score) x ICL series of the same model: the lag of the formation midpoint
+behind the emergence midpoint (tokens, bootstrap interval, verdict) and the detrended,
+block-permutation-tested correlation."""
 
 SUMMARY_SCHEMA = pa.schema([
     pa.field("model", pa.string(), nullable=False),
-    pa.field("score", pa.string(), nullable=False),
-    pa.field("head_set", pa.string(), nullable=False),
+    pa.field("subject_kind", pa.string(), nullable=False),  # head_class | icl_level
+    pa.field("subject", pa.string(), nullable=False),  # induction, copying, sih:kg, ... or an ICL level
+    pa.field("head_set", pa.string(), nullable=False),  # top<k> | all (head classes); "" for levels
+    pa.field("n_units", pa.int32(), nullable=False),
+    pa.field("n_formed", pa.int32(), nullable=False),
+    pa.field("subject_tokens", pa.float64()),
+    pa.field("subject_low_tokens", pa.float64()),
+    pa.field("subject_high_tokens", pa.float64()),
     pa.field("level", pa.string(), nullable=False),
     pa.field("task", pa.string(), nullable=False),
     pa.field("shots", pa.int32()),
     pa.field("metric", pa.string(), nullable=False),
-    pa.field("n_heads", pa.int32(), nullable=False),
-    pa.field("n_formed", pa.int32(), nullable=False),
-    pa.field("n_transition", pa.int32(), nullable=False),
-    pa.field("emergence_onset_tokens", pa.int64()),
-    pa.field("emergence_transition_tokens", pa.float64()),
+    pa.field("level_tokens", pa.float64()),
+    pa.field("level_low_tokens", pa.float64()),
+    pa.field("level_high_tokens", pa.float64()),
     *_LAG_FIELDS,
-    pa.field("n_before", pa.int32(), nullable=False),
-    pa.field("n_with", pa.int32(), nullable=False),
-    pa.field("n_after", pa.int32(), nullable=False),
-    pa.field("n_related", pa.int32(), nullable=False),
+    pa.field("n_before", pa.int32()),
+    pa.field("n_with", pa.int32()),
+    pa.field("n_after", pa.int32()),
+    pa.field("n_related", pa.int32()),
     pa.field("median_rho_diff", pa.float64()),
 ])
-"""One row per model, score, head set (``top<k>`` or ``all``) and ICL series: median lag over the
-set's formed heads with its interval, the verdict (``order_*``), and how many heads are related."""
+"""Per model: each head class's (median) formation midpoint and each ICL level's emergence midpoint,
+with bootstrap intervals, compared with every ICL level's series (``level``/``task``/``shots``/
+``metric``, the level's :data:`LEVEL_METRIC`): the lag, its interval and the verdict. Head classes
+also count their heads' own verdicts and related heads (null for level rows)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,66 +303,72 @@ def level_curves(icl: pd.DataFrame, *, ci_level: float = DEFAULT_CI_LEVEL) -> pd
     return out
 
 
+TRAJ_COLUMNS = ("step", "tokens", "value", "se", "reference", "spread", "standardised", "increasing", "reliable")
+
+
+def standardise(traj: pd.DataFrame, groups: Sequence[str], z: float) -> pd.DataFrame:
+    """Add ``reference``, ``spread``, ``standardised`` and ``reliable`` (see the module docstring) to
+    trajectories with ``step``, ``value``, ``se`` and ``increasing``.
+
+    ``groups`` name the rows that share one step-0 null (an ICL series; a model's head score: all
+    its heads). The null is read at each group's first checkpoint from the units with a finite
+    value and standard error there.
+    """
+    parts = []
+    for _, g in traj.groupby(list(groups), dropna=False, sort=False):
+        first = g[g["step"] == g["step"].min()]
+        first = first[np.isfinite(first["value"].to_numpy(float)) & np.isfinite(first["se"].to_numpy(float))]
+        v0, se0 = first["value"].to_numpy(float), first["se"].to_numpy(float)
+        mu0 = float(v0.mean()) if len(v0) else np.nan
+        spread = float(np.sqrt((v0.var(ddof=1) if len(v0) > 1 else 0.0) + np.mean(se0**2))) if len(v0) else np.nan
+        sign = np.where(g["increasing"].to_numpy(bool), 1.0, -1.0)
+        excess = sign * (g["value"].to_numpy(float) - mu0)
+        with np.errstate(invalid="ignore"):  # NaN values (no events, too few documents) are never reliable
+            reliable = excess > z * np.sqrt(spread**2 + g["se"].to_numpy(float) ** 2)
+        parts.append(g.assign(reference=mu0, spread=spread,
+                              standardised=excess / spread if spread > 0 else excess, reliable=reliable))
+    return pd.concat(parts).loc[traj.index] if parts else traj.assign(
+        reference=np.nan, spread=np.nan, standardised=np.nan, reliable=False)
+
+
 def icl_trajectories(icl: pd.DataFrame, *, ci_level: float = DEFAULT_CI_LEVEL,
                      exclude: Iterable[tuple[str, int]] | None = None) -> pd.DataFrame:
-    """Long table of ICL series with the reliability flag that defines emergence.
-
-    Columns: the ICL keys, ``step``, ``tokens``, ``value``, ``ci_low``, ``ci_high``, ``baseline``
-    (chance, or the first checkpoint's value), ``baseline_kind`` (``chance`` | ``first_checkpoint``),
-    ``increasing`` (False for the ICL score, where lower is better) and ``reliable``: the interval
-    lies past chance, or the interval of the difference to the first checkpoint excludes zero.
-    """
+    """Long table of ICL series (the ICL keys and :data:`TRAJ_COLUMNS`) with the flag that defines
+    emergence; ``se`` is read from each interval as ``(ci_high - ci_low) / (2 z)`` and ``increasing``
+    is False for the ICL score (lower is better). ``baseline_*`` rows are left out."""
     _require_columns(icl, ICL_COLUMNS, "icl")
     z = _z(ci_level)
     frame = _drop_excluded(icl, exclude)
+    frame = frame[~frame["metric"].astype(str).str.startswith(BASELINE_PREFIX)]
     if frame[["value", "ci_low", "ci_high"]].isna().any().any():
         bad = frame[frame[["value", "ci_low", "ci_high"]].isna().any(axis=1)].iloc[0]
         raise ValueError(f"icl: missing value or interval at model {bad['model']!r} step {bad['step']} "
                          f"{bad['level']}/{bad['task']}/{bad['metric']}")
-    parts = []
-    for key, g in frame.groupby(list(ICL_KEYS), dropna=False, sort=True):
-        g = g.sort_values("step")
-        if g["step"].duplicated().any():
-            raise ValueError(f"icl: series {dict(zip(ICL_KEYS, key))} has duplicate steps "
-                             f"{g['step'][g['step'].duplicated()].tolist()}")
-        increasing = key[4] not in LOWER_IS_BETTER
-        sign = 1.0 if increasing else -1.0
-        value, low, high = (g[c].to_numpy(float) for c in ("value", "ci_low", "ci_high"))
-        if g["chance"].notna().all():
-            baseline = g["chance"].to_numpy(float)
-            kind = "chance"
-            reliable = low > baseline if increasing else high < baseline
-        elif g["chance"].isna().all():
-            se = (high - low) / (2 * z)
-            baseline = np.full(len(g), value[0])
-            kind = "first_checkpoint"
-            reliable = sign * (value - value[0]) - z * np.sqrt(se**2 + se[0] ** 2) > 0
-        else:
-            raise ValueError(f"icl: series {dict(zip(ICL_KEYS, key))} has chance on some steps and null on others")
-        parts.append(g[["model", "level", "task", "shots", "metric", "step", "tokens", "value", "ci_low", "ci_high"]]
-                     .assign(baseline=baseline, baseline_kind=kind, increasing=increasing, reliable=reliable))
-    if not parts:
+    if frame.empty:
         raise ValueError("icl table is empty (after excluding duplicate checkpoints)")
-    out = pd.concat(parts, ignore_index=True)
-    out["shots"] = out["shots"].astype("Int64")
-    return out
+    frame = frame.assign(shots=frame["shots"].astype("Int64"))
+    steps = frame.groupby(list(ICL_KEYS), dropna=False)["step"]
+    if (steps.size() != steps.nunique()).any():
+        key = (steps.size() != steps.nunique()).idxmax()
+        raise ValueError(f"icl: series {dict(zip(ICL_KEYS, key))} has duplicate steps")
+    out = frame[[*ICL_KEYS, "step", "tokens", "value", "ci_low", "ci_high"]].assign(
+        se=(frame["ci_high"] - frame["ci_low"]) / (2 * z),
+        increasing=~frame["metric"].isin(LOWER_IS_BETTER))
+    out = standardise(out, ICL_KEYS, z)
+    return out.sort_values([*ICL_KEYS, "step"], ignore_index=True)
 
 
 def head_trajectories(heads: pd.DataFrame, ri: pd.DataFrame | None = None, *, ci_level: float = DEFAULT_CI_LEVEL,
                       direction: str = "forward", gate: str = "argmax", variant: str = "source",
-                      exclude: Iterable[tuple[str, int]] | None = None,
-                      min_effect: float = DEFAULT_MIN_EFFECT) -> pd.DataFrame:
-    """Long table of per-head score trajectories with the reliability flag that defines formation.
+                      exclude: Iterable[tuple[str, int]] | None = None) -> pd.DataFrame:
+    """Long table of per-head score trajectories (``model, score, family, layer, head, control`` and
+    :data:`TRAJ_COLUMNS`) with the flag that defines formation, by the same rule as emergence.
 
-    Columns: ``model, score, layer, head, step, tokens, value, control, reliable``. Scores are
-    ``prefix_matching``, ``previous_token``, ``copying`` (reliable: ``value - z * se > control +
-    min_effect``: with ten probe samples the standard error is tiny, and without the effect-size
-    floor a head attending 0.052 where uniform attention gives 0.050 would count as formed)
-    and, from the relation-index table filtered to one ``direction/gate/variant``, ``ri:<relation>``.
-    The relation index enters as the SIH test's estimate (relation_index.py): ``effect``, RI minus
-    the control it clears least, paired per event, with its cluster-robust ``effect_se`` (documents as
-    clusters); the trajectory's value is that effect, its control 0, and a checkpoint is reliable when
-    ``effect - z * effect_se > min_effect``. A missing effect (no events, too few documents) never is.
+    Scores are ``prefix_matching``, ``previous_token``, ``copying`` (``se`` from their ``*_se``
+    columns; ``control`` is kept for ranking heads, not for the flag) and, from the relation-index
+    table filtered to one ``direction/gate/variant``, ``ri:<relation>``: the SIH test's ``effect``
+    (RI minus the control it clears least, relation_index.py) with its cluster-robust
+    ``effect_se``, control 0. A missing effect (no events, too few documents) is never reliable.
     """
     _require_columns(heads, HEADS_COLUMNS, "heads")
     z = _z(ci_level)
@@ -355,21 +383,20 @@ def head_trajectories(heads: pd.DataFrame, ri: pd.DataFrame | None = None, *, ci
         if se.isna().any():
             raise ValueError(f"heads: column {score}_se has {int(se.isna().sum())} missing values "
                              "(a deterministic score must write se = 0)")
-        value, control = frame[score].to_numpy(float), frame[f"{score}_control"].to_numpy(float)
         parts.append(pd.DataFrame({
-            "model": frame["model"].to_numpy(), "score": score, "layer": frame["layer"].to_numpy(),
+            "model": frame["model"].to_numpy(), "score": score, "family": "", "layer": frame["layer"].to_numpy(),
             "head": frame["head"].to_numpy(), "step": frame["step"].to_numpy(), "tokens": frame["tokens"].to_numpy(),
-            "value": value, "control": control,
-            "reliable": value - z * se.to_numpy(float) > control + min_effect}))
+            "value": frame[score].to_numpy(float), "control": frame[f"{score}_control"].to_numpy(float),
+            "se": se.to_numpy(float)}))
     if ri is not None:
-        parts.append(_ri_trajectories(_drop_excluded(ri, exclude), z, direction, gate, variant, min_effect))
-    out = pd.concat(parts, ignore_index=True)
+        parts.append(_ri_trajectories(_drop_excluded(ri, exclude), direction, gate, variant))
+    out = pd.concat(parts, ignore_index=True).assign(increasing=True)
     out = out.astype({"step": np.int64, "tokens": np.int64, "layer": np.int32, "head": np.int32})
+    out = standardise(out, ("model", "score"), z)
     return out.sort_values(["model", "score", "layer", "head", "step"], ignore_index=True)
 
 
-def _ri_trajectories(ri: pd.DataFrame, z: float, direction: str, gate: str, variant: str,
-                     min_effect: float) -> pd.DataFrame:
+def _ri_trajectories(ri: pd.DataFrame, direction: str, gate: str, variant: str) -> pd.DataFrame:
     _require_columns(ri, RI_COLUMNS, "relation index")
     sel = ri[(ri["direction"] == direction) & (ri["gate"] == gate) & (ri["variant"] == variant)]
     if sel.empty:
@@ -380,18 +407,15 @@ def _ri_trajectories(ri: pd.DataFrame, z: float, direction: str, gate: str, vari
     if keys.duplicated().any():
         raise ValueError(f"relation index: duplicate rows for {keys[keys.duplicated()].iloc[0].to_dict()} "
                          "(several tau or parameter settings in one table? select one first)")
-    value = sel["ri"].to_numpy(float)
-    controls = sel[["control_tenth", "control_random"]].to_numpy(float)
-    for name, arr in (("ri", value), ("control_tenth", controls[:, 0]), ("control_random", controls[:, 1])):
+    for name in ("ri", "control_tenth", "control_random"):
+        arr = sel[name].to_numpy(float)
         if ((arr < 0) | (arr > 1)).any():
             raise ValueError(f"relation index: column {name} has values outside [0, 1]")
-    effect, effect_se = sel["effect"].to_numpy(float), sel["effect_se"].to_numpy(float)
-    with np.errstate(invalid="ignore"):
-        reliable = effect - z * effect_se > min_effect  # NaN (no events, too few documents) compares False
     return pd.DataFrame({
         "model": sel["model"].to_numpy(), "score": RI_PREFIX + sel["relation"].astype(str).to_numpy(),
-        "layer": sel["layer"].to_numpy(), "head": sel["head"].to_numpy(), "step": sel["step"].to_numpy(),
-        "tokens": sel["tokens"].to_numpy(), "value": effect, "control": np.zeros(len(sel)), "reliable": reliable})
+        "family": sel["family"].astype(str).to_numpy(), "layer": sel["layer"].to_numpy(),
+        "head": sel["head"].to_numpy(), "step": sel["step"].to_numpy(), "tokens": sel["tokens"].to_numpy(),
+        "value": sel["effect"].to_numpy(float), "control": np.zeros(len(sel)), "se": sel["effect_se"].to_numpy(float)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -566,7 +590,8 @@ def _estimates(g: pd.DataFrame, key: tuple, tps: int, *, increasing: bool, k: in
                ci_level: float) -> dict:
     steps, tokens = g["step"].to_numpy(np.int64), g["tokens"].to_numpy(np.int64)
     onset = onset_index(g["reliable"].to_numpy(bool), k)
-    row = {"increasing": increasing, "n_checkpoints": len(g), "k": k, "onset_step": None, "onset_tokens": None,
+    row = {"increasing": increasing, "n_checkpoints": len(g), "k": k, "reference": float(g["reference"].iloc[0]),
+           "spread": float(g["spread"].iloc[0]), "onset_step": None, "onset_tokens": None,
            "onset_prev_step": None, "onset_prev_tokens": None, "n_boot_ok": 0, "transition_boot_tokens": []}
     for name in ("step", "tokens"):
         row.update({f"transition_{name}": np.nan, f"transition_{name}_low": np.nan, f"transition_{name}_high": np.nan})
@@ -577,10 +602,10 @@ def _estimates(g: pd.DataFrame, key: tuple, tps: int, *, increasing: bool, k: in
     row.update(onset_step=int(steps[onset]), onset_tokens=int(tokens[onset]))
     if onset > 0:
         row.update(onset_prev_step=int(steps[onset - 1]), onset_prev_tokens=int(tokens[onset - 1]))
-    value = g["value"].to_numpy(float)
+    value = g["standardised"].to_numpy(float)  # the sign is folded in: every standardised series rises
     finite = np.isfinite(value)
     x = np.log10(tokens[finite] + tps / 2)
-    fit = fit_transition(x, value[finite], increasing=increasing, n_boot=n_boot, rng=_rng(seed, key))
+    fit = fit_transition(x, value[finite], increasing=True, n_boot=n_boot, rng=_rng(seed, key))
     start, change, mid, width = fit.params
     row.update(fit_status=fit.status, fit_start=start, fit_end=start + change, fit_log10_mid=mid, fit_width=width)
     if fit.status != "ok":
@@ -627,8 +652,7 @@ def _frame(rows: list[dict], schema: pa.Schema) -> pd.DataFrame:
 def emergence_table(icl_traj: pd.DataFrame, *, k: int = DEFAULT_K, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
                     ci_level: float = DEFAULT_CI_LEVEL) -> pd.DataFrame:
     """Onset and transition of every ICL series of :func:`icl_trajectories` (EMERGENCE_SCHEMA columns)."""
-    rows = _estimate_all(icl_traj, ICL_KEYS, k=k, n_boot=n_boot, seed=seed, ci_level=ci_level,
-                         extra=lambda g: {"baseline_kind": g["baseline_kind"].iloc[0]})
+    rows = _estimate_all(icl_traj, ICL_KEYS, k=k, n_boot=n_boot, seed=seed, ci_level=ci_level)
     return _frame(rows, EMERGENCE_SCHEMA)
 
 
@@ -646,7 +670,7 @@ def formation_table(head_traj: pd.DataFrame, *, k: int = DEFAULT_K, n_boot: int 
         last = g[g["step"] == step]
         value = float(last["value"].iloc[0]) if len(last) else np.nan
         control = float(last["control"].iloc[0]) if len(last) else np.nan
-        return {"final_step": step, "final_value": value, "final_control": control}
+        return {"family": g["family"].iloc[0], "final_step": step, "final_value": value, "final_control": control}
 
     out = _frame(_estimate_all(head_traj, HEAD_KEYS, k=k, n_boot=n_boot, seed=seed, ci_level=ci_level, extra=final),
                  FORMATION_SCHEMA)
@@ -735,20 +759,6 @@ def _records(table: pd.DataFrame, keys: Sequence[str], name: str) -> dict[tuple,
     return out
 
 
-def _onset_lag(h: dict, m: dict) -> dict:
-    """Formation onset minus emergence onset; each onset lies in (prev, onset], so the lag lies in
-    [h_prev - m_onset, h_onset - m_prev] (unbounded where an onset is the first checkpoint)."""
-    missing = "no emergence" if pd.isna(m["onset_tokens"]) else "no formation" if pd.isna(h["onset_tokens"]) else None
-    if missing:
-        return {"lag_onset_tokens": np.nan, "lag_onset_low_tokens": np.nan, "lag_onset_high_tokens": np.nan,
-                "order_onset": missing}
-    h_prev = -np.inf if pd.isna(h["onset_prev_tokens"]) else float(h["onset_prev_tokens"])
-    m_prev = -np.inf if pd.isna(m["onset_prev_tokens"]) else float(m["onset_prev_tokens"])
-    low, high = h_prev - float(m["onset_tokens"]), float(h["onset_tokens"]) - m_prev
-    return {"lag_onset_tokens": float(h["onset_tokens"]) - float(m["onset_tokens"]), "lag_onset_low_tokens": low,
-            "lag_onset_high_tokens": high, "order_onset": _order(low, high)}
-
-
 def _boot_lags(h: dict, m: dict) -> np.ndarray:
     """Paired differences of two independent bootstraps: draws of (formation - emergence)."""
     hb, mb = np.asarray(h["transition_boot_tokens"], float), np.asarray(m["transition_boot_tokens"], float)
@@ -757,19 +767,24 @@ def _boot_lags(h: dict, m: dict) -> np.ndarray:
     return hb - mb
 
 
+def _lag(point: float, draws: np.ndarray, ci_level: float, missing: str | None) -> dict:
+    """A lag, the percentile interval of its bootstrap draws and the verdict it gives."""
+    draws = draws[np.isfinite(draws)]
+    if missing is not None or not len(draws):
+        return {"lag_tokens": np.nan, "lag_low_tokens": np.nan, "lag_high_tokens": np.nan,
+                "order": missing or "no formation"}
+    tail = (1 - ci_level) / 2
+    low, high = np.quantile(draws, [tail, 1 - tail])
+    return {"lag_tokens": float(point), "lag_low_tokens": float(low), "lag_high_tokens": float(high),
+            "order": _order(low, high)}
+
+
 def _transition_lag(h: dict, m: dict, ci_level: float) -> dict:
     """Formation midpoint minus emergence midpoint, interval from the two independent bootstraps."""
     missing = "no emergence" if m["fit_status"] != "ok" else "no formation" if h["fit_status"] != "ok" else None
-    lags = _boot_lags(h, m) if missing is None else np.empty(0)
-    lags = lags[np.isfinite(lags)]
-    if not len(lags):
-        return {"lag_transition_tokens": np.nan, "lag_transition_low_tokens": np.nan,
-                "lag_transition_high_tokens": np.nan, "order_transition": missing or "no formation"}
-    tail = (1 - ci_level) / 2
-    low, high = np.quantile(lags, [tail, 1 - tail])
-    return {"lag_transition_tokens": float(h["transition_tokens"] - m["transition_tokens"]),
-            "lag_transition_low_tokens": float(low), "lag_transition_high_tokens": float(high),
-            "order_transition": _order(low, high)}
+    draws = _boot_lags(h, m) if missing is None else np.empty(0)
+    return _lag(h["transition_tokens"] - m["transition_tokens"] if missing is None else np.nan, draws, ci_level,
+                missing)
 
 
 def _on_grid(trajectory: pd.DataFrame, grid: np.ndarray, key: tuple) -> np.ndarray:
@@ -787,9 +802,9 @@ def relation_table(head_traj: pd.DataFrame, formation: pd.DataFrame, icl_traj: p
                    alpha: float = DEFAULT_ALPHA, ci_level: float = DEFAULT_CI_LEVEL, seed: int = 0) -> pd.DataFrame:
     """Every head's score against every ICL series of its model (RELATION_SCHEMA columns).
 
-    Lags are formation minus emergence in tokens (negative: the head formed first); ``order_*``
-    says ``before``/``with``/``after`` from whether the lag's interval lies below, around or above
-    zero. ``rho_level`` is the Spearman correlation of the two curves over their common checkpoints
+    Lags are formation minus emergence midpoints in tokens (negative: the head formed first);
+    ``order`` says ``before``/``with``/``after`` from whether the lag's interval lies below, around or
+    above zero. ``rho_level`` is the Spearman correlation of the two curves over their common checkpoints
     (descriptive only); ``rho_diff`` and ``p_value`` are the detrended test of
     :func:`spearman_block_test`; ``q_value`` is Benjamini-Hochberg adjusted within each model and
     score, and ``related`` is ``q_value <= alpha``.
@@ -817,8 +832,8 @@ def relation_table(head_traj: pd.DataFrame, formation: pd.DataFrame, icl_traj: p
             ra, rb = (_centred_ranks(a), _centred_ranks(b)) if len(a) >= 3 else (None, None)
             rho_level = float(ra @ rb) if ra is not None and rb is not None else np.nan
             rho_diff, p = spearman_block_test(a, b, block_length=block_length, n_perm=n_perm, seed=seed)
-            rows.append({**dict(zip(HEAD_KEYS, hkey)), "final_rank": h["final_rank"],
-                         **dict(zip(ICL_KEYS, ikey)), **_onset_lag(h, m), **_transition_lag(h, m, ci_level),
+            rows.append({**dict(zip(HEAD_KEYS, hkey)), "family": h["family"], "final_rank": h["final_rank"],
+                         **dict(zip(ICL_KEYS, ikey)), **_transition_lag(h, m, ci_level),
                          "n_checkpoints": len(a), "rho_level": rho_level, "rho_diff": rho_diff, "p_value": p,
                          "q_value": np.nan, "related": False})
     out = _frame(rows, RELATION_SCHEMA)
@@ -831,68 +846,88 @@ def relation_table(head_traj: pd.DataFrame, formation: pd.DataFrame, icl_traj: p
     return out
 
 
+def head_class(score: str, family: str) -> str:
+    """The summary's class of a head score: ``induction`` (prefix matching), ``previous_token``,
+    ``copying``, or ``sih:<family>`` for the relation index of any relation of that family."""
+    return f"sih:{family}" if score.startswith(RI_PREFIX) else HEAD_CLASSES.get(score, score)
+
+
+def _median_draws(boots: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Bootstrap of a median over units: each replicate resamples the units and takes each one's
+    draw of that replicate (``boots``: units x replicates; NaN where a unit's refit failed)."""
+    n_units, n_boot = boots.shape
+    picks = rng.integers(n_units, size=(n_boot, n_units))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a replicate whose resampled units all failed
+        return np.nanmedian(boots[picks, np.arange(n_boot)[:, None]], axis=1)
+
+
+def _midpoint(point: float, draws: np.ndarray, tail: float, prefix: str) -> dict:
+    draws = draws[np.isfinite(draws)]
+    low, high = np.quantile(draws, [tail, 1 - tail]) if len(draws) and np.isfinite(point) else (np.nan, np.nan)
+    return {f"{prefix}_tokens": point, f"{prefix}_low_tokens": low, f"{prefix}_high_tokens": high}
+
+
 def summary_table(relation: pd.DataFrame, formation: pd.DataFrame, emergence: pd.DataFrame, *,
                   top_k: int = DEFAULT_TOP_K, ci_level: float = DEFAULT_CI_LEVEL, seed: int = 0) -> pd.DataFrame:
-    """Did heads form before, with or after each ICL series emerged? (SUMMARY_SCHEMA columns).
+    """Before, with or after? Per model, every head class and every ICL level against every ICL
+    level's series (SUMMARY_SCHEMA columns).
 
-    For the top-k heads at the final checkpoint (``head_set = "top<k>"``) and for all heads: the
-    median lag over the set's heads that have one, with an interval -- for onsets, the medians of
-    the per-head interval ends (the median of values known to lie in intervals lies between these);
-    for transitions, a bootstrap that resamples heads and pairs each with one of its bootstrap lags.
-    ``order_*`` classifies that interval; per-head counts and related-head counts come alongside.
+    A head class's midpoint is the median of its formed heads' midpoints (for ``top<k>``, the
+    ``top_k`` heads of each score at the final checkpoint; for ``all``, every head), with a
+    bootstrap that resamples heads and pairs each with one of its bootstrap midpoints. The lag to a
+    level is that median minus the level's midpoint, replicate by replicate, and the verdict
+    comes from its interval, as for a single head. Levels are compared with each other the same way.
     """
-    form = _records(formation, HEAD_KEYS, "formation")
-    emer = _records(emergence, ICL_KEYS, "emergence")
     tail = (1 - ci_level) / 2
+    emergence = emergence.assign(_level_metric=emergence["level"].map(LEVEL_METRIC))
+    levels = emergence[emergence["metric"] == emergence["_level_metric"]]
+    formation = formation.assign(_class=[head_class(sc, fa) for sc, fa in zip(formation["score"], formation["family"])])
+    relation = relation.assign(_class=[head_class(sc, fa) for sc, fa in zip(relation["score"], relation["family"])])
+    in_top = (formation["final_rank"] <= top_k).fillna(False).astype(bool)
     rows = []
-    in_top = (relation["final_rank"] <= top_k).fillna(False).astype(bool)
-    for set_name, subset in ((f"top{top_k}", relation[in_top]), ("all", relation)):
-        for key, g in subset.groupby(["model", "score", *ICL_KEYS[1:]], dropna=False, sort=True):
-            model, score, level, task, shots, metric = _key(key)
-            m = emer[(model, level, task, shots, metric)]
-            formed = g["order_transition"].isin(ORDERS[:3])
-            boot = [_boot_lags(form[(model, score, layer, head)], m)
-                    for layer, head in zip(g["layer"][formed], g["head"][formed])]
-            rng = np.random.default_rng([seed, zlib.crc32(repr((set_name, *key)).encode())])
-            rows.append({
-                "model": model, "score": score, "head_set": set_name, "level": level, "task": task, "shots": shots,
-                "metric": metric, "n_heads": len(g), "n_formed": int(g["order_onset"].isin(ORDERS[:3]).sum()),
-                "n_transition": int(formed.sum()), "emergence_onset_tokens": m["onset_tokens"],
-                "emergence_transition_tokens": m["transition_tokens"],
-                **_set_onset(g, m), **_set_transition(g, m, boot, tail, rng),
-                "n_before": int((g["order_transition"] == "before").sum()),
-                "n_with": int((g["order_transition"] == "with").sum()),
-                "n_after": int((g["order_transition"] == "after").sum()),
-                "n_related": int(g["related"].sum()), "median_rho_diff": g["rho_diff"].median()})
+    for model, model_levels in levels.groupby("model", sort=True):
+        subjects = []  # (kind, name, head_set, n_units, n_formed, point, draws, relation rows)
+        for set_name, units in ((f"top{top_k}", formation[in_top]), ("all", formation)):
+            for name, g in units[units["model"] == model].groupby("_class", sort=True):
+                formed = g[g["fit_status"] == "ok"]
+                rng = _rng(seed, (model, name, set_name))
+                boots = np.array([np.asarray(b, float) for b in formed["transition_boot_tokens"]])
+                draws = _median_draws(boots, rng) if len(formed) else np.empty(0)
+                point = float(formed["transition_tokens"].median()) if len(formed) else np.nan
+                heads = relation[(relation["model"] == model) & (relation["_class"] == name)]
+                heads = heads.merge(g[["score", "layer", "head"]], on=["score", "layer", "head"])
+                subjects.append(("head_class", name, set_name, len(g), len(formed), point, draws, heads))
+        for level in model_levels.itertuples():
+            ok = level.fit_status == "ok"
+            draws = np.asarray(level.transition_boot_tokens, float) if ok else np.empty(0)
+            subjects.append(("icl_level", level.level, "", 1, int(ok), level.transition_tokens if ok else np.nan,
+                             draws, None))
+        for kind, name, set_name, n_units, n_formed, point, draws, heads in subjects:
+            for m in model_levels.itertuples():
+                if kind == "icl_level" and name == m.level:
+                    continue
+                m_ok = m.fit_status == "ok"
+                m_draws = np.asarray(m.transition_boot_tokens, float) if m_ok else np.empty(0)
+                missing = ("no emergence" if not m_ok or (kind == "icl_level" and not n_formed)
+                           else "no formation" if not n_formed else None)
+                if missing is None and len(draws) != len(m_draws):
+                    raise ValueError(f"{name} and {m.level} were bootstrapped {len(draws)} and {len(m_draws)} "
+                                     "times; use one n_boot")
+                row = {"model": model, "subject_kind": kind, "subject": name, "head_set": set_name,
+                       "n_units": n_units, "n_formed": n_formed, **_midpoint(point, draws, tail, "subject"),
+                       "level": m.level, "task": m.task, "shots": m.shots, "metric": m.metric,
+                       **_midpoint(m.transition_tokens if m_ok else np.nan, m_draws, tail, "level"),
+                       **_lag(point - m.transition_tokens if missing is None else np.nan,
+                              draws - m_draws if missing is None else np.empty(0), ci_level, missing)}
+                if heads is not None:
+                    mine = heads[(heads["level"] == m.level) & (heads["task"] == m.task)
+                                 & (heads["metric"] == m.metric) & (heads["shots"].astype("Int64") == m.shots)
+                                 .fillna(pd.isna(m.shots))]
+                    row.update({f"n_{o}": int((mine["order"] == o).sum()) for o in ORDERS[:3]})
+                    row.update(n_related=int(mine["related"].sum()), median_rho_diff=mine["rho_diff"].median())
+                rows.append(row)
     return _frame(rows, SUMMARY_SCHEMA)
-
-
-def _set_onset(g: pd.DataFrame, m: dict) -> dict:
-    formed = g[g["order_onset"].isin(ORDERS[:3])]
-    if pd.isna(m["onset_tokens"]) or formed.empty:
-        return {"lag_onset_tokens": np.nan, "lag_onset_low_tokens": np.nan, "lag_onset_high_tokens": np.nan,
-                "order_onset": "no emergence" if pd.isna(m["onset_tokens"]) else "no formation"}
-    low, high = formed["lag_onset_low_tokens"].median(), formed["lag_onset_high_tokens"].median()
-    return {"lag_onset_tokens": formed["lag_onset_tokens"].median(), "lag_onset_low_tokens": low,
-            "lag_onset_high_tokens": high, "order_onset": _order(low, high)}
-
-
-def _set_transition(g: pd.DataFrame, m: dict, boot: list[np.ndarray], tail: float, rng: np.random.Generator) -> dict:
-    formed = g[g["order_transition"].isin(ORDERS[:3])]
-    if m["fit_status"] != "ok" or formed.empty:
-        return {"lag_transition_tokens": np.nan, "lag_transition_low_tokens": np.nan,
-                "lag_transition_high_tokens": np.nan,
-                "order_transition": "no emergence" if m["fit_status"] != "ok" else "no formation"}
-    boot = np.stack(boot)
-    n_heads, n_boot = boot.shape
-    picks = rng.integers(n_heads, size=(n_boot, n_heads))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a replicate whose resampled heads all failed
-        medians = np.nanmedian(boot[picks, np.arange(n_boot)[:, None]], axis=1)
-    medians = medians[np.isfinite(medians)]
-    low, high = np.quantile(medians, [tail, 1 - tail])
-    return {"lag_transition_tokens": formed["lag_transition_tokens"].median(), "lag_transition_low_tokens": float(low),
-            "lag_transition_high_tokens": float(high), "order_transition": _order(low, high)}
 
 
 def analyze(icl: pd.DataFrame, heads: pd.DataFrame, ri: pd.DataFrame | None = None,
@@ -900,16 +935,15 @@ def analyze(icl: pd.DataFrame, heads: pd.DataFrame, ri: pd.DataFrame | None = No
             direction: str = "forward", gate: str = "argmax", variant: str = "source", tau: float | None = None,
             k: int = DEFAULT_K, n_boot: int = DEFAULT_N_BOOT, n_perm: int = DEFAULT_N_PERM,
             block_length: int | None = None, alpha: float = DEFAULT_ALPHA, top_k: int = DEFAULT_TOP_K,
-            min_effect: float = DEFAULT_MIN_EFFECT, ci_level: float = DEFAULT_CI_LEVEL,
-            seed: int = 0, include_suspect: bool = False) -> dict[str, pd.DataFrame]:
+            ci_level: float = DEFAULT_CI_LEVEL, seed: int = 0, include_suspect: bool = False) -> dict[str, pd.DataFrame]:
     """The whole analysis from the merged per-checkpoint tables: trajectories and the four tables.
 
     Checkpoints whose weights duplicate the step before them (``provenance``) are left out, and so are
     suspect ones (weights equal to a non-consecutive step's) unless ``include_suspect``. The ICL
     tasks enter at one shot count (``shots``, default the largest measured) and, unless
     ``per_task``, averaged over tasks (:func:`level_curves`); the relation index at one direction,
-    gate and variant (and ``tau`` for the margin gate). A head has formed once its score clears its
-    control by ``min_effect`` beyond its interval. Returns ``icl_traj``, ``head_traj``,
+    gate and variant (and ``tau`` for the margin gate). Heads form and ICL emerges by one rule (the
+    module docstring). Returns ``icl_traj``, ``head_traj``,
     ``emergence``, ``formation``, ``relation`` and ``summary``.
     """
     exclude = duplicate_checkpoints(provenance, include_suspect=include_suspect) if provenance is not None else set()
@@ -923,7 +957,7 @@ def analyze(icl: pd.DataFrame, heads: pd.DataFrame, ri: pd.DataFrame | None = No
         ri = ri[(ri["gate"] != "margin") | (ri["tau"] == tau)]
     icl_traj = icl_trajectories(icl, ci_level=ci_level, exclude=exclude)
     head_traj = head_trajectories(heads, ri, ci_level=ci_level, direction=direction, gate=gate, variant=variant,
-                                  exclude=exclude, min_effect=min_effect)
+                                  exclude=exclude)
     emergence = emergence_table(icl_traj, k=k, n_boot=n_boot, seed=seed, ci_level=ci_level)
     formation = formation_table(head_traj, k=k, n_boot=n_boot, seed=seed, ci_level=ci_level)
     relation = relation_table(head_traj, formation, icl_traj, emergence, block_length=block_length, n_perm=n_perm,

@@ -199,7 +199,8 @@ def lookup_prediction(prompt: Prompt) -> int:
     return majority_prediction(prompt)
 
 
-BASELINES = {"baseline_lookup": lookup_prediction, "baseline_majority": majority_prediction}
+LOOKUP_BASELINE = "baseline_lookup"
+BASELINES = {LOOKUP_BASELINE: lookup_prediction, "baseline_majority": majority_prediction}
 
 
 def label_token_ids(tokenizer: PreTrainedTokenizerBase, n_classes: int, context: str) -> list[int]:

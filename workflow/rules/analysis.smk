@@ -40,7 +40,7 @@ rule analyze:
                 f"--ri-direction {ANALYSIS['ri_direction']} --ri-gate {ANALYSIS['ri_gate']}",
                 f"--ri-variant {ANALYSIS['ri_variant']} --ri-tau {config['relation_index']['tau']}",
                 f"--k {ANALYSIS['k']} --n-boot {ANALYSIS['n_boot']} --n-perm {ANALYSIS['n_perm']}",
-                f"--top-k {ANALYSIS['top_k']} --min-effect {ANALYSIS['min_effect']} --seed {ANALYSIS['seed']}",
+                f"--top-k {ANALYSIS['top_k']} --seed {ANALYSIS['seed']}",
                 "--include-suspect" if ANALYSIS["include_suspect"] else "",
             ]
         ),

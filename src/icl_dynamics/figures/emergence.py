@@ -124,7 +124,7 @@ def emergence_panel(icl_traj: pd.DataFrame, emergence: pd.DataFrame, head_traj: 
             ax.errorbar(g["tokens"], g["value"], yerr=[g["value"] - g["ci_low"], g["ci_high"] - g["value"]],
                         color=LEVEL_COLORS.get(level, "0.3"), marker=LEVEL_MARKERS.get(level, "o"), ls=style,
                         lw=0.9, elinewidth=0.5, capsize=0, label=_label(level, task, shot, metric))
-            ax.plot(g["tokens"], g["baseline"], color=LEVEL_COLORS.get(level, "0.3"), ls=(0, (2, 2)), lw=0.6)
+            ax.plot(g["tokens"], g["reference"], color=LEVEL_COLORS.get(level, "0.3"), ls=(0, (2, 2)), lw=0.6)
         shown = emergence.merge(series[["model", "level", "task", "shots", "metric"]].drop_duplicates(),
                                 on=["model", "level", "task", "shots", "metric"])
         _shade(axes[:, col], shown)

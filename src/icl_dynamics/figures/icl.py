@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from icl_dynamics.checkpoints import model_slug
 from icl_dynamics.figures import PAGE_WIDTH_IN, new_figure, save_figure, step_axis
-from icl_dynamics.icl_tasks import TASKS
+from icl_dynamics.icl_tasks import LOOKUP_BASELINE, TASKS
 
 FRACTION_LEVELS = ("format_compliance", "pattern_discovery")
 
@@ -38,9 +38,11 @@ def _task_order(names: Sequence[str]) -> list[str]:
 
 def plot_level(table: pd.DataFrame, level: str, metric: str, *, model: str | None = None) -> Figure:
     """``metric`` of ``level`` against training step: one panel per task, one line per shot count
-    (markers at the checkpoints, Wilson/CI band), chance as a dashed line where the table has one."""
-    rows = _one_model(table, model, f"plot_level({level!r}, {metric!r})")
-    rows = rows[(rows["level"] == level) & (rows["metric"] == metric)]
+    (markers at the checkpoints, Wilson/CI band), chance as a dashed line where the table has one and,
+    for accuracies, the lookup baseline at the most shots as a dotted grey line."""
+    everything = _one_model(table, model, f"plot_level({level!r}, {metric!r})")
+    rows = everything[(everything["level"] == level) & (everything["metric"] == metric)]
+    lookup = everything[(everything["level"] == level) & (everything["metric"] == LOOKUP_BASELINE)]
     if rows.empty:
         raise ValueError(f"plot_level: no rows with level {level!r} and metric {metric!r}")
     tasks = _task_order(list(rows["task"].unique()))
@@ -60,6 +62,11 @@ def plot_level(table: pd.DataFrame, level: str, metric: str, *, model: str | Non
                 color, label = cmap(0.9 * frac), f"{int(shots)}-shot"
             ax.fill_between(line["step"], line["ci_low"], line["ci_high"], color=color, alpha=0.15, linewidth=0)
             ax.plot(line["step"], line["value"], marker="o", color=color, label=label)
+        baseline = lookup[lookup["task"] == task]
+        if len(baseline) and metric != LOOKUP_BASELINE:
+            baseline = baseline[baseline["shots"] == baseline["shots"].max()].sort_values("step")
+            ax.plot(baseline["step"], baseline["value"], color="0.4", linestyle=":", linewidth=0.9,
+                    label=f"lookup baseline, {int(baseline['shots'].iloc[0])}-shot")
         chance = panel["chance"].dropna().unique()
         if len(chance) == 1:
             ax.axhline(chance[0], color="0.5", linestyle="--", linewidth=0.8, label="chance")
@@ -109,6 +116,8 @@ def write_icl_figures(table: pd.DataFrame, curves: pd.DataFrame | None, out_dir:
     rows = _one_model(table, model, "write_icl_figures")
     written: list[Path] = []
     for level, metric in rows[["level", "metric"]].drop_duplicates().itertuples(index=False):
+        if metric.startswith("baseline_"):  # model-free: the lookup is drawn on the accuracy figures
+            continue
         fig = plot_level(rows, level, metric, model=model)
         written += save_figure(fig, f"{base}_{level}_{metric}.png")
     if curves is not None:
