@@ -442,6 +442,45 @@ def test_summary_answers_before_with_after(pipeline):
     assert pd.isna(levels["n_before"]) and len(rel)
 
 
+def test_per_task_summary_compares_levels_within_a_task_and_keeps_every_row():
+    """Two tasks per level and an index repeated across models (as pd.concat gives): no row is
+    duplicated, and levels are compared task by task (and each with loss reduction)."""
+    rng = np.random.default_rng(21)
+    one = icl_table(rng)
+    other = one[one["level"] != "loss_reduction"].assign(task="other_task")
+    icl = pd.concat([one, other])  # a non-unique index
+    icl_traj = E.icl_trajectories(icl)
+    assert len(icl_traj) == len(icl)
+    head_traj = E.head_trajectories(heads_table(rng))
+    em, fo = E.emergence_table(icl_traj, n_boot=50), E.formation_table(head_traj, n_boot=50)
+    rel = E.relation_table(head_traj, fo, icl_traj, em, n_perm=99)
+    su = E.summary_table(rel, fo, em, top_k=1)
+    levels = su[su["subject_kind"] == "icl_level"]
+    keys = ["subject", "subject_task", "level", "task"]
+    assert not levels.duplicated(keys).any()
+    crossed = levels[(levels["subject_task"] != levels["task"])]
+    assert ((crossed["subject"] == "loss_reduction") | (crossed["level"] == "loss_reduction")).all()
+    pairs = set(zip(levels["subject"], levels["subject_task"], levels["level"], levels["task"]))
+    assert ("format_compliance", "other_task", "pattern_discovery", "other_task") in pairs
+    assert ("format_compliance", "other_task", "pattern_discovery", "fruit_month") not in pairs
+    induction = su[(su["subject"] == "induction") & (su["head_set"] == "all")]
+    assert len(induction) == 5 and (induction["n_before"] + induction["n_with"] + induction["n_after"] <= 2).all()
+
+
+def test_a_null_without_step0_values_is_read_later_with_a_warning():
+    ri = ri_table(np.random.default_rng(3))
+    ri.loc[ri["step"] == 0, ["effect", "effect_se"]] = np.nan  # e.g. no events at random init
+    heads = heads_table(np.random.default_rng(3))
+    with pytest.warns(UserWarning, match="null is read at step 1"):
+        traj = E.head_trajectories(heads, ri)
+    got = traj[traj["score"] == "ri:USED-FOR"]
+    assert (got["reference_step"] == 1).all() and got["reference"].notna().all()
+    ri.loc[:, "effect_se"] = np.nan
+    with pytest.warns(UserWarning, match="never counts as formed"):
+        traj = E.head_trajectories(heads, ri)
+    assert not traj.loc[traj["score"] == "ri:USED-FOR", "reliable"].any()
+
+
 def _calibration_run(seed: int, icl_mid: float, head_mid: float, se: float = 0.03) -> pd.Series:
     """One format-compliance series and four heads (one rising like it, at ``head_mid``) through the
     pipeline's own functions; returns the rising head's relation row."""

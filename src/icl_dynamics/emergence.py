@@ -73,7 +73,8 @@ LEVEL_METRIC = {"loss_reduction": "icl_score", "format_compliance": "format_comp
                 "pattern_discovery": "accuracy_constrained"}
 BASELINE_PREFIX = "baseline_"  # model-free predictors stored beside the ICL accuracies; not series
 LOWER_IS_BETTER = frozenset({"icl_score"})
-ORDERS = ("before", "with", "after", "no formation", "no emergence")
+# verdicts; "undetermined": both located but no usable bootstrap draws (n_boot = 0, or every refit failed)
+ORDERS = ("before", "with", "after", "no formation", "no emergence", "undetermined")
 # head classes of the summary: a classic score, or the relation index pooled over one relation family
 HEAD_CLASSES = {"prefix_matching": "induction", "previous_token": "previous_token", "copying": "copying"}
 
@@ -102,6 +103,7 @@ _ESTIMATE_FIELDS = [
     pa.field("increasing", pa.bool_(), nullable=False),
     pa.field("n_checkpoints", pa.int32(), nullable=False),
     pa.field("k", pa.int32(), nullable=False),
+    pa.field("reference_step", pa.int64()),  # where the null is read: step 0 unless too few units had a value
     pa.field("reference", pa.float64()),  # the step-0 null's mean (mu0) and spread (s0)
     pa.field("spread", pa.float64()),
     pa.field("onset_step", pa.int64()),
@@ -152,7 +154,7 @@ _LAG_FIELDS = [
     pa.field("lag_tokens", pa.float64()),  # midpoint minus midpoint; negative: the subject first
     pa.field("lag_low_tokens", pa.float64()),
     pa.field("lag_high_tokens", pa.float64()),
-    pa.field("order", pa.string(), nullable=False),  # before | with | after | no formation | no emergence
+    pa.field("order", pa.string(), nullable=False),  # ORDERS
 ]
 
 RELATION_SCHEMA = pa.schema([
@@ -182,6 +184,9 @@ SUMMARY_SCHEMA = pa.schema([
     pa.field("model", pa.string(), nullable=False),
     pa.field("subject_kind", pa.string(), nullable=False),  # head_class | icl_level
     pa.field("subject", pa.string(), nullable=False),  # induction, copying, sih:kg, ... or an ICL level
+    pa.field("subject_task", pa.string(), nullable=False),  # an ICL level's series ("" for head classes)
+    pa.field("subject_shots", pa.int32()),
+    pa.field("subject_metric", pa.string(), nullable=False),
     pa.field("head_set", pa.string(), nullable=False),  # top<k> | all (head classes); "" for levels
     pa.field("n_units", pa.int32(), nullable=False),
     pa.field("n_formed", pa.int32(), nullable=False),
@@ -303,32 +308,57 @@ def level_curves(icl: pd.DataFrame, *, ci_level: float = DEFAULT_CI_LEVEL) -> pd
     return out
 
 
-TRAJ_COLUMNS = ("step", "tokens", "value", "se", "reference", "spread", "standardised", "increasing", "reliable")
+TRAJ_COLUMNS = ("step", "tokens", "value", "se", "reference_step", "reference", "spread", "standardised",
+                "increasing", "reliable")
 
 
 def standardise(traj: pd.DataFrame, groups: Sequence[str], z: float) -> pd.DataFrame:
-    """Add ``reference``, ``spread``, ``standardised`` and ``reliable`` (see the module docstring) to
-    trajectories with ``step``, ``value``, ``se`` and ``increasing``.
+    """Add ``reference_step``, ``reference``, ``spread``, ``standardised`` and ``reliable`` (see the
+    module docstring) to trajectories with ``step``, ``value``, ``se`` and ``increasing``.
 
     ``groups`` name the rows that share one step-0 null (an ICL series; a model's head score: all
-    its heads). The null is read at each group's first checkpoint from the units with a finite
-    value and standard error there.
+    its heads). The null is read from the units with a finite value and standard error at the
+    group's first checkpoint, or, where fewer than half its units have one there (a relation-index
+    cell needs events and two documents), at the first checkpoint where at least half do, with a
+    warning. A group with no such checkpoint never becomes reliable (warned); a zero spread leaves
+    ``standardised`` unscaled (warned).
     """
+    traj = traj.reset_index(drop=True)
     parts = []
-    for _, g in traj.groupby(list(groups), dropna=False, sort=False):
-        first = g[g["step"] == g["step"].min()]
-        first = first[np.isfinite(first["value"].to_numpy(float)) & np.isfinite(first["se"].to_numpy(float))]
+    for key, g in traj.groupby(list(groups), dropna=False, sort=False):
+        finite = np.isfinite(g["value"].to_numpy(float)) & np.isfinite(g["se"].to_numpy(float))
+        units = g.groupby("step")["step"].size()
+        usable = g[finite].groupby("step")["step"].size().reindex(units.index, fill_value=0)
+        enough = usable[usable * 2 >= units]
+        name = dict(zip(groups, key if isinstance(key, tuple) else (key,)))
+        if enough.empty:
+            warnings.warn(f"{name}: no checkpoint where half the units have a value and standard error; "
+                          "no step-0 null, so it never counts as formed or emerged", stacklevel=3)
+            parts.append(g.assign(reference_step=pd.NA, reference=np.nan, spread=np.nan, standardised=np.nan,
+                                  reliable=False))
+            continue
+        step0 = int(enough.index[0])
+        if step0 != int(units.index[0]):
+            warnings.warn(f"{name}: fewer than half the units have a value at step {int(units.index[0])}; "
+                          f"its null is read at step {step0}", stacklevel=3)
+        first = g[finite & (g["step"] == step0).to_numpy()]
         v0, se0 = first["value"].to_numpy(float), first["se"].to_numpy(float)
-        mu0 = float(v0.mean()) if len(v0) else np.nan
-        spread = float(np.sqrt((v0.var(ddof=1) if len(v0) > 1 else 0.0) + np.mean(se0**2))) if len(v0) else np.nan
+        mu0 = float(v0.mean())
+        spread = float(np.sqrt((v0.var(ddof=1) if len(v0) > 1 else 0.0) + np.mean(se0**2)))
+        if spread == 0:
+            warnings.warn(f"{name}: zero spread at step {step0} (deterministic and identical units); "
+                          "standardised is left unscaled and any excess counts", stacklevel=3)
         sign = np.where(g["increasing"].to_numpy(bool), 1.0, -1.0)
         excess = sign * (g["value"].to_numpy(float) - mu0)
         with np.errstate(invalid="ignore"):  # NaN values (no events, too few documents) are never reliable
             reliable = excess > z * np.sqrt(spread**2 + g["se"].to_numpy(float) ** 2)
-        parts.append(g.assign(reference=mu0, spread=spread,
+        parts.append(g.assign(reference_step=step0, reference=mu0, spread=spread,
                               standardised=excess / spread if spread > 0 else excess, reliable=reliable))
-    return pd.concat(parts).loc[traj.index] if parts else traj.assign(
-        reference=np.nan, spread=np.nan, standardised=np.nan, reliable=False)
+    if not parts:
+        return traj.assign(reference_step=pd.NA, reference=np.nan, spread=np.nan, standardised=np.nan, reliable=False)
+    out = pd.concat(parts).loc[traj.index]
+    out["reference_step"] = out["reference_step"].astype("Int64")
+    return out
 
 
 def icl_trajectories(icl: pd.DataFrame, *, ci_level: float = DEFAULT_CI_LEVEL,
@@ -590,8 +620,9 @@ def _estimates(g: pd.DataFrame, key: tuple, tps: int, *, increasing: bool, k: in
                ci_level: float) -> dict:
     steps, tokens = g["step"].to_numpy(np.int64), g["tokens"].to_numpy(np.int64)
     onset = onset_index(g["reliable"].to_numpy(bool), k)
-    row = {"increasing": increasing, "n_checkpoints": len(g), "k": k, "reference": float(g["reference"].iloc[0]),
-           "spread": float(g["spread"].iloc[0]), "onset_step": None, "onset_tokens": None,
+    row = {"increasing": increasing, "n_checkpoints": len(g), "k": k, "reference_step": g["reference_step"].iloc[0],
+           "reference": float(g["reference"].iloc[0]), "spread": float(g["spread"].iloc[0]),
+           "onset_step": None, "onset_tokens": None,
            "onset_prev_step": None, "onset_prev_tokens": None, "n_boot_ok": 0, "transition_boot_tokens": []}
     for name in ("step", "tokens"):
         row.update({f"transition_{name}": np.nan, f"transition_{name}_low": np.nan, f"transition_{name}_high": np.nan})
@@ -772,7 +803,7 @@ def _lag(point: float, draws: np.ndarray, ci_level: float, missing: str | None) 
     draws = draws[np.isfinite(draws)]
     if missing is not None or not len(draws):
         return {"lag_tokens": np.nan, "lag_low_tokens": np.nan, "lag_high_tokens": np.nan,
-                "order": missing or "no formation"}
+                "order": missing or "undetermined"}
     tail = (1 - ci_level) / 2
     low, high = np.quantile(draws, [tail, 1 - tail])
     return {"lag_tokens": float(point), "lag_low_tokens": float(low), "lag_high_tokens": float(high),
@@ -885,9 +916,13 @@ def summary_table(relation: pd.DataFrame, formation: pd.DataFrame, emergence: pd
     formation = formation.assign(_class=[head_class(sc, fa) for sc, fa in zip(formation["score"], formation["family"])])
     relation = relation.assign(_class=[head_class(sc, fa) for sc, fa in zip(relation["score"], relation["family"])])
     in_top = (formation["final_rank"] <= top_k).fillna(False).astype(bool)
+    missing_models = sorted(set(formation["model"]) - set(levels["model"]))
+    if missing_models:
+        warnings.warn(f"summary: models {missing_models} have no ICL level series "
+                      f"({', '.join(LEVEL_METRIC.values())}); they get no summary rows", stacklevel=2)
     rows = []
     for model, model_levels in levels.groupby("model", sort=True):
-        subjects = []  # (kind, name, head_set, n_units, n_formed, point, draws, relation rows)
+        subjects = []  # (kind, name, series, head_set, n_units, n_formed, point, draws, relation rows)
         for set_name, units in ((f"top{top_k}", formation[in_top]), ("all", formation)):
             for name, g in units[units["model"] == model].groupby("_class", sort=True):
                 formed = g[g["fit_status"] == "ok"]
@@ -897,16 +932,17 @@ def summary_table(relation: pd.DataFrame, formation: pd.DataFrame, emergence: pd
                 point = float(formed["transition_tokens"].median()) if len(formed) else np.nan
                 heads = relation[(relation["model"] == model) & (relation["_class"] == name)]
                 heads = heads.merge(g[["score", "layer", "head"]], on=["score", "layer", "head"])
-                subjects.append(("head_class", name, set_name, len(g), len(formed), point, draws, heads))
+                subjects.append(("head_class", name, None, set_name, len(g), len(formed), point, draws, heads))
         for level in model_levels.itertuples():
             ok = level.fit_status == "ok"
             draws = np.asarray(level.transition_boot_tokens, float) if ok else np.empty(0)
-            subjects.append(("icl_level", level.level, "", 1, int(ok), level.transition_tokens if ok else np.nan,
-                             draws, None))
-        for kind, name, set_name, n_units, n_formed, point, draws, heads in subjects:
+            subjects.append(("icl_level", level.level, level, "", 1, int(ok),
+                             level.transition_tokens if ok else np.nan, draws, None))
+        for kind, name, series, set_name, n_units, n_formed, point, draws, heads in subjects:
             for m in model_levels.itertuples():
-                if kind == "icl_level" and name == m.level:
-                    continue
+                if series is not None and (name == m.level or (
+                        series.task != m.task and "loss_reduction" not in (name, m.level))):
+                    continue  # a level against itself, or two tasks' series of different levels
                 m_ok = m.fit_status == "ok"
                 m_draws = np.asarray(m.transition_boot_tokens, float) if m_ok else np.empty(0)
                 missing = ("no emergence" if not m_ok or (kind == "icl_level" and not n_formed)
@@ -914,16 +950,20 @@ def summary_table(relation: pd.DataFrame, formation: pd.DataFrame, emergence: pd
                 if missing is None and len(draws) != len(m_draws):
                     raise ValueError(f"{name} and {m.level} were bootstrapped {len(draws)} and {len(m_draws)} "
                                      "times; use one n_boot")
-                row = {"model": model, "subject_kind": kind, "subject": name, "head_set": set_name,
+                row = {"model": model, "subject_kind": kind, "subject": name,
+                       "subject_task": series.task if series is not None else "",
+                       "subject_shots": series.shots if series is not None else None,
+                       "subject_metric": series.metric if series is not None else "", "head_set": set_name,
                        "n_units": n_units, "n_formed": n_formed, **_midpoint(point, draws, tail, "subject"),
                        "level": m.level, "task": m.task, "shots": m.shots, "metric": m.metric,
                        **_midpoint(m.transition_tokens if m_ok else np.nan, m_draws, tail, "level"),
                        **_lag(point - m.transition_tokens if missing is None else np.nan,
                               draws - m_draws if missing is None else np.empty(0), ci_level, missing)}
                 if heads is not None:
+                    shots = heads["shots"].astype("Int64")
+                    same_shots = shots.isna() if pd.isna(m.shots) else shots.eq(m.shots).fillna(False)
                     mine = heads[(heads["level"] == m.level) & (heads["task"] == m.task)
-                                 & (heads["metric"] == m.metric) & (heads["shots"].astype("Int64") == m.shots)
-                                 .fillna(pd.isna(m.shots))]
+                                 & (heads["metric"] == m.metric) & same_shots]
                     row.update({f"n_{o}": int((mine["order"] == o).sum()) for o in ORDERS[:3]})
                     row.update(n_related=int(mine["related"].sum()), median_rho_diff=mine["rho_diff"].median())
                 rows.append(row)

@@ -153,7 +153,7 @@ def make_prompts(task: Task, shots: int, n_prompts: int = 50, seed: int = 0) -> 
     def draw(label: int, taken: set[frozenset[str]], held_out: frozenset[str] = frozenset()) -> tuple[str, str]:
         i, j = task.class_pairs[label]
         first, second = ([w for w in pool if w not in held_out] for pool in (pools[i], pools[j]))
-        for _ in range(10_000):
+        for _ in range(10_000 if first and second else 0):
             a, b = rng.choice(first), rng.choice(second)
             if a != b and frozenset((a, b)) not in taken:
                 return a, b

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from icl_dynamics.checkpoints import model_slug
 from icl_dynamics.figures import PAGE_WIDTH_IN, new_figure, save_figure, step_axis
-from icl_dynamics.icl_tasks import LOOKUP_BASELINE, TASKS
+from icl_dynamics.icl_tasks import BASELINES, LOOKUP_BASELINE, TASKS
 
 FRACTION_LEVELS = ("format_compliance", "pattern_discovery")
 
@@ -116,7 +116,7 @@ def write_icl_figures(table: pd.DataFrame, curves: pd.DataFrame | None, out_dir:
     rows = _one_model(table, model, "write_icl_figures")
     written: list[Path] = []
     for level, metric in rows[["level", "metric"]].drop_duplicates().itertuples(index=False):
-        if metric.startswith("baseline_"):  # model-free: the lookup is drawn on the accuracy figures
+        if metric in BASELINES:  # model-free: the lookup is drawn on the accuracy figures
             continue
         fig = plot_level(rows, level, metric, model=model)
         written += save_figure(fig, f"{base}_{level}_{metric}.png")
