@@ -8,8 +8,11 @@ own tokenizer files. CI also runs this module alone against the oldest library v
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -189,3 +192,69 @@ def test_snakemake_end_to_end_on_the_pythia_format_fixture(pythia_cache: Path, s
     assert (analysis / "summary.parquet").exists() and (analysis / "figures" / "emergence_panel.png").exists()
     log = (tmp_path / "logs" / out.name / "step1000" / "relation_index.log").read_text()
     assert "(torch.float32)" in log  # dtype auto
+
+
+@pytest.fixture
+def cache_copy(pythia_cache: Path, tmp_path: Path) -> Path:
+    """A private copy of the fixture cache (links kept) that a test may corrupt."""
+    copy = tmp_path / "hub"
+    shutil.copytree(pythia_cache, copy, symlinks=True)
+    return copy
+
+
+def fetched_row(cache: Path, step: int) -> dict:
+    return hub.fetch_checkpoint(PYTHIA_MODEL, step, cache_dir=cache).row(step)
+
+
+def test_stages_refuse_weights_that_differ_from_what_fetch_verified(cache_copy: Path) -> None:
+    """Flipped bytes in a weights blob, and a snapshot relinked to another step's blob, both load
+    silently in transformers; checked against the fetch stage's row they are refused, naming the file."""
+    row = fetched_row(cache_copy, 2)
+    load_checkpoint(PYTHIA_MODEL, 2, cache_dir=cache_copy, device="cpu", tokenizer=False, fetched=row)  # clean
+    weights = snapshot(cache_copy, 2) / "pytorch_model.bin"
+    blob = weights.resolve()
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    with pytest.raises(hub.IntegrityError, match="pytorch_model.bin .*content does not match its sha256"):
+        load_checkpoint(PYTHIA_MODEL, 2, cache_dir=cache_copy, device="cpu", tokenizer=False, fetched=row)
+
+    row = fetched_row(cache_copy, 1000)
+    weights = snapshot(cache_copy, 1000) / "pytorch_model.bin"
+    other = (snapshot(cache_copy, 0) / "pytorch_model.bin").resolve()
+    weights.unlink()
+    weights.symlink_to(os.path.relpath(other, weights.parent))
+    assert load_checkpoint(PYTHIA_MODEL, 1000, cache_dir=cache_copy, device="cpu", tokenizer=False).model  # silent
+    with pytest.raises(hub.IntegrityError, match="pytorch_model.bin .*links to blob"):
+        load_checkpoint(PYTHIA_MODEL, 1000, cache_dir=cache_copy, device="cpu", tokenizer=False, fetched=row)
+
+
+def test_a_weights_file_missing_a_tensor_is_refused(cache_copy: Path) -> None:
+    """transformers initialises a tensor missing from the file at random and goes on; the loader refuses."""
+    snap = snapshot(cache_copy, 2)
+    state = torch.load(snap / "pytorch_model.bin", weights_only=True)
+    del state["gpt_neox.layers.1.attention.dense.weight"]
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    files = {p.name: p.read_bytes() for p in snap.iterdir() if p.name != "pytorch_model.bin"}
+    hub.write_snapshot(cache_copy, PYTHIA_MODEL, ["step5"], {**files, "pytorch_model.bin": buf.getvalue()},
+                       ["pytorch_model.bin"])
+    row = fetched_row(cache_copy, 5)  # fetch verifies the file's hash: the file is intact, just incomplete
+    with pytest.raises(hub.IntegrityError, match=r"missing: gpt_neox\.layers\.1\.attention\.dense\.weight"):
+        load_checkpoint(PYTHIA_MODEL, 5, cache_dir=cache_copy, device="cpu", tokenizer=False, fetched=row)
+
+
+def test_inputs_longer_than_the_context_are_refused_naming_the_key(pythia_cache: Path) -> None:
+    """Rotary GPT-NeoX runs past max_position_embeddings and returns numbers for untrained positions."""
+    from icl_dynamics.icl import per_token_losses
+    from icl_dynamics.induction import Probe, induction_rows
+    from icl_dynamics.models import ContextError
+
+    ckpt = load_checkpoint(PYTHIA_MODEL, 2, cache_dir=pythia_cache, device="cpu")
+    ckpt.model.config.max_position_embeddings = 64
+    with pytest.raises(ContextError, match=r"induction\.n_tokens.*101 tokens.*context of 64"):
+        induction_rows(ckpt.model, ckpt.tokenizer, Probe(n_tokens=25, n_samples=1))
+    with pytest.raises(ContextError, match=r"text\.context.*65 tokens"):
+        per_token_losses(ckpt.model, torch.zeros((1, 65), dtype=torch.long))
+    assert per_token_losses(ckpt.model, torch.zeros((1, 64), dtype=torch.long)).shape == (1, 64)

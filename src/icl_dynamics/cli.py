@@ -34,13 +34,24 @@ def _checkpoint_args(p: argparse.ArgumentParser, *, device: bool = True) -> None
     if device:
         p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
         p.add_argument("--dtype", default="auto", help="auto (= float32) | float32 | float16 | bfloat16")
+        p.add_argument("--provenance", default=None,
+                       help="the fetch stage's provenance.parquet: check the cached weights against it first")
 
 
 def _load(args: argparse.Namespace):
     from icl_dynamics.models import load_checkpoint
 
     _schedule(args).check(args.step)
-    ckpt = load_checkpoint(args.model, args.step, cache_dir=args.cache_dir, device=args.device, dtype=args.dtype)
+    fetched = None
+    if args.provenance:
+        from icl_dynamics import hub, io
+
+        rows = io.read_table(args.provenance, hub.PROVENANCE_SCHEMA).to_pylist()
+        fetched = next((r for r in rows if r["model"] == args.model and r["step"] == args.step), None)
+        if fetched is None:
+            raise ValueError(f"{args.provenance} has no row for {args.model} step {args.step}")
+    ckpt = load_checkpoint(args.model, args.step, cache_dir=args.cache_dir, device=args.device, dtype=args.dtype,
+                           fetched=fetched)
     log.info("loaded %s@step%d on %s (%s)", args.model, args.step, ckpt.device, next(ckpt.model.parameters()).dtype)
     return ckpt
 

@@ -230,6 +230,30 @@ def _cached_record(model_id: str, commit: str, name: str, cache_dir: str | os.Pa
     return FileRecord(name, path, blob.stat().st_size, expected, lfs=len(expected) == 64)
 
 
+def verify_fetched(model_id: str, step: int, fetched: Mapping, cache_dir: str | os.PathLike[str] | None = None) -> None:
+    """Check that the cache still serves what the fetch stage verified for ``step`` (``fetched``: its
+    provenance row), before a stage loads it: the revision's commit, and per weight file the blob
+    the snapshot links to (its hash name, so a link to another step's blob is caught), its size
+    and its content's sha256 (so flipped bytes are caught; one streamed read, seconds for 1.4b).
+    Raises :class:`IntegrityError` naming the file."""
+    rev = step_revision(step)
+    where = f"{model_id}@{rev}"
+    commit = cached_commit(model_id, rev, cache_dir)
+    if commit != fetched["commit"]:
+        raise IntegrityError(f"{where}: the cache's {rev} points at commit {commit[:12]}, but the fetch stage "
+                             f"verified {str(fetched['commit'])[:12]}; fetch the step again")
+    for name, size, sha in zip(fetched["files"], fetched["sizes"], fetched["sha256"]):
+        record = _cached_record(model_id, commit, name, cache_dir)
+        problem = (f"links to blob {record.expected[:12]}, not the verified {sha[:12]}" if record.expected != sha
+                   else f"has {record.size} bytes, not the verified {size}" if record.size != size
+                   else "content does not match its sha256" if record.lfs and sha256_file(record.path) != sha
+                   else "content does not match its git hash" if not record.lfs
+                   and git_blob_sha1(record.path.read_bytes()) != sha else "")
+        if problem:
+            raise IntegrityError(f"{where}: weight file {name} ({record.path}) {problem}; the cache is corrupt: "
+                                 f"delete the blob and fetch the step again")
+
+
 def _fetch_offline(model_id: str, step: int, cache_dir: str | os.PathLike[str] | None) -> FetchResult:
     rev = step_revision(step)
     commit = cached_commit(model_id, rev, cache_dir)

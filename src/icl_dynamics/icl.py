@@ -23,6 +23,8 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from icl_dynamics.models import check_context
+
 ICL_SCHEMA = pa.schema(
     [
         pa.field("model", pa.string(), nullable=False),
@@ -144,6 +146,7 @@ def per_token_losses(model: PreTrainedModel, docs: torch.Tensor, *, batch_size: 
     """[n_docs, context] next-token losses; column 0 (nothing to predict from) is NaN."""
     device = next(model.parameters()).device
     n, context = docs.shape
+    check_context(model, context, "the text documents (text.context)")
     out = np.full((n, context), np.nan)
     for start in tqdm(range(0, n, batch_size), desc="loss", disable=not progress, mininterval=5):
         batch = docs[start:start + batch_size].to(device)

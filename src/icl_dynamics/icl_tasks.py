@@ -54,6 +54,8 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from icl_dynamics.models import check_context
+
 SHOTS: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 10, 20)
 WORDS_RESOURCE = "data/icl_words.json"
 
@@ -251,10 +253,7 @@ def next_token_logits(
     """
     if any(len(s) == 0 for s in sequences):
         raise ValueError("cannot score an empty token sequence")
-    limit = getattr(model.config, "max_position_embeddings", None)
-    longest = max(len(s) for s in sequences)
-    if limit is not None and longest > limit:
-        raise ValueError(f"a prompt has {longest} tokens, more than the model's context of {limit}; use fewer shots")
+    check_context(model, max(len(s) for s in sequences), "the longest ICL prompt (icl_tasks.shots)")
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     out: list[torch.Tensor | None] = [None] * len(sequences)

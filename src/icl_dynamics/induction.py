@@ -26,6 +26,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from icl_dynamics.attention import capture_attention, head_ov_weights
+from icl_dynamics.models import check_context
 
 ATTENTION_SCORES = ("prefix_matching", "previous_token")
 SCORES = (*ATTENTION_SCORES, "copying")
@@ -173,6 +174,7 @@ def induction_rows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if bos is None:
         raise ValueError("the tokenizer has neither a BOS nor an EOS token to start the probe with")
+    check_context(model, probe.length, "the induction probe (1 + induction.n_tokens x induction.repeats)")
     tokens = repeated_tokens(candidate_ids(tokenizer, probe.exclude_frac), bos, probe)
     per_sample = score_heads(model, tokens, probe)
     copying = ov_copying_scores(model)

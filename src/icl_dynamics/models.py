@@ -7,7 +7,7 @@ Pythia checkpoint takes (``from_pretrained(repo_id, revision="step<N>")``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from icl_dynamics.checkpoints import revision
+from icl_dynamics.hub import IntegrityError, verify_fetched
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -84,6 +85,20 @@ def finite_guard(model: nn.Module, context: str) -> Iterator[None]:
             handle.remove()
 
 
+class ContextError(ValueError):
+    """An input is longer than the model's context."""
+
+
+def check_context(model: nn.Module, length: int, what: str) -> None:
+    """Refuse ``length`` tokens beyond the model's ``max_position_embeddings``: rotary models run on
+    past it without complaint and return numbers for positions they never trained on. ``what`` names
+    the input and its config key(s) for the message."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and length > limit:
+        raise ContextError(f"{what}: {length} tokens, longer than the model's context of {limit} positions; "
+                           "lower it in the config")
+
+
 @dataclass
 class Checkpoint:
     """A loaded checkpoint: the model in eval mode on its device, and the repository's tokenizer."""
@@ -110,20 +125,33 @@ def load_checkpoint(
     device: str = "auto",
     dtype: str = "auto",
     tokenizer: bool = True,
+    fetched: Mapping | None = None,
 ) -> Checkpoint:
     """Load ``model_id`` at ``step`` from the local cache (run the fetch stage first).
 
-    ``tokenizer=False`` skips the tokenizer (``Checkpoint.tokenizer`` is then None).
+    ``tokenizer=False`` skips the tokenizer (``Checkpoint.tokenizer`` is then None). ``fetched`` (the
+    fetch stage's provenance row) makes the weights be checked against what fetch verified first
+    (:func:`icl_dynamics.hub.verify_fetched`). A weights file with missing, unexpected or misshapen
+    tensors is refused (transformers would initialise a missing one at random and go on).
     """
     dev = resolve_device(device)
     kwargs = dict(revision=revision(step), cache_dir=cache_dir, local_files_only=True)
+    if fetched is not None:
+        verify_fetched(model_id, step, fetched, cache_dir)
     tok = load_tokenizer(model_id, step, cache_dir=cache_dir) if tokenizer else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_id, dtype=resolve_dtype(dtype), attn_implementation="eager", **kwargs
+        model, info = AutoModelForCausalLM.from_pretrained(
+            model_id, dtype=resolve_dtype(dtype), attn_implementation="eager", output_loading_info=True, **kwargs
         )
     except OSError as exc:
         raise _not_cached(model_id, step, cache_dir, exc) from exc
+    problems = {kind: sorted(info.get(key) or []) for kind, key in (
+        ("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("misshapen", "mismatched_keys"))}
+    if any(problems.values()):
+        listed = "; ".join(f"{kind}: {', '.join(map(str, keys[:5]))}{' ...' if len(keys) > 5 else ''}"
+                           for kind, keys in problems.items() if keys)
+        raise IntegrityError(f"{model_id}@{revision(step)}: the weights file does not match the model's tensors "
+                             f"({listed}); refusing to score a partly random model")
     model.to(dev).eval()
     return Checkpoint(model_id, step, model, tok)
 

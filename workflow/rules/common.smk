@@ -29,8 +29,9 @@ def checkpoint_flags(slug, step, device=True):
     ]
     if config["hf_cache"]:
         flags += ["--cache-dir", config["hf_cache"]]
-    if device:
-        flags += ["--device", config["device"], "--dtype", config["dtype"]]
+    if device:  # the stages that load weights check them against what fetch verified
+        flags += ["--device", config["device"], "--dtype", config["dtype"],
+                  "--provenance", f"{RESULTS}/{slug}/step{step}/provenance.parquet"]
     return " ".join(shlex.quote(f) for f in flags)
 
 
