@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import warnings
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -790,32 +790,26 @@ def _records(table: pd.DataFrame, keys: Sequence[str], name: str) -> dict[tuple,
     return out
 
 
-def _boot_lags(h: dict, m: dict) -> np.ndarray:
-    """Paired differences of two independent bootstraps: draws of (formation - emergence)."""
-    hb, mb = np.asarray(h["transition_boot_tokens"], float), np.asarray(m["transition_boot_tokens"], float)
-    if len(hb) != len(mb):
-        raise ValueError(f"formation and emergence were bootstrapped {len(hb)} and {len(mb)} times; use one n_boot")
-    return hb - mb
-
-
-def _lag(point: float, draws: np.ndarray, ci_level: float, missing: str | None) -> dict:
-    """A lag, the percentile interval of its bootstrap draws and the verdict it gives."""
-    draws = draws[np.isfinite(draws)]
+def _transition_lag(h: Mapping, m: Mapping, ci_level: float, unlocated: str = "no formation") -> dict:
+    """Formation midpoint minus emergence midpoint, its percentile interval from the paired draws of
+    the two independent bootstraps, and the verdict; ``unlocated`` is the verdict when ``h`` has no
+    midpoint (another level's: "no emergence")."""
+    missing = "no emergence" if m["fit_status"] != "ok" else unlocated if h["fit_status"] != "ok" else None
+    draws = np.empty(0)
+    if missing is None:
+        hb, mb = np.asarray(h["transition_boot_tokens"], float), np.asarray(m["transition_boot_tokens"], float)
+        if len(hb) != len(mb):
+            raise ValueError(f"formation and emergence were bootstrapped {len(hb)} and {len(mb)} times; "
+                             "use one n_boot")
+        draws = hb - mb
+        draws = draws[np.isfinite(draws)]
     if missing is not None or not len(draws):
         return {"lag_tokens": np.nan, "lag_low_tokens": np.nan, "lag_high_tokens": np.nan,
                 "order": missing or "undetermined"}
     tail = (1 - ci_level) / 2
     low, high = np.quantile(draws, [tail, 1 - tail])
-    return {"lag_tokens": float(point), "lag_low_tokens": float(low), "lag_high_tokens": float(high),
-            "order": _order(low, high)}
-
-
-def _transition_lag(h: dict, m: dict, ci_level: float) -> dict:
-    """Formation midpoint minus emergence midpoint, interval from the two independent bootstraps."""
-    missing = "no emergence" if m["fit_status"] != "ok" else "no formation" if h["fit_status"] != "ok" else None
-    draws = _boot_lags(h, m) if missing is None else np.empty(0)
-    return _lag(h["transition_tokens"] - m["transition_tokens"] if missing is None else np.nan, draws, ci_level,
-                missing)
+    return {"lag_tokens": float(h["transition_tokens"] - m["transition_tokens"]), "lag_low_tokens": float(low),
+            "lag_high_tokens": float(high), "order": _order(low, high)}
 
 
 def _on_grid(trajectory: pd.DataFrame, grid: np.ndarray, key: tuple) -> np.ndarray:
@@ -893,10 +887,16 @@ def _median_draws(boots: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return np.nanmedian(boots[picks, np.arange(n_boot)[:, None]], axis=1)
 
 
-def _midpoint(point: float, draws: np.ndarray, tail: float, prefix: str) -> dict:
+def _midpoint(located: Mapping, tail: float, prefix: str) -> dict:
+    """A midpoint (``fit_status``, ``transition_tokens``, ``transition_boot_tokens``) and its percentile
+    interval, as ``<prefix>_tokens`` and ``<prefix>_low/high_tokens`` (NaN when not located)."""
+    if located["fit_status"] != "ok":
+        return {f"{prefix}_tokens": np.nan, f"{prefix}_low_tokens": np.nan, f"{prefix}_high_tokens": np.nan}
+    draws = np.asarray(located["transition_boot_tokens"], float)
     draws = draws[np.isfinite(draws)]
-    low, high = np.quantile(draws, [tail, 1 - tail]) if len(draws) and np.isfinite(point) else (np.nan, np.nan)
-    return {f"{prefix}_tokens": point, f"{prefix}_low_tokens": low, f"{prefix}_high_tokens": high}
+    low, high = np.quantile(draws, [tail, 1 - tail]) if len(draws) else (np.nan, np.nan)
+    return {f"{prefix}_tokens": float(located["transition_tokens"]), f"{prefix}_low_tokens": low,
+            f"{prefix}_high_tokens": high}
 
 
 def summary_table(relation: pd.DataFrame, formation: pd.DataFrame, emergence: pd.DataFrame, *,
@@ -922,43 +922,36 @@ def summary_table(relation: pd.DataFrame, formation: pd.DataFrame, emergence: pd
                       f"({', '.join(LEVEL_METRIC.values())}); they get no summary rows", stacklevel=2)
     rows = []
     for model, model_levels in levels.groupby("model", sort=True):
-        subjects = []  # (kind, name, series, head_set, n_units, n_formed, point, draws, relation rows)
+        # (kind, name, series, head_set, n_units, n_formed, midpoint as fit_status/transition_*, relation rows)
+        subjects = []
         for set_name, units in ((f"top{top_k}", formation[in_top]), ("all", formation)):
             for name, g in units[units["model"] == model].groupby("_class", sort=True):
                 formed = g[g["fit_status"] == "ok"]
-                rng = _rng(seed, (model, name, set_name))
                 boots = np.array([np.asarray(b, float) for b in formed["transition_boot_tokens"]])
-                draws = _median_draws(boots, rng) if len(formed) else np.empty(0)
-                point = float(formed["transition_tokens"].median()) if len(formed) else np.nan
+                located = {"fit_status": "ok" if len(formed) else "no_onset",
+                           "transition_tokens": float(formed["transition_tokens"].median()) if len(formed) else np.nan,
+                           "transition_boot_tokens": _median_draws(boots, _rng(seed, (model, name, set_name)))
+                           if len(formed) else []}
                 heads = relation[(relation["model"] == model) & (relation["_class"] == name)]
                 heads = heads.merge(g[["score", "layer", "head"]], on=["score", "layer", "head"])
-                subjects.append(("head_class", name, None, set_name, len(g), len(formed), point, draws, heads))
+                subjects.append(("head_class", name, None, set_name, len(g), len(formed), located, heads))
         for level in model_levels.itertuples():
-            ok = level.fit_status == "ok"
-            draws = np.asarray(level.transition_boot_tokens, float) if ok else np.empty(0)
-            subjects.append(("icl_level", level.level, level, "", 1, int(ok),
-                             level.transition_tokens if ok else np.nan, draws, None))
-        for kind, name, series, set_name, n_units, n_formed, point, draws, heads in subjects:
+            subjects.append(("icl_level", level.level, level, "", 1, int(level.fit_status == "ok"), level._asdict(),
+                             None))
+        for kind, name, series, set_name, n_units, n_formed, h, heads in subjects:
             for m in model_levels.itertuples():
                 if series is not None and (name == m.level or (
                         series.task != m.task and "loss_reduction" not in (name, m.level))):
                     continue  # a level against itself, or two tasks' series of different levels
-                m_ok = m.fit_status == "ok"
-                m_draws = np.asarray(m.transition_boot_tokens, float) if m_ok else np.empty(0)
-                missing = ("no emergence" if not m_ok or (kind == "icl_level" and not n_formed)
-                           else "no formation" if not n_formed else None)
-                if missing is None and len(draws) != len(m_draws):
-                    raise ValueError(f"{name} and {m.level} were bootstrapped {len(draws)} and {len(m_draws)} "
-                                     "times; use one n_boot")
                 row = {"model": model, "subject_kind": kind, "subject": name,
                        "subject_task": series.task if series is not None else "",
                        "subject_shots": series.shots if series is not None else None,
                        "subject_metric": series.metric if series is not None else "", "head_set": set_name,
-                       "n_units": n_units, "n_formed": n_formed, **_midpoint(point, draws, tail, "subject"),
+                       "n_units": n_units, "n_formed": n_formed, **_midpoint(h, tail, "subject"),
                        "level": m.level, "task": m.task, "shots": m.shots, "metric": m.metric,
-                       **_midpoint(m.transition_tokens if m_ok else np.nan, m_draws, tail, "level"),
-                       **_lag(point - m.transition_tokens if missing is None else np.nan,
-                              draws - m_draws if missing is None else np.empty(0), ci_level, missing)}
+                       **_midpoint(m._asdict(), tail, "level"),
+                       **_transition_lag(h, m._asdict(), ci_level,
+                                         "no emergence" if kind == "icl_level" else "no formation")}
                 if heads is not None:
                     shots = heads["shots"].astype("Int64")
                     same_shots = shots.isna() if pd.isna(m.shots) else shots.eq(m.shots).fillna(False)

@@ -152,11 +152,10 @@ def make_prompts(task: Task, shots: int, n_prompts: int = 50, seed: int = 0) -> 
     rng = random.Random(f"{task.name}/{shots}/{n_prompts}/{seed}")
     k = task.n_classes
 
-    def draw(label: int, taken: set[frozenset[str]], held_out: frozenset[str] = frozenset()) -> tuple[str, str]:
+    def draw(label: int, taken: set[frozenset[str]], words: list[list[str]]) -> tuple[str, str]:
         i, j = task.class_pairs[label]
-        first, second = ([w for w in pool if w not in held_out] for pool in (pools[i], pools[j]))
-        for _ in range(10_000 if first and second else 0):
-            a, b = rng.choice(first), rng.choice(second)
+        for _ in range(10_000 if words[i] and words[j] else 0):
+            a, b = rng.choice(words[i]), rng.choice(words[j])
             if a != b and frozenset((a, b)) not in taken:
                 return a, b
         raise ValueError(f"task {task.name!r}: too few words to draw {shots} distinct demonstrations "
@@ -166,16 +165,17 @@ def make_prompts(task: Task, shots: int, n_prompts: int = 50, seed: int = 0) -> 
     rng.shuffle(labels)
     prompts = []
     for label in labels:
-        query = draw(label, set())
+        query = draw(label, set(), pools)
         if shots >= k:
             demo_labels = list(range(k)) + [rng.randrange(k) for _ in range(shots - k)]
             rng.shuffle(demo_labels)
         else:
             demo_labels = rng.sample(range(k), shots)
         taken: set[frozenset[str]] = set()
+        held_out = [[w for w in pool if w not in query] for pool in pools]  # the query's words never recur
         demos = []
         for demo_label in demo_labels:
-            a, b = draw(demo_label, taken, frozenset(query))
+            a, b = draw(demo_label, taken, held_out)
             taken.add(frozenset((a, b)))
             demos.append((a, b, demo_label))
         text = "".join(format_line(a, b, y) for a, b, y in demos) + format_line(*query)
