@@ -126,23 +126,29 @@ def reference_matched(ids: list[int], rows: pd.DataFrame, order: list[int], cont
     return out
 
 
-def reference_test(events: list[tuple[int, float]]) -> tuple[float, float, float, int]:
-    """Mean, cluster-robust SE, one-sided p (t, G - 1 df) and cluster count of (document, value) events,
-    by the textbook formula with explicit loops."""
+def reference_test(events: list[tuple[int, tuple[int, int], float]]) -> tuple[float, float, float, int]:
+    """Mean, two-way cluster-robust SE (documents and token pairs: the sum of each way's CR1
+    variance), one-sided p (t, min G - 1 df) and the smaller cluster count of (document, pair, value)
+    events, by the textbook formula with explicit loops."""
     from scipy import stats as st
 
-    by_doc: dict[int, list[float]] = {}
-    for doc, value in events:
-        by_doc.setdefault(doc, []).append(value)
-    n_total = sum(len(v) for v in by_doc.values())
-    g = len(by_doc)
+    n_total = len(events)
+    mean = sum(v for _, _, v in events) / n_total if n_total else math.nan
+    variance, g = 0.0, math.inf
+    for way in (0, 1):
+        groups: dict = {}
+        for event in events:
+            groups.setdefault(event[way], []).append(event[2])
+        g_way = len(groups)
+        g = min(g, g_way)
+        if g_way >= 2:
+            meat = sum(sum(x - mean for x in v) ** 2 for v in groups.values())
+            variance += g_way / (g_way - 1) * meat / n_total**2
     if g < 2:
-        return (sum(sum(v) for v in by_doc.values()) / n_total if n_total else math.nan), math.nan, math.nan, g
-    mean = sum(sum(v) for v in by_doc.values()) / n_total
-    meat = sum(sum(x - mean for x in v) ** 2 for v in by_doc.values())
-    se = math.sqrt(g / (g - 1) * meat) / n_total
+        return mean, math.nan, math.nan, int(g) if g < math.inf else 0
+    se = math.sqrt(variance)
     p = st.t.sf(mean / se, g - 1) if se > 0 else (0.0 if mean > 0 else 1.0)
-    return mean, se, p, g
+    return mean, se, p, int(g)
 
 
 def reference_holm(p: dict) -> dict:
@@ -226,14 +232,15 @@ def reference_rows(model, seqs: pd.DataFrame, trips: pd.DataFrame, *, tau: float
                                 a = q[tail] / total
                                 stats["a"].append(a)
                                 stats["trips"].add(t.Index)
-                                stats["d_ri"].append((seq.document_id, a))
+                                pair = (ids[t.s], ids[t.o])
+                                stats["d_ri"].append((seq.document_id, pair, a))
                                 targets = {"rand": rand_target, "matched": matched[t.Index],
                                            "tenth": ids[tenth_pos] if tenth_pos is not None and j >= tenth_pos
                                            else None}
                                 for name, target in targets.items():
                                     if target is not None and target not in banned:
                                         stats[name].append(q[target] / total)
-                                        stats[f"d_{name}"].append((seq.document_id, a - q[target] / total))
+                                        stats[f"d_{name}"].append((seq.document_id, pair, a - q[target] / total))
     out = []
     tests = {}
     for key, st in acc.items():
@@ -374,39 +381,42 @@ def test_ov_scores_worked_example_and_normaliser():
 # ----------------------------------------------------------------------------- a head built by hand
 
 T_S, T_O, T_X, T_FW = 1, 2, 3, 4  # head token, tail token, another token, a function word
+SUBJECTS = (T_S, *range(16, 27))  # the relation's head tokens: with T_O, 12 distinct token pairs
+VOCAB = 32
 
 
 def handbuilt(writes: int) -> torch.nn.Module:
-    """One layer; head 0 attends to the (only) occurrence of T_S and writes ``writes``; heads 1-3 are
-    zero (uniform attention: a tie, which never passes the gate)."""
-    model = tiny_neox(vocab_size=16, hidden=32, layers=1, heads=4).double()
+    """One layer; head 0 attends to the (only) occurrence of any of :data:`SUBJECTS` and writes
+    ``writes``; heads 1-7 are zero (uniform attention: a tie, which never passes the gate)."""
+    model = tiny_neox(vocab_size=VOCAB, hidden=64, layers=1, heads=8).double()
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
         for ln in (model.gpt_neox.layers[0].input_layernorm, model.gpt_neox.layers[0].post_attention_layernorm):
             ln.weight.fill_(1.0)
         emb = model.gpt_neox.embed_in.weight
-        emb[:, :16] = torch.eye(16)
-        emb[:, 16] = 4.0  # a constant direction, read by the value
+        emb[:, :VOCAB] = torch.eye(VOCAB)
+        emb[:, VOCAB] = 4.0  # a constant direction, read by the value
         qkv = model.gpt_neox.layers[0].attention.query_key_value
         # head 0 rows: q = 0..7, k = 8..15, v = 16..23 (layout [heads, (q, k, v), d_head]); d 7 is not rotated
         qkv.bias[7] = 1.0
-        qkv.weight[8 + 7, T_S] = 100.0
-        qkv.weight[16 + 0, 16] = 1.0
-        model.gpt_neox.layers[0].attention.dense.weight[17, 0] = 1.0
-        model.get_output_embeddings().weight[writes, 17] = 10.0
+        qkv.weight[8 + 7, list(SUBJECTS)] = 100.0
+        qkv.weight[16 + 0, VOCAB] = 1.0
+        model.gpt_neox.layers[0].attention.dense.weight[VOCAB + 1, 0] = 1.0
+        model.get_output_embeddings().weight[writes, VOCAB + 1] = 10.0
     return model
 
 
 def handbuilt_inputs(n_seq: int = 12) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """T_S relates to T_O (USED-FOR) and to a function word; T_X to another token (CONJUNCTION), so
-    T_X and that token are entities unrelated to T_S: its matched controls."""
+    """Sequence i's subject (SUBJECTS[i]) relates to T_O (USED-FOR, many-to-one: 12 token pairs over
+    12 documents) and to a function word; T_X to another token (CONJUNCTION), so T_X and that token
+    are entities unrelated to the subject: its matched controls."""
     rng = np.random.default_rng(0)
     seqs, trips = [], []
     for sid in range(n_seq):
         toks = [T_X, *rng.integers(5, 16, 19).tolist()]
         s, o, fw = 2 + sid % 6, 18 - sid % 6, 19
-        toks[s], toks[o], toks[fw] = T_S, T_O, T_FW
+        toks[s], toks[o], toks[fw] = SUBJECTS[sid % len(SUBJECTS)], T_O, T_FW
         mask = [k == fw for k in range(20)]
         seqs.append(dict(sequence_id=sid, document_id=sid, source="hand", unit="u", family="kg", text="",
                          token_ids=toks, function_mask=mask))
@@ -429,7 +439,8 @@ def test_handbuilt_head(writes, expected):
     assert (head0["events"] == expected_events).all()
     assert (head0["pass_rate"] == 1.0).all()
     np.testing.assert_allclose(head0["ri"], expected, atol=1e-6)
-    assert (head0["sih"] == (expected == 1.0)).all()  # 12 documents, far above every control
+    assert (head0["clusters"] == 12).all()  # 12 documents and 12 token pairs
+    assert (head0["sih"] == (expected == 1.0)).all()  # far above every control
     assert (head0["control_tenth"] < 0.5).all() and (head0["control_random"] < 0.5).all()
     # the zero heads tie everywhere: never qualify, RI undefined, no SIH
     others = used[used["head"] != 0]
@@ -439,11 +450,26 @@ def test_handbuilt_head(writes, expected):
     assert (fw["opportunities"] == 0).all() and fw["ri"].isna().all()
 
 
-def test_tied_attention_never_qualifies():
-    # T_S twice: head 0 splits its attention exactly between both copies, so neither is the argmax
+def test_one_token_pair_is_not_evidence_of_a_relation():
+    """The same perfect head, but every document holds the same pair (T_S, T_O): 12 documents, one
+    token pair. A head that raises one token after another is not shown to encode a relation, so the
+    cell is ``insufficient`` (clustering by document alone called it an SIH)."""
     seqs, trips = handbuilt_inputs()
-    seqs["token_ids"] = [[*ids[:10], T_S, *ids[11:]] for ids in seqs["token_ids"]]
+    seqs["token_ids"] = [[T_S if t in SUBJECTS else t for t in ids] for ids in seqs["token_ids"]]
+    trips["head_id"] = np.where(trips["head_id"].isin(SUBJECTS), T_S, trips["head_id"])
+    rows = pd.DataFrame(score_relation_index(handbuilt(T_O), seqs, trips))
+    head0 = rows[(rows.relation == "USED-FOR") & (rows["head"] == 0)]
+    np.testing.assert_allclose(head0["ri"], 1.0, atol=1e-6)
+    assert (head0["clusters"] == 1).all() and (head0["sih_status"] == "insufficient").all()
+
+
+def test_tied_attention_never_qualifies():
+    # a second subject token: head 0 splits its attention exactly between both, so neither is the argmax
+    seqs, trips = handbuilt_inputs()
+    seqs["token_ids"] = [[*ids[:10], SUBJECTS[(i + 1) % len(SUBJECTS)], *ids[11:]]
+                         for i, ids in enumerate(seqs["token_ids"])]
     twin = trips[trips.relation == "USED-FOR"].assign(relation="TWIN", s=10)
+    twin["head_id"] = [SUBJECTS[(i + 1) % len(SUBJECTS)] for i in twin["sequence_id"]]
     rows = pd.DataFrame(score_relation_index(handbuilt(T_O), seqs, pd.concat([trips, twin])))
     head0 = rows[(rows["head"] == 0) & rows.relation.isin(["USED-FOR", "TWIN"])]
     assert (head0["opportunities"] > 0).all() and (head0["events"] == 0).all()

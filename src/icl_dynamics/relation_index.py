@@ -46,13 +46,16 @@ Decisions the paper leaves open, fixed here (and recorded as columns of every ro
   drawing u_j ~ U[0, 1) for j = 0..n-1 and taking the floor(u_j * |C_j|)-th candidate in order of
   first (candidate) appearance. Batch size and sequence order therefore do not change it.
 * SIH rule (a significance test, not a margin): per cell (head, relation, direction, gate, variant)
-  the paired differences a - c of each event against each control, clustered by source document
-  (``document_id``: events of one abstract are not independent draws), give a mean, a cluster-robust
-  standard error and a one-sided t-test of "RI above that control"; the cell's p is the largest of
-  the three. Holm's method controls the family-wise error over every tested cell of the checkpoint
+  the paired differences a - c of each event against each control give a mean, a two-way
+  cluster-robust standard error and a one-sided t-test of "RI above that control"; the cell's p is
+  the largest of the three. The two cluster dimensions are the source document (``document_id``:
+  events of one abstract are not independent draws) and the token pair (t_s, t_o) (a relation whose
+  pairs recur, like a fixed map from countries to capitals, gives every event of a pair the same
+  random-init OV preference: clustering by document alone called that a relation at step 0). Holm's method controls the family-wise error over every tested cell of the checkpoint
   for each (gate, variant), at ``alpha``. A cell with fewer than ``min_clusters`` documents behind
-  any comparison is ``insufficient``, not "not significant". See :func:`clustered_test`.
-* ``ri_se`` is RI's cluster-robust standard error over documents.
+  any comparison (documents or token pairs, whichever are fewer) is ``insufficient``, not "not
+  significant". See :func:`clustered_test`.
+* ``ri_se`` is RI's two-way cluster-robust standard error (documents and token pairs).
 * Sequences longer than ``max_len`` (default: the model's context) are cut there; triplets with
   max(s, o) beyond the cut are dropped with a warning.
 
@@ -105,7 +108,7 @@ RELATION_INDEX_SCHEMA = pa.schema(
         pa.field("variant", pa.string(), nullable=False),
         pa.field("tau", pa.float64()),  # null for the argmax gate
         pa.field("ri", pa.float64()),  # null (NaN) when the head never qualified
-        pa.field("ri_se", pa.float64()),  # cluster-robust standard error (documents); null below 2 documents
+        pa.field("ri_se", pa.float64()),  # two-way cluster-robust SE (documents, token pairs); null below 2 clusters
         pa.field("events", pa.int64(), nullable=False),  # qualifying events with a defined score
         pa.field("passes", pa.int64(), nullable=False),  # opportunities passing the gate
         pa.field("opportunities", pa.int64(), nullable=False),  # (triplet, j) with the tail in C_j
@@ -122,7 +125,8 @@ RELATION_INDEX_SCHEMA = pa.schema(
         # the SIH test: RI against each control, paired per event, clustered by document
         pa.field("effect", pa.float64()),  # primary effect: mean of (a - matched control) over its events
         pa.field("effect_se", pa.float64()),  # its cluster-robust standard error
-        pa.field("clusters", pa.int64(), nullable=False),  # documents behind the test (the fewest of the controls)
+        # clusters behind the test: the fewer of documents and token pairs, the fewest over the controls
+        pa.field("clusters", pa.int64(), nullable=False),
         pa.field("p_value", pa.float64()),  # one-sided, the largest of the three controls' p
         pa.field("p_adjusted", pa.float64()),  # Holm over every tested cell of the (gate, variant)
         pa.field("sih_status", pa.string(), nullable=False),  # sih | not significant | insufficient
@@ -147,7 +151,8 @@ RELATION_INDEX_SCHEMA = pa.schema(
 
 SEQUENCE_COLUMNS = ("sequence_id", "document_id", "family", "token_ids", "function_mask")
 CONTROLS = ("matched", "tenth", "random")
-STREAMS = ("ri", *CONTROLS)  # per-event values summed per (cell, document): a, and a - c for each control
+STREAMS = ("ri", *CONTROLS)  # per-event values summed per cluster: a, and a - c for each control
+CLUSTER_DIMS = ("document", "pair")  # the two ways events are clustered for the SIH test
 TRIPLET_COLUMNS = ("sequence_id", "family", "relation", "direction", "s", "o", "head_id", "tail_id")
 
 
@@ -234,8 +239,8 @@ class _Sequence:
     tenth: tuple[int, int] | None  # (position, uniq index) of the tenth-token control
     random: np.ndarray  # [n] uniq index of the random control at each j (-1 before any candidate)
     position_uniq: np.ndarray  # [n] uniq index of the token at each position (-1: never a candidate)
-    # [m, 6] int64 of live triplets: s, first opportunity j, group, tail, head and matched-control uniq
-    # indices (-1: none)
+    # [m, 7] int64 of live triplets: s, first opportunity j, group, tail, head and matched-control uniq
+    # indices (-1: none), and the token pair's index (the second cluster dimension)
     triplets: np.ndarray
 
 
@@ -256,9 +261,10 @@ def _prepare(
     seed: int,
     max_len: int,
     bos_id: int | None,
-) -> tuple[list[_Sequence], list[tuple[str, str, str]]]:
+) -> tuple[list[_Sequence], list[tuple[str, str, str]], int]:
     """Check the inputs against the relations contract and index them per sequence (with ``bos_id``
-    prepended when given: positions shift by one, the BOS is never a candidate nor a head position)."""
+    prepended when given: positions shift by one, the BOS is never a candidate nor a head position).
+    Also returns the number of distinct token pairs (t_s, t_o)."""
     seqs = _as_frame(sequences, SEQUENCE_COLUMNS, "sequences")
     trips = _as_frame(triplets, TRIPLET_COLUMNS, "triplets")
     if seqs["sequence_id"].duplicated().any():
@@ -275,6 +281,7 @@ def _prepare(
         raise KeyError(f"triplets refer to sequence_id(s) not in the sequences table: {sorted(unknown)[:5]}")
 
     prepared, truncated = [], 0
+    pair_of: dict[tuple[int, int], int] = {}
     for row in seqs.itertuples(index=False):
         rows = by_seq.get(row.sequence_id)
         if rows is None:
@@ -306,7 +313,9 @@ def _prepare(
             tokens, mask = tokens[:max_len], mask[:max_len]
             if not len(rows):
                 continue
-        seq = _index_sequence(sid, int(row.document_id), tokens, mask, rows, s, o, group_of,
+        pairs = np.asarray([pair_of.setdefault(key, len(pair_of)) for key in zip(tokens[s].tolist(), tokens[o].tolist())],
+                           dtype=np.int64)
+        seq = _index_sequence(sid, int(row.document_id), tokens, mask, rows, s, o, pairs, group_of,
                               exclude_function_words=exclude_function_words,
                               control_position=control_position + (bos_id is not None), seed=seed,
                               bos=bos_id is not None)
@@ -314,12 +323,12 @@ def _prepare(
             prepared.append(seq)
     if truncated:
         warnings.warn(f"{truncated} triplets lie beyond max_len={max_len} tokens and were dropped", stacklevel=3)
-    return prepared, keys
+    return prepared, keys, len(pair_of)
 
 
 def _index_sequence(
     sid: int, document: int, tokens: np.ndarray, mask: np.ndarray, rows: pd.DataFrame, s: np.ndarray, o: np.ndarray,
-    group_of: Mapping[tuple[str, str, str], int], *, exclude_function_words: bool, control_position: int, seed: int,
+    pairs: np.ndarray, group_of: Mapping[tuple[str, str, str], int], *, exclude_function_words: bool, control_position: int, seed: int,
     bos: bool,
 ) -> _Sequence:
     n = len(tokens)
@@ -342,7 +351,7 @@ def _index_sequence(
     # opportunities: j >= max(s, o) with the tail in C_j; a tail that is never a candidate has none
     start = np.maximum(np.maximum(s, o), np.append(first, n)[tail])
     live = start < n
-    trip = np.stack([s, start, np.asarray(groups, np.int64), tail, head, matched], axis=1)[live]
+    trip = np.stack([s, start, np.asarray(groups, np.int64), tail, head, matched, pairs], axis=1)[live]
     return _Sequence(sid, document, tokens, uniq, first, tenth, random, position_uniq, trip)
 
 
@@ -352,7 +361,8 @@ def matched_controls(tokens: np.ndarray, rows: pd.DataFrame, s: np.ndarray, o: n
     its tail that the relations give no link to its head (method notes §2.5 and §9.11).
 
     Same kind: for the knowledge graph, any entity letter of the sequence (a head or tail of one of
-    its KG triplets); for syntax, a tail of the same dependency label and direction. Excluded: the
+    its KG triplets); for every other family (syntax, planted), a tail of the same relation (dependency
+    label) and direction. Excluded: the
     triplet's own head and tail tokens and every token a triplet of the sequence links to the head
     token. It must be a candidate visible from the first opportunity on (first candidate position
     <= max(s, o)). Drawn uniformly, in order of first appearance, with
@@ -399,18 +409,21 @@ class _Accumulator:
         self.opportunities = np.zeros(groups, dtype=np.int64)
         self.triplets = np.zeros(groups, dtype=np.int64)
         self.n_cells = int(np.prod(shape))
-        self.n_docs = 1
-        # per stream: (key = cell * n_docs + document, sum, count) of each batch's events
-        self.parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {k: [] for k in STREAMS}
+        self.n_clusters = dict.fromkeys(CLUSTER_DIMS, 1)  # documents and token pairs (set by the caller)
+        # per stream and cluster dimension: (key = cell * n_clusters + cluster, sum, count) of each batch's events
+        self.parts: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]] = {
+            k: {d: [] for d in CLUSTER_DIMS} for k in STREAMS}
 
-    def add_clustered(self, stream: str, cell: torch.Tensor, document: torch.Tensor, values: torch.Tensor) -> None:
-        """Sum ``values`` per (cell, document) and keep the sums for the cluster-robust test."""
+    def add_clustered(self, stream: str, cell: torch.Tensor, clusters: Mapping[str, torch.Tensor],
+                      values: torch.Tensor) -> None:
+        """Sum ``values`` per (cell, cluster) in each cluster dimension and keep the sums for the test."""
         if not len(values):
             return
-        keys, inverse = torch.unique(cell * self.n_docs + document, return_inverse=True)
-        sums = torch.zeros(len(keys), dtype=torch.float64, device=values.device).index_add_(0, inverse, values)
-        counts = torch.bincount(inverse, minlength=len(keys))
-        self.parts[stream].append((keys.cpu().numpy(), sums.cpu().numpy(), counts.cpu().numpy()))
+        for dim in CLUSTER_DIMS:
+            keys, inverse = torch.unique(cell * self.n_clusters[dim] + clusters[dim], return_inverse=True)
+            sums = torch.zeros(len(keys), dtype=torch.float64, device=values.device).index_add_(0, inverse, values)
+            counts = torch.bincount(inverse, minlength=len(keys))
+            self.parts[stream][dim].append((keys.cpu().numpy(), sums.cpu().numpy(), counts.cpu().numpy()))
 
 
 @dataclass
@@ -421,6 +434,7 @@ class _BatchIndex:
     lengths: torch.Tensor  # [B]
     document: torch.Tensor  # [B] source document of each sequence
     row: torch.Tensor  # [n_trip] batch row of each triplet
+    pair: torch.Tensor  # [n_trip] token pair (t_s, t_o) of each triplet
     order: torch.Tensor  # triplets sorted by (b, s)
     slot_start: torch.Tensor  # [B * T] first index into ``order`` of the triplets with head at (b, s)
     slot_count: torch.Tensor  # [B * T]
@@ -437,16 +451,16 @@ class _BatchIndex:
 
 def _batch_index(batch: Sequence[_Sequence], t_max: int, acc: _Accumulator, device: torch.device) -> _BatchIndex:
     """Index a batch's triplets and add their opportunities (independent of heads) to ``acc``."""
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("b", "s", "start", "group", "tail", "head", "matched")}
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("b", "s", "start", "group", "tail", "head", "matched", "pair")}
     lengths, tenth_pos, tenth, document = [], [], [], []
     random = np.zeros((len(batch), t_max), dtype=np.int64)
     position_uniq = np.full((len(batch), t_max), -1, dtype=np.int64)
     for b, seq in enumerate(batch):
         n = len(seq.tokens)
-        s, start, group, tail, head, matched = seq.triplets.T
+        s, start, group, tail, head, matched, pair = seq.triplets.T
         np.add.at(acc.opportunities, group, n - start)
         np.add.at(acc.triplets, group, 1)
-        for key, col in zip(cols, (np.full(len(s), b), s, start, group, tail, head, matched)):
+        for key, col in zip(cols, (np.full(len(s), b), s, start, group, tail, head, matched, pair)):
             cols[key].append(col)
         position_uniq[b, :n] = seq.position_uniq
         lengths.append(n)
@@ -460,7 +474,7 @@ def _batch_index(batch: Sequence[_Sequence], t_max: int, acc: _Accumulator, devi
     count = np.bincount(slot, minlength=len(batch) * t_max)
     as_t = lambda x: torch.as_tensor(np.asarray(x, dtype=np.int64), device=device)  # noqa: E731
     return _BatchIndex(
-        lengths=as_t(lengths), document=as_t(document), row=as_t(c["b"]), order=as_t(order),
+        lengths=as_t(lengths), document=as_t(document), row=as_t(c["b"]), pair=as_t(c["pair"]), order=as_t(order),
         slot_start=as_t(np.cumsum(count) - count), slot_count=as_t(count), start=as_t(c["start"]),
         group=as_t(c["group"]), tail=as_t(c["tail"]), head=as_t(c["head"]), matched=as_t(c["matched"]),
         tenth_pos=as_t(tenth_pos), tenth=as_t(tenth), random=as_t(random), position_uniq=as_t(position_uniq),
@@ -577,16 +591,17 @@ class _BatchScorer:
             stats = {k: v[gi, vi, layer].view(-1) for k, v in acc.stats.items()}
             stats["n"].index_add_(0, flat, torch.ones_like(a))
             stats["sum"].index_add_(0, flat, a)
-            # per (cell, document) sums for the cluster-robust test of RI against each control
+            # per (cell, document) and (cell, token pair) sums for the test of RI against each control
             cell = ((gi * n_v + vi) * n_layers + layer) * (n_groups * heads) + flat
-            document = self.index.document[self.index.row[trip[keep]]]
-            acc.add_clustered("ri", cell, document, a)
+            kept = trip[keep]
+            clusters = {"document": self.index.document[self.index.row[kept]], "pair": self.index.pair[kept]}
+            acc.add_clustered("ri", cell, clusters, a)
             for name, control in zip(CONTROLS, controls):
                 c = control[keep]
                 ok = ~c.isnan()
                 stats[f"{name}_n"].index_add_(0, flat[ok], torch.ones_like(c[ok]))
                 stats[f"{name}_sum"].index_add_(0, flat[ok], c[ok])
-                acc.add_clustered(name, cell[ok], document[ok], (a - c)[ok])
+                acc.add_clustered(name, cell[ok], {d: v[ok] for d, v in clusters.items()}, (a - c)[ok])
             # triplets with at least one event: each (triplet, head) once, then counted per group
             marks = torch.unique(trip[keep] * heads + head[keep])
             stats["triplets_q"].index_add_(0, self.index.group[marks // heads] * heads + marks % heads,
@@ -640,14 +655,14 @@ def score_relation_index(
     bos_id = config.bos_token_id if bos else None
     if bos and bos_id is None:
         raise ValueError("the model config names no bos_token_id; pass bos=False to score without one")
-    seqs, keys = _prepare(sequences, triplets, exclude_function_words=exclude_function_words,
+    seqs, keys, n_pairs = _prepare(sequences, triplets, exclude_function_words=exclude_function_words,
                           control_position=control_position, seed=seed, max_len=max_len, bos_id=bos_id)
     param = next(model.parameters())
     device = param.device
     dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
     layers, heads = config.num_hidden_layers, config.num_attention_heads
     acc = _Accumulator(gates, variants, len(keys), layers, heads, device)
-    acc.n_docs = max((seq.document for seq in seqs), default=0) + 1
+    acc.n_clusters = {"document": max((seq.document for seq in seqs), default=0) + 1, "pair": max(n_pairs, 1)}
 
     for batch in tqdm(_batches(seqs, batch_size), desc="relation index", total=-(-len(seqs) // batch_size),
                       mininterval=5):
@@ -668,32 +683,42 @@ def score_relation_index(
     return _rows(acc, keys, gates, variants, tau, params)
 
 
-def clustered_test(keys: np.ndarray, sums: np.ndarray, counts: np.ndarray, n_cells: int,
-                   n_docs: int) -> dict[str, np.ndarray]:
-    """Mean of per-event values per cell, its cluster-robust standard error and a one-sided p-value.
+def clustered_test(dims: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, int]], n_cells: int) -> dict[str, np.ndarray]:
+    """Mean of per-event values per cell, its multi-way cluster-robust standard error and a one-sided p.
 
-    ``keys`` = cell * n_docs + document, with the sum and count of the events behind each (repeats
-    allowed). Clusters are documents: every event of one document is one draw. The standard error is
-    the CR1 sandwich sqrt(G / (G - 1) * sum_g (S_g - n_g mean)^2) / N over the G clusters with events;
-    p tests mean > 0 against Student's t with G - 1 degrees of freedom (NaN below 2 clusters).
-    Returns per cell: ``mean``, ``se``, ``p``, ``clusters``, ``events``.
+    ``dims`` holds one ``(keys, sums, counts, n_clusters)`` per cluster dimension, ``keys`` = cell *
+    n_clusters + cluster with the sum and count of the events behind each (repeats allowed); every
+    dimension covers the same events. Per dimension d with G_d clusters the CR1 variance is
+    G_d / (G_d - 1) * sum_g (S_g - n_g mean)^2 / N^2; the variance used is their sum, the two-way
+    estimator of Cameron, Gelbach & Miller (2011) without subtracting the intersection term (which
+    is never negative, so the sum errs on the safe side and needs no fix for a negative variance).
+    p tests mean > 0 against Student's t with min_d G_d - 1 degrees of freedom (NaN below 2 clusters).
+    Returns per cell: ``mean``, ``se``, ``p``, ``clusters`` (min_d G_d), ``events``.
     """
     from scipy import stats as st
 
-    uniq, inverse = np.unique(keys, return_inverse=True)
-    s_g = np.bincount(inverse, weights=sums, minlength=len(uniq))
-    n_g = np.bincount(inverse, weights=counts, minlength=len(uniq))
-    cell = uniq // n_docs
+    if not dims:
+        raise ValueError("clustered_test needs at least one cluster dimension")
+    variance = np.zeros(n_cells)
+    clusters = np.full(n_cells, np.inf)
+    for keys, sums, counts, n_clusters in dims:
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        s_g = np.bincount(inverse, weights=sums, minlength=len(uniq))
+        n_g = np.bincount(inverse, weights=counts, minlength=len(uniq))
+        cell = uniq // n_clusters
 
-    def per_cell(values: np.ndarray) -> np.ndarray:
-        return np.bincount(cell, weights=values, minlength=n_cells)
+        def per_cell(values: np.ndarray, cell: np.ndarray = cell) -> np.ndarray:
+            return np.bincount(cell, weights=values, minlength=n_cells)
 
-    clusters = np.bincount(cell, minlength=n_cells).astype(float)
-    events, total = per_cell(n_g), per_cell(s_g)
+        g = np.bincount(cell, minlength=n_cells).astype(float)
+        events, total = per_cell(n_g), per_cell(s_g)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = total / events
+            spread = per_cell(s_g**2) - 2 * mean * per_cell(s_g * n_g) + mean**2 * per_cell(n_g**2)
+            variance += np.maximum(spread, 0.0) * g / (g - 1) / events**2
+        clusters = np.minimum(clusters, g)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = total / events
-        spread = per_cell(s_g**2) - 2 * mean * per_cell(s_g * n_g) + mean**2 * per_cell(n_g**2)
-        se = np.sqrt(np.maximum(spread, 0.0) * clusters / (clusters - 1)) / events
+        se = np.sqrt(variance)
         se[clusters < 2] = np.nan
         t = mean / se
         p = np.where(se > 0, st.t.sf(t, np.maximum(clusters - 1, 1)), np.where(mean > 0, 0.0, 1.0))
@@ -728,11 +753,11 @@ def _rows(acc: _Accumulator, keys: Sequence[tuple[str, str, str]], gates: Sequen
     ratio_model_p95 = float(ratio_quantile(hist.sum((0, 1)), 0.95))
     _, _, layers, groups, heads = shape
     tests = {}
+    empty = [(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64))]
     for stream in STREAMS:
-        parts = acc.parts[stream] or [(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64))]
-        keys_, sums, counts = (np.concatenate(x) for x in zip(*parts))
-        tests[stream] = {k: v.reshape(shape) for k, v in
-                         clustered_test(keys_, sums, counts, acc.n_cells, acc.n_docs).items()}
+        dims = [(*(np.concatenate(x) for x in zip(*(acc.parts[stream][d] or empty))), acc.n_clusters[d])
+                for d in CLUSTER_DIMS]
+        tests[stream] = {k: v.reshape(shape) for k, v in clustered_test(dims, acc.n_cells).items()}
     # the cell's test: RI above *each* control, so the largest p; the effect is over the matched control
     p_all = np.stack([tests[c]["p"] for c in CONTROLS])
     untested = np.isnan(p_all).any(0)
