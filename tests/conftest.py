@@ -85,3 +85,18 @@ def toy_zoo(tmp_path_factory) -> Path:
         read_manifest(reuse)
         return Path(reuse).resolve()
     return write_zoo(train(ToyConfig(), progress=False), tmp_path_factory.mktemp("toy") / "zoo")
+
+
+@pytest.fixture(scope="session")
+def toy_zoo_relations(tmp_path_factory) -> Path:
+    """The relations toy zoo (planted relations), trained once per test session (a few minutes on 2 cores).
+
+    Set ICL_TOY_ZOO_RELATIONS to an existing zoo directory to reuse one between local runs.
+    """
+    from icl_dynamics.toyzoo import TOY_RELATIONS, read_manifest, train, write_zoo, zoo_config
+
+    reuse = os.environ.get("ICL_TOY_ZOO_RELATIONS")
+    if reuse:
+        read_manifest(reuse)
+        return Path(reuse).resolve()
+    return write_zoo(train(zoo_config(TOY_RELATIONS), progress=False), tmp_path_factory.mktemp("toy") / "relations")

@@ -23,9 +23,10 @@ def test_default_config_is_valid_and_complete():
     assert config["fetch"]["attempts"] == 6
 
 
-def test_toy_config_is_valid():
-    config = validate_config(load("config/toy.yaml"), SCHEMA)
-    assert config["schedule"] == "toy" and len(config["steps"]) >= 12
+@pytest.mark.parametrize("name, schedule", [("config/toy.yaml", "toy"), ("config/toy-relations.yaml", "toy-relations")])
+def test_toy_configs_are_valid(name, schedule):
+    config = validate_config(load(name), SCHEMA)
+    assert config["schedule"] == schedule and len(config["steps"]) >= 12
 
 
 def test_defaults_fill_without_mutating_the_schema():
@@ -51,6 +52,7 @@ def test_defaults_fill_without_mutating_the_schema():
         ({"text": {"kind": "jsonl"}}, r"config key 'text.path': a jsonl text source needs a path"),
         ({"figures": {"heatmap_steps": [3000]}}, r"config key 'figures.heatmap_steps': step 3000 is not among"),
         ({"models": ["a/b", "a/b"]}, r"config key 'models': a model is listed twice"),
+        ({"relations": {"planted_map": "zoo/planted.json"}}, r"config key 'relations.planted_texts': planted_map and"),
     ],
 )
 def test_malformed_configs_name_key_and_problem(patch, message):

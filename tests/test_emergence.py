@@ -547,6 +547,17 @@ def test_figures_are_written_and_draw_only_real_checkpoints(pipeline, tmp_path):
         "EleutherAI/pythia-70m", "EleutherAI/pythia-160m", "EleutherAI/pythia-1.4b"]
 
 
+def test_scatter_draws_a_midpoint_outside_its_own_interval(pipeline, tmp_path):
+    """A head that rises and falls again can have its fitted midpoint outside the bootstrap interval
+    (seen on the relations toy zoo): the bar ends at the estimate instead of failing the figure."""
+    fo = pipeline["formation"].copy()
+    located = fo.index[fo["fit_status"] == "ok"][0]
+    fo.loc[located, "transition_tokens_low"] = fo.loc[located, "transition_tokens"] * 1.5
+    fo.loc[located, "transition_tokens_high"] = fo.loc[located, "transition_tokens"] * 2
+    written = F.formation_emergence_scatter(fo, pipeline["emergence"], tmp_path / "scatter")
+    assert all(p.stat().st_size > 1000 for p in written)
+
+
 def test_panel_lines_sit_on_checkpoints(pipeline, tmp_path, monkeypatch):
     captured = {}
 

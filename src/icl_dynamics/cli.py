@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from icl_dynamics.toyzoo import TOY_SEED
+from icl_dynamics.toyzoo import TOY_SEED, ZOO_KINDS
 
 log = logging.getLogger("icl_dynamics")
 
@@ -29,8 +29,8 @@ def _checkpoint_args(p: argparse.ArgumentParser, *, device: bool = True) -> None
     p.add_argument("--model", required=True, help="hub model id, e.g. EleutherAI/pythia-70m-deduped")
     p.add_argument("--step", required=True, type=int, help="training step (revision step<N>)")
     p.add_argument("--cache-dir", default=None, help="Hugging Face hub cache (default: HF_HUB_CACHE)")
-    p.add_argument("--schedule", choices=("pythia", "toy"), default="pythia", help="checkpoint grid")
-    p.add_argument("--toy-seed", type=int, default=TOY_SEED, help="seed of the toy zoo (schedule toy)")
+    p.add_argument("--schedule", choices=("pythia", *ZOO_KINDS), default="pythia", help="checkpoint grid")
+    p.add_argument("--toy-seed", type=int, default=TOY_SEED, help="seed of the toy zoo (schedules toy, toy-relations)")
     if device:
         p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
         p.add_argument("--dtype", default="auto", help="auto (= float32) | float32 | float16 | bfloat16")
@@ -65,9 +65,9 @@ def _stamp(rows: list[dict], args: argparse.Namespace) -> list[dict]:
 
 
 def cmd_toy_zoo(args: argparse.Namespace) -> None:
-    from icl_dynamics.toyzoo import ToyConfig, train, write_zoo
+    from icl_dynamics.toyzoo import train, write_zoo, zoo_config
 
-    cfg = ToyConfig(seed=args.seed)
+    cfg = zoo_config(args.kind, args.seed)
     zoo = train(cfg)
     write_zoo(zoo, args.out)
     log.info("toy zoo: %d checkpoints trained in %.0f s, written to %s", len(zoo.states), zoo.seconds, args.out)
@@ -149,13 +149,21 @@ def cmd_fetch_agenda(args: argparse.Namespace) -> None:
 def cmd_relations(args: argparse.Namespace) -> None:
     from icl_dynamics.agenda import verify_agenda
     from icl_dynamics.models import load_tokenizer
-    from icl_dynamics.relations import build_relations, read_texts, write_relations
+    from icl_dynamics.relations import build_planted_relations, build_relations, read_texts, write_relations
 
+    if (args.agenda_dir is None) == (args.planted_map is None):
+        raise ValueError("relations: give either --agenda-dir (KG and syntax) or --planted-map (planted relations)")
     tokenizer = load_tokenizer(args.model, args.step, cache_dir=args.cache_dir)
-    texts = read_texts(args.syntax_texts, column=args.syntax_column, split=args.syntax_split) if args.syntax_texts else None
-    tables = build_relations(verify_agenda(args.agenda_dir), tokenizer, unit=args.unit, anchor=args.anchor,
-                             spacy_model=args.spacy_model, syntax_texts=texts,
-                             syntax_source=str(args.syntax_texts) if args.syntax_texts else None)
+    if args.planted_map:
+        if not args.planted_texts:
+            raise ValueError("relations: --planted-map needs --planted-texts (the zoo's relations.jsonl)")
+        tables = build_planted_relations(args.planted_map, read_texts(args.planted_texts), tokenizer,
+                                         source=str(args.planted_texts))
+    else:
+        texts = read_texts(args.syntax_texts, column=args.syntax_column, split=args.syntax_split) if args.syntax_texts else None
+        tables = build_relations(verify_agenda(args.agenda_dir), tokenizer, unit=args.unit, anchor=args.anchor,
+                                 spacy_model=args.spacy_model, syntax_texts=texts,
+                                 syntax_source=str(args.syntax_texts) if args.syntax_texts else None)
     write_relations(tables, args.out_dir)
     summary = tables.summary.to_pandas()
     for family, counts in summary.groupby("family")[["kept", "dropped", "recovered"]].sum().iterrows():
@@ -235,7 +243,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     fig.correlation_map(tables["relation"], figures / "correlation_map")
     if ri is not None:
         fig.ri_heatmaps(ri, figures / "ri_heatmaps", direction=args.ri_direction, gate=args.ri_gate,
-                        variant=args.ri_variant)
+                        variant=args.ri_variant, families=args.ri_families)
     log.info("analysis of %d ICL series and %d head scores in %.0f s -> %s", len(tables["emergence"]),
              len(tables["formation"]), time.perf_counter() - start, out)
 
@@ -292,8 +300,28 @@ def cmd_figures(args: argparse.Namespace) -> None:
     curves = pd.read_parquet(args.loss_curve) if args.loss_curve else None
     written += write_icl_figures(icl, curves, out, model=heads["model"].iloc[0])
     if args.relation_index:
-        written += write_relation_index_figures(pd.read_parquet(args.relation_index), out, k=args.top_k)
+        ri = pd.read_parquet(args.relation_index)
+        written += write_relation_index_figures(ri, out, k=args.top_k)
+        if args.training_curve:
+            written += _planted_figure(ri, pd.read_parquet(args.training_curve), out)
     log.info("%d figure files written to %s", len(written), out)
+
+
+def _planted_figure(ri, training, out: Path) -> list[Path]:
+    """The relations toy zoo's positive-control figure (RI rows of the default gate, variant, direction)."""
+    from icl_dynamics.checkpoints import model_slug
+    from icl_dynamics.figures import save_figure
+    from icl_dynamics.figures.relation_index import planted_control, select_rows
+    from icl_dynamics.planted import phase_change_step
+
+    rows = select_rows(ri, model=None, gate="argmax", variant="source", direction="forward")
+    rows = rows[rows["family"].isin(["planted", "decoy"])]
+    if rows.empty or "relation_loss" not in training or training["relation_loss"].isna().all():
+        raise ValueError("--training-curve: needs the relations toy zoo's training.parquet and planted relation rows")
+    curve = training.dropna(subset=["relation_loss"])
+    phase = phase_change_step(curve["step"], curve["relation_loss"])
+    fig = planted_control(rows, training, phase)
+    return save_figure(fig, out / f"{model_slug(rows['model'].iloc[0])}_planted_control.png")
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -306,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("toy-zoo", help="train the toy GPT-NeoX zoo and write it as a hub-layout cache")
     p.add_argument("--out", required=True, help="zoo directory (hub cache in OUT/hub)")
+    p.add_argument("--kind", choices=ZOO_KINDS, default=ZOO_KINDS[0],
+                   help="toy: copies (induction heads); toy-relations: planted relations (semantic induction heads)")
     p.add_argument("--seed", type=int, default=TOY_SEED, help="training seed (the default is the shipped zoo's)")
     p.set_defaults(func=cmd_toy_zoo)
 
@@ -354,9 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", required=True)
     p.set_defaults(func=cmd_fetch_agenda)
 
-    p = sub.add_parser("relations", help="KG and syntactic relation triplets for one model's tokenizer")
+    p = sub.add_parser("relations", help="KG and syntactic (or planted) relation triplets for one model's tokenizer")
     _checkpoint_args(p, device=False)
-    p.add_argument("--agenda-dir", required=True, help="verified AGENDA copy (see fetch-agenda)")
+    p.add_argument("--agenda-dir", default=None, help="verified AGENDA copy (see fetch-agenda)")
+    p.add_argument("--planted-map", default=None,
+                   help="planted.json of the relations toy zoo: its planted relations instead of AGENDA's")
+    p.add_argument("--planted-texts", default=None, help="the relations toy zoo's relations.jsonl")
     p.add_argument("--unit", choices=("abstract", "sentence"), default="abstract")
     p.add_argument("--anchor", choices=("single", "first"), default="single",
                    help="syntax words: single-token words only, or anchor on the first sub-token")
@@ -409,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ri-direction", default="forward", choices=("forward", "reverse"))
     p.add_argument("--ri-gate", default="argmax", choices=("argmax", "margin"))
     p.add_argument("--ri-variant", default="source", choices=("literal", "source", "contextual"))
+    p.add_argument("--ri-families", nargs="+", default=["kg", "syntax"],
+                   help="relation families drawn in the RI heatmaps (planted decoy for the relations toy zoo)")
     p.add_argument("--ri-tau", type=float, default=None, help="tau of the margin gate, if several were scored")
     p.add_argument("--k", type=int, default=3, help="checkpoints a crossing must hold for after its first")
     p.add_argument("--n-boot", type=int, default=200)
@@ -420,9 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="concatenate one stage's per-checkpoint tables")
     p.add_argument("--stage", required=True)
-    p.add_argument("--schedule", choices=("pythia", "toy"), default="pythia",
+    p.add_argument("--schedule", choices=("pythia", *ZOO_KINDS), default="pythia",
                    help="checkpoint grid (which steps are consecutive, for duplicate weights)")
-    p.add_argument("--toy-seed", type=int, default=TOY_SEED, help="seed of the toy zoo (schedule toy)")
+    p.add_argument("--toy-seed", type=int, default=TOY_SEED, help="seed of the toy zoo (schedules toy, toy-relations)")
     p.add_argument("--out", required=True)
     p.add_argument("inputs", nargs="+")
     p.set_defaults(func=cmd_merge)
@@ -433,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--provenance", default=None, help="merged provenance (marks duplicate checkpoints)")
     p.add_argument("--loss-curve", default=None, help="merged loss-curve table")
     p.add_argument("--relation-index", default=None, help="merged relation-index table")
+    p.add_argument("--training-curve", default=None,
+                   help="the relations toy zoo's training.parquet: adds the planted-relation control figure")
     p.add_argument("--heatmap-steps", type=int, nargs="*", default=None)
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--out-dir", required=True)

@@ -54,12 +54,13 @@ def load_schema(path: str | os.PathLike[str]) -> dict:
 
 
 def schedule_named(name: str, toy_seed: int) -> Schedule:
-    """The checkpoint grid called ``name`` (``pythia``, or ``toy`` for the zoo trained with ``toy_seed``)."""
-    if name == "toy":
-        from icl_dynamics.toyzoo import ToyConfig
+    """The checkpoint grid called ``name``: ``pythia``, or a toy zoo's (``toy``, ``toy-relations``)
+    trained with ``toy_seed``."""
+    if name == "pythia":
+        return PYTHIA
+    from icl_dynamics.toyzoo import zoo_config
 
-        return ToyConfig(seed=toy_seed).schedule()
-    return PYTHIA
+    return zoo_config(name, toy_seed).schedule()
 
 
 def schedule_for(config: Mapping[str, Any]) -> Schedule:
@@ -89,6 +90,10 @@ def validate_config(config: Mapping[str, Any], schema: Mapping[str, Any] | str |
         raise ConfigError("config key 'text.name': a hub text source needs a dataset name")
     if text["kind"] != "hub" and not text["path"]:
         raise ConfigError(f"config key 'text.path': a {text['kind']} text source needs a path")
+    relations = config["relations"]
+    if bool(relations["planted_map"]) != bool(relations["planted_texts"]):
+        raise ConfigError("config key 'relations.planted_texts': planted_map and planted_texts go together "
+                          "(the relations toy zoo's planted.json and relations.jsonl)")
     if len(set(config["models"])) != len(config["models"]):
         raise ConfigError("config key 'models': a model is listed twice")
     try:

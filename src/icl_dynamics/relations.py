@@ -5,7 +5,10 @@ one capital letter, so head and tail are single tokens; a triplet's positions ar
 mentions of the two letters in its sequence (the whole abstract, or the first sentence carrying
 both). Syntax: the same abstracts with the entity words restored (or any other texts) are parsed
 with spaCy, and dependency arcs of three categories become triplets with the governor as head.
-Both families keep the annotated direction (``forward``) and, as separate rows, the ``reverse``.
+Planted relations (the relations toy zoo, :mod:`icl_dynamics.planted`): in the zoo's held-out
+sequences every pair of the planted map whose head and tail words both occur is a triplet at their
+first mentions, family ``planted`` for the rewarded relations and ``decoy`` for the unrewarded ones.
+All families keep the annotated direction (``forward``) and, as separate rows, the ``reverse``.
 Each model token also carries a function-word flag (spaCy stop word or punctuation) so the scorer
 can drop those ids from its candidate set. Everything dropped is counted, with its reason, in the
 summary table. Same inputs give the same table contents.
@@ -20,7 +23,9 @@ relations whose head or tail owes its space to this (``recovered``).
 from __future__ import annotations
 
 import bisect
+import json
 import os
+import re
 import string
 import unicodedata
 import zlib
@@ -34,9 +39,10 @@ import numpy as np
 import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
-from icl_dynamics import agenda, io
+from icl_dynamics import agenda, io, planted
 
 KG, SYNTAX = "kg", "syntax"
+FAMILY_ORDER = (KG, SYNTAX, planted.PLANTED, planted.DECOY)
 FORWARD, REVERSE = "forward", "reverse"
 UNITS = ("abstract", "sentence")
 ANCHORS = ("single", "first")
@@ -75,7 +81,7 @@ SEQUENCES_SCHEMA = pa.schema([
     pa.field("document_id", pa.int32(), nullable=False),  # the source document (cluster for the SIH test)
     pa.field("source", pa.string(), nullable=False),
     pa.field("unit", pa.string(), nullable=False),
-    pa.field("family", pa.string(), nullable=False),
+    pa.field("family", pa.string(), nullable=False),  # planted-zoo texts serve both planted and decoy: "planted"
     pa.field("text", pa.string(), nullable=False),
     pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
     pa.field("function_mask", pa.list_(pa.bool_()), nullable=False),
@@ -504,7 +510,7 @@ def summary_rows(counts: Counter[tuple[str, str, str, str]], relations: Iterable
     counts = Counter(counts)
     for family, relation, category in relations:
         counts[(family, relation, category, "")] += 0
-    order = {KG: 0, SYNTAX: 1}
+    order = {family: i for i, family in enumerate(FAMILY_ORDER)}
     return [
         dict(family=family, relation=relation, category=category,
              kept=n if not reason else 0, dropped=n if reason else 0, reason=reason,
@@ -571,6 +577,53 @@ def build_relations(
     )
 
 
+def planted_rows(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, make_doc: Callable[[str], Any],
+                 relations: Sequence[planted.PlantedRelation], *, source: str = "planted", first_id: int = 0) -> Rows:
+    """Sequences and triplets of the planted relations: one sequence per text (given a leading space),
+    a triplet for every map pair whose head and tail words both occur (at their first mentions)."""
+    rows = Rows(tokenizer, first_id)
+    for document_id, raw in enumerate(texts):
+        sequence, _, _ = unit_text(raw, 0, len(raw))
+        first: dict[str, tuple[int, int]] = {}
+        for word in re.finditer(r"\S+", sequence):
+            first.setdefault(word.group(), word.span())
+        found = [(rel, h, t) for rel in relations for h, t in rel.pairs() if h in first and t in first]
+        if not found:
+            continue
+        encoded = encode(sequence, tokenizer, spacy_words(make_doc(sequence)))
+        sequence_id = rows.add_sequence(document_id=document_id, source=source, unit="sequence",
+                                        family=planted.PLANTED, text=sequence, encoded=encoded)
+        for rel, h, t in found:
+            head, tail = (anchor_position(encoded.offsets, *first[w], "single") for w in (h, t))
+            rows.pair(sequence_id, encoded, rel.family, rel.name, rel.shape, head, tail)
+    return rows
+
+
+def build_planted_relations(map_path: str | os.PathLike[str], texts: Sequence[str],
+                            tokenizer: PreTrainedTokenizerBase, *, source: str = "planted") -> RelationTables:
+    """The relation tables of the planted map in ``map_path`` over ``texts`` (the relations zoo's
+    ``planted.json`` and ``relations.jsonl``); function words are flagged by spaCy's blank English."""
+    import spacy
+
+    relations = planted.read_map(map_path)
+    rows = planted_rows(texts, tokenizer, spacy.blank("en").make_doc, relations, source=source)
+    labels = [(r.family, r.name, r.shape) for r in relations]
+    meta = {
+        "spacy": spacy.__version__,
+        "tokenizer": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
+        "source": source,
+        "planted_map": str(map_path),
+        "planted_relations": {r.name: {"family": r.family, "shape": r.shape, "pairs": len(r.heads)} for r in relations},
+        "spacing": "leading space per sequence",
+    }
+    return RelationTables(
+        sequences=io.to_table(rows.sequences, SEQUENCES_SCHEMA),
+        triplets=io.to_table(rows.triplets, TRIPLETS_SCHEMA),
+        summary=io.to_table(summary_rows(rows.counts, labels, rows.recovered), SUMMARY_SCHEMA),
+        meta=meta,
+    )
+
+
 def write_relations(tables: RelationTables, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Write sequences.parquet, triplets.parquet and summary.parquet (atomically, with provenance).
 
@@ -586,10 +639,20 @@ def write_relations(tables: RelationTables, out_dir: str | os.PathLike[str]) -> 
 
 def read_texts(source: str | os.PathLike[str], *, column: str = "text", split: str = "train",
                limit: int | None = None) -> list[str]:
-    """Texts for the syntax family: a text file (one text per non-empty line), a dataset saved with
-    ``save_to_disk``, or a ``datasets`` hub name (``split``, ``column``)."""
+    """Texts for the syntax or planted family: a JSONL file (``column`` of each line's object), a text
+    file (one text per non-empty line), a dataset saved with ``save_to_disk``, or a ``datasets`` hub
+    name (``split``, ``column``)."""
     path = Path(source)
-    if path.is_file():
+    if path.is_file() and path.suffix == ".jsonl":
+        texts = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)[column])
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with {column!r} ({err})") from err
+    elif path.is_file():
         texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
         import datasets

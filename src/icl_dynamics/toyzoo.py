@@ -10,6 +10,13 @@ exactly as the Hugging Face hub cache, so ``from_pretrained("icl-dynamics/toy-ne
 revision="step<N>")`` with ``HF_HUB_OFFLINE=1`` loads them through the code path a Pythia checkpoint
 takes. Each snapshot carries its own word-level ``tokenizer.json`` whose vocabulary also holds the
 words of the ICL tasks. Training runs on one CPU thread so the same seed gives the same weights.
+
+The *relations* zoo (``icl-dynamics toy-zoo --kind toy-relations``, model id
+``icl-dynamics/toy-neox-relations``) is the positive control for the relation index: the same
+architecture trained on sequences with planted relations instead of copies (:mod:`icl_dynamics.planted`),
+in which heads that attend from a relation's marker to its head token and raise the tail form
+during training. It also carries ``planted.json`` (the map) and ``relations.jsonl`` (held-out
+sequences without BOS, for the relations stage).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -31,7 +38,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from icl_dynamics import hub
+from icl_dynamics import hub, planted
 from icl_dynamics import io as tables
 from icl_dynamics.checkpoints import Schedule, revision
 
@@ -43,12 +50,17 @@ PUNCTUATION = ("\n", ",", ":", ".", ";", "(", ")", "-")
 # Seed 1's heads form between steps 900 and 1100 (seed 0 had not formed them by step 2,400).
 TOY_SEED = 1
 TOY_STEPS = (0, 100, 200, 400, 600, 800, 850, 900, 925, 950, 975, 1000, 1050, 1100, 1200, 1400, 1600)
+TOY, TOY_RELATIONS = "toy", "toy-relations"  # the zoos, named as their checkpoint schedules
+ZOO_KINDS = (TOY, TOY_RELATIONS)
+RELATIONS_MODEL_ID = "icl-dynamics/toy-neox-relations"
 
 TRAINING_SCHEMA = pa.schema(
     [
         pa.field("step", pa.int64(), nullable=False),
         pa.field("loss", pa.float64(), nullable=False),
-        pa.field("copied_loss", pa.float64(), nullable=False),
+        pa.field("copied_loss", pa.float64()),  # null without copies (the relations zoo)
+        pa.field("relation_loss", pa.float64()),  # tails after a planted marker; null in the copy zoo
+        pa.field("decoy_loss", pa.float64()),  # filler after a decoy marker (never predictable)
     ]
 )
 
@@ -73,22 +85,46 @@ class ToyConfig:
     text_docs: int = 400
     log_every: int = 50
     model_id: str = TOY_MODEL_ID
+    # planted relations (the relations zoo); see icl_dynamics.planted
+    planted: bool = False
+    relations_per_sequence: int = 2
+    events_per_relation: int = 2
+    mention_end: int = 20
 
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
 
+    @property
+    def kind(self) -> str:
+        return TOY_RELATIONS if self.planted else TOY
+
     def schedule(self) -> Schedule:
-        return Schedule("toy", tuple(self.steps), self.tokens_per_step)
+        return Schedule(self.kind, tuple(self.steps), self.tokens_per_step)
+
+    def relations(self) -> list[planted.PlantedRelation]:
+        """The planted relations (none in the copy zoo); their map is drawn from the seed."""
+        return planted.make_relations(self.seed) if self.planted else []
 
 
-def toy_vocabulary() -> list[str]:
-    """Special tokens, punctuation, digits, capital letters (relation anchors), the ICL task words."""
+def zoo_config(kind: str, seed: int | None = None) -> ToyConfig:
+    """The shipped configuration of zoo ``kind`` (``toy`` or ``toy-relations``), with another seed if given."""
+    if kind not in ZOOS:
+        raise ValueError(f"unknown toy zoo {kind!r}; choose from {sorted(ZOOS)}")
+    cfg = ZOOS[kind]
+    return cfg if seed is None else replace(cfg, seed=seed)
+
+
+def toy_vocabulary(cfg: ToyConfig | None = None) -> list[str]:
+    """Special tokens, punctuation, digits, capital letters (relation anchors), the ICL task words,
+    and for the relations zoo the planted relations' words."""
     words = json.loads(resources.files("icl_dynamics").joinpath("data/icl_words.json").read_text())
     task_words = [w for category in words.values() for w in category]
     digits = [str(d) for d in range(10)]
     letters = [chr(c) for c in range(ord("A"), ord("Z") + 1)]
     vocab = [*SPECIAL_TOKENS, *PUNCTUATION, *digits, *letters, *task_words]
+    if cfg is not None:
+        vocab += planted.relation_words(cfg.relations())
     duplicates = {w for w in vocab if vocab.count(w) > 1}
     if duplicates:
         raise ValueError(f"toy vocabulary lists words twice: {sorted(duplicates)}")
@@ -160,6 +196,23 @@ def copy_batch(gen: torch.Generator, cfg: ToyConfig, vocab_size: int) -> tuple[t
     return x, copied
 
 
+def training_batch(gen: torch.Generator, cfg: ToyConfig, vocab: Sequence[str],
+                   relations: Sequence[planted.PlantedRelation]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One batch of the zoo's training data and the masks of the positions each curve column follows:
+    copies (copy zoo) or planted relations (relations zoo, which has no copies)."""
+    if not cfg.planted:
+        x, copied = copy_batch(gen, cfg, len(vocab))
+        return x, {"copied_loss": copied}
+    index = {w: i for i, w in enumerate(vocab)}
+    special = set(SPECIAL_TOKENS) | set(planted.relation_words(relations))
+    filler = torch.tensor([i for i, w in enumerate(vocab) if w not in special])
+    x, rewarded, decoy = planted.relation_batch(
+        gen, relations, index, filler, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+        relations_per_sequence=cfg.relations_per_sequence, events_per_relation=cfg.events_per_relation,
+        mention_end=cfg.mention_end)
+    return x, {"relation_loss": rewarded, "decoy_loss": decoy}
+
+
 @dataclass
 class TrainedZoo:
     """Checkpoints (state dicts by step) and the training curve."""
@@ -173,7 +226,8 @@ class TrainedZoo:
 
 def train(cfg: ToyConfig, *, progress: bool = True) -> TrainedZoo:
     """Train the toy model, keeping a copy of the weights at each of ``cfg.steps``."""
-    vocab = toy_vocabulary()
+    vocab = toy_vocabulary(cfg)
+    relations = cfg.relations()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # bitwise-reproducible weights whatever the machine's core count
     try:
@@ -191,35 +245,38 @@ def train(cfg: ToyConfig, *, progress: bool = True) -> TrainedZoo:
                 zoo.states[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if step == last:
                 break
-            x, copied = copy_batch(gen, cfg, len(vocab))
+            x, masks = training_batch(gen, cfg, vocab, relations)
             logits = model(x).logits[:, :-1]
             losses = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, len(vocab)), x[:, 1:].reshape(-1), reduction="none"
-            ).view_as(copied[:, 1:])
+            ).view(x.shape[0], -1)
             loss = losses.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if step % cfg.log_every == 0:
                 zoo.curve.append({"step": step, "loss": loss.item(),
-                                  "copied_loss": losses[copied[:, 1:]].mean().item()})
+                                  **{name: losses[mask[:, 1:]].mean().item() for name, mask in masks.items()}})
         zoo.seconds = time.perf_counter() - start
         return zoo
     finally:
         torch.set_num_threads(threads)
 
 
-def held_out_text(cfg: ToyConfig, vocab: Sequence[str], n_docs: int) -> list[str]:
-    """Documents from the training distribution (another seed), as text, for the ICL score.
+def held_out_text(cfg: ToyConfig, vocab: Sequence[str], n_docs: int, *, offset: int = 10_000,
+                  bos: bool = True) -> list[str]:
+    """Documents from the training distribution (seed + ``offset``), as text.
 
     Each is a whole training-length sequence, its leading BOS written as the special token's text
-    (which the tokenizer maps back to the BOS id), so it tokenises to exactly ``seq_len`` ids.
+    (which the tokenizer maps back to the BOS id), so it tokenises to exactly ``seq_len`` ids; with
+    ``bos=False`` the BOS is left out (the relations stage's texts: the relation index adds it).
     """
-    gen = torch.Generator().manual_seed(cfg.seed + 10_000)
+    gen = torch.Generator().manual_seed(cfg.seed + offset)
+    relations = cfg.relations()
     docs: list[str] = []
     while len(docs) < n_docs:
-        x, _ = copy_batch(gen, cfg, len(vocab))
-        docs.extend(" ".join(vocab[i] for i in row.tolist()) for row in x)
+        x, _ = training_batch(gen, cfg, vocab, relations)
+        docs.extend(" ".join(vocab[i] for i in row.tolist()[0 if bos else 1:]) for row in x)
     return docs[:n_docs]
 
 
@@ -256,11 +313,13 @@ def write_zoo(zoo: TrainedZoo, out_dir: str | Path) -> Path:
             files, lfs = _weights_files(model, with_safetensors=i % 2 == 1)
             refs = [revision(step)] + (["main"] if step == max(zoo.states) else [])
             commits[step] = hub.write_snapshot(tmp / "hub", cfg.model_id, refs, {**files, **tok_files}, lfs)
-        with open(tmp / "text.jsonl", "w") as f:
-            for doc in held_out_text(cfg, zoo.vocab, cfg.text_docs):
-                f.write(json.dumps({"text": doc}) + "\n")
+        _write_jsonl(tmp / "text.jsonl", held_out_text(cfg, zoo.vocab, cfg.text_docs))
+        if cfg.planted:
+            planted.write_map(cfg.relations(), tmp / "planted.json")
+            _write_jsonl(tmp / "relations.jsonl",
+                         held_out_text(cfg, zoo.vocab, cfg.text_docs, offset=20_000, bos=False))
         tables.write_rows(zoo.curve, TRAINING_SCHEMA, tmp / "training.parquet")
-        manifest = {"model_id": cfg.model_id, "config": asdict(cfg), "tokens_per_step": cfg.tokens_per_step,
+        manifest = {"model_id": cfg.model_id, "kind": cfg.kind, "config": asdict(cfg), "tokens_per_step": cfg.tokens_per_step,
                     "vocab_size": len(zoo.vocab), "train_seconds": round(zoo.seconds, 1),
                     "commits": {str(k): v for k, v in commits.items()}}
         (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2))
@@ -273,6 +332,12 @@ def write_zoo(zoo: TrainedZoo, out_dir: str | Path) -> Path:
     return out_dir
 
 
+def _write_jsonl(path: Path, texts: Sequence[str]) -> None:
+    with open(path, "w") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}) + "\n")
+
+
 def read_manifest(zoo_dir: str | Path) -> dict:
     """The zoo's ``zoo.json``, with a clear error when the zoo was never built."""
     path = Path(zoo_dir) / "zoo.json"
@@ -280,3 +345,13 @@ def read_manifest(zoo_dir: str | Path) -> dict:
         raise FileNotFoundError(f"no toy zoo at {zoo_dir}; build it with `icl-dynamics toy-zoo --out {zoo_dir}`")
     return json.loads(path.read_text())
 
+
+
+# The zoos as shipped. In the relations zoo (seed 1) the loss on the planted tails falls most steeply
+# between steps 1,050 and 1,100, and the lookup heads form there.
+ZOOS = {
+    TOY: ToyConfig(),
+    TOY_RELATIONS: ToyConfig(
+        planted=True, model_id=RELATIONS_MODEL_ID, log_every=10,
+        steps=(0, 100, 200, 400, 600, 800, 900, 950, 1000, 1050, 1100, 1150, 1200, 1300, 1400, 1600)),
+}

@@ -5,6 +5,8 @@ ANALYSIS = config["analysis"]
 ANALYSIS_DIR = f"{RESULTS}/analysis"
 ANALYSIS_TABLES = ["emergence", "formation", "relation", "summary"]
 CATEGORY = "Emergence and formation"
+# relation families of the relation index: AGENDA's, or the relations toy zoo's planted map
+RI_FAMILIES = ["planted", "decoy"] if config["relations"]["planted_map"] else ["kg", "syntax"]
 
 
 rule analyze:
@@ -23,7 +25,7 @@ rule analyze:
         correlation=report(f"{ANALYSIS_DIR}/figures/correlation_map.png", caption="../report/correlation_map.rst",
                            category=CATEGORY),
         heatmaps=report(
-            expand(f"{ANALYSIS_DIR}/figures/ri_heatmaps-{{model}}-{{family}}.png", model=MODELS, family=["kg", "syntax"]),
+            expand(f"{ANALYSIS_DIR}/figures/ri_heatmaps-{{model}}-{{family}}.png", model=MODELS, family=RI_FAMILIES),
             caption="../report/ri_heatmaps.rst",
             category="Relation index",
         ),
@@ -40,7 +42,7 @@ rule analyze:
                 f"--ri-direction {ANALYSIS['ri_direction']} --ri-gate {ANALYSIS['ri_gate']}",
                 f"--ri-variant {ANALYSIS['ri_variant']} --ri-tau {config['relation_index']['tau']}",
                 f"--k {ANALYSIS['k']} --n-boot {ANALYSIS['n_boot']} --n-perm {ANALYSIS['n_perm']}",
-                f"--top-k {ANALYSIS['top_k']} --seed {ANALYSIS['seed']}",
+                f"--top-k {ANALYSIS['top_k']} --seed {ANALYSIS['seed']} --ri-families {' '.join(RI_FAMILIES)}",
                 "--include-suspect" if ANALYSIS["include_suspect"] else "",
             ]
         ),

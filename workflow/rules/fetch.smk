@@ -1,12 +1,15 @@
 # Stage 1: one job per (model, step) puts the checkpoint into the HF cache and verifies it.
-# With schedule "toy" the toy zoo is trained first and serves as the (offline) hub cache.
+# With schedule "toy" or "toy-relations" that toy zoo is trained first and serves as the (offline) hub cache.
 
 TOY_ZOO = f"{config['toy_zoo']['dir']}/zoo.json"
+# the relations zoo also writes its planted map and the texts the relations stage reads
+TOY_ZOO_PLANTED = [f"{config['toy_zoo']['dir']}/{name}" for name in ("planted.json", "relations.jsonl")]
 
 
 rule toy_zoo:
     output:
         TOY_ZOO,
+        TOY_ZOO_PLANTED if config["schedule"] == "toy-relations" else [],
     conda:
         "../envs/icl-dynamics.yaml"
     log:
@@ -14,13 +17,14 @@ rule toy_zoo:
     params:
         out=lambda wildcards, output: os.path.dirname(output[0]),
         seed=config["toy_zoo"]["seed"],
+        kind=config["schedule"],
     shell:
-        "icl-dynamics toy-zoo --out {params.out} --seed {params.seed} 2> {log}"
+        "icl-dynamics toy-zoo --kind {params.kind} --out {params.out} --seed {params.seed} 2> {log}"
 
 
 rule fetch:
     input:
-        TOY_ZOO if config["schedule"] == "toy" else [],
+        TOY_ZOO if config["schedule"] != "pythia" else [],
     output:
         f"{RESULTS}/{{model}}/step{{step}}/provenance.parquet",
     conda:

@@ -8,6 +8,10 @@ rule figures:
         loss_curve=f"{RESULTS}/{{model}}/loss_curve.parquet",
         relation_index=f"{RESULTS}/{{model}}/relation_index.parquet",
         provenance=f"{RESULTS}/{{model}}/provenance.parquet",
+        # the relations toy zoo's training curve: its planted-relation control figure
+        training=(
+            f"{config['toy_zoo']['dir']}/training.parquet" if config["schedule"] == "toy-relations" else []
+        ),
     output:
         report(
             directory(f"{RESULTS}/{{model}}/figures"),
@@ -27,7 +31,8 @@ rule figures:
             else ""
         ),
         top_k=config["figures"]["top_k"],
+        training=lambda wildcards, input: f"--training-curve {input.training}" if input.training else "",
     shell:
         "icl-dynamics figures --heads {input.heads} --icl {input.icl} --loss-curve {input.loss_curve} "
         "--relation-index {input.relation_index} --provenance {input.provenance} "
-        "{params.steps} --top-k {params.top_k} --out-dir {output} 2> {log}"
+        "{params.steps} --top-k {params.top_k} {params.training} --out-dir {output} 2> {log}"

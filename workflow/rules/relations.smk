@@ -1,11 +1,13 @@
-# Relation triplets (KG from AGENDA, syntax from spaCy), once per model's tokenizer; they do not
-# depend on the checkpoint, so every relation-index job of the model reuses them.
+# Relation triplets (KG from AGENDA, syntax from spaCy; or the relations toy zoo's planted map),
+# once per model's tokenizer; they do not depend on the checkpoint, so every relation-index job of
+# the model reuses them.
 
 RELATIONS = config["relations"]
 AGENDA_DIR = RELATIONS["agenda_dir"] or "resources/agenda"
+PLANTED = RELATIONS["planted_map"]
 
 
-if not RELATIONS["agenda_dir"]:
+if not RELATIONS["agenda_dir"] and not PLANTED:
 
     rule fetch_agenda:
         output:
@@ -24,8 +26,11 @@ if not RELATIONS["agenda_dir"]:
 rule relations:
     input:
         provenance_of(STEPS[0]),
-        f"{AGENDA_DIR}/preprocessed.test.tsv",
-        f"{AGENDA_DIR}/relations.vocab",
+        (
+            [PLANTED, RELATIONS["planted_texts"]]
+            if PLANTED
+            else [f"{AGENDA_DIR}/preprocessed.test.tsv", f"{AGENDA_DIR}/relations.vocab"]
+        ),
     output:
         multiext(f"{RESULTS}/{{model}}/relations/", "sequences.parquet", "triplets.parquet", "summary.parquet"),
     conda:
@@ -35,14 +40,22 @@ rule relations:
     params:
         flags=lambda wc: checkpoint_flags(wc.model, STEPS[0], device=False),
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
-        options=" ".join(
-            [
-                f"--agenda-dir {shlex.quote(AGENDA_DIR)} --unit {RELATIONS['unit']}",
-                f"--anchor {RELATIONS['anchor']} --spacy-model {shlex.quote(RELATIONS['spacy_model'])}",
-                f"--syntax-column {shlex.quote(RELATIONS['syntax_column'])}",
-                f"--syntax-split {shlex.quote(RELATIONS['syntax_split'])}",
-                f"--syntax-texts {shlex.quote(RELATIONS['syntax_texts'])}" if RELATIONS["syntax_texts"] else "",
-            ]
+        options=(
+            f"--planted-map {shlex.quote(PLANTED)} --planted-texts {shlex.quote(RELATIONS['planted_texts'])}"
+            if PLANTED
+            else " ".join(
+                [
+                    f"--agenda-dir {shlex.quote(AGENDA_DIR)} --unit {RELATIONS['unit']}",
+                    f"--anchor {RELATIONS['anchor']} --spacy-model {shlex.quote(RELATIONS['spacy_model'])}",
+                    f"--syntax-column {shlex.quote(RELATIONS['syntax_column'])}",
+                    f"--syntax-split {shlex.quote(RELATIONS['syntax_split'])}",
+                    (
+                        f"--syntax-texts {shlex.quote(RELATIONS['syntax_texts'])}"
+                        if RELATIONS["syntax_texts"]
+                        else ""
+                    ),
+                ]
+            )
         ),
     shell:
         cli("relations {params.flags} {params.options} --out-dir {params.out_dir}") + " 2> {log}"

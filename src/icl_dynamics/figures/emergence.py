@@ -228,6 +228,11 @@ def _log_spaced(steps: np.ndarray, n: int) -> list[int]:
     return sorted({int(steps[np.argmin(np.abs(np.log1p(steps) - np.log1p(t)))]) for t in targets})
 
 
+def _whiskers(value: np.ndarray, low, high) -> np.ndarray:
+    """Error-bar lengths below and above ``value`` for the interval [low, high], never negative."""
+    return np.clip(np.stack([value - np.asarray(low, float), np.asarray(high, float) - value]), 0, None)
+
+
 def formation_emergence_scatter(formation: pd.DataFrame, emergence: pd.DataFrame, path: str | os.PathLike[str], *,
                                 scores: Sequence[str] | None = None, top_k: int = 3) -> list[Path]:
     """Formation transition of the top-k heads per score (y) against each ICL series' emergence
@@ -251,11 +256,12 @@ def formation_emergence_scatter(formation: pd.DataFrame, emergence: pd.DataFrame
                 if heads.empty:
                     continue
                 x = np.full(len(heads), m.transition_tokens)
+                y = heads["transition_tokens"].to_numpy(float)
+                # a bootstrap interval need not hold the fit's own midpoint (a head that rises and falls
+                # again): the bar then ends at the estimate on that side
                 handle = ax.errorbar(
-                    x, heads["transition_tokens"],
-                    xerr=[x - m.transition_tokens_low, m.transition_tokens_high - x],
-                    yerr=[heads["transition_tokens"] - heads["transition_tokens_low"],
-                          heads["transition_tokens_high"] - heads["transition_tokens"]],
+                    x, y, xerr=_whiskers(x, m.transition_tokens_low, m.transition_tokens_high),
+                    yerr=_whiskers(y, heads["transition_tokens_low"], heads["transition_tokens_high"]),
                     ls="none", marker=LEVEL_MARKERS.get(m.level, "o"), color=f"C{i % 10}", ms=3.5, elinewidth=0.5,
                     alpha=0.8)
                 handles.setdefault(score, handle)

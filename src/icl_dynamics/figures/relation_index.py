@@ -16,7 +16,7 @@ from matplotlib.image import AxesImage
 from matplotlib.ticker import MaxNLocator
 
 from icl_dynamics.checkpoints import model_slug
-from icl_dynamics.figures import PAGE_WIDTH_IN, grid, new_figure, save_figure, step_axis
+from icl_dynamics.figures import COLUMN_WIDTH_IN, PAGE_WIDTH_IN, grid, new_figure, save_figure, step_axis
 
 NEVER_QUALIFIED = "0.85"  # colour of heads whose RI is undefined (no qualifying event)
 
@@ -137,3 +137,44 @@ def write_relation_index_figures(ri: pd.DataFrame, out_dir: str | os.PathLike[st
         written += save_figure(final_heatmaps(rows, family), f"{base}_ri_{tag.format('final')}.png")
         written += save_figure(top_heads_over_training(rows, family, k=k), f"{base}_ri_{tag.format('top')}.png")
     return written
+
+
+def planted_control(rows: pd.DataFrame, training: pd.DataFrame, phase_step: float) -> Figure:
+    """The positive control of the relations toy zoo: top, the training loss on the planted tails
+    with the phase change; bottom, per planted and decoy relation, the effect (RI over the matched
+    control, +- 2 SE) of the head with the largest final effect, filled where it is flagged as an SIH."""
+    fig, axes = new_figure(nrows=2, width=COLUMN_WIDTH_IN, height=4.2, sharex=True)
+    top, bottom = axes[0][0], axes[1][0]
+    curve = training.dropna(subset=["relation_loss"]).sort_values("step")
+    top.plot(curve["step"], curve["relation_loss"], color="0.3", linewidth=0.8, label="planted tails")
+    if "decoy_loss" in curve:
+        top.plot(curve["step"], curve["decoy_loss"], color="0.7", linewidth=0.8, label="after a decoy marker")
+    top.set_yscale("log")
+    top.set_ylabel("training loss")
+    top.legend(loc="lower left", frameon=False)
+    steps = sorted(int(s) for s in rows["step"].unique())
+    styles = {"planted": "-", "decoy": ":"}
+    for i, ((family, relation), rel) in enumerate(rows.groupby(["family", "relation"], sort=True)):
+        last = rel[rel["step"] == rel["step"].max()]
+        best = last.loc[last["effect"].idxmax()] if last["effect"].notna().any() else last.iloc[0]
+        line = rel[(rel["layer"] == best["layer"]) & (rel["head"] == best["head"])].sort_values("step")
+        colour = f"C{i}"
+        bottom.fill_between(line["step"], line["effect"] - 2 * line["effect_se"], line["effect"] + 2 * line["effect_se"],
+                            color=colour, alpha=0.15, linewidth=0)
+        bottom.plot(line["step"], line["effect"], linestyle=styles.get(family, "--"), color=colour,
+                    label=f"{relation} (L{int(best['layer'])}H{int(best['head'])})")
+        flagged = line[line["sih"].astype(bool)]
+        bottom.scatter(flagged["step"], flagged["effect"], color=colour, s=9, zorder=3)
+        bottom.scatter(line["step"], line["effect"], facecolors="none", edgecolors=colour, s=9, linewidths=0.6)
+    bottom.axhline(0, color="0.5", linewidth=0.6)
+    for ax in (top, bottom):
+        ax.axvline(phase_step, color="firebrick", linewidth=0.8, linestyle="--")
+    top.text(phase_step, top.get_ylim()[1], " phase change", color="firebrick", va="top", fontsize=6)
+    bottom.set_xlabel("training step")
+    bottom.set_xlim(min(steps), max(steps))
+    bottom.set_ylabel("effect (RI - matched control)")
+    bottom.legend(loc="upper left", frameon=False, fontsize=5)
+    first = rows.iloc[0]
+    fig.suptitle(f"{first['model']}: planted relations\n({first['direction']}, {first['gate']} gate, "
+                 f"{first['variant']}; filled = SIH)")
+    return fig
