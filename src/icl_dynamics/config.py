@@ -16,7 +16,7 @@ import jsonschema
 import yaml
 from jsonschema import Draft202012Validator, validators
 
-from icl_dynamics.checkpoints import PYTHIA, Schedule, StepError, select_steps
+from icl_dynamics.checkpoints import PYTHIA, Schedule, StepError, model_slug, select_steps
 
 
 class ConfigError(ValueError):
@@ -68,6 +68,48 @@ def schedule_for(config: Mapping[str, Any]) -> Schedule:
     return schedule_named(config["schedule"], config["toy_zoo"]["seed"])
 
 
+def _check_models(models: list[str]) -> None:
+    """Hub ids are case-insensitive and each model needs its own results folder."""
+    seen: dict[str, str] = {}
+    slugs: dict[str, str] = {}
+    for model in models:
+        if model.lower() in seen:
+            first = seen[model.lower()]
+            twice = "is listed twice" if first == model else f"and {first!r} name one hub repository (ids ignore case)"
+            raise ConfigError(f"config key 'models': {model!r} {twice}")
+        slug = model_slug(model)
+        if slug in slugs:
+            raise ConfigError(f"config key 'models': {slugs[slug]!r} and {model!r} would share the results folder {slug!r}")
+        seen[model.lower()], slugs[slug] = model, model
+
+
+def _check_results(results: str) -> None:
+    """``results`` names a directory (relative to the working directory), not nothing or a file."""
+    if not results.strip():
+        raise ConfigError("config key 'results': empty; name the output directory (default: results)")
+    if Path(results).exists() and not Path(results).is_dir():
+        raise ConfigError(f"config key 'results': {results!r} is a file, not a directory")
+
+
+def _check_toy_zoo(toy_zoo: Mapping[str, Any], schedule: str) -> None:
+    """A toy zoo already on disk must be the one the configuration names (kind and seed)."""
+    manifest_path = Path(toy_zoo["dir"]) / "zoo.json"
+    if not manifest_path.is_file():
+        return  # built by the workflow's first job, with this configuration's kind and seed
+    try:
+        manifest = yaml.safe_load(manifest_path.read_text())  # JSON is YAML
+        kind, seed = manifest.get("kind", "toy"), manifest["config"]["seed"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"config key 'toy_zoo.dir': {manifest_path} is not a toy zoo manifest ({exc}); "
+                          "delete the directory to rebuild it") from exc
+    if kind != schedule:
+        raise ConfigError(f"config key 'toy_zoo.dir': {toy_zoo['dir']} holds the {kind!r} zoo, but schedule is "
+                          f"{schedule!r}; point toy_zoo.dir at another directory")
+    if seed != toy_zoo["seed"]:
+        raise ConfigError(f"config key 'toy_zoo.seed': {toy_zoo['dir']} was trained with seed {seed}, not "
+                          f"{toy_zoo['seed']}; use seed {seed} or delete the directory to retrain")
+
+
 def validate_config(config: Mapping[str, Any], schema: Mapping[str, Any] | str | os.PathLike[str]) -> dict:
     """Return a validated copy of ``config`` with defaults filled and ``steps`` resolved.
 
@@ -94,8 +136,10 @@ def validate_config(config: Mapping[str, Any], schema: Mapping[str, Any] | str |
     if bool(relations["planted_map"]) != bool(relations["planted_texts"]):
         raise ConfigError("config key 'relations.planted_texts': planted_map and planted_texts go together "
                           "(the relations toy zoo's planted.json and relations.jsonl)")
-    if len(set(config["models"])) != len(config["models"]):
-        raise ConfigError("config key 'models': a model is listed twice")
+    _check_models(config["models"])
+    _check_results(config["results"])
+    if config["schedule"] != "pythia":
+        _check_toy_zoo(config["toy_zoo"], config["schedule"])
     try:
         config["steps"] = select_steps(config["checkpoints"], schedule_for(config))
     except StepError as exc:
