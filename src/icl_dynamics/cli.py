@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pickle
 import sys
 import time
 from collections.abc import Sequence
@@ -483,8 +484,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
-        log.error("%s", exc)
+    except Exception as exc:  # every failure ends in one line; the traceback only with -v
+        expected = isinstance(exc, (ValueError, KeyError, RuntimeError, OSError, pickle.UnpicklingError))
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if len(message) > 600:
+            message = message[:600] + " ..."
+        if not expected:
+            message = f"unexpected {type(exc).__name__}: {message} (rerun with -v for the traceback and report it)"
+        log.error("%s", message, exc_info=args.verbose)
         return 1
     return 0
 

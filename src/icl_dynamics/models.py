@@ -7,17 +7,19 @@ Pythia checkpoint takes (``from_pretrained(repo_id, revision="step<N>")``).
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from icl_dynamics.checkpoints import revision
-from icl_dynamics.hub import IntegrityError, verify_fetched
+from icl_dynamics.hub import IntegrityError, cached_commit, repo_cache_dir, verify_fetched
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -145,6 +147,8 @@ def load_checkpoint(
         )
     except OSError as exc:
         raise _not_cached(model_id, step, cache_dir, exc) from exc
+    except (pickle.UnpicklingError, SafetensorError, RuntimeError, ValueError) as exc:  # a corrupt or refused file
+        raise _unreadable(model_id, step, cache_dir, exc) from exc
     problems = {kind: sorted(info.get(key) or []) for kind, key in (
         ("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("misshapen", "mismatched_keys"))}
     if any(problems.values()):
@@ -163,6 +167,18 @@ def load_tokenizer(model_id: str, step: int, *, cache_dir: str | Path | None = N
                                              local_files_only=True)
     except OSError as exc:
         raise _not_cached(model_id, step, cache_dir, exc) from exc
+
+
+def _unreadable(model_id: str, step: int, cache_dir: str | Path | None, exc: Exception) -> IntegrityError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    try:
+        where = repo_cache_dir(model_id, cache_dir) / "snapshots" / cached_commit(model_id, revision(step), cache_dir)
+    except (OSError, ValueError):
+        where = repo_cache_dir(model_id, cache_dir)
+    return IntegrityError(
+        f"{model_id}@{revision(step)}: the cached weights in {where} cannot be read ({type(exc).__name__}: {first}); "
+        f"delete that snapshot's weight blobs and run `icl-dynamics fetch --model {model_id} --step {step}` again"
+    )
 
 
 def _not_cached(model_id: str, step: int, cache_dir: str | Path | None, exc: Exception) -> FileNotFoundError:
