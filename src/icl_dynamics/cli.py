@@ -159,7 +159,7 @@ def cmd_relations(args: argparse.Namespace) -> None:
         if not args.planted_texts:
             raise ValueError("relations: --planted-map needs --planted-texts (the zoo's relations.jsonl)")
         tables = build_planted_relations(args.planted_map, read_texts(args.planted_texts), tokenizer,
-                                         source=str(args.planted_texts))
+                                         source=Path(args.planted_texts).name)
     else:
         texts = read_texts(args.syntax_texts, column=args.syntax_column, split=args.syntax_split) if args.syntax_texts else None
         tables = build_relations(verify_agenda(args.agenda_dir), tokenizer, unit=args.unit, anchor=args.anchor,

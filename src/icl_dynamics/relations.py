@@ -23,6 +23,7 @@ relations whose head or tail owes its space to this (``recovered``).
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
 import re
@@ -612,7 +613,8 @@ def build_planted_relations(map_path: str | os.PathLike[str], texts: Sequence[st
         "spacy": spacy.__version__,
         "tokenizer": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
         "source": source,
-        "planted_map": str(map_path),
+        "planted_map": Path(map_path).name,
+        "planted_map_sha256": hashlib.sha256(Path(map_path).read_bytes()).hexdigest(),
         "planted_relations": {r.name: {"family": r.family, "shape": r.shape, "pairs": len(r.heads)} for r in relations},
         "spacing": "leading space per sequence",
     }
