@@ -18,8 +18,8 @@ for the decoy is a false positive. (Mentioning only the decoy heads' own tails, 
 relations, would make a tail predict its head later on: a real, learnable association.) Planted
 relations form the relation family ``planted``, decoys the family ``decoy``.
 
-Planted relations are rewarded in both directions: the mapped tail predicts the head that follows
-as much as the head predicts the tail after the marker, so reverse-direction SIHs are expected.
+Planted relations are also learnable backwards: a mentioned tail makes its heads likelier later in
+the sequence, so reverse-direction SIHs are expected for them.
 """
 
 from __future__ import annotations
