@@ -73,30 +73,47 @@ def tiny_neox(vocab_size: int = 64, hidden: int = 32, layers: int = 2, heads: in
 
 
 @pytest.fixture(scope="session")
-def toy_zoo(tmp_path_factory) -> Path:
-    """The shipped toy zoo, trained once per test session (about a minute on 2 cores).
+def _zoo_builds(tmp_path_factory):
+    """Both toy zoos, trained at once in two background processes (one thread each, so both fit
+    the 2-core machines side by side) the first time a test needs either; a zoo named by
+    ICL_TOY_ZOO / ICL_TOY_ZOO_RELATIONS is reused instead of trained."""
+    import subprocess
+    import sys
 
-    Set ICL_TOY_ZOO to an existing zoo directory to reuse one between local runs.
-    """
-    from icl_dynamics.toyzoo import ToyConfig, read_manifest, train, write_zoo
+    root = tmp_path_factory.mktemp("toy")
+    builds: dict[str, tuple] = {}
+    for kind, variable in (("toy", "ICL_TOY_ZOO"), ("toy-relations", "ICL_TOY_ZOO_RELATIONS")):
+        if os.environ.get(variable):
+            builds[kind] = (None, Path(os.environ[variable]).resolve(), None)
+            continue
+        out, log = root / kind, root / f"{kind}.log"
+        with open(log, "w") as stream:
+            proc = subprocess.Popen([sys.executable, "-m", "icl_dynamics.cli", "toy-zoo", "--kind", kind,
+                                     "--out", str(out)], stdout=stream, stderr=subprocess.STDOUT)
+        builds[kind] = (proc, out, log)
+    yield builds
+    for proc, _, _ in builds.values():
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
-    reuse = os.environ.get("ICL_TOY_ZOO")
-    if reuse:
-        read_manifest(reuse)
-        return Path(reuse).resolve()
-    return write_zoo(train(ToyConfig(), progress=False), tmp_path_factory.mktemp("toy") / "zoo")
+
+def _built(builds: dict, kind: str) -> Path:
+    from icl_dynamics.toyzoo import read_manifest
+
+    proc, out, log = builds[kind]
+    if proc is not None and proc.wait() != 0:
+        pytest.fail(f"training the {kind} zoo failed:\n{log.read_text()[-3000:]}")
+    read_manifest(out)
+    return out
 
 
 @pytest.fixture(scope="session")
-def toy_zoo_relations(tmp_path_factory) -> Path:
-    """The relations toy zoo (planted relations), trained once per test session (a few minutes on 2 cores).
+def toy_zoo(_zoo_builds) -> Path:
+    """The shipped toy zoo (copies; induction heads form), trained once per test session."""
+    return _built(_zoo_builds, "toy")
 
-    Set ICL_TOY_ZOO_RELATIONS to an existing zoo directory to reuse one between local runs.
-    """
-    from icl_dynamics.toyzoo import TOY_RELATIONS, read_manifest, train, write_zoo, zoo_config
 
-    reuse = os.environ.get("ICL_TOY_ZOO_RELATIONS")
-    if reuse:
-        read_manifest(reuse)
-        return Path(reuse).resolve()
-    return write_zoo(train(zoo_config(TOY_RELATIONS), progress=False), tmp_path_factory.mktemp("toy") / "relations")
+@pytest.fixture(scope="session")
+def toy_zoo_relations(_zoo_builds) -> Path:
+    """The relations toy zoo (planted relations), trained once per test session."""
+    return _built(_zoo_builds, "toy-relations")
