@@ -117,3 +117,28 @@ def toy_zoo(_zoo_builds) -> Path:
 def toy_zoo_relations(_zoo_builds) -> Path:
     """The relations toy zoo (planted relations), trained once per test session."""
     return _built(_zoo_builds, "toy-relations")
+
+
+def run_toy_workflow(config_file: str, zoo: Path, steps: list[int], workdir: Path, relations: dict) -> list[str]:
+    """Run the offline Snakemake demo of ``config/<config_file>`` on ``zoo`` at ``steps`` in ``workdir``
+    (``relations`` overrides that section; the analysis is cut down to a few checkpoints), assert it
+    succeeded, and return the command so a test can rerun it (``--report``, ``-n``)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from icl_dynamics.toyzoo import read_manifest
+
+    config = yaml.safe_load((REPO / "config" / config_file).read_text())
+    config.update(checkpoints={"steps": steps}, hf_cache=str(zoo / "hub"), results="results",
+                  toy_zoo={"dir": str(zoo), "seed": read_manifest(zoo)["config"]["seed"]})
+    config["text"]["path"] = str(zoo / "text.jsonl")
+    config["relations"].update(relations)
+    config["analysis"] = {"k": 1, "n_boot": 50, "n_perm": 99}  # a few checkpoints only
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "snakemake", "--cores", "2", "-s", str(REPO / "Snakefile"),
+               "-d", str(workdir), "--configfile", str(workdir / "config.yaml")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return command

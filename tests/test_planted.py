@@ -162,24 +162,13 @@ def test_snakemake_demo_runs_on_the_relations_zoo(toy_zoo_relations, tmp_path):
     """config/toy-relations.yaml drives the whole workflow on this zoo (three checkpoints): planted
     triplets instead of AGENDA's, and the planted-relation figures in the report."""
     import subprocess
-    import sys
 
-    import yaml
-    from conftest import REPO
+    from conftest import run_toy_workflow
 
-    config = yaml.safe_load((REPO / "config" / "toy-relations.yaml").read_text())
     steps = [0, 1100, STEPS[-1]]
-    config.update(checkpoints={"steps": steps}, hf_cache=str(toy_zoo_relations / "hub"), results="results",
-                  toy_zoo={"dir": str(toy_zoo_relations), "seed": CFG.seed})
-    config["text"]["path"] = str(toy_zoo_relations / "text.jsonl")
-    config["relations"] = {"planted_map": str(toy_zoo_relations / "planted.json"),
-                           "planted_texts": str(toy_zoo_relations / "relations.jsonl")}
-    config["analysis"] = {"k": 1, "n_boot": 50, "n_perm": 99}  # three checkpoints only
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "snakemake", "--cores", "2", "-s", str(REPO / "Snakefile"),
-               "-d", str(tmp_path), "--configfile", str(tmp_path / "config.yaml")]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    command = run_toy_workflow("toy-relations.yaml", toy_zoo_relations, steps, tmp_path,
+                               {"planted_map": str(toy_zoo_relations / "planted.json"),
+                                "planted_texts": str(toy_zoo_relations / "relations.jsonl")})
 
     out = tmp_path / "results" / "icl-dynamics--toy-neox-relations"
     summary = pd.read_parquet(out / "relations" / "summary.parquet")

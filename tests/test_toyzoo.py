@@ -110,28 +110,13 @@ def test_checkpoint_runs_on_the_requested_device(toy_zoo, step):
 def test_snakemake_end_to_end_on_the_toy_zoo(toy_zoo, shared_dir, tmp_path):
     """The whole workflow offline on a few toy checkpoints: heads form while the ICL score falls."""
     import subprocess
-    import sys
 
     import pandas as pd
-    import yaml
-    from conftest import REPO
+    from conftest import run_toy_workflow
 
-    config = yaml.safe_load((REPO / "config" / "toy.yaml").read_text())
     steps = [0, 900, 1000, TOY_STEPS[-1]]
-    config.update(
-        checkpoints={"steps": steps},
-        hf_cache=str(toy_zoo / "hub"),
-        results="results",
-        toy_zoo={"dir": str(toy_zoo), "seed": ToyConfig().seed},
-    )
-    config["text"]["path"] = str(toy_zoo / "text.jsonl")
-    config["relations"]["agenda_dir"] = str(shared_dir / "data" / "agenda")
-    config["analysis"] = {"k": 1, "n_boot": 50, "n_perm": 99}  # four checkpoints only
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "snakemake", "--cores", "2", "-s", str(REPO / "Snakefile"),
-               "-d", str(tmp_path), "--configfile", str(tmp_path / "config.yaml")]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    command = run_toy_workflow("toy.yaml", toy_zoo, steps, tmp_path,
+                               {"agenda_dir": str(shared_dir / "data" / "agenda")})
 
     out = tmp_path / "results" / "icl-dynamics--toy-neox"
     heads = pd.read_parquet(out / "heads.parquet")
