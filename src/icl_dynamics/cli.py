@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import pickle
 import sys
 import time
 from collections.abc import Sequence
@@ -313,10 +312,10 @@ def _planted_figure(ri, training, out: Path) -> list[Path]:
     from icl_dynamics.checkpoints import model_slug
     from icl_dynamics.figures import save_figure
     from icl_dynamics.figures.relation_index import planted_control, select_rows
-    from icl_dynamics.planted import phase_change_step
+    from icl_dynamics.planted import DECOY, PLANTED, phase_change_step
 
     rows = select_rows(ri, model=None, gate="argmax", variant="source", direction="forward")
-    rows = rows[rows["family"].isin(["planted", "decoy"])]
+    rows = rows[rows["family"].isin([PLANTED, DECOY])]
     if rows.empty or "relation_loss" not in training or training["relation_loss"].isna().all():
         raise ValueError("--training-curve: needs the relations toy zoo's training.parquet and planted relation rows")
     curve = training.dropna(subset=["relation_loss"])
@@ -485,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except Exception as exc:  # every failure ends in one line; the traceback only with -v
-        expected = isinstance(exc, (ValueError, KeyError, RuntimeError, OSError, pickle.UnpicklingError))
+        expected = isinstance(exc, (ValueError, KeyError, RuntimeError, OSError))
         message = " ".join(str(exc).split()) or type(exc).__name__
         if len(message) > 600:
             message = message[:600] + " ..."

@@ -93,14 +93,15 @@ def _check_results(results: str) -> None:
 
 def _check_toy_zoo(toy_zoo: Mapping[str, Any], schedule: str) -> None:
     """A toy zoo already on disk must be the one the configuration names (kind and seed)."""
-    manifest_path = Path(toy_zoo["dir"]) / "zoo.json"
-    if not manifest_path.is_file():
+    from icl_dynamics.toyzoo import read_manifest
+
+    if not (Path(toy_zoo["dir"]) / "zoo.json").is_file():
         return  # built by the workflow's first job, with this configuration's kind and seed
     try:
-        manifest = yaml.safe_load(manifest_path.read_text())  # JSON is YAML
+        manifest = read_manifest(toy_zoo["dir"])
         kind, seed = manifest.get("kind", "toy"), manifest["config"]["seed"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
-        raise ConfigError(f"config key 'toy_zoo.dir': {manifest_path} is not a toy zoo manifest ({exc}); "
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"config key 'toy_zoo.dir': {toy_zoo['dir']}/zoo.json is not a toy zoo manifest ({exc}); "
                           "delete the directory to rebuild it") from exc
     if kind != schedule:
         raise ConfigError(f"config key 'toy_zoo.dir': {toy_zoo['dir']} holds the {kind!r} zoo, but schedule is "

@@ -51,10 +51,10 @@ Decisions the paper leaves open, fixed here (and recorded as columns of every ro
   the largest of the three. The two cluster dimensions are the source document (``document_id``:
   events of one abstract are not independent draws) and the token pair (t_s, t_o) (a relation whose
   pairs recur, like a fixed map from countries to capitals, gives every event of a pair the same
-  random-init OV preference: clustering by document alone called that a relation at step 0). Holm's method controls the family-wise error over every tested cell of the checkpoint
-  for each (gate, variant), at ``alpha``. A cell with fewer than ``min_clusters`` documents behind
-  any comparison (documents or token pairs, whichever are fewer) is ``insufficient``, not "not
-  significant". See :func:`clustered_test`.
+  random-init OV preference: clustering by document alone called that a relation at step 0).
+  Holm's method controls the family-wise error over every tested cell of the checkpoint for each
+  (gate, variant), at ``alpha``. A cell with fewer than ``min_clusters`` documents or token pairs
+  behind any comparison is ``insufficient``, not "not significant". See :func:`clustered_test`.
 * ``ri_se`` is RI's two-way cluster-robust standard error (documents and token pairs).
 * Sequences longer than ``max_len`` (default: the model's context) are cut there; triplets with
   max(s, o) beyond the cut are dropped with a warning.
@@ -122,7 +122,7 @@ RELATION_INDEX_SCHEMA = pa.schema(
         pa.field("control_tenth_events", pa.int64(), nullable=False),
         pa.field("control_random", pa.float64()),
         pa.field("control_random_events", pa.int64(), nullable=False),
-        # the SIH test: RI against each control, paired per event, clustered by document
+        # the SIH test: RI against each control, paired per event, clustered by document and token pair
         pa.field("effect", pa.float64()),  # primary effect: mean of (a - matched control) over its events
         pa.field("effect_se", pa.float64()),  # its cluster-robust standard error
         # clusters behind the test: the fewer of documents and token pairs, the fewest over the controls
@@ -362,9 +362,8 @@ def matched_controls(tokens: np.ndarray, rows: pd.DataFrame, s: np.ndarray, o: n
 
     Same kind: for the knowledge graph, any entity letter of the sequence (a head or tail of one of
     its KG triplets); for every other family (syntax, planted), a tail of the same relation (dependency
-    label) and direction. Excluded: the
-    triplet's own head and tail tokens and every token a triplet of the sequence links to the head
-    token. It must be a candidate visible from the first opportunity on (first candidate position
+    label) and direction. Excluded: the triplet's own head and tail tokens and every token a triplet
+    of the sequence links to the head token. It must be a candidate visible from the first opportunity on (first candidate position
     <= max(s, o)). Drawn uniformly, in order of first appearance, with
     ``numpy.random.default_rng([seed, sequence_id, 1])``, one draw per triplet in table order.
     """
