@@ -22,11 +22,9 @@ STEPS = config["steps"]
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/fetch.smk"
-include: "workflow/rules/heads.smk"
-include: "workflow/rules/loss.smk"
-include: "workflow/rules/icl_tasks.smk"
+include: "workflow/rules/text.smk"
 include: "workflow/rules/relations.smk"
-include: "workflow/rules/relation_index.smk"
+include: "workflow/rules/score.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/analysis.smk"

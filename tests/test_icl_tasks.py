@@ -11,7 +11,6 @@ import pytest
 import torch
 from conftest import tiny_neox
 
-from icl_dynamics.icl import ICL_SCHEMA
 from icl_dynamics.icl_tasks import (
     BASELINES,
     SHOTS,
@@ -27,6 +26,7 @@ from icl_dynamics.icl_tasks import (
     wilson_interval,
 )
 from icl_dynamics.io import to_table
+from icl_dynamics.schemas import ICL_SCHEMA
 
 LINE = re.compile(r"^ (\S+), (\S+): (\d)$")
 QUERY = re.compile(r"^ (\S+), (\S+):$")

@@ -56,3 +56,21 @@ def test_written_files_get_the_permissions_of_the_users_umask(tmp_path, umask, m
     assert os.umask(old) == old  # the umask is left as it was
     for path in (table, ref, ref.parent.parent / "blobs" / hub.git_blob_sha1(b"{}")):
         assert stat.S_IMODE(path.stat().st_mode) == mode, path
+
+
+def test_write_tables_shows_all_or_none(tmp_path):
+    """One job's tables appear together: a failure while writing the second leaves neither (nor a temp file)."""
+    table = pa.table({"a": [1, 2]})
+
+    class FailsToWrite:  # a table whose write fails as a full disk would
+        schema = table.schema
+
+        def replace_schema_metadata(self, metadata):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        io.write_tables({tmp_path / "a.parquet": (table, None), tmp_path / "b.parquet": (FailsToWrite(), None)})
+    assert list(tmp_path.iterdir()) == []
+    written = io.write_tables({tmp_path / "a.parquet": (table, {"x": 1}), tmp_path / "b.parquet": (table, None)})
+    assert [p.name for p in written] == ["a.parquet", "b.parquet"]
+    assert io.read_table(written[0]).equals(table) and io.read_provenance(written[0])["x"] == 1

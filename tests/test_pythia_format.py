@@ -26,6 +26,7 @@ from conftest import PYTHIA_MODEL, PYTHIA_STEPS, REPO
 from icl_dynamics import agenda, hub, relations
 from icl_dynamics.cli import main
 from icl_dynamics.icl_tasks import BASELINES
+from icl_dynamics.io import read_provenance
 from icl_dynamics.models import load_checkpoint, load_tokenizer
 from icl_dynamics.pythia_format import write_pythia_cache
 
@@ -190,8 +191,10 @@ def test_snakemake_end_to_end_on_the_pythia_format_fixture(pythia_cache: Path, s
     assert ri["ri"].dropna().between(0, 1).all()
     analysis = tmp_path / "results" / "analysis"
     assert (analysis / "summary.parquet").exists() and (analysis / "figures" / "emergence_panel.png").exists()
-    log = (tmp_path / "logs" / out.name / "step1000" / "relation_index.log").read_text()
+    log = (tmp_path / "logs" / out.name / "step1000" / "score.log").read_text()
     assert "(torch.float32)" in log  # dtype auto
+    runtime = read_provenance(out / "step1000" / "relation_index.parquet")["runtime"]
+    assert runtime == {"device": "cpu", "dtype": "float32", "gpu": None, "cuda": None, "attn_implementation": "eager"}
 
 
 @pytest.fixture

@@ -147,7 +147,8 @@ def test_snakemake_end_to_end_on_the_toy_zoo(toy_zoo, shared_dir, tmp_path):
     for figure in ("prefix_matching_heatmap", "top_heads_vs_icl"):
         for ext in ("png", "pdf"):
             assert (out / "figures" / f"{figure}.{ext}").stat().st_size > 1000
-    assert (tmp_path / "logs" / "icl-dynamics--toy-neox" / "step1000" / "heads.log").exists()
+    log = (tmp_path / "logs" / "icl-dynamics--toy-neox" / "step1000" / "score.log").read_text()
+    assert log.count("loaded icl-dynamics/toy-neox@step1000") == 1 and "scored in" in log  # one load, every stage
     ri = pd.read_parquet(out / "relation_index.parquet")
     assert len(ri) == len(steps) * 8 * 7 * 2 * 2 * 3  # heads x KG relations x directions x gates x variants
     assert set(ri["family"]) == {"kg"}  # the toy tokenizer knows no AGENDA words, only the letter anchors

@@ -64,6 +64,42 @@ def _stamp(rows: list[dict], args: argparse.Namespace) -> list[dict]:
 # --- subcommands ---------------------------------------------------------------------------------
 
 
+def cmd_stage(args: argparse.Namespace) -> None:
+    """One stage of one checkpoint (``icl-dynamics heads ...``): its options are the parser's own."""
+    from icl_dynamics.stages import run_stages
+
+    stage = args.stage
+    seconds = run_stages([(stage, args)], lambda: _load(args), lambda rows: _stamp(rows, args),
+                         {name: getattr(args, _dest(flag)) for name, flag in stage.outputs.items()})
+    log.info("%s in %.1f s (load %.1f s)", stage.name, seconds[stage.name], seconds["load"])
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    """Every selected stage of one checkpoint on one model load, each table in ``--out-dir``."""
+    from icl_dynamics.stages import STAGES, run_stages
+
+    jobs = []
+    for name in args.stages:
+        stage = STAGES[name]
+        missing = [flag for flag in stage.inputs if getattr(args, _dest(flag)) is None]
+        if missing:
+            raise ValueError(f"score: stage {name} needs {' and '.join(missing)}")
+        prefix = _dest(f"--{name}-")
+        opts = {key.removeprefix(prefix): value for key, value in vars(args).items() if key.startswith(prefix)}
+        opts |= {_dest(flag): getattr(args, _dest(flag)) for flag in stage.inputs}
+        jobs.append((stage, argparse.Namespace(**opts)))
+    out = Path(args.out_dir)
+    paths = {table: out / f"{table}.parquet" for stage, _ in jobs for table in stage.outputs}
+    seconds = run_stages(jobs, lambda: _load(args), lambda rows: _stamp(rows, args), paths)
+    log.info("%s@step%d scored in %.1f s: %s", args.model, args.step, sum(seconds.values()),
+             ", ".join(f"{phase} {value:.1f} s" for phase, value in seconds.items()))
+
+
+def _dest(flag: str) -> str:
+    """argparse's attribute name for ``flag``."""
+    return flag.lstrip("-").replace("-", "_")
+
+
 def cmd_toy_zoo(args: argparse.Namespace) -> None:
     from icl_dynamics.toyzoo import train, write_zoo, zoo_config
 
@@ -85,24 +121,9 @@ def cmd_fetch(args: argparse.Namespace) -> None:
              sum(w.size for w in result.weights) / 1e6, result.seconds)
 
 
-def cmd_heads(args: argparse.Namespace) -> None:
-    from icl_dynamics import io
-    from icl_dynamics.induction import INDUCTION_SCHEMA, Probe, induction_rows
-
-    ckpt = _load(args)
-    probe = Probe(args.n_tokens, args.repeats, args.n_samples, args.exclude_frac, args.seed)
-    start = time.perf_counter()
-    with ckpt.guard("heads"):
-        rows = induction_rows(ckpt.model, ckpt.tokenizer, probe)
-    io.write_rows(_stamp(rows, args), INDUCTION_SCHEMA, args.out, meta={"probe": vars(probe)})
-    best = max(rows, key=lambda r: r["prefix_matching"])
-    log.info("induction scores in %.1f s; best prefix matching %.3f (layer %d head %d)",
-             time.perf_counter() - start, best["prefix_matching"], best["layer"], best["head"])
-
-
 def cmd_tokenize_text(args: argparse.Namespace) -> None:
-    from icl_dynamics import io
-    from icl_dynamics.icl import TEXT_TOKENS_SCHEMA, TextSource, iter_texts, select_documents
+    from icl_dynamics import io, schemas
+    from icl_dynamics.icl import TextSource, iter_texts, select_documents
     from icl_dynamics.models import load_tokenizer
 
     tokenizer = load_tokenizer(args.model, args.step, cache_dir=args.cache_dir)
@@ -110,34 +131,8 @@ def cmd_tokenize_text(args: argparse.Namespace) -> None:
     rows = select_documents(iter_texts(source), tokenizer, context=args.context, n_docs=args.n_docs, seed=args.seed)
     meta = {"source": vars(source), "context": args.context, "n_docs": args.n_docs, "seed": args.seed,
             "tokenizer_of": f"{args.model}@step{args.step}"}
-    io.write_rows(rows, TEXT_TOKENS_SCHEMA, args.out, meta=meta)
+    io.write_rows(rows, schemas.TEXT_TOKENS_SCHEMA, args.out, meta=meta)
     log.info("kept %d documents of %d tokens from %s", len(rows), args.context, source.label())
-
-
-def cmd_loss(args: argparse.Namespace) -> None:
-    import torch
-
-    from icl_dynamics import io
-    from icl_dynamics.icl import (
-        ICL_SCHEMA,
-        LOSS_CURVE_SCHEMA,
-        TEXT_TOKENS_SCHEMA,
-        TextSource,
-        loss_reduction,
-        per_token_losses,
-    )
-
-    table = io.read_table(args.text_tokens, TEXT_TOKENS_SCHEMA)
-    docs = torch.tensor(table.column("token_ids").to_pylist(), dtype=torch.long)
-    ckpt = _load(args)
-    with ckpt.guard("loss"):
-        losses = per_token_losses(ckpt.model, docs, batch_size=args.batch_size, progress=True)
-    curve, icl = loss_reduction(losses, early=args.early, late=args.late, n_boot=args.bootstrap, seed=args.seed)
-    icl["task"] = TextSource(**io.read_provenance(args.text_tokens)["source"]).label()
-    meta = {"early": args.early, "late": args.late, "bootstrap": args.bootstrap, "text_tokens": str(args.text_tokens)}
-    io.write_rows(_stamp([icl], args), ICL_SCHEMA, args.out, meta=meta)
-    io.write_rows(_stamp(curve, args), LOSS_CURVE_SCHEMA, args.out_curve, meta=meta)
-    log.info("ICL score %.3f [%.3f, %.3f] over %d documents", icl["value"], icl["ci_low"], icl["ci_high"], icl["n"])
 
 
 def cmd_fetch_agenda(args: argparse.Namespace) -> None:
@@ -169,47 +164,6 @@ def cmd_relations(args: argparse.Namespace) -> None:
     for family, counts in summary.groupby("family")[["kept", "dropped", "recovered"]].sum().iterrows():
         log.info("%s: %d relations kept (%d recovered by spacing normalisation), %d dropped", family,
                  counts["kept"], counts["recovered"], counts["dropped"])
-
-
-def cmd_icl_tasks(args: argparse.Namespace) -> None:
-    from icl_dynamics import io
-    from icl_dynamics.icl import ICL_SCHEMA
-    from icl_dynamics.icl_tasks import evaluate_tasks
-
-    ckpt = _load(args)
-    start = time.perf_counter()
-    with ckpt.guard("icl_tasks"):
-        rows = evaluate_tasks(ckpt.model, ckpt.tokenizer, shots=args.shots, n_prompts=args.n_prompts,
-                              seed=args.seed, batch_size=args.batch_size)
-    meta = {"n_prompts": args.n_prompts, "seed": args.seed, "shots": args.shots}
-    io.write_rows(_stamp(rows, args), ICL_SCHEMA, args.out, meta=meta)
-    log.info("%d ICL task rows in %.1f s", len(rows), time.perf_counter() - start)
-
-
-def cmd_relation_index(args: argparse.Namespace) -> None:
-    from icl_dynamics import io
-    from icl_dynamics.relation_index import RELATION_INDEX_SCHEMA, score_relation_index
-    from icl_dynamics.relations import SEQUENCES_SCHEMA, TRIPLETS_SCHEMA
-
-    relations = Path(args.relations_dir)
-    sequences = io.read_table(relations / "sequences.parquet", SEQUENCES_SCHEMA)
-    triplets = io.read_table(relations / "triplets.parquet", TRIPLETS_SCHEMA)
-    ckpt = _load(args)
-    start = time.perf_counter()
-    with ckpt.guard("relation_index"):
-        rows = score_relation_index(
-            ckpt.model, sequences, triplets, gates=args.gates, variants=args.variants, tau=args.tau,
-            exclude_function_words=not args.keep_function_words, control_position=args.control_position,
-            seed=args.seed, alpha=args.alpha, min_clusters=args.min_clusters, batch_size=args.batch_size,
-            bos=not args.no_bos,
-            max_len=args.max_len,
-        )
-    meta = {"relations_dir": str(relations), **{k: v for k, v in vars(args).items() if k != "func"}}
-    io.write_rows(_stamp(rows, args), RELATION_INDEX_SCHEMA, args.out, meta=meta)
-    sih = sum(r["sih"] for r in rows)
-    log.info("relation index: %d rows (%d flagged as semantic induction heads) in %.1f s; 95th percentile of "
-             "the attention dominance ratio over all heads: %.2f (tau = %.2f)", len(rows), sih,
-             time.perf_counter() - start, rows[0]["ratio_p95_model"] if rows else float("nan"), args.tau)
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
@@ -249,15 +203,15 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def _merge_schema(stage: str):
-    from icl_dynamics import hub, icl, induction
-    from icl_dynamics.relation_index import RELATION_INDEX_SCHEMA
+    from icl_dynamics import hub
+    from icl_dynamics import schemas as tables
 
     schemas = {
-        "relation_index": RELATION_INDEX_SCHEMA,
+        "relation_index": tables.RELATION_INDEX_SCHEMA,
         "provenance": hub.PROVENANCE_SCHEMA,
-        "heads": induction.INDUCTION_SCHEMA,
-        "icl": icl.ICL_SCHEMA,
-        "loss_curve": icl.LOSS_CURVE_SCHEMA,
+        "heads": tables.INDUCTION_SCHEMA,
+        "icl": tables.ICL_SCHEMA,
+        "loss_curve": tables.LOSS_CURVE_SCHEMA,
     }
     if stage not in schemas:
         raise SystemExit(f"unknown stage {stage!r}; choose one of {', '.join(sorted(schemas))}")
@@ -345,15 +299,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="provenance Parquet")
     p.set_defaults(func=cmd_fetch)
 
-    p = sub.add_parser("heads", help="prefix-matching, previous-token and copying scores of every head")
+    from icl_dynamics.stages import STAGES
+
+    for stage in STAGES.values():
+        p = sub.add_parser(stage.name, help=stage.help)
+        _checkpoint_args(p)
+        stage.options(lambda flag, _p=p, _stage=stage, **kw: _p.add_argument(
+            flag, **kw, **({"required": True} if flag in _stage.inputs else {})))
+        for name, flag in stage.outputs.items():
+            p.add_argument(flag, required=True, help=f"the {name} table (Parquet)")
+        p.set_defaults(func=cmd_stage, stage=stage)
+
+    p = sub.add_parser("score", help="every per-checkpoint stage on one model load (the workflow's GPU job)")
     _checkpoint_args(p)
-    p.add_argument("--n-tokens", type=int, default=25)
-    p.add_argument("--repeats", type=int, default=4)
-    p.add_argument("--n-samples", type=int, default=10)
-    p.add_argument("--exclude-frac", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_heads)
+    p.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES), help="stages to run (default: all)")
+    for stage in STAGES.values():
+        group = p.add_argument_group(f"{stage.name} options")
+
+        def add(flag: str, _stage=stage, _group=group, **kw) -> None:
+            if flag in _stage.inputs:  # input files keep their own name, required when the stage runs
+                _group.add_argument(flag, default=None, help=kw.get("help"))
+            else:
+                _group.add_argument(f"--{_stage.name}-{flag.lstrip('-')}", **kw)
+
+        stage.options(add)
+    p.add_argument("--out-dir", required=True,
+                   help="the checkpoint's folder: writes <table>.parquet for every table of the stages run")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("tokenize-text", help="select and tokenise the natural-text documents once per model")
     _checkpoint_args(p, device=False)
@@ -367,18 +339,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_tokenize_text)
-
-    p = sub.add_parser("loss", help="per-token loss curve and ICL score (loss reduction)")
-    _checkpoint_args(p)
-    p.add_argument("--text-tokens", required=True, help="output of tokenize-text")
-    p.add_argument("--early", type=int, default=50)
-    p.add_argument("--late", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--bootstrap", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="ICL-score rows (ICL table schema)")
-    p.add_argument("--out-curve", required=True, help="loss-curve table")
-    p.set_defaults(func=cmd_loss)
 
     p = sub.add_parser("fetch-agenda", help="download the AGENDA test split at its pinned commit and verify it")
     p.add_argument("--dest", required=True)
@@ -399,35 +359,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--syntax-split", default="train")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_relations)
-
-    p = sub.add_parser("icl-tasks", help="format compliance and pattern discovery on the four synthetic tasks")
-    _checkpoint_args(p)
-    p.add_argument("--shots", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5, 10, 20])
-    p.add_argument("--n-prompts", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_icl_tasks)
-
-    p = sub.add_parser("relation-index", help="the paper's relation index of every head (Ren et al. 2024)")
-    _checkpoint_args(p)
-    p.add_argument("--relations-dir", required=True, help="output of the relations stage")
-    p.add_argument("--gates", nargs="+", default=["argmax", "margin"], choices=("argmax", "margin"))
-    p.add_argument("--variants", nargs="+", default=["literal", "source", "contextual"],
-                   choices=("literal", "source", "contextual"))
-    p.add_argument("--tau", type=float, default=2.2, help="margin of the margin gate")
-    p.add_argument("--keep-function-words", action="store_true", help="keep stop words and punctuation in C_j")
-    p.add_argument("--control-position", type=int, default=10, help="position of the fixed-token control")
-    p.add_argument("--alpha", type=float, default=0.05, help="family-wise error rate of the SIH test (Holm)")
-    p.add_argument("--min-clusters", type=int, default=10,
-                   help="documents a cell needs behind its test; fewer: 'insufficient'")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random-token and matched controls")
-    p.add_argument("--no-bos", action="store_true", help="score without prepending <|endoftext|>")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-len", type=int, default=None,
-                   help="drop triplets beyond this many tokens (default: the model's context)")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_relation_index)
 
     p = sub.add_parser("analyze", help="when heads form, when ICL emerges, how they relate (all models)")
     p.add_argument("--icl", nargs="+", required=True, help="merged ICL tables")

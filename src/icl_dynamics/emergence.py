@@ -63,9 +63,10 @@ import pandas as pd
 import pyarrow as pa
 from scipy import optimize, special, stats
 
+from icl_dynamics.schemas import SCORES as HEAD_SCORES
+
 ICL_KEYS = ("model", "level", "task", "shots", "metric")
 HEAD_KEYS = ("model", "score", "layer", "head")
-HEAD_SCORES = ("prefix_matching", "previous_token", "copying")
 RI_PREFIX = "ri:"
 LEVELS = ("loss_reduction", "format_compliance", "pattern_discovery")
 # the series that stands for each level in ordering claims (constrained accuracy: see the docstring)

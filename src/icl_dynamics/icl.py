@@ -18,51 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from icl_dynamics.models import check_context
-
-ICL_SCHEMA = pa.schema(
-    [
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("step", pa.int64(), nullable=False),
-        pa.field("tokens", pa.int64(), nullable=False),
-        pa.field("level", pa.string(), nullable=False),
-        pa.field("task", pa.string(), nullable=False),
-        pa.field("shots", pa.int32()),
-        pa.field("metric", pa.string(), nullable=False),
-        pa.field("value", pa.float64(), nullable=False),
-        pa.field("ci_low", pa.float64(), nullable=False),
-        pa.field("ci_high", pa.float64(), nullable=False),
-        pa.field("n", pa.int64(), nullable=False),
-        pa.field("chance", pa.float64()),
-    ]
-)
-"""One row per (model, step, level, task, shots, metric); ``shots`` and ``chance`` are null for loss rows."""
-
-TEXT_TOKENS_SCHEMA = pa.schema(
-    [
-        pa.field("doc_index", pa.int64(), nullable=False),
-        pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
-    ]
-)
-
-LOSS_CURVE_SCHEMA = pa.schema(
-    [
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("step", pa.int64(), nullable=False),
-        pa.field("tokens", pa.int64(), nullable=False),
-        pa.field("position", pa.int32(), nullable=False),
-        pa.field("loss", pa.float64(), nullable=False),
-        pa.field("ci_low", pa.float64(), nullable=False),
-        pa.field("ci_high", pa.float64(), nullable=False),
-        pa.field("n_docs", pa.int64(), nullable=False),
-    ]
-)
-"""Mean next-token loss of the token at ``position`` (predicted from the tokens before it)."""
 
 
 @dataclass(frozen=True)

@@ -21,31 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from icl_dynamics.attention import capture_attention, head_ov_weights
 from icl_dynamics.models import check_context
-
-ATTENTION_SCORES = ("prefix_matching", "previous_token")
-SCORES = (*ATTENTION_SCORES, "copying")
-
-INDUCTION_SCHEMA = pa.schema(
-    [
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("step", pa.int64(), nullable=False),
-        pa.field("tokens", pa.int64(), nullable=False),
-        pa.field("layer", pa.int32(), nullable=False),
-        pa.field("head", pa.int32(), nullable=False),
-        *(
-            pa.field(f"{score}{suffix}", pa.float64(), nullable=False)
-            for score in SCORES
-            for suffix in ("", "_se", "_control")
-        ),
-        pa.field("n_samples", pa.int32(), nullable=False),
-    ]
-)
+from icl_dynamics.schemas import ATTENTION_SCORES
 
 
 @dataclass(frozen=True)

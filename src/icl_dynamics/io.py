@@ -9,12 +9,13 @@ half-written file that Snakemake (or a reader) would take for a finished one.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -80,13 +81,9 @@ def provenance(extra: Mapping[str, Any] | None = None, *, reproducible: bool = F
 
     ``reproducible=True`` leaves out the time and host, so the same inputs give the same bytes.
     """
-    import torch
-    import transformers
-
     info: dict[str, Any] = {
         "icl_dynamics": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **{name: _installed(name) for name in ("torch", "transformers", "huggingface_hub")},
         "pyarrow": pa.__version__,
         "python": platform.python_version(),
     }
@@ -96,6 +93,15 @@ def provenance(extra: Mapping[str, Any] | None = None, *, reproducible: bool = F
     if extra:
         info.update(extra)
     return info
+
+
+def _installed(distribution: str) -> str | None:
+    """The installed version of ``distribution`` (read from its metadata: importing torch to ask
+    would make every table write, merge included, pay for loading it)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def to_table(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]], schema: pa.Schema) -> pa.Table:
@@ -134,12 +140,28 @@ def write_table(
 
     With ``reproducible=True`` the provenance has no time or host: same table, same bytes.
     """
+    with atomic_path(path) as tmp:
+        _write_parquet(table, tmp, meta, reproducible)
+    return Path(path)
+
+
+def write_tables(tables: Mapping[str | os.PathLike[str], tuple[pa.Table, Mapping[str, Any] | None]]) -> list[Path]:
+    """Write several tables (path -> (table, metadata)) so that they appear together: all are written
+    to temporary names first and renamed only once every one is complete; on any failure none is.
+
+    One job's outputs (e.g. every table of one checkpoint) are thus all there or all absent.
+    """
+    with ExitStack() as stack:
+        for path, (table, meta) in tables.items():
+            _write_parquet(table, stack.enter_context(atomic_path(path)), meta, False)
+    return [Path(p) for p in tables]
+
+
+def _write_parquet(table: pa.Table, path: Path, meta: Mapping[str, Any] | None, reproducible: bool) -> None:
     existing = dict(table.schema.metadata or {})
     existing[PROVENANCE_KEY] = json.dumps(provenance(meta, reproducible=reproducible), sort_keys=True,
                                           default=str).encode()
-    with atomic_path(path) as tmp:
-        pq.write_table(table.replace_schema_metadata(existing), tmp, compression="zstd")
-    return Path(path)
+    pq.write_table(table.replace_schema_metadata(existing), path, compression="zstd")
 
 
 def write_rows(

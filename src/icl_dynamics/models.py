@@ -118,6 +118,18 @@ class Checkpoint:
         """:func:`finite_guard` naming this checkpoint and ``stage`` in its error."""
         return finite_guard(self.model, f"{self.model_id}@{revision(self.step)}, stage {stage}")
 
+    def runtime(self) -> dict[str, str | None]:
+        """Where and how the numbers were computed: device, dtype, GPU name (None on the CPU), torch's
+        CUDA version and the attention implementation (recorded in every table's provenance)."""
+        device = self.device
+        return {
+            "device": str(device),
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "cuda": torch.version.cuda if device.type == "cuda" else None,
+            "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
+        }
+
 
 def load_checkpoint(
     model_id: str,

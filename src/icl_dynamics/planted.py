@@ -29,11 +29,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from icl_dynamics import io
+
+if TYPE_CHECKING:
+    import torch
 
 PLANTED, DECOY = "planted", "decoy"
 ONE_TO_ONE, MANY_TO_ONE = "one-to-one", "many-to-one"
@@ -83,6 +86,8 @@ class PlantedRelation:
 def make_relations(seed: int, specs: Sequence[RelationSpec] = DEFAULT_SPECS) -> list[PlantedRelation]:
     """The relations' words (``<name>_h00``, ``<name>_t00``, marker ``<name>_of``) and a random map
     drawn with ``seed``: a permutation (one-to-one) or equal-sized groups of heads per tail."""
+    import torch  # here, not at the top: the zoo's definitions import this module and stay light
+
     gen = torch.Generator().manual_seed(seed)
     out = []
     for spec in specs:
@@ -115,6 +120,8 @@ def relation_batch(gen: torch.Generator, relations: Sequence[PlantedRelation], i
     Returns token ids [batch, seq_len] (BOS at 0), and masks of the tail positions after a planted
     marker (rewarded: predictable only through the head) and of the filler after a decoy marker.
     """
+    import torch
+
     n_events = relations_per_sequence * events_per_relation
     most_mentions = sum(sorted((len(r.tails) if r.family == DECOY else events_per_relation for r in relations),
                                reverse=True)[:relations_per_sequence])

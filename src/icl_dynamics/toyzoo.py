@@ -17,6 +17,10 @@ architecture trained on sequences with planted relations instead of copies (:mod
 in which heads that attend from a relation's marker to its head token and raise the tail form
 during training. It also carries ``planted.json`` (the map) and ``relations.jsonl`` (held-out
 sequences without BOS, for the relations stage).
+
+torch, transformers and tokenizers are imported inside the functions that train and write: the
+zoo's definitions (kinds, seed, schedule, manifest) stay light for the CLI's quick commands and the
+Snakefile.
 """
 
 from __future__ import annotations
@@ -31,16 +35,18 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from tqdm import tqdm
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from icl_dynamics import hub, planted
 from icl_dynamics import io as tables
 from icl_dynamics.checkpoints import Schedule, revision
+
+if TYPE_CHECKING:
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +139,8 @@ def toy_vocabulary(cfg: ToyConfig | None = None) -> list[str]:
 
 def build_tokenizer(vocab: Sequence[str]) -> Tokenizer:
     """A word-level tokenizer: spaces separate, newlines and punctuation are tokens of their own."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -160,6 +168,8 @@ def tokenizer_files(tok: Tokenizer, seq_len: int) -> dict[str, bytes]:
 
 def model_config(cfg: ToyConfig, vocab_size: int) -> GPTNeoXConfig:
     """The toy GPT-NeoX architecture (Pythia's, scaled down)."""
+    from transformers import GPTNeoXConfig
+
     return GPTNeoXConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
@@ -182,6 +192,8 @@ def copy_batch(gen: torch.Generator, cfg: ToyConfig, vocab_size: int) -> tuple[t
     Returns the token ids [batch, seq_len] and a mask of the positions whose token is predictable
     only by induction (inside a copy, after its first token).
     """
+    import torch
+
     n_special = len(SPECIAL_TOKENS)
     x = torch.randint(n_special, vocab_size, (cfg.batch_size, cfg.seq_len), generator=gen)
     x[:, 0] = 0
@@ -200,6 +212,8 @@ def training_batch(gen: torch.Generator, cfg: ToyConfig, vocab: Sequence[str],
                    relations: Sequence[planted.PlantedRelation]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One batch of the zoo's training data and the masks of the positions each curve column follows:
     copies (copy zoo) or planted relations (relations zoo, which has no copies)."""
+    import torch
+
     if not cfg.planted:
         x, copied = copy_batch(gen, cfg, len(vocab))
         return x, {"copied_loss": copied}
@@ -226,6 +240,10 @@ class TrainedZoo:
 
 def train(cfg: ToyConfig, *, progress: bool = True) -> TrainedZoo:
     """Train the toy model, keeping a copy of the weights at each of ``cfg.steps``."""
+    import torch
+    from tqdm import tqdm
+    from transformers import GPTNeoXForCausalLM
+
     vocab = toy_vocabulary(cfg)
     relations = cfg.relations()
     threads = torch.get_num_threads()
@@ -271,6 +289,8 @@ def held_out_text(cfg: ToyConfig, vocab: Sequence[str], n_docs: int, *, offset: 
     (which the tokenizer maps back to the BOS id), so it tokenises to exactly ``seq_len`` ids; with
     ``bos=False`` the BOS is left out (the relations stage's texts: the relation index adds it).
     """
+    import torch
+
     gen = torch.Generator().manual_seed(cfg.seed + offset)
     relations = cfg.relations()
     docs: list[str] = []
@@ -282,6 +302,8 @@ def held_out_text(cfg: ToyConfig, vocab: Sequence[str], n_docs: int, *, offset: 
 
 def _weights_files(model: GPTNeoXForCausalLM, with_safetensors: bool) -> tuple[dict[str, bytes], list[str]]:
     """config.json plus pytorch_model.bin (always, like Pythia's branches) and, optionally, safetensors."""
+    import torch
+
     files: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
@@ -300,6 +322,8 @@ def write_zoo(zoo: TrainedZoo, out_dir: str | Path) -> Path:
     Every other checkpoint also carries ``model.safetensors`` so both weight formats are exercised;
     the directory is built under a temporary name and renamed into place.
     """
+    from transformers import GPTNeoXForCausalLM
+
     cfg = zoo.config
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

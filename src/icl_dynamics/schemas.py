@@ -1,0 +1,127 @@
+"""The tables the measurement stages write, as explicit pyarrow schemas.
+
+They live apart from the code that computes them (which needs torch) so that merging, figures,
+notebooks and the results README's check read and validate tables without loading a model.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+ATTENTION_SCORES = ("prefix_matching", "previous_token")
+SCORES = (*ATTENTION_SCORES, "copying")
+
+# induction scores per head (icl_dynamics.induction)
+INDUCTION_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("tokens", pa.int64(), nullable=False),
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("head", pa.int32(), nullable=False),
+        *(
+            pa.field(f"{score}{suffix}", pa.float64(), nullable=False)
+            for score in SCORES
+            for suffix in ("", "_se", "_control")
+        ),
+        pa.field("n_samples", pa.int32(), nullable=False),
+    ]
+)
+
+# the ICL levels: loss reduction (icl) and the synthetic tasks (icl_tasks)
+ICL_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("tokens", pa.int64(), nullable=False),
+        pa.field("level", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("shots", pa.int32()),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("value", pa.float64(), nullable=False),
+        pa.field("ci_low", pa.float64(), nullable=False),
+        pa.field("ci_high", pa.float64(), nullable=False),
+        pa.field("n", pa.int64(), nullable=False),
+        pa.field("chance", pa.float64()),
+    ]
+)
+"""One row per (model, step, level, task, shots, metric); ``shots`` and ``chance`` are null for loss rows."""
+
+# the natural-text documents, tokenised once per model (icl)
+TEXT_TOKENS_SCHEMA = pa.schema(
+    [
+        pa.field("doc_index", pa.int64(), nullable=False),
+        pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+    ]
+)
+
+# the per-token loss curve (icl)
+LOSS_CURVE_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("tokens", pa.int64(), nullable=False),
+        pa.field("position", pa.int32(), nullable=False),
+        pa.field("loss", pa.float64(), nullable=False),
+        pa.field("ci_low", pa.float64(), nullable=False),
+        pa.field("ci_high", pa.float64(), nullable=False),
+        pa.field("n_docs", pa.int64(), nullable=False),
+    ]
+)
+"""Mean next-token loss of the token at ``position`` (predicted from the tokens before it)."""
+
+# the relation index per head and relation (icl_dynamics.relation_index)
+RELATION_INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("tokens", pa.int64(), nullable=False),
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("head", pa.int32(), nullable=False),
+        pa.field("family", pa.string(), nullable=False),
+        pa.field("relation", pa.string(), nullable=False),
+        pa.field("direction", pa.string(), nullable=False),
+        pa.field("gate", pa.string(), nullable=False),
+        pa.field("variant", pa.string(), nullable=False),
+        pa.field("tau", pa.float64()),  # null for the argmax gate
+        pa.field("ri", pa.float64()),  # null (NaN) when the head never qualified
+        pa.field("ri_se", pa.float64()),  # two-way cluster-robust SE (documents, token pairs); null below 2 clusters
+        pa.field("events", pa.int64(), nullable=False),  # qualifying events with a defined score
+        pa.field("passes", pa.int64(), nullable=False),  # opportunities passing the gate
+        pa.field("opportunities", pa.int64(), nullable=False),  # (triplet, j) with the tail in C_j
+        pa.field("pass_rate", pa.float64()),  # passes / opportunities
+        pa.field("ri_per_opportunity", pa.float64()),  # sum of a / opportunities
+        pa.field("triplets", pa.int64(), nullable=False),  # triplets with >= 1 opportunity
+        pa.field("triplets_qualified", pa.int64(), nullable=False),  # triplets with >= 1 event
+        pa.field("control_matched", pa.float64()),  # mean score of the matched control (same kind of token)
+        pa.field("control_matched_events", pa.int64(), nullable=False),
+        pa.field("control_tenth", pa.float64()),
+        pa.field("control_tenth_events", pa.int64(), nullable=False),
+        pa.field("control_random", pa.float64()),
+        pa.field("control_random_events", pa.int64(), nullable=False),
+        # the SIH test: RI against each control, paired per event, clustered by document and token pair
+        pa.field("effect", pa.float64()),  # primary effect: mean of (a - matched control) over its events
+        pa.field("effect_se", pa.float64()),  # its cluster-robust standard error
+        # clusters behind the test: the fewer of documents and token pairs, the fewest over the controls
+        pa.field("clusters", pa.int64(), nullable=False),
+        pa.field("p_value", pa.float64()),  # one-sided, the largest of the three controls' p
+        pa.field("p_adjusted", pa.float64()),  # Holm over every tested cell of the (gate, variant)
+        pa.field("sih_status", pa.string(), nullable=False),  # sih | not significant | insufficient
+        pa.field("sih", pa.bool_(), nullable=False),
+        # the margin gate's statistic, attention on the argmax key / on the runner-up, over every query
+        # of the scored sequences: this head's median and 95th percentile, and the 95th percentile over
+        # all heads (the paper's tau = 2.2 was its model's 95th percentile), to judge tau per model
+        pa.field("ratio_p50", pa.float64()),
+        pa.field("ratio_p95", pa.float64()),
+        pa.field("ratio_p95_model", pa.float64()),
+        # parameters of the scoring and of the SIH rule, repeated on every row so that merged
+        # tables (which drop file metadata) stay self-describing
+        pa.field("exclude_function_words", pa.bool_(), nullable=False),
+        pa.field("control_position", pa.int32(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("alpha", pa.float64(), nullable=False),
+        pa.field("min_clusters", pa.int64(), nullable=False),
+        pa.field("bos", pa.bool_(), nullable=False),  # sequences scored with <|endoftext|> prepended
+    ]
+)
+"""One row per (model, step, layer, head, family, relation, direction, gate, variant)."""

@@ -1,0 +1,227 @@
+"""The per-checkpoint measurements and the job that runs any set of them on one model load.
+
+Each :class:`Stage` (induction heads, loss reduction, ICL tasks, relation index) declares its options,
+reads its inputs before the model is loaded (a bad input fails in a second, not after a minute of
+loading) and turns a loaded :class:`~icl_dynamics.models.Checkpoint` into tables. The CLI exposes
+each stage as its own subcommand (to rerun one stage of one checkpoint) and all of them as
+``icl-dynamics score`` (the workflow's one job per checkpoint: one process, one load, every table).
+
+torch and the stage modules are imported where a stage runs, so the CLI's light commands stay light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from icl_dynamics.models import Checkpoint
+
+log = logging.getLogger(__name__)
+
+# add(flag, **argparse keywords): declares one option of a stage
+AddOption = Callable[..., None]
+# a stage's tables: output name -> (rows, schema, metadata of the file)
+Tables = dict[str, tuple[list[dict], "pa.Schema", dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One per-checkpoint measurement: its options, inputs and output tables."""
+
+    name: str  # subcommand, prefix of its options in `score`, and what the finite guard names
+    help: str
+    outputs: Mapping[str, str]  # table name (file stem under the step folder) -> flag of the stage's subcommand
+    inputs: tuple[str, ...]  # flags naming input files (shared, unprefixed in `score`)
+    options: Callable[[AddOption], None]
+    prepare: Callable[[argparse.Namespace], Any]  # reads the inputs, before the model loads
+    measure: Callable[[Checkpoint, argparse.Namespace, Any], Tables]
+
+
+def _no_inputs(opts: argparse.Namespace) -> None:
+    return None
+
+
+# --- heads -------------------------------------------------------------------------------------
+
+
+def _heads_options(add: AddOption) -> None:
+    add("--n-tokens", type=int, default=25, help="length of the random segment that is repeated")
+    add("--repeats", type=int, default=4, help="times the segment repeats")
+    add("--n-samples", type=int, default=10, help="random sequences averaged")
+    add("--exclude-frac", type=float, default=0.05, help="fraction of the vocabulary left out (most frequent ids)")
+    add("--seed", type=int, default=0)
+
+
+def _heads(ckpt: Checkpoint, opts: argparse.Namespace, _: None) -> Tables:
+    from icl_dynamics.induction import Probe, induction_rows
+    from icl_dynamics.schemas import INDUCTION_SCHEMA
+
+    probe = Probe(opts.n_tokens, opts.repeats, opts.n_samples, opts.exclude_frac, opts.seed)
+    rows = induction_rows(ckpt.model, ckpt.tokenizer, probe)
+    best = max(rows, key=lambda r: r["prefix_matching"])
+    log.info("heads: best prefix matching %.3f (layer %d head %d)", best["prefix_matching"], best["layer"],
+             best["head"])
+    return {"heads": (rows, INDUCTION_SCHEMA, {"probe": vars(probe)})}
+
+
+# --- loss reduction ------------------------------------------------------------------------------
+
+
+def _loss_options(add: AddOption) -> None:
+    add("--text-tokens", help="output of tokenize-text (the documents, tokenised once per model)")
+    add("--early", type=int, default=50, help="early token position of the ICL score")
+    add("--late", type=int, default=500, help="late token position of the ICL score")
+    add("--batch-size", type=int, default=8)
+    add("--bootstrap", type=int, default=1000, help="bootstrap resamples of the documents")
+    add("--seed", type=int, default=0)
+
+
+def _loss_inputs(opts: argparse.Namespace) -> tuple[Any, str]:
+    import torch
+
+    from icl_dynamics import io
+    from icl_dynamics.icl import TextSource
+    from icl_dynamics.schemas import TEXT_TOKENS_SCHEMA
+
+    table = io.read_table(opts.text_tokens, TEXT_TOKENS_SCHEMA)
+    docs = torch.tensor(table.column("token_ids").to_pylist(), dtype=torch.long)
+    return docs, TextSource(**io.read_provenance(opts.text_tokens)["source"]).label()
+
+
+def _loss(ckpt: Checkpoint, opts: argparse.Namespace, inputs: tuple[Any, str]) -> Tables:
+    from icl_dynamics.icl import loss_reduction, per_token_losses
+    from icl_dynamics.schemas import ICL_SCHEMA, LOSS_CURVE_SCHEMA
+
+    docs, task = inputs
+    losses = per_token_losses(ckpt.model, docs, batch_size=opts.batch_size, progress=True)
+    curve, icl = loss_reduction(losses, early=opts.early, late=opts.late, n_boot=opts.bootstrap, seed=opts.seed)
+    icl["task"] = task
+    log.info("loss: ICL score %.3f [%.3f, %.3f] over %d documents", icl["value"], icl["ci_low"], icl["ci_high"],
+             icl["n"])
+    meta = {"early": opts.early, "late": opts.late, "bootstrap": opts.bootstrap, "text_tokens": str(opts.text_tokens)}
+    return {"loss": ([icl], ICL_SCHEMA, meta), "loss_curve": (curve, LOSS_CURVE_SCHEMA, meta)}
+
+
+# --- ICL tasks -----------------------------------------------------------------------------------
+
+
+def _icl_tasks_options(add: AddOption) -> None:
+    add("--shots", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5, 10, 20], help="demonstrations per prompt")
+    add("--n-prompts", type=int, default=50, help="prompts per task and shot count")
+    add("--seed", type=int, default=0)
+    add("--batch-size", type=int, default=16)
+
+
+def _icl_tasks(ckpt: Checkpoint, opts: argparse.Namespace, _: None) -> Tables:
+    from icl_dynamics.icl_tasks import evaluate_tasks
+    from icl_dynamics.schemas import ICL_SCHEMA
+
+    rows = evaluate_tasks(ckpt.model, ckpt.tokenizer, shots=opts.shots, n_prompts=opts.n_prompts, seed=opts.seed,
+                          batch_size=opts.batch_size)
+    meta = {"n_prompts": opts.n_prompts, "seed": opts.seed, "shots": opts.shots}
+    return {"icl_tasks": (rows, ICL_SCHEMA, meta)}
+
+
+# --- relation index ------------------------------------------------------------------------------
+
+
+def _relation_index_options(add: AddOption) -> None:
+    add("--relations-dir", help="output of the relations stage")
+    add("--gates", nargs="+", default=["argmax", "margin"], choices=("argmax", "margin"))
+    add("--variants", nargs="+", default=["literal", "source", "contextual"],
+        choices=("literal", "source", "contextual"))
+    add("--tau", type=float, default=2.2, help="margin of the margin gate")
+    add("--keep-function-words", action="store_true", help="keep stop words and punctuation in C_j")
+    add("--control-position", type=int, default=10, help="position of the fixed-token control")
+    add("--alpha", type=float, default=0.05, help="family-wise error rate of the SIH test (Holm)")
+    add("--min-clusters", type=int, default=10, help="documents a cell needs behind its test; fewer: 'insufficient'")
+    add("--seed", type=int, default=0, help="seed of the random-token and matched controls")
+    add("--no-bos", action="store_true", help="score without prepending <|endoftext|>")
+    add("--batch-size", type=int, default=8)
+    add("--max-len", type=int, default=None, help="drop triplets beyond this many tokens (default: the model's context)")
+
+
+def _relation_index_inputs(opts: argparse.Namespace) -> tuple[Any, Any]:
+    from icl_dynamics import io
+    from icl_dynamics.relations import SEQUENCES_SCHEMA, TRIPLETS_SCHEMA
+
+    relations = Path(opts.relations_dir)
+    return (io.read_table(relations / "sequences.parquet", SEQUENCES_SCHEMA),
+            io.read_table(relations / "triplets.parquet", TRIPLETS_SCHEMA))
+
+
+def _relation_index(ckpt: Checkpoint, opts: argparse.Namespace, inputs: tuple[Any, Any]) -> Tables:
+    from icl_dynamics.relation_index import score_relation_index
+    from icl_dynamics.schemas import RELATION_INDEX_SCHEMA
+
+    sequences, triplets = inputs
+    rows = score_relation_index(
+        ckpt.model, sequences, triplets, gates=opts.gates, variants=opts.variants, tau=opts.tau,
+        exclude_function_words=not opts.keep_function_words, control_position=opts.control_position,
+        seed=opts.seed, alpha=opts.alpha, min_clusters=opts.min_clusters, batch_size=opts.batch_size,
+        bos=not opts.no_bos, max_len=opts.max_len,
+    )
+    log.info("relation index: %d rows, %d flagged as semantic induction heads; 95th percentile of the attention "
+             "dominance ratio over all heads: %.2f (tau = %.2f)", len(rows), sum(r["sih"] for r in rows),
+             rows[0]["ratio_p95_model"] if rows else float("nan"), opts.tau)
+    return {"relation_index": (rows, RELATION_INDEX_SCHEMA, {"params": vars(opts)})}
+
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage("heads", "prefix-matching, previous-token and copying scores of every head",
+              {"heads": "--out"}, (), _heads_options, _no_inputs, _heads),
+        Stage("loss", "per-token loss curve and ICL score (loss reduction)",
+              {"loss": "--out", "loss_curve": "--out-curve"}, ("--text-tokens",), _loss_options, _loss_inputs,
+              _loss),
+        Stage("icl-tasks", "format compliance and pattern discovery on the four synthetic tasks",
+              {"icl_tasks": "--out"}, (), _icl_tasks_options, _no_inputs, _icl_tasks),
+        Stage("relation-index", "the paper's relation index of every head (Ren et al. 2024)",
+              {"relation_index": "--out"}, ("--relations-dir",), _relation_index_options, _relation_index_inputs,
+              _relation_index),
+    )
+}
+
+
+def run_stages(jobs: Sequence[tuple[Stage, argparse.Namespace]], load: Callable[[], Checkpoint],
+               stamp: Callable[[list[dict]], list[dict]], paths: Mapping[str, str | Path]) -> dict[str, float]:
+    """Run ``jobs`` (stage, its options) on one model load and write every table to ``paths[name]``.
+
+    Inputs are read first, the model is loaded once, each stage runs under the checkpoint's finite
+    guard, and the tables are written together at the end (:func:`icl_dynamics.io.write_tables`):
+    a failure or a kill leaves no output of this job, never some. Returns seconds per phase.
+    """
+    from icl_dynamics import io
+
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    import icl_dynamics.models  # noqa: F401  (torch and transformers: timed on their own)
+
+    seconds["import"] = time.perf_counter() - start
+    start = time.perf_counter()
+    prepared = [stage.prepare(opts) for stage, opts in jobs]
+    seconds["inputs"] = time.perf_counter() - start
+    start = time.perf_counter()
+    ckpt = load()
+    seconds["load"] = time.perf_counter() - start
+    tables: Tables = {}
+    for (stage, opts), inputs in zip(jobs, prepared):
+        start = time.perf_counter()
+        with ckpt.guard(stage.name):
+            tables.update(stage.measure(ckpt, opts, inputs))
+        seconds[stage.name] = time.perf_counter() - start
+    start = time.perf_counter()
+    runtime = ckpt.runtime()
+    io.write_tables({paths[name]: (io.to_table(stamp(rows), schema), {**meta, "runtime": runtime})
+                     for name, (rows, schema, meta) in tables.items()})
+    seconds["write"] = time.perf_counter() - start
+    return seconds

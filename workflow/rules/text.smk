@@ -1,0 +1,18 @@
+# ICL level 1's natural text: selected and tokenised once per model, with the tokenizer of the first
+# measured checkpoint, and reused by the score job of every checkpoint.
+
+
+rule tokenize_text:
+    input:
+        provenance_of(STEPS[0]),
+    output:
+        f"{RESULTS}/{{model}}/text_tokens.parquet",
+    conda:
+        "../envs/icl-dynamics.yaml"
+    log:
+        "logs/{model}/tokenize_text.log",
+    params:
+        flags=lambda wc: checkpoint_flags(wc.model, STEPS[0], device=False),
+        text=text_flags(),
+    shell:
+        cli("tokenize-text {params.flags} {params.text} --out {output}") + " 2> {log}"
