@@ -13,11 +13,11 @@ from conftest import tiny_neox
 from icl_dynamics.attention import capture_attention, head_ov_weights
 from icl_dynamics.io import to_table
 from icl_dynamics.relation_index import (
-    RELATION_INDEX_SCHEMA,
     gate_statistics,
     ov_scores,
     score_relation_index,
 )
+from icl_dynamics.schemas import RELATION_INDEX_SCHEMA
 
 KEY = ["layer", "head", "family", "relation", "direction", "gate", "variant"]
 NUMERIC = ["ri", "ri_se", "events", "passes", "opportunities", "pass_rate", "ri_per_opportunity", "triplets",
