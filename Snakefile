@@ -3,7 +3,7 @@
 
 from snakemake.exceptions import WorkflowError
 
-from icl_dynamics.checkpoints import model_slug, unslug
+from icl_dynamics.checkpoints import model_slug, parameter_count, unslug
 from icl_dynamics.config import ConfigError, validate_config
 
 
@@ -37,3 +37,4 @@ rule all:
         expand(f"{RESULTS}/{{model}}/{{stage}}.parquet", model=MODELS, stage=MERGED),
         expand(f"{RESULTS}/{{model}}/relations/summary.parquet", model=MODELS),
         rules.analyze.output,
+        [] if KEEP_WEIGHTS else [evicted(model, step) for model in MODELS for step in STEPS],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -119,12 +120,23 @@ def toy_zoo_relations(_zoo_builds) -> Path:
     return _built(_zoo_builds, "toy-relations")
 
 
-def run_toy_workflow(config_file: str, zoo: Path, steps: list[int], workdir: Path, relations: dict) -> list[str]:
+def run_toy_workflow(config_file: str, zoo: Path, steps: list[int], workdir: Path, relations: dict, *,
+                     hub_endpoint: str | None = None, max_cached: int = 2,
+                     watch: Callable[[], int] | None = None, args: Sequence[str] = (),
+                     env: dict[str, str] | None = None) -> tuple[list[str], int]:
     """Run the offline Snakemake demo of ``config/<config_file>`` on ``zoo`` at ``steps`` in ``workdir``
     (``relations`` overrides that section; the analysis is cut down to a few checkpoints), assert it
-    succeeded, and return the command so a test can rerun it (``--report``, ``-n``)."""
+    succeeded, and return the command so a test can rerun it (``--report``, ``-n``).
+
+    With ``hub_endpoint`` (a fake hub serving the zoo) the checkpoints are fetched from it into an empty
+    cache ``workdir/hf-cache`` with ``keep_weights: false`` and ``max_cached``; ``watch`` is then polled
+    while the workflow runs and the largest value it returned is returned with the command. ``args``
+    are further Snakemake arguments (targets, a profile), ``env`` further environment variables.
+    """
+    import os
     import subprocess
     import sys
+    import time
 
     import yaml
 
@@ -133,12 +145,28 @@ def run_toy_workflow(config_file: str, zoo: Path, steps: list[int], workdir: Pat
     config = yaml.safe_load((REPO / "config" / config_file).read_text())
     config.update(checkpoints={"steps": steps}, hf_cache=str(zoo / "hub"), results="results",
                   toy_zoo={"dir": str(zoo), "seed": read_manifest(zoo)["config"]["seed"]})
+    env = {**os.environ, **(env or {})}
+    if hub_endpoint:
+        config.update(hf_cache=str(workdir / "hf-cache"), hub_offline=False, keep_weights=False,
+                      max_cached_checkpoints=max_cached)
+        env.update(HF_ENDPOINT=hub_endpoint, HF_HOME=str(workdir / "hf-home"))
+        for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # either keeps huggingface_hub offline
+            env.pop(key, None)
     config["text"]["path"] = str(zoo / "text.jsonl")
     config["relations"].update(relations)
     config["analysis"] = {"k": 1, "n_boot": 50, "n_perm": 99}  # a few checkpoints only
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "snakemake", "--cores", "2", "-s", str(REPO / "Snakefile"),
-               "-d", str(workdir), "--configfile", str(workdir / "config.yaml")]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return command
+    cores = [] if "--workflow-profile" in args else ["--cores", "2"]  # a cluster profile sets jobs, not cores
+    command = [sys.executable, "-m", "snakemake", *cores, "-s", str(REPO / "Snakefile"),
+               "-d", str(workdir), "--configfile", str(workdir / "config.yaml"), *args]
+    seen, log = 0, workdir / "snakemake.log"
+    with open(log, "w") as out, subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env) as proc:
+        deadline = time.monotonic() + 900
+        while proc.poll() is None and time.monotonic() < deadline:
+            seen = max(seen, watch()) if watch else seen
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    return command, seen

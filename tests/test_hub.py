@@ -181,8 +181,8 @@ def test_retries_transient_errors_with_backoff():
     def always_503():
         raise HTTPError(503)
 
-    with pytest.raises(HTTPError):
-        hub.with_retries(always_503, attempts=3, sleep=sleeps.append)
+    with pytest.raises(hub.HubUnavailable, match="listing m@step1 failed 3 times; last error: HTTPError: HTTP 503"):
+        hub.with_retries(always_503, attempts=3, sleep=sleeps.append, what="listing m@step1")
     assert len(sleeps) == 2
 
 

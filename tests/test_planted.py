@@ -16,6 +16,7 @@ from icl_dynamics.relations import build_planted_relations, read_texts
 from icl_dynamics.toyzoo import RELATIONS_MODEL_ID, TOY_RELATIONS, toy_vocabulary, training_batch, zoo_config
 
 CFG = zoo_config(TOY_RELATIONS)
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 STEPS = CFG.steps
 
 
@@ -160,15 +161,37 @@ def test_formation_lands_on_the_phase_change_of_the_relation_loss(planted_ri, to
 
 def test_snakemake_demo_runs_on_the_relations_zoo(toy_zoo_relations, tmp_path):
     """config/toy-relations.yaml drives the whole workflow on this zoo (three checkpoints): planted
-    triplets instead of AGENDA's, and the planted-relation figures in the report."""
+    triplets instead of AGENDA's, and the planted-relation figures in the report. The checkpoints
+    come from a fake hub on 127.0.0.1 serving the zoo, into an empty cache, with keep_weights false
+    and max_cached_checkpoints 2: polled while the workflow runs, the cache never holds the weights
+    of more than 2 checkpoints, and none once every checkpoint is scored."""
     import subprocess
 
     from conftest import run_toy_workflow
+    from fakehub import FakeHub
 
     steps = [0, 1100, STEPS[-1]]
-    command = run_toy_workflow("toy-relations.yaml", toy_zoo_relations, steps, tmp_path,
-                               {"planted_map": str(toy_zoo_relations / "planted.json"),
-                                "planted_texts": str(toy_zoo_relations / "relations.jsonl")})
+    repo = tmp_path / "hf-cache" / "models--icl-dynamics--toy-neox-relations"
+
+    def cached_weights() -> int:
+        """Checkpoints whose weights are in the cache now (a snapshot linking to a weights blob)."""
+        try:
+            return sum(any(f.name in WEIGHT_FILES and f.exists() for f in snap.iterdir())
+                       for snap in (repo / "snapshots").iterdir())
+        except FileNotFoundError:  # not created yet, or a snapshot evicted while we looked
+            return 0
+
+    with FakeHub(toy_zoo_relations / "hub") as hub:
+        command, most = run_toy_workflow(
+            "toy-relations.yaml", toy_zoo_relations, steps, tmp_path,
+            {"planted_map": str(toy_zoo_relations / "planted.json"),
+             "planted_texts": str(toy_zoo_relations / "relations.jsonl")},
+            hub_endpoint=hub.endpoint, max_cached=2, watch=cached_weights)
+    assert 1 <= most <= 2, most
+    downloads = [path for method, path in hub.requests if method == "GET" and path.startswith("/__cdn__/")]
+    assert len(downloads) == len(steps)  # each checkpoint's weights came from the hub, once
+    weight_blobs = [b for b in repo.glob("blobs/*") if b.stat().st_size > 100_000]  # the toy's are ~0.5 MB
+    assert cached_weights() == 0 and not weight_blobs and not list(repo.glob("snapshots/*"))
 
     out = tmp_path / "results" / "icl-dynamics--toy-neox-relations"
     summary = pd.read_parquet(out / "relations" / "summary.parquet")

@@ -152,9 +152,12 @@ def test_snakemake_end_to_end_on_the_pythia_format_fixture(pythia_cache: Path, s
     texts = tmp_path / "abstracts"  # a datasets directory, so the oldest declared datasets is exercised too
     records = agenda.load_agenda(shared_dir / "data" / "agenda")
     datasets.Dataset.from_dict({"text": [agenda.surface_text(r) for r in records]}).save_to_disk(str(texts))
+    cache = tmp_path / "hub"  # a copy: each scored checkpoint's weights leave it (keep_weights false)
+    shutil.copytree(pythia_cache, cache, symlinks=True)
     config = {
         "models": [PYTHIA_MODEL], "schedule": "pythia", "checkpoints": {"steps": list(PYTHIA_STEPS)},
-        "device": "cpu", "dtype": "auto", "hf_cache": str(pythia_cache), "hub_offline": True, "results": "results",
+        "device": "cpu", "dtype": "auto", "hf_cache": str(cache), "hub_offline": True, "results": "results",
+        "keep_weights": False, "max_cached_checkpoints": 1,
         "text": {"kind": "disk", "name": None, "path": str(texts), "n_docs": 40, "context": 128},
         "loss": {"early": 10, "late": 100, "bootstrap": 200},
         "induction": {"n_samples": 4},
@@ -191,6 +194,11 @@ def test_snakemake_end_to_end_on_the_pythia_format_fixture(pythia_cache: Path, s
     assert ri["ri"].dropna().between(0, 1).all()
     analysis = tmp_path / "results" / "analysis"
     assert (analysis / "summary.parquet").exists() and (analysis / "figures" / "emergence_panel.png").exists()
+    evicted = {step: json.loads((out / f"step{step}" / "weights_evicted.json").read_text()) for step in PYTHIA_STEPS}
+    assert evicted[0]["deleted_blobs"] == 0  # step1 (still cached) serves the same weights blob
+    assert all(evicted[step]["deleted_blobs"] >= 1 for step in PYTHIA_STEPS[1:])
+    repo = hub.repo_cache_dir(PYTHIA_MODEL, cache)
+    assert not list(repo.glob("snapshots/*")) and not list(repo.glob("refs/step*"))
     log = (tmp_path / "logs" / out.name / "step1000" / "score.log").read_text()
     assert "(torch.float32)" in log  # dtype auto
     runtime = read_provenance(out / "step1000" / "relation_index.parquet")["runtime"]
@@ -231,6 +239,32 @@ def test_stages_refuse_weights_that_differ_from_what_fetch_verified(cache_copy: 
     assert load_checkpoint(PYTHIA_MODEL, 1000, cache_dir=cache_copy, device="cpu", tokenizer=False).model  # silent
     with pytest.raises(hub.IntegrityError, match="pytorch_model.bin .*links to blob"):
         load_checkpoint(PYTHIA_MODEL, 1000, cache_dir=cache_copy, device="cpu", tokenizer=False, fetched=row)
+
+
+def test_eviction_removes_a_checkpoint_but_not_what_another_cached_one_shares(cache_copy: Path) -> None:
+    """step0 and step1 serve one weights blob (as on the hub), and every step shares the tokenizer's:
+    evicting step0 leaves both for step1, which still loads and verifies; evicting step1 then frees
+    the weights blob; a second eviction of the same step is a no-op."""
+    repo = hub.repo_cache_dir(PYTHIA_MODEL, cache_copy)
+    rows = {step: fetched_row(cache_copy, step) for step in (0, 1)}
+    weights_blob = (snapshot(cache_copy, 0) / "pytorch_model.bin").resolve()
+    assert weights_blob == (snapshot(cache_copy, 1) / "pytorch_model.bin").resolve()
+    size = weights_blob.stat().st_size
+    blobs = {p.name for p in (repo / "blobs").iterdir()}
+
+    first = hub.evict_checkpoint(PYTHIA_MODEL, 0, rows[0]["commit"], cache_copy)
+    assert (first["deleted_blobs"], first["freed_bytes"]) == (0, 0)  # every blob of step0 is step1's too
+    assert not (repo / "refs" / "step0").exists() and not (repo / "snapshots" / rows[0]["commit"]).exists()
+    assert {p.name for p in (repo / "blobs").iterdir()} == blobs
+    model = load_checkpoint(PYTHIA_MODEL, 1, cache_dir=cache_copy, device="cpu", fetched=rows[1])
+    assert model.tokenizer is not None
+    with pytest.raises(hub.CheckpointNotFound, match="step0 is not in the cache"):
+        load_checkpoint(PYTHIA_MODEL, 0, cache_dir=cache_copy, device="cpu", fetched=rows[0])
+
+    second = hub.evict_checkpoint(PYTHIA_MODEL, 1, rows[1]["commit"], cache_copy)
+    assert (second["deleted_blobs"], second["freed_bytes"]) == (1, size) and not weights_blob.exists()
+    assert (snapshot(cache_copy, 2) / "tokenizer.json").is_file()  # steps 2 and 1000 keep theirs
+    assert hub.evict_checkpoint(PYTHIA_MODEL, 1, rows[1]["commit"], cache_copy)["deleted_blobs"] == 0
 
 
 def test_a_weights_file_missing_a_tensor_is_refused(cache_copy: Path) -> None:

@@ -131,3 +131,31 @@ print(fetch, merge, sorted(m for m in ("torch", "transformers") if m in sys.modu
     provenance = read_provenance(merged)
     assert provenance["torch"] and provenance["transformers"]  # versions still recorded, read from metadata
     assert len(pd.read_parquet(merged)) == 1
+
+
+def test_concurrent_jobs_on_one_machine_take_different_gpus(tmp_path, monkeypatch):
+    """claim_gpu hands each process a GPU no other holds (lock files; released when the process ends),
+    and resolve_device uses it when several GPUs are visible (simulated: this machine has none)."""
+    import torch
+
+    from icl_dynamics import models
+
+    script = ("import sys, time; from icl_dynamics.models import claim_gpu; "
+              f"print(claim_gpu(['a', 'b'], {str(tmp_path)!r}, timeout=0), flush=True); time.sleep(30)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "0"  # another job holds GPU 0
+        assert models.claim_gpu(["a", "b"], tmp_path, timeout=0) == 1
+        with pytest.raises(RuntimeError, match="every GPU \\(2\\) is held"):
+            models.claim_gpu(["a", "b"], tmp_path, timeout=0)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert models.claim_gpu(["a", "b"], tmp_path, timeout=5) == 0  # free again once its holder is gone
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(models, "_gpu_name", lambda i: f"test-{tmp_path.name}-{i}")
+    monkeypatch.setattr(models.tempfile, "gettempdir", lambda: str(tmp_path))
+    assert [str(models.resolve_device(d)) for d in ("auto", "cuda", "auto", "cuda:1")] == \
+        ["cuda:0", "cuda:1", "cuda:2", "cuda:1"]

@@ -115,7 +115,7 @@ def test_snakemake_end_to_end_on_the_toy_zoo(toy_zoo, shared_dir, tmp_path):
     from conftest import run_toy_workflow
 
     steps = [0, 900, 1000, TOY_STEPS[-1]]
-    command = run_toy_workflow("toy.yaml", toy_zoo, steps, tmp_path,
+    command, _ = run_toy_workflow("toy.yaml", toy_zoo, steps, tmp_path,
                                {"agenda_dir": str(shared_dir / "data" / "agenda")})
 
     out = tmp_path / "results" / "icl-dynamics--toy-neox"

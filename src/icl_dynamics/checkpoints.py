@@ -9,6 +9,7 @@ valid steps, so a typo never silently drops a checkpoint from a sweep.
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -140,3 +141,12 @@ def unslug(slug: str, model_ids: Iterable[str]) -> str:
     raise KeyError(f"no configured model has slug {slug!r}")
 
 
+
+
+def parameter_count(model_id: str, default: float = 1e8) -> float:
+    """The parameter count a model id states (``pythia-1.4b`` -> 1.4e9, ``pythia-70m-deduped`` -> 7e7),
+    for sizing cluster jobs; ``default`` when the id states none (a toy model, a renamed fork)."""
+    match = re.search(r"(?<![\w.])(\d+(?:\.\d+)?)([mb])(?![a-z])", model_id.split("/")[-1].lower())
+    if not match:
+        return default
+    return float(match.group(1)) * (1e6 if match.group(2) == "m" else 1e9)

@@ -42,18 +42,22 @@ def _load(args: argparse.Namespace):
     from icl_dynamics.models import load_checkpoint
 
     _schedule(args).check(args.step)
-    fetched = None
-    if args.provenance:
-        from icl_dynamics import hub, io
-
-        rows = io.read_table(args.provenance, hub.PROVENANCE_SCHEMA).to_pylist()
-        fetched = next((r for r in rows if r["model"] == args.model and r["step"] == args.step), None)
-        if fetched is None:
-            raise ValueError(f"{args.provenance} has no row for {args.model} step {args.step}")
+    fetched = _fetched_row(args) if args.provenance else None
     ckpt = load_checkpoint(args.model, args.step, cache_dir=args.cache_dir, device=args.device, dtype=args.dtype,
                            fetched=fetched)
     log.info("loaded %s@step%d on %s (%s)", args.model, args.step, ckpt.device, next(ckpt.model.parameters()).dtype)
     return ckpt
+
+
+def _fetched_row(args: argparse.Namespace) -> dict:
+    """The fetch stage's provenance row of ``--model`` at ``--step`` (from ``--provenance``)."""
+    from icl_dynamics import hub, io
+
+    rows = io.read_table(args.provenance, hub.PROVENANCE_SCHEMA).to_pylist()
+    row = next((r for r in rows if r["model"] == args.model and r["step"] == args.step), None)
+    if row is None:
+        raise ValueError(f"{args.provenance} has no row for {args.model} step {args.step}")
+    return row
 
 
 def _stamp(rows: list[dict], args: argparse.Namespace) -> list[dict]:
@@ -114,11 +118,24 @@ def cmd_fetch(args: argparse.Namespace) -> None:
 
     schedule = _schedule(args)
     schedule.check(args.step)
-    result = hub.fetch_checkpoint(args.model, args.step, cache_dir=args.cache_dir, attempts=args.attempts)
+    result = hub.fetch_checkpoint(args.model, args.step, cache_dir=args.cache_dir, attempts=args.attempts,
+                                  timeout=args.timeout)
     io.write_rows([result.row(schedule.tokens(args.step))], hub.PROVENANCE_SCHEMA, args.out)
     log.info("%s@%s: commit %s, %s weights (%d files, %.1f MB) verified in %.1f s", args.model, result.revision,
              result.commit[:12], result.weights_format, len(result.weights),
              sum(w.size for w in result.weights) / 1e6, result.seconds)
+
+
+def cmd_evict(args: argparse.Namespace) -> None:
+    import json
+
+    from icl_dynamics import hub, io
+
+    row = _fetched_row(args)
+    record = hub.evict_checkpoint(args.model, args.step, row["commit"], cache_dir=args.cache_dir)
+    io.write_bytes_atomic(args.out, (json.dumps(record, indent=2) + "\n").encode())
+    log.info("%s@step%d: %d blobs (%.1f MB) left the cache", args.model, args.step, record["deleted_blobs"],
+             record["freed_bytes"] / 1e6)
 
 
 def cmd_tokenize_text(args: argparse.Namespace) -> None:
@@ -295,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fetch", help="fetch one checkpoint into the HF cache, verify it, write provenance")
     _checkpoint_args(p, device=False)
-    p.add_argument("--attempts", type=int, default=6, help="tries per hub request (429/5xx are retried)")
+    p.add_argument("--attempts", type=int, default=6,
+                   help="tries per hub request (429, 5xx, refused, reset, truncated and stalled requests are retried)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds a hub request may send nothing")
     p.add_argument("--out", required=True, help="provenance Parquet")
     p.set_defaults(func=cmd_fetch)
 
@@ -326,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True,
                    help="the checkpoint's folder: writes <table>.parquet for every table of the stages run")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("evict", help="remove one scored checkpoint's weights from the HF cache (keep_weights: false)")
+    _checkpoint_args(p, device=False)
+    p.add_argument("--provenance", required=True, help="the fetch stage's provenance.parquet (names the commit)")
+    p.add_argument("--out", required=True, help="JSON record of what left the cache")
+    p.set_defaults(func=cmd_evict)
 
     p = sub.add_parser("tokenize-text", help="select and tokenise the natural-text documents once per model")
     _checkpoint_args(p, device=False)

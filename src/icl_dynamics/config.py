@@ -111,6 +111,17 @@ def _check_toy_zoo(toy_zoo: Mapping[str, Any], schedule: str) -> None:
                           f"{toy_zoo['seed']}; use seed {seed} or delete the directory to retrain")
 
 
+def _check_cache(config: Mapping[str, Any]) -> None:
+    """Evicting scored checkpoints from a toy zoo's own hub would destroy the zoo."""
+    if config["keep_weights"] or config["schedule"] == "pythia" or not config["hf_cache"]:
+        return
+    zoo, cache = Path(config["toy_zoo"]["dir"]).resolve(), Path(config["hf_cache"]).resolve()
+    if cache == zoo or zoo in cache.parents:
+        raise ConfigError(f"config key 'keep_weights': false would delete the toy zoo's checkpoints from "
+                          f"{config['hf_cache']} as they are scored; set keep_weights: true (or copy the zoo's "
+                          "hub elsewhere and point hf_cache at the copy)")
+
+
 def validate_config(config: Mapping[str, Any], schema: Mapping[str, Any] | str | os.PathLike[str]) -> dict:
     """Return a validated copy of ``config`` with defaults filled and ``steps`` resolved.
 
@@ -141,6 +152,7 @@ def validate_config(config: Mapping[str, Any], schema: Mapping[str, Any] | str |
     _check_results(config["results"])
     if config["schedule"] != "pythia":
         _check_toy_zoo(config["toy_zoo"], config["schedule"])
+    _check_cache(config)
     try:
         config["steps"] = select_steps(config["checkpoints"], schedule_for(config))
     except StepError as exc:

@@ -13,18 +13,21 @@ those same hashes. Transient hub errors (429 and 5xx) are retried with exponenti
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import pyarrow as pa
-from huggingface_hub import HfApi, constants, hf_hub_download
+from filelock import FileLock
+from huggingface_hub import HfApi, constants, hf_hub_download, scan_cache_dir
 
 from icl_dynamics.checkpoints import Schedule
 from icl_dynamics.checkpoints import revision as step_revision
@@ -147,9 +150,43 @@ def _verify(record: FileRecord) -> None:
 # --- retries -------------------------------------------------------------------------------------
 
 
+class HubUnavailable(OSError):
+    """A hub request kept failing with transient errors until the attempts ran out."""
+
+
 def _status(exc: BaseException) -> int | None:
     response = getattr(exc, "response", None)
     return getattr(response, "status_code", None)
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level failures (refused, reset, truncated body, timeout) of the HTTP client the
+    installed huggingface_hub uses (httpx2 from version 2, httpx before) and of the stdlib."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for client in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(client).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _transient(exc: BaseException) -> bool:
+    """Worth retrying: HTTP 429/5xx, or a transport error (not in offline mode), here or in its cause
+    chain (huggingface_hub wraps a failed metadata request in LocalEntryNotFoundError). The first
+    HTTP status met decides (a 404 wrapped the same way is not transient)."""
+    transport = _transport_errors()
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        status = _status(seen)
+        if status is not None:
+            return status in RETRY_STATUS
+        if isinstance(seen, transport):
+            return not constants.HF_HUB_OFFLINE
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def with_retries(
@@ -157,25 +194,29 @@ def with_retries(
     *,
     attempts: int = 6,
     backoff: float = 2.0,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], None] | None = None,
     what: str = "hub request",
 ) -> T:
-    """Run ``call``, retrying on HTTP 429/5xx and connection errors with exponential backoff + jitter."""
+    """Run ``call``, retrying on HTTP 429/5xx and connection errors (refused, reset, truncated, timed
+    out) with exponential backoff + jitter, or the server's Retry-After. When the attempts run out,
+    raises :class:`HubUnavailable` naming ``what`` and the last error; other errors pass through."""
     for attempt in range(attempts):
         try:
             return call()
         except Exception as exc:  # noqa: BLE001 - filtered just below
-            status = _status(exc)
-            transient = status in RETRY_STATUS or (status is None and isinstance(exc, (ConnectionError, TimeoutError))
-                                                   and not constants.HF_HUB_OFFLINE)
-            if not transient or attempt == attempts - 1:
+            if not _transient(exc):
                 raise
+            status = _status(exc)
+            if attempt == attempts - 1:
+                last = " ".join(str(exc).split())[:300] or type(exc).__name__
+                raise HubUnavailable(f"{what} failed {attempts} times; last error: {type(exc).__name__}: {last}") \
+                    from exc
             retry_after = getattr(getattr(exc, "response", None), "headers", {}).get("retry-after")
             delay = float(retry_after) if retry_after and str(retry_after).isdigit() else backoff * 2**attempt
             delay *= 1 + 0.25 * random.random()
             log.warning("%s failed (%s); retry %d/%d in %.1f s", what, status or type(exc).__name__,
                         attempt + 1, attempts - 1, delay)
-            sleep(delay)
+            (sleep or time.sleep)(delay)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -208,6 +249,31 @@ def repo_cache_dir(model_id: str, cache_dir: str | os.PathLike[str] | None = Non
     """Where the hub cache keeps ``model_id`` (``<cache>/models--org--name``)."""
     root = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
     return root / ("models--" + model_id.replace("/", "--"))
+
+
+def repo_lock(model_id: str, cache_dir: str | os.PathLike[str] | None = None) -> FileLock:
+    """The lock fetching and evicting hold on ``model_id``'s cache: an eviction deletes blobs no other
+    cached revision links to, so it must not run while a fetch is linking its snapshot to them
+    (revisions share the tokenizer and config blobs, and identical weights)."""
+    root = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+    path = root / ".locks" / repo_cache_dir(model_id, cache_dir).name / "icl-dynamics.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path)
+
+
+def evict_checkpoint(model_id: str, step: int, commit: str, cache_dir: str | os.PathLike[str] | None = None) -> dict:
+    """Remove ``model_id`` at ``step`` (its snapshot at ``commit``, its ref, and every blob no other
+    cached revision links to) from the HF cache with huggingface_hub's cache API. Returns what went:
+    the blobs deleted and the bytes freed (nothing when the revision is no longer cached)."""
+    with repo_lock(model_id, cache_dir):
+        cache = scan_cache_dir(cache_dir)
+        repo = next((r for r in cache.repos if r.repo_type == "model" and r.repo_id.lower() == model_id.lower()), None)
+        if repo is None or all(rev.commit_hash != commit for rev in repo.revisions):
+            return {"model": model_id, "step": step, "commit": commit, "deleted_blobs": 0, "freed_bytes": 0}
+        strategy = cache.delete_revisions(commit)
+        strategy.execute()
+    return {"model": model_id, "step": step, "commit": commit, "deleted_blobs": len(strategy.blobs),
+            "freed_bytes": strategy.expected_freed_size}
 
 
 def cached_commit(model_id: str, revision: str, cache_dir: str | os.PathLike[str] | None = None) -> str:
@@ -267,10 +333,11 @@ def _fetch_offline(model_id: str, step: int, cache_dir: str | os.PathLike[str] |
     return FetchResult(model_id, step, rev, commit, fmt, files + weights, "cache-etag", weights=weights)
 
 
-def _fetch_online(model_id: str, step: int, cache_dir: str | os.PathLike[str] | None, attempts: int) -> FetchResult:
+def _fetch_online(model_id: str, step: int, cache_dir: str | os.PathLike[str] | None, attempts: int,
+                  timeout: float) -> FetchResult:
     rev = step_revision(step)
     api = HfApi()
-    info = with_retries(lambda: api.model_info(model_id, revision=rev, files_metadata=True),
+    info = with_retries(lambda: api.model_info(model_id, revision=rev, files_metadata=True, timeout=timeout),
                         attempts=attempts, what=f"listing {model_id}@{rev}")
     siblings = {s.rfilename: s for s in info.siblings or []}
     fmt, single, index = choose_weights(siblings)
@@ -279,14 +346,25 @@ def _fetch_online(model_id: str, step: int, cache_dir: str | os.PathLike[str] | 
         sib = siblings.get(name)
         if sib is None:
             raise CheckpointNotFound(f"{name} is listed by the index but absent from {model_id}@{rev}")
-        # Download by commit so every file comes from the same tree even if the branch moves.
-        path = with_retries(lambda: hf_hub_download(model_id, name, revision=info.sha, cache_dir=cache_dir),
-                            attempts=attempts, what=f"downloading {name} of {model_id}@{rev}")
         lfs = sib.lfs is not None
         expected = sib.lfs.sha256 if lfs else sib.blob_id
-        record = FileRecord(name, Path(path), Path(path).stat().st_size, expected, lfs)
-        _verify(record)
-        return record
+        for tries in (1, 2):  # a blob that fails its hash is deleted and fetched once more
+            # Download by commit so every file comes from the same tree even if the branch moves.
+            path = Path(with_retries(
+                lambda: hf_hub_download(model_id, name, revision=info.sha, cache_dir=cache_dir, etag_timeout=timeout),
+                attempts=attempts, what=f"downloading {name} of {model_id}@{rev}"))
+            record = FileRecord(name, path, path.stat().st_size, expected, lfs)
+            try:
+                _verify(record)
+                return record
+            except IntegrityError:
+                if tries == 2:
+                    raise
+                log.warning("%s of %s@%s failed its hash check; deleting the blob and fetching it again", name,
+                            model_id, rev)
+                path.resolve().unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     others = [n for n in (*CONFIG_FILES, *TOKENIZER_FILES, *([index] if index else [])) if n in siblings]
     files = [download(n) for n in others]
@@ -300,25 +378,41 @@ def _write_ref(model_id: str, revision: str, commit: str, cache_dir: str | os.Pa
     write_bytes_atomic(repo_cache_dir(model_id, cache_dir) / "refs" / revision, commit.encode())
 
 
+@contextmanager
+def _download_timeout(seconds: float) -> Iterator[None]:
+    """huggingface_hub reads its download read-timeout (HF_HUB_DOWNLOAD_TIMEOUT) from ``constants``
+    on each download; set it for the fetch and put the user's value back after."""
+    previous = constants.HF_HUB_DOWNLOAD_TIMEOUT
+    constants.HF_HUB_DOWNLOAD_TIMEOUT = seconds
+    try:
+        yield
+    finally:
+        constants.HF_HUB_DOWNLOAD_TIMEOUT = previous
+
+
 def fetch_checkpoint(
     model_id: str,
     step: int,
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     attempts: int = 6,
+    timeout: float = 60.0,
 ) -> FetchResult:
     """Make ``model_id`` at ``step`` available in the local cache and verify every file's hash.
 
     With ``HF_HUB_OFFLINE=1`` nothing is downloaded: the cache must already hold the branch, and
-    each file is checked against the hash the hub cache named its blob by.
+    each file is checked against the hash the hub cache named its blob by. Online, a request that
+    sends nothing for ``timeout`` seconds counts as failed and is retried like a 5xx.
     """
     start = time.perf_counter()
-    if constants.HF_HUB_OFFLINE:
-        result = _fetch_offline(model_id, step, cache_dir)
-        for record in result.files:
-            _verify(record)
-    else:
-        result = _fetch_online(model_id, step, cache_dir, attempts)
+    with repo_lock(model_id, cache_dir):
+        if constants.HF_HUB_OFFLINE:
+            result = _fetch_offline(model_id, step, cache_dir)
+            for record in result.files:
+                _verify(record)
+        else:
+            with _download_timeout(timeout):
+                result = _fetch_online(model_id, step, cache_dir, attempts, timeout)
     result.seconds = time.perf_counter() - start
     return result
 

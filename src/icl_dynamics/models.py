@@ -8,12 +8,15 @@ Pythia checkpoint takes (``from_pretrained(repo_id, revision="step<N>")``).
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Iterator, Mapping
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -25,12 +28,51 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error.
+
+    With several GPUs visible (one machine, ``snakemake --resources gpu=N``), ``auto`` and ``cuda``
+    take a GPU no other icl-dynamics process on the machine holds (:func:`claim_gpu`), so concurrent
+    jobs spread over the devices; ``cuda:N`` is used as given. Under SLURM each job sees only its own.
+    """
+    if device == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was requested but torch sees no GPU; use device: auto or cpu")
+    if device in ("auto", "cuda"):
+        count = torch.cuda.device_count()
+        return torch.device(f"cuda:{claim_gpu([_gpu_name(i) for i in range(count)])}" if count > 1 else "cuda")
     return torch.device(device)
+
+
+_CLAIMED: list[FileLock] = []  # the GPU this process holds, until it exits
+
+
+def _gpu_name(index: int) -> str:
+    """A name for GPU ``index`` that is the same in every process (its UUID where torch reports one)."""
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    return f"gpu-{uuid}" if uuid is not None else f"gpu{index}"
+
+
+def claim_gpu(names: Sequence[str], lock_dir: str | Path | None = None, *, timeout: float | None = None,
+              poll: float = 1.0) -> int:
+    """The index in ``names`` of the first GPU whose lock file no other process holds; the lock stays
+    with this process. When every GPU is held, waits (up to ``timeout`` seconds, None: for ever)."""
+    root = Path(lock_dir) if lock_dir is not None else Path(tempfile.gettempdir()) / "icl-dynamics-gpus"
+    root.mkdir(parents=True, exist_ok=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        for index, name in enumerate(names):
+            lock = FileLock(root / f"{name}.lock")
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue
+            _CLAIMED.append(lock)
+            return index
+        if deadline is not None and time.monotonic() >= deadline:
+            raise RuntimeError(f"every GPU ({len(names)}) is held by another icl-dynamics job on this machine "
+                               f"(locks in {root}); give snakemake --resources gpu=N with N at most the GPU count")
+        time.sleep(poll)
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:

@@ -356,8 +356,9 @@ class _Accumulator:
         self.triplets = np.zeros(groups, dtype=np.int64)
         self.n_cells = int(np.prod(shape))
         self.n_clusters = dict.fromkeys(CLUSTER_DIMS, 1)  # documents and token pairs (set by the caller)
-        # per stream and cluster dimension: (key = cell * n_clusters + cluster, sum, count) of each batch's events
-        self.parts: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]] = {
+        # per stream and cluster dimension: (key = cell * n_clusters + cluster, sum, count) of each batch's
+        # events, kept on the scoring device (copied to the host once, at the end: no sync per layer)
+        self.parts: dict[str, dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = {
             k: {d: [] for d in CLUSTER_DIMS} for k in STREAMS}
 
     def add_clustered(self, stream: str, cell: torch.Tensor, clusters: Mapping[str, torch.Tensor],
@@ -369,7 +370,17 @@ class _Accumulator:
             keys, inverse = torch.unique(cell * self.n_clusters[dim] + clusters[dim], return_inverse=True)
             sums = torch.zeros(len(keys), dtype=torch.float64, device=values.device).index_add_(0, inverse, values)
             counts = torch.bincount(inverse, minlength=len(keys))
-            self.parts[stream][dim].append((keys.cpu().numpy(), sums.cpu().numpy(), counts.cpu().numpy()))
+            self.parts[stream][dim].append((keys, sums, counts))
+
+    def clustered(self, stream: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+        """The (keys, sums, counts, n_clusters) of ``stream`` per cluster dimension, for :func:`clustered_test`."""
+        out = []
+        for dim in CLUSTER_DIMS:
+            parts = self.parts[stream][dim]
+            keys, sums, counts = ((torch.cat(x).cpu().numpy() for x in zip(*parts)) if parts else
+                                  (np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64)))
+            out.append((keys, sums, counts, self.n_clusters[dim]))
+        return out
 
 
 @dataclass
@@ -699,11 +710,8 @@ def _rows(acc: _Accumulator, keys: Sequence[tuple[str, str, str]], gates: Sequen
     ratio_model_p95 = float(ratio_quantile(hist.sum((0, 1)), 0.95))
     _, _, layers, groups, heads = shape
     tests = {}
-    empty = [(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64))]
     for stream in STREAMS:
-        dims = [(*(np.concatenate(x) for x in zip(*(acc.parts[stream][d] or empty))), acc.n_clusters[d])
-                for d in CLUSTER_DIMS]
-        tests[stream] = {k: v.reshape(shape) for k, v in clustered_test(dims, acc.n_cells).items()}
+        tests[stream] = {k: v.reshape(shape) for k, v in clustered_test(acc.clustered(stream), acc.n_cells).items()}
     # the cell's test: RI above *each* control, so the largest p; the effect is over the matched control
     p_all = np.stack([tests[c]["p"] for c in CONTROLS])
     untested = np.isnan(p_all).any(0)

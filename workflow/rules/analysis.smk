@@ -33,6 +33,7 @@ rule analyze:
         "../envs/icl-dynamics.yaml"
     log:
         "logs/analyze.log",
+    threads: 4
     params:
         out_dir=lambda wildcards, output: os.path.dirname(output.tables[0]),
         options=" ".join(

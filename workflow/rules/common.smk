@@ -4,6 +4,10 @@ import os
 import shlex
 
 
+# the rules that download run in the Snakemake process (where the network is) unless configured otherwise
+NETWORK_LOCAL = config["cluster"]["network_rules_local"]
+
+
 wildcard_constraints:
     model=r"[^/]+",
     step=r"\d+",
@@ -51,3 +55,58 @@ def text_flags():
     if text["path"]:
         flags += ["--path", text["path"]]
     return " ".join(shlex.quote(f) for f in flags)
+
+
+# --- score jobs and the bounded cache (score.smk, fetch.smk) ---
+
+SCORE_TABLES = ["heads", "loss", "loss_curve", "icl_tasks", "relation_index"]
+KEEP_WEIGHTS = config["keep_weights"]
+CHECKPOINT_ORDER = [(model, step) for model in MODELS for step in STEPS]
+
+
+def evicted(model, step):
+    return f"{RESULTS}/{model}/step{step}/weights_evicted.json"
+
+
+def previous_eviction(wildcards):
+    """The eviction max_cached_checkpoints checkpoints before this one (none for the first ones)."""
+    i = CHECKPOINT_ORDER.index((wildcards.model, int(wildcards.step))) - config["max_cached_checkpoints"]
+    return [ancient(evicted(*CHECKPOINT_ORDER[i]))] if i >= 0 else []
+
+
+def fetch_turn(wildcards):
+    """The fetch's turn: the flag of rule fetch_slot, which needs :func:`previous_eviction`.
+
+    The fetch reads the flag as ancient and the flag's rule carries the ordering, so changing the step
+    list later reruns only these flags, never a fetch or the scoring behind it.
+    """
+    if KEEP_WEIGHTS:
+        return []
+    return ancient(f"{RESULTS}/{wildcards.model}/step{wildcards.step}/fetch_slot")
+
+
+def score_options():
+    """The score command's stage options (--<stage>-<option>) from the config's stage blocks."""
+    induction, loss, tasks, ri = config["induction"], config["loss"], config["icl_tasks"], config["relation_index"]
+    options = {
+        "heads": {key: induction[key] for key in ("n_tokens", "repeats", "n_samples", "exclude_frac", "seed")},
+        "loss": {key: loss[key] for key in ("early", "late", "batch_size", "bootstrap")},
+        "icl-tasks": {key: tasks[key] for key in ("shots", "n_prompts", "seed", "batch_size")},
+        "relation-index": {
+            key: ri[key]
+            for key in ("gates", "variants", "tau", "control_position", "alpha", "min_clusters", "seed", "batch_size")
+        },
+    }
+    flags = []
+    for stage, values in options.items():
+        for key, value in values.items():
+            flags += [f"--{stage}-{key.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
+    if not ri["exclude_function_words"]:
+        flags.append("--relation-index-keep-function-words")
+    return " ".join(shlex.quote(f) for f in flags)
+
+
+def score_resource(name):
+    """A score job's ``name`` resource (mem_mb, runtime) scaled by the size its model id states."""
+    spec = config["cluster"][f"score_{name}"]
+    return lambda wc: int(spec["base"] + spec["per_billion"] * parameter_count(model_id(wc.model)) / 1e9)

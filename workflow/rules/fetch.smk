@@ -1,5 +1,8 @@
 # Stage 1: one job per (model, step) puts the checkpoint into the HF cache and verifies it.
 # With schedule "toy" or "toy-relations" that toy zoo is trained first and serves as the (offline) hub cache.
+# With keep_weights false, a checkpoint's weights leave the cache once its score job is done (evict),
+# and the fetch of the i-th checkpoint (models in order, steps ascending) waits for the eviction of
+# the (i - max_cached_checkpoints)-th: at most that many checkpoints are in the cache at once.
 
 TOY_ZOO = f"{config['toy_zoo']['dir']}/zoo.json"
 # the relations zoo also writes its planted map and the texts the relations stage reads
@@ -22,9 +25,18 @@ rule toy_zoo:
         "icl-dynamics toy-zoo --kind {params.kind} --out {params.out} --seed {params.seed} 2> {log}"
 
 
+rule fetch_slot:
+    input:
+        previous_eviction,
+    output:
+        touch(f"{RESULTS}/{{model}}/step{{step}}/fetch_slot"),
+    localrule: True
+
+
 rule fetch:
     input:
         TOY_ZOO if config["schedule"] != "pythia" else [],
+        fetch_turn,
     output:
         f"{RESULTS}/{{model}}/step{{step}}/provenance.parquet",
     conda:
@@ -34,8 +46,11 @@ rule fetch:
     params:
         flags=lambda wc: checkpoint_flags(wc.model, wc.step, device=False),
         attempts=config["fetch"]["attempts"],
+        timeout=config["fetch"]["timeout"],
     resources:
         hub=1,
+    localrule: NETWORK_LOCAL
     retries: 1
     shell:
-        cli("fetch {params.flags} --attempts {params.attempts} --out {output}") + " 2> {log}"
+        cli("fetch {params.flags} --attempts {params.attempts} --timeout {params.timeout} --out {output}") + " 2> {log}"
+

@@ -26,6 +26,7 @@ rule merge:
     params:
         schedule=config["schedule"],
         toy_seed=config["toy_zoo"]["seed"],
+    localrule: True  # seconds of light work: not worth a queue wait
     shell:
         "icl-dynamics merge --stage {wildcards.stage} --schedule {params.schedule} --toy-seed {params.toy_seed} "
         "--out {output} {input} 2> {log}"

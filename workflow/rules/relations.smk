@@ -19,6 +19,7 @@ if not RELATIONS["agenda_dir"] and not PLANTED:
             "logs/fetch_agenda.log",
         params:
             dest=lambda wildcards, output: os.path.dirname(output[0]),
+        localrule: NETWORK_LOCAL
         shell:
             "icl-dynamics fetch-agenda --dest {params.dest} 2> {log}"
 

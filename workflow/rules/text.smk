@@ -14,5 +14,6 @@ rule tokenize_text:
     params:
         flags=lambda wc: checkpoint_flags(wc.model, STEPS[0], device=False),
         text=text_flags(),
+    localrule: NETWORK_LOCAL  # a hub dataset is downloaded here
     shell:
         cli("tokenize-text {params.flags} {params.text} --out {output}") + " 2> {log}"
