@@ -75,7 +75,7 @@ def previous_eviction(wildcards):
 
 
 def fetch_turn(wildcards):
-    """The fetch's turn: the flag of rule fetch_slot, which needs :func:`previous_eviction`.
+    """The fetch's turn: the fetch_slot flag, which waits for previous_eviction.
 
     The fetch reads the flag as ancient and the flag's rule carries the ordering, so changing the step
     list later reruns only these flags, never a fetch or the scoring behind it.
