@@ -1,8 +1,8 @@
-"""Benchmark of the relation-index stage on a randomly initialised pythia-70m-shaped model.
+"""Benchmark of the relation-index stage on a randomly initialised Pythia-shaped model (``--shape``, default 70m).
 
 Compares, over the same AGENDA relation sequences (same batches, sorted by length):
 
-* ``matmul``: the machine's float32 matmul FLOP/s (best of several square products), the yardstick;
+* ``matmul``: the machine's matmul FLOP/s in ``--dtype`` (best of several square products), the yardstick;
 * ``forward``: plain LM forward passes (``model(input_ids)``, default attention, logits included);
 * ``capture``: base-model forward passes with eager attention and a no-op pattern reducer (the
   floor under any stage that reads attention patterns);
@@ -29,9 +29,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ICL_SHARED", REPO.parent / "shared"))
-PYTHIA_70M = dict(vocab_size=50_304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
-                  intermediate_size=2048, max_position_embeddings=2048, rotary_pct=0.25, rotary_emb_base=10_000,
-                  use_parallel_residual=True, tie_word_embeddings=False)
+
+
+def model_config(shape: str) -> dict:
+    """The GPT-NeoX config of ``pythia-<shape>`` (14m ... 12b)."""
+    from icl_dynamics.pythia_format import PythiaShape
+
+    dims = PythiaShape.named(shape)
+    return dict(vocab_size=50_304, hidden_size=dims.hidden_size, num_hidden_layers=dims.num_hidden_layers,
+                num_attention_heads=dims.num_attention_heads, intermediate_size=4 * dims.hidden_size,
+                max_position_embeddings=2048, rotary_pct=0.25, rotary_emb_base=10_000, use_parallel_residual=True,
+                tie_word_embeddings=False)
 
 
 def relation_tables(relations_dir: Path, agenda_dir: Path, tokenizer_path: Path):
@@ -57,12 +65,14 @@ def select(sequences, triplets, n_sequences: int):
     return seqs, trips[trips.sequence_id.isin(set(seqs.sequence_id))]
 
 
-def random_model(device):
+def random_model(device, shape: str, dtype: str):
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+    from icl_dynamics.models import resolve_dtype
+
     torch.manual_seed(0)
-    return GPTNeoXForCausalLM(GPTNeoXConfig(**PYTHIA_70M)).eval().to(device)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(**model_config(shape))).eval().to(device, resolve_dtype(dtype))
 
 
 def batches(seqs, batch_size: int, device):
@@ -80,9 +90,9 @@ def batches(seqs, batch_size: int, device):
         yield ids.to(device), mask.to(device)
 
 
-def forward_flops(shapes, *, lm_head: bool) -> float:
+def forward_flops(shapes, config: dict, *, lm_head: bool) -> float:
     """Matmul FLOPs of GPT-NeoX forward passes over padded batches of ``shapes`` [(B, T)]."""
-    d, layers, vocab = PYTHIA_70M["hidden_size"], PYTHIA_70M["num_hidden_layers"], PYTHIA_70M["vocab_size"]
+    d, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
     total = 0.0
     for b, t in shapes:
         total += layers * (2 * b * t * 12 * d * d + 4 * b * t * t * d)  # QKV, out, MLP; QK^T and AV
@@ -108,15 +118,15 @@ def timed_stage(stage: str, model, seqs, trips, args: argparse.Namespace, device
         with torch.inference_mode():
             for ids, mask in batches(seqs, args.batch_size, device):
                 model(input_ids=ids, attention_mask=mask)
-        return forward_flops(shapes, lm_head=True)
+        return forward_flops(shapes, model_config(args.shape), lm_head=True)
     if stage == "capture":
         with torch.inference_mode(), capture_attention(model, lambda layer, pattern: None):
             for ids, mask in batches(seqs, args.batch_size, device):
                 model.gpt_neox(input_ids=ids, attention_mask=mask)
-        return forward_flops(shapes, lm_head=False)
+        return forward_flops(shapes, model_config(args.shape), lm_head=False)
     if stage == "relation-index":
         out["rows"] = len(score_relation_index(model, seqs, trips, batch_size=args.batch_size))
-        return forward_flops(shapes, lm_head=False)
+        return forward_flops(shapes, model_config(args.shape), lm_head=False)
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -131,8 +141,11 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     out: dict = {"stage": stage, "device": str(device), "threads": torch.get_num_threads()}
     if stage == "matmul":
-        n = 4096 if device.type == "cuda" else 2048
-        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        from icl_dynamics.models import resolve_dtype
+
+        n = 8192 if device.type == "cuda" else 2048
+        dtype = resolve_dtype(args.dtype)
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         best = float("inf")
         for _ in range(6):
             sync(device)
@@ -144,7 +157,7 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
         out.update(seconds=best, flops=2.0 * n**3)
     else:
         seqs, trips = select(*relation_tables(args.relations_dir, args.agenda_dir, args.tokenizer), args.n_sequences)
-        model = random_model(device)
+        model = random_model(device, args.shape, args.dtype)
         shapes = [tuple(ids.shape) for ids, _ in batches(seqs, args.batch_size, "cpu")]
         tokens = int(sum(map(len, seqs.token_ids)))
         warm_ids, warm_mask = next(batches(seqs.tail(2), 2, device))
@@ -171,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per stage; the fastest is reported")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--shape", default="70m", help="Pythia size whose shape the random model takes (14m ... 12b)")
+    parser.add_argument("--dtype", default="auto", help="auto (float32) | float16 | bfloat16, for every stage")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--relations-dir", type=Path, default=Path("/tmp/icl-dynamics-bench/relations"),
                         help="sequences/triplets Parquet of the relations stage (built here when missing)")
@@ -197,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     ri = results["relation-index"]
     print(f"device {ri['device']} ({ri['threads']} threads); {ri['sequences']} sequences, {ri['tokens']} tokens "
           f"({ri['padded_tokens']} padded), {ri['triplets']} triplets; {ri['rows']} result rows; "
-          f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+          f"{args.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s; shape pythia-{args.shape}")
     header = f"{'stage':<15}{'seconds':>9}{'tokens/s':>10}{'GFLOP':>9}{'GFLOP/s':>9}{'of peak':>9}" \
              f"{'s/ckpt*':>9}{'vs fwd':>8}{'RSS MB':>8}"
     print(header)
@@ -214,6 +229,10 @@ def main(argv: list[str] | None = None) -> None:
         print(line)
     print(f"* seconds per checkpoint extrapolated to the full relation set ({len(all_seqs)} sequences, "
           f"{all_tokens} tokens). FLOPs count the forward matmuls only (the LM head for 'forward').")
+    rate = ri["tokens"] / ri["seconds"]
+    print(f"summary: relation index {ri['seconds'] / fwd:.2f}x a forward pass over the same tokens (target <= 3x), "
+          f"{rate:.0f} tokens/s, {ri['flops'] / ri['seconds'] / peak:.1%} of the measured matmul FLOP/s; "
+          f"pythia-{args.shape} shape, {args.dtype}, {ri['device']}")
 
 
 if __name__ == "__main__":

@@ -232,16 +232,16 @@ class FakeHub:
         fake = self
 
         class Api:
-            def model_info(self, repo_id, revision, files_metadata):
-                assert files_metadata and revision.startswith("step")
+            def model_info(self, repo_id, revision, files_metadata, timeout):
+                assert files_metadata and revision.startswith("step") and timeout > 0
                 from types import SimpleNamespace
 
                 return SimpleNamespace(sha=fake.sha, siblings=fake.siblings)
 
         return Api()
 
-    def download(self, repo_id, filename, revision, cache_dir):
-        assert revision == self.sha  # every file from the same commit
+    def download(self, repo_id, filename, revision, cache_dir, etag_timeout):
+        assert revision == self.sha and etag_timeout > 0  # every file from the same commit
         self.downloaded.append(filename)
         path = hub.repo_cache_dir(repo_id, cache_dir) / "snapshots" / revision / filename
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,12 @@ def test_written_tables_carry_provenance_and_read_back(tmp_path):
     path = io.write_rows([{"step": 3, "value": 1.5}], SCHEMA, tmp_path / "t.parquet", meta={"stage": "demo"})
     assert io.read_table(path, SCHEMA).to_pylist() == [{"step": 3, "value": 1.5}]
     prov = io.read_provenance(path)
-    assert prov["stage"] == "demo" and prov["icl_dynamics"] and "written_at" in prov
+    assert prov["stage"] == "demo" and prov["icl_dynamics"] and prov["torch"]
+    assert not {"written_at", "host"} & set(prov)  # same rows, same bytes
+    again = io.write_rows([{"step": 3, "value": 1.5}], SCHEMA, tmp_path / "again.parquet", meta={"stage": "demo"})
+    assert again.read_bytes() == path.read_bytes()
+    stamped = io.write_rows([{"step": 3, "value": 1.5}], SCHEMA, tmp_path / "s.parquet", reproducible=False)
+    assert {"written_at", "host"} <= set(io.read_provenance(stamped))  # the fetch stage's provenance table
     with pytest.raises(io.SchemaError, match="column 'value' has type double, expected string"):
         io.read_table(path, pa.schema([pa.field("value", pa.string())]))
 

@@ -157,7 +157,7 @@ def test_snakemake_end_to_end_on_the_pythia_format_fixture(pythia_cache: Path, s
     config = {
         "models": [PYTHIA_MODEL], "schedule": "pythia", "checkpoints": {"steps": list(PYTHIA_STEPS)},
         "device": "cpu", "dtype": "auto", "hf_cache": str(cache), "hub_offline": True, "results": "results",
-        "keep_weights": False, "max_cached_checkpoints": 1,
+        "keep_weights": False, "max_cached_checkpoints": 2,
         "text": {"kind": "disk", "name": None, "path": str(texts), "n_docs": 40, "context": 128},
         "loss": {"early": 10, "late": 100, "bootstrap": 200},
         "induction": {"n_samples": 4},
@@ -242,29 +242,29 @@ def test_stages_refuse_weights_that_differ_from_what_fetch_verified(cache_copy: 
 
 
 def test_eviction_removes_a_checkpoint_but_not_what_another_cached_one_shares(cache_copy: Path) -> None:
-    """step0 and step1 serve one weights blob (as on the hub), and every step shares the tokenizer's:
-    evicting step0 leaves both for step1, which still loads and verifies; evicting step1 then frees
-    the weights blob; a second eviction of the same step is a no-op."""
+    """step0 and step1 are one commit in the fixture: evicting step0 drops only its branch, and step1
+    still loads and verifies. Every step shares the tokenizer and config blobs: evicting step1 and
+    step2 frees their weights but leaves step1000 whole. A second eviction of a step is a no-op."""
     repo = hub.repo_cache_dir(PYTHIA_MODEL, cache_copy)
-    rows = {step: fetched_row(cache_copy, step) for step in (0, 1)}
-    weights_blob = (snapshot(cache_copy, 0) / "pytorch_model.bin").resolve()
-    assert weights_blob == (snapshot(cache_copy, 1) / "pytorch_model.bin").resolve()
-    size = weights_blob.stat().st_size
+    rows = {step: fetched_row(cache_copy, step) for step in PYTHIA_STEPS}
+    assert rows[0]["commit"] == rows[1]["commit"]
+    weights = {step: (snapshot(cache_copy, step) / "pytorch_model.bin").resolve() for step in (1, 2)}
     blobs = {p.name for p in (repo / "blobs").iterdir()}
 
     first = hub.evict_checkpoint(PYTHIA_MODEL, 0, rows[0]["commit"], cache_copy)
-    assert (first["deleted_blobs"], first["freed_bytes"]) == (0, 0)  # every blob of step0 is step1's too
-    assert not (repo / "refs" / "step0").exists() and not (repo / "snapshots" / rows[0]["commit"]).exists()
-    assert {p.name for p in (repo / "blobs").iterdir()} == blobs
-    model = load_checkpoint(PYTHIA_MODEL, 1, cache_dir=cache_copy, device="cpu", fetched=rows[1])
-    assert model.tokenizer is not None
+    assert (first["deleted_blobs"], first["freed_bytes"]) == (0, 0)
+    assert not (repo / "refs" / "step0").exists() and {p.name for p in (repo / "blobs").iterdir()} == blobs
+    assert load_checkpoint(PYTHIA_MODEL, 1, cache_dir=cache_copy, device="cpu", fetched=rows[1]).tokenizer
     with pytest.raises(hub.CheckpointNotFound, match="step0 is not in the cache"):
         load_checkpoint(PYTHIA_MODEL, 0, cache_dir=cache_copy, device="cpu", fetched=rows[0])
 
-    second = hub.evict_checkpoint(PYTHIA_MODEL, 1, rows[1]["commit"], cache_copy)
-    assert (second["deleted_blobs"], second["freed_bytes"]) == (1, size) and not weights_blob.exists()
-    assert (snapshot(cache_copy, 2) / "tokenizer.json").is_file()  # steps 2 and 1000 keep theirs
-    assert hub.evict_checkpoint(PYTHIA_MODEL, 1, rows[1]["commit"], cache_copy)["deleted_blobs"] == 0
+    for step in (1, 2):
+        size = weights[step].stat().st_size
+        evicted = hub.evict_checkpoint(PYTHIA_MODEL, step, rows[step]["commit"], cache_copy)
+        assert (evicted["deleted_blobs"], evicted["freed_bytes"]) == (1, size) and not weights[step].exists()
+        assert not (repo / "snapshots" / rows[step]["commit"]).exists()
+    assert load_checkpoint(PYTHIA_MODEL, 1000, cache_dir=cache_copy, device="cpu", fetched=rows[1000]).tokenizer
+    assert hub.evict_checkpoint(PYTHIA_MODEL, 2, rows[2]["commit"], cache_copy)["deleted_blobs"] == 0
 
 
 def test_a_weights_file_missing_a_tensor_is_refused(cache_copy: Path) -> None:

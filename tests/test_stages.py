@@ -82,6 +82,10 @@ def test_score_writes_what_the_single_stages_write(toy_zoo_relations: Path, inpu
     ri = pd.read_parquet(tmp_path / "score" / "relation_index.parquet")
     assert set(ri["variant"]) == {"source"} and set(ri["gate"]) == {"argmax"} and ri["sih"].any()
     assert heads["runtime"]["device"] == "cpu" and heads["runtime"]["dtype"] == "float32"
+    # a rerun of the same job writes the same bytes (no time or host in the tables)
+    assert main(["score", *common, *files, *score_flags(), "--out-dir", str(tmp_path / "again")]) == 0
+    for table in TABLES:
+        assert (tmp_path / "again" / f"{table}.parquet").read_bytes() == (tmp_path / "score" / f"{table}.parquet").read_bytes()
 
 
 def test_a_failing_stage_leaves_no_table_of_the_job(toy_zoo_relations: Path, inputs: dict, tmp_path: Path):

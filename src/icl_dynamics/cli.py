@@ -120,7 +120,8 @@ def cmd_fetch(args: argparse.Namespace) -> None:
     schedule.check(args.step)
     result = hub.fetch_checkpoint(args.model, args.step, cache_dir=args.cache_dir, attempts=args.attempts,
                                   timeout=args.timeout)
-    io.write_rows([result.row(schedule.tokens(args.step))], hub.PROVENANCE_SCHEMA, args.out)
+    # the provenance table is where a run records when and where: the only table stamped with time and host
+    io.write_rows([result.row(schedule.tokens(args.step))], hub.PROVENANCE_SCHEMA, args.out, reproducible=False)
     log.info("%s@%s: commit %s, %s weights (%d files, %.1f MB) verified in %.1f s", args.model, result.revision,
              result.commit[:12], result.weights_format, len(result.weights),
              sum(w.size for w in result.weights) / 1e6, result.seconds)
@@ -206,7 +207,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
                "relation": emergence.RELATION_SCHEMA, "summary": emergence.SUMMARY_SCHEMA}
     for name, schema in schemas.items():
         io.write_rows(tables[name].to_dict("list"), schema, out / f"{name}.parquet", meta=meta)
-    tables["summary"].to_csv(out / "summary.csv", index=False)  # the report's table
+    with io.atomic_path(out / "summary.csv") as tmp:  # the report's table
+        tables["summary"].to_csv(tmp, index=False)
     figures = out / "figures"
     fig.emergence_panel(tables["icl_traj"], tables["emergence"], tables["head_traj"], tables["formation"],
                         figures / "emergence_panel", top_k=args.top_k)

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import pyarrow as pa
 from filelock import FileLock
-from huggingface_hub import HfApi, constants, hf_hub_download, scan_cache_dir
+from huggingface_hub import DeleteCacheStrategy, HfApi, constants, hf_hub_download, scan_cache_dir
 
 from icl_dynamics.checkpoints import Schedule
 from icl_dynamics.checkpoints import revision as step_revision
@@ -263,16 +263,25 @@ def repo_lock(model_id: str, cache_dir: str | os.PathLike[str] | None = None) ->
 
 def evict_checkpoint(model_id: str, step: int, commit: str, cache_dir: str | os.PathLike[str] | None = None) -> dict:
     """Remove ``model_id`` at ``step`` (its snapshot at ``commit``, its ref, and every blob no other
-    cached revision links to) from the HF cache with huggingface_hub's cache API. Returns what went:
-    the blobs deleted and the bytes freed (nothing when the revision is no longer cached)."""
+    cached revision links to) from the HF cache with huggingface_hub's cache API. When another step's
+    branch points at the same commit, only this step's ref goes. Returns what went: the blobs deleted
+    and the bytes freed (nothing when the revision is no longer cached)."""
     with repo_lock(model_id, cache_dir):
         cache = scan_cache_dir(cache_dir)
         repo = next((r for r in cache.repos if r.repo_type == "model" and r.repo_id.lower() == model_id.lower()), None)
-        if repo is None or all(rev.commit_hash != commit for rev in repo.revisions):
+        cached = next((rev for rev in repo.revisions if rev.commit_hash == commit), None) if repo else None
+        if cached is None:
             return {"model": model_id, "step": step, "commit": commit, "deleted_blobs": 0, "freed_bytes": 0}
-        strategy = cache.delete_revisions(commit)
+        ref = step_revision(step)
+        if any(other.startswith("step") and other != ref for other in cached.refs):
+            strategy = DeleteCacheStrategy(expected_freed_size=0, blobs=frozenset(), repos=frozenset(),
+                                           snapshots=frozenset(), refs=frozenset({repo.repo_path / "refs" / ref}))
+        else:
+            strategy = cache.delete_revisions(commit)
+        # the last revision of a repository takes the whole repository (its blobs are not listed one by one)
+        deleted = len(strategy.blobs) + sum(len(list((path / "blobs").glob("*"))) for path in strategy.repos)
         strategy.execute()
-    return {"model": model_id, "step": step, "commit": commit, "deleted_blobs": len(strategy.blobs),
+    return {"model": model_id, "step": step, "commit": commit, "deleted_blobs": deleted,
             "freed_bytes": strategy.expected_freed_size}
 
 

@@ -76,10 +76,11 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     return Path(path)
 
 
-def provenance(extra: Mapping[str, Any] | None = None, *, reproducible: bool = False) -> dict[str, Any]:
-    """Return the provenance stamped into every table: package and library versions, time, host.
+def provenance(extra: Mapping[str, Any] | None = None, *, reproducible: bool = True) -> dict[str, Any]:
+    """Return the provenance stamped into every table: package and library versions, and ``extra``.
 
-    ``reproducible=True`` leaves out the time and host, so the same inputs give the same bytes.
+    ``reproducible=False`` adds the time and host (the fetch stage's provenance table, which records
+    when and where); left out everywhere else, so a rerun writes the same bytes.
     """
     info: dict[str, Any] = {
         "icl_dynamics": __version__,
@@ -134,11 +135,11 @@ def write_table(
     path: str | os.PathLike[str],
     *,
     meta: Mapping[str, Any] | None = None,
-    reproducible: bool = False,
+    reproducible: bool = True,
 ) -> Path:
     """Write ``table`` to ``path`` atomically (temp file in the same directory, then rename).
 
-    With ``reproducible=True`` the provenance has no time or host: same table, same bytes.
+    The provenance has no time or host unless ``reproducible=False``: same table, same bytes.
     """
     with atomic_path(path) as tmp:
         _write_parquet(table, tmp, meta, reproducible)
@@ -153,7 +154,7 @@ def write_tables(tables: Mapping[str | os.PathLike[str], tuple[pa.Table, Mapping
     """
     with ExitStack() as stack:
         for path, (table, meta) in tables.items():
-            _write_parquet(table, stack.enter_context(atomic_path(path)), meta, False)
+            _write_parquet(table, stack.enter_context(atomic_path(path)), meta, True)
     return [Path(p) for p in tables]
 
 
@@ -170,9 +171,10 @@ def write_rows(
     path: str | os.PathLike[str],
     *,
     meta: Mapping[str, Any] | None = None,
+    reproducible: bool = True,
 ) -> Path:
     """Check ``rows`` against ``schema`` and write them atomically to ``path``."""
-    return write_table(to_table(rows, schema), path, meta=meta)
+    return write_table(to_table(rows, schema), path, meta=meta, reproducible=reproducible)
 
 
 def read_table(path: str | os.PathLike[str], schema: pa.Schema | None = None) -> pa.Table:

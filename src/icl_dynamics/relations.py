@@ -629,12 +629,11 @@ def build_planted_relations(map_path: str | os.PathLike[str], texts: Sequence[st
 def write_relations(tables: RelationTables, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Write sequences.parquet, triplets.parquet and summary.parquet (atomically, with provenance).
 
-    The provenance carries no time or host, so the same inputs give byte-identical files.
+    The same inputs give byte-identical files (:func:`icl_dynamics.io.write_table`).
     """
     out = Path(out_dir)
     return {
-        name: io.write_table(getattr(tables, name), out / f"{name}.parquet", meta={"relations": tables.meta},
-                             reproducible=True)
+        name: io.write_table(getattr(tables, name), out / f"{name}.parquet", meta={"relations": tables.meta})
         for name in ("sequences", "triplets", "summary")
     }
 

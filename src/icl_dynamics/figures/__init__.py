@@ -70,7 +70,8 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], formats: Sequence[str
     for fmt in formats:
         target = base.with_name(f"{base.name}.{fmt}")  # not with_suffix: 'pythia-1.4b' has a dot
         with atomic_path(target) as tmp:
-            fig.savefig(tmp, format=fmt, bbox_inches="tight")
+            # no creation date in the PDF: a rerun writes the same bytes
+            fig.savefig(tmp, format=fmt, bbox_inches="tight", metadata={"CreationDate": None} if fmt == "pdf" else None)
         written.append(target)
     plt.close(fig)
     return written
