@@ -5,6 +5,7 @@ from snakemake.exceptions import WorkflowError
 
 from icl_dynamics.checkpoints import model_slug, parameter_count, unslug
 from icl_dynamics.config import ConfigError, validate_config
+from icl_dynamics.stages import STAGES
 
 
 configfile: "config.yaml"

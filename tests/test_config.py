@@ -81,6 +81,7 @@ BAD_CONFIGS = [
     ({"hub_offline": "yes"}, r"config key 'hub_offline': 'yes' is not of type 'boolean'"),
     ({"keep_weights": "no"}, r"config key 'keep_weights': 'no' is not of type 'boolean'"),
     ({"max_cached_checkpoints": 0}, r"config key 'max_cached_checkpoints': 0 is less than the minimum"),
+    ({"hub_offline": True}, r"config key 'keep_weights': false with hub_offline: true would delete checkpoints"),
     ({"schedule": "toy", "toy_zoo": {"dir": "TMP/zoo-seed1", "seed": 1}, "hf_cache": "TMP/zoo-seed1/hub",
       "checkpoints": {"preset": "all"}},
      r"config key 'keep_weights': false would delete the toy zoo's checkpoints"),

@@ -211,7 +211,7 @@ def test_fetch_cli_rejects_a_step_pythia_never_published(cache, tmp_path, caplog
     assert not out.exists()
 
 
-class FakeHub:
+class MockHub:
     """Stands in for the hub's API and downloads (no network): serves ``files`` at one commit."""
 
     def __init__(self, root, files: dict[str, bytes], lfs: set[str], corrupt: str | None = None):
@@ -250,7 +250,7 @@ class FakeHub:
         return str(path)
 
 
-def serve(monkeypatch, fake: FakeHub) -> None:
+def serve(monkeypatch, fake: MockHub) -> None:
     monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub, "HfApi", fake.api)
     monkeypatch.setattr(hub, "hf_hub_download", fake.download)
@@ -259,7 +259,7 @@ def serve(monkeypatch, fake: FakeHub) -> None:
 def test_online_fetch_takes_one_format_and_checks_the_lfs_hashes(tmp_path, monkeypatch):
     files, lfs = model_files(tiny_neox())
     files["tokenizer.json"] = b"{}"
-    fake = FakeHub(tmp_path, files, set(lfs))
+    fake = MockHub(tmp_path, files, set(lfs))
     serve(monkeypatch, fake)
     result = hub.fetch_checkpoint(MODEL, 4, cache_dir=tmp_path / "hub")
     assert sorted(fake.downloaded) == ["config.json", "model.safetensors", "tokenizer.json"]
@@ -270,7 +270,7 @@ def test_online_fetch_takes_one_format_and_checks_the_lfs_hashes(tmp_path, monke
 
 def test_online_fetch_refuses_a_download_that_differs_from_the_hub_hash(tmp_path, monkeypatch):
     files, lfs = model_files(tiny_neox(), safetensors=False)
-    serve(monkeypatch, FakeHub(tmp_path, files, set(lfs), corrupt="pytorch_model.bin"))
+    serve(monkeypatch, MockHub(tmp_path, files, set(lfs), corrupt="pytorch_model.bin"))
     with pytest.raises(hub.IntegrityError, match="pytorch_model.bin"):
         hub.fetch_checkpoint(MODEL, 4, cache_dir=tmp_path / "hub")
     assert not (hub.repo_cache_dir(MODEL, tmp_path / "hub") / "refs" / "step4").exists()
@@ -288,7 +288,7 @@ def test_online_fetch_of_a_sharded_checkpoint_takes_the_index_and_its_shards(tmp
         "pytorch_model-00002-of-00002.bin": b"shard two",
     }
     lfs = {"pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"}
-    fake = FakeHub(tmp_path, files, lfs)
+    fake = MockHub(tmp_path, files, lfs)
     serve(monkeypatch, fake)
     result = hub.fetch_checkpoint(MODEL, 4, cache_dir=tmp_path / "hub")
     assert result.weights_format == "bin"

@@ -56,11 +56,12 @@ def assert_fetched(result: hub.FetchResult, toy_zoo: Path, cache: Path) -> None:
     assert result.weights_format == "safetensors" and len(result.weights) == 1
 
 
-FAULTS = {  # each fails the first two matching requests, then clears
+FAULTS = {  # each fails the first matching requests, then clears
     "429 with Retry-After (listing)": Fault("429", match="/api/models/", times=2),
     "503 (file metadata)": Fault("503", match="/resolve/", times=2, method="HEAD"),
     "connection reset mid-body (weights)": Fault("reset", match="/__cdn__/", times=2),
-    "truncated body (weights)": Fault("truncate", match="/__cdn__/", times=2),
+    # huggingface_hub retries a truncated download 5 times itself: 7 outlast it, so ours must retry too
+    "truncated body (weights)": Fault("truncate", match="/__cdn__/", times=7),
     "corrupt body (weights: fails its hash, deleted, fetched again)": Fault("corrupt", match="/__cdn__/", times=1),
 }
 
@@ -118,3 +119,18 @@ def test_a_fault_that_never_clears_ends_in_one_line_naming_model_step_and_error(
     assert f"listing {TOY_MODEL_ID}@step{STEP} failed 3 times; last error: HfHubHTTPError" in errors[0]
     assert "503" in errors[0] and len(sleeps) == 2
     assert not (tmp_path / "provenance.parquet").exists()
+
+
+def test_a_job_that_needs_an_evicted_checkpoint_fetches_it_again(fake, toy_zoo, tmp_path, caplog):
+    """keep_weights: false evicts a scored checkpoint; rescoring it (here one stage) fetches it again
+    from the hub and checks it against the first fetch's provenance before measuring."""
+    cache, provenance = tmp_path / "cache", tmp_path / "provenance.parquet"
+    common = ["--model", TOY_MODEL_ID, "--step", str(STEP), "--schedule", "toy", "--cache-dir", str(cache)]
+    assert main(["fetch", *common, "--out", str(provenance)]) == 0
+    assert main(["evict", *common, "--provenance", str(provenance), "--out", str(tmp_path / "evicted.json")]) == 0
+    assert not hub.repo_cache_dir(TOY_MODEL_ID, cache).exists()  # the only revision: the repository went
+    with caplog.at_level(logging.WARNING):
+        assert main(["heads", *common, "--device", "cpu", "--provenance", str(provenance), "--n-tokens", "10",
+                     "--out", str(tmp_path / "heads.parquet")]) == 0
+    assert "no longer in the cache (evicted after scoring?): fetching it again" in caplog.text
+    assert (tmp_path / "heads.parquet").exists()

@@ -11,12 +11,14 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from icl_dynamics.toyzoo import TOY_SEED, ZOO_KINDS
 
 log = logging.getLogger("icl_dynamics")
+T = TypeVar("T")
 
 
 def _schedule(args: argparse.Namespace):
@@ -43,10 +45,28 @@ def _load(args: argparse.Namespace):
 
     _schedule(args).check(args.step)
     fetched = _fetched_row(args) if args.provenance else None
-    ckpt = load_checkpoint(args.model, args.step, cache_dir=args.cache_dir, device=args.device, dtype=args.dtype,
-                           fetched=fetched)
+    ckpt = _refetching(args, lambda: load_checkpoint(args.model, args.step, cache_dir=args.cache_dir,
+                                                     device=args.device, dtype=args.dtype, fetched=fetched))
     log.info("loaded %s@step%d on %s (%s)", args.model, args.step, ckpt.device, next(ckpt.model.parameters()).dtype)
     return ckpt
+
+
+def _refetching(args: argparse.Namespace, load: Callable[[], T]) -> T:
+    """``load()``; when the checkpoint is no longer in the cache (keep_weights: false evicts each scored
+    one) and the hub is reachable, fetch it again first. The load then checks the weights against the
+    fetch stage's recorded hashes, so a rescore sees the very files the first score saw."""
+    from huggingface_hub import constants
+
+    try:
+        return load()
+    except FileNotFoundError:
+        if constants.HF_HUB_OFFLINE:
+            raise
+    from icl_dynamics import hub
+
+    log.warning("%s@step%d is no longer in the cache (evicted after scoring?): fetching it again", args.model, args.step)
+    hub.fetch_checkpoint(args.model, args.step, cache_dir=args.cache_dir)
+    return load()
 
 
 def _fetched_row(args: argparse.Namespace) -> dict:
@@ -73,7 +93,8 @@ def cmd_stage(args: argparse.Namespace) -> None:
     from icl_dynamics.stages import run_stages
 
     stage = args.stage
-    seconds = run_stages([(stage, args)], lambda: _load(args), lambda rows: _stamp(rows, args),
+    opts = argparse.Namespace(**{dest: getattr(args, dest) for dest in _option_dests(stage)})
+    seconds = run_stages([(stage, opts)], lambda: _load(args), lambda rows: _stamp(rows, args),
                          {name: getattr(args, _dest(flag)) for name, flag in stage.outputs.items()})
     log.info("%s in %.1f s (load %.1f s)", stage.name, seconds[stage.name], seconds["load"])
 
@@ -88,9 +109,8 @@ def cmd_score(args: argparse.Namespace) -> None:
         missing = [flag for flag in stage.inputs if getattr(args, _dest(flag)) is None]
         if missing:
             raise ValueError(f"score: stage {name} needs {' and '.join(missing)}")
-        prefix = _dest(f"--{name}-")
-        opts = {key.removeprefix(prefix): value for key, value in vars(args).items() if key.startswith(prefix)}
-        opts |= {_dest(flag): getattr(args, _dest(flag)) for flag in stage.inputs}
+        prefix, inputs = _dest(f"--{name}-"), {_dest(flag) for flag in stage.inputs}  # inputs keep their own name
+        opts = {dest: getattr(args, dest if dest in inputs else prefix + dest) for dest in _option_dests(stage)}
         jobs.append((stage, argparse.Namespace(**opts)))
     out = Path(args.out_dir)
     paths = {table: out / f"{table}.parquet" for stage, _ in jobs for table in stage.outputs}
@@ -102,6 +122,13 @@ def cmd_score(args: argparse.Namespace) -> None:
 def _dest(flag: str) -> str:
     """argparse's attribute name for ``flag``."""
     return flag.lstrip("-").replace("-", "_")
+
+
+def _option_dests(stage) -> list[str]:
+    """The attribute names of ``stage``'s options and inputs (what its measure function reads)."""
+    flags: list[str] = []
+    stage.options(lambda flag, **kw: flags.append(flag))
+    return [_dest(flag) for flag in flags]
 
 
 def cmd_toy_zoo(args: argparse.Namespace) -> None:
@@ -144,7 +171,7 @@ def cmd_tokenize_text(args: argparse.Namespace) -> None:
     from icl_dynamics.icl import TextSource, iter_texts, select_documents
     from icl_dynamics.models import load_tokenizer
 
-    tokenizer = load_tokenizer(args.model, args.step, cache_dir=args.cache_dir)
+    tokenizer = _refetching(args, lambda: load_tokenizer(args.model, args.step, cache_dir=args.cache_dir))
     source = TextSource(args.kind, args.name, args.path, args.split, args.column)
     rows = select_documents(iter_texts(source), tokenizer, context=args.context, n_docs=args.n_docs, seed=args.seed)
     meta = {"source": vars(source), "context": args.context, "n_docs": args.n_docs, "seed": args.seed,
@@ -166,7 +193,7 @@ def cmd_relations(args: argparse.Namespace) -> None:
 
     if (args.agenda_dir is None) == (args.planted_map is None):
         raise ValueError("relations: give either --agenda-dir (KG and syntax) or --planted-map (planted relations)")
-    tokenizer = load_tokenizer(args.model, args.step, cache_dir=args.cache_dir)
+    tokenizer = _refetching(args, lambda: load_tokenizer(args.model, args.step, cache_dir=args.cache_dir))
     if args.planted_map:
         if not args.planted_texts:
             raise ValueError("relations: --planted-map needs --planted-texts (the zoo's relations.jsonl)")
@@ -331,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, required=True, help=f"the {name} table (Parquet)")
         p.set_defaults(func=cmd_stage, stage=stage)
 
-    p = sub.add_parser("score", help="every per-checkpoint stage on one model load (the workflow's GPU job)")
+    p = sub.add_parser("score", help="every per-checkpoint stage on one model load (the workflow's GPU job)",
+                       allow_abbrev=False)  # a single stage's --out must not pass for --out-dir
     _checkpoint_args(p)
     p.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES), help="stages to run (default: all)")
     for stage in STAGES.values():

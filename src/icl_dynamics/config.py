@@ -112,8 +112,14 @@ def _check_toy_zoo(toy_zoo: Mapping[str, Any], schedule: str) -> None:
 
 
 def _check_cache(config: Mapping[str, Any]) -> None:
-    """Evicting scored checkpoints from a toy zoo's own hub would destroy the zoo."""
-    if config["keep_weights"] or config["schedule"] == "pythia" or not config["hf_cache"]:
+    """Evicting scored checkpoints from a toy zoo's own hub would destroy the zoo, and offline nothing
+    evicted could be fetched again."""
+    if config["keep_weights"]:
+        return
+    if config["hub_offline"]:
+        raise ConfigError("config key 'keep_weights': false with hub_offline: true would delete checkpoints from "
+                          "the cache that cannot be fetched again offline; set keep_weights: true")
+    if config["schedule"] == "pythia" or not config["hf_cache"]:
         return
     zoo, cache = Path(config["toy_zoo"]["dir"]).resolve(), Path(config["hf_cache"]).resolve()
     if cache == zoo or zoo in cache.parents:

@@ -268,6 +268,11 @@ def evict_checkpoint(model_id: str, step: int, commit: str, cache_dir: str | os.
     and the bytes freed (nothing when the revision is no longer cached)."""
     with repo_lock(model_id, cache_dir):
         cache = scan_cache_dir(cache_dir)
+        folder = repo_cache_dir(model_id, cache_dir)
+        damaged = [w for w in cache.warnings if str(folder) in str(w)]
+        if damaged:  # huggingface_hub leaves such a repository out of the scan: evicting would do nothing
+            raise IntegrityError(f"cannot evict {model_id}@step{step}: the cache scan refused {folder} ({damaged[0]}); "
+                                 "repair or delete that folder")
         repo = next((r for r in cache.repos if r.repo_type == "model" and r.repo_id.lower() == model_id.lower()), None)
         cached = next((rev for rev in repo.revisions if rev.commit_hash == commit), None) if repo else None
         if cached is None:
@@ -414,14 +419,13 @@ def fetch_checkpoint(
     sends nothing for ``timeout`` seconds counts as failed and is retried like a 5xx.
     """
     start = time.perf_counter()
-    with repo_lock(model_id, cache_dir):
-        if constants.HF_HUB_OFFLINE:
-            result = _fetch_offline(model_id, step, cache_dir)
-            for record in result.files:
-                _verify(record)
-        else:
-            with _download_timeout(timeout):
-                result = _fetch_online(model_id, step, cache_dir, attempts, timeout)
+    if constants.HF_HUB_OFFLINE:  # reads only (nothing is evicted offline): no lock, a read-only cache works
+        result = _fetch_offline(model_id, step, cache_dir)
+        for record in result.files:
+            _verify(record)
+    else:
+        with repo_lock(model_id, cache_dir), _download_timeout(timeout):
+            result = _fetch_online(model_id, step, cache_dir, attempts, timeout)
     result.seconds = time.perf_counter() - start
     return result
 

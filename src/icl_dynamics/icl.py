@@ -6,7 +6,7 @@ reused at every checkpoint. The ICL score is the loss at token ``late`` minus th
 ``early`` (500 and 50 in Olsson et al. 2022), averaged over documents; more negative means the model
 uses its context more. Intervals are percentile bootstraps over documents.
 
-This module also owns :data:`ICL_SCHEMA`, the long table that all three ICL levels write to.
+All three ICL levels write the long table :data:`icl_dynamics.schemas.ICL_SCHEMA`.
 """
 
 from __future__ import annotations

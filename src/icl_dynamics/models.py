@@ -7,6 +7,8 @@ Pythia checkpoint takes (``from_pretrained(repo_id, revision="step<N>")``).
 
 from __future__ import annotations
 
+import logging
+import os
 import pickle
 import tempfile
 import time
@@ -23,6 +25,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from icl_dynamics.checkpoints import revision
 from icl_dynamics.hub import IntegrityError, cached_commit, repo_cache_dir, verify_fetched
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -57,9 +61,11 @@ def claim_gpu(names: Sequence[str], lock_dir: str | Path | None = None, *, timeo
               poll: float = 1.0) -> int:
     """The index in ``names`` of the first GPU whose lock file no other process holds; the lock stays
     with this process. When every GPU is held, waits (up to ``timeout`` seconds, None: for ever)."""
-    root = Path(lock_dir) if lock_dir is not None else Path(tempfile.gettempdir()) / "icl-dynamics-gpus"
+    # per user: another user's jobs are another run, and their lock files would not be writable
+    root = Path(lock_dir) if lock_dir is not None else Path(tempfile.gettempdir()) / f"icl-dynamics-gpus-{os.getuid()}"
     root.mkdir(parents=True, exist_ok=True)
     deadline = None if timeout is None else time.monotonic() + timeout
+    waited = False
     while True:
         for index, name in enumerate(names):
             lock = FileLock(root / f"{name}.lock")
@@ -72,6 +78,10 @@ def claim_gpu(names: Sequence[str], lock_dir: str | Path | None = None, *, timeo
         if deadline is not None and time.monotonic() >= deadline:
             raise RuntimeError(f"every GPU ({len(names)}) is held by another icl-dynamics job on this machine "
                                f"(locks in {root}); give snakemake --resources gpu=N with N at most the GPU count")
+        if not waited:
+            log.warning("every GPU (%d) is held by another icl-dynamics job on this machine (locks in %s); waiting "
+                        "for one (snakemake --resources gpu=N should not exceed the GPU count)", len(names), root)
+            waited = True
         time.sleep(poll)
 
 

@@ -596,7 +596,7 @@ def score_relation_index(
     of ``triplets`` over ``sequences`` (the relations stage's tables), per gate and variant.
 
     Returns one row per (layer, head, family, relation, direction, gate, variant) with every column
-    of :data:`RELATION_INDEX_SCHEMA` except ``model``, ``step`` and ``tokens`` (the caller's).
+    of :data:`icl_dynamics.schemas.RELATION_INDEX_SCHEMA` except ``model``, ``step`` and ``tokens`` (the caller's).
     """
     gates, variants = tuple(gates), tuple(variants)
     for name, got, allowed in (("gate", gates, GATES), ("variant", variants, VARIANTS)):

@@ -59,7 +59,7 @@ def text_flags():
 
 # --- score jobs and the bounded cache (score.smk, fetch.smk) ---
 
-SCORE_TABLES = ["heads", "loss", "loss_curve", "icl_tasks", "relation_index"]
+SCORE_TABLES = [table for stage in STAGES.values() for table in stage.outputs]  # what one score job writes
 KEEP_WEIGHTS = config["keep_weights"]
 CHECKPOINT_ORDER = [(model, step) for model in MODELS for step in STEPS]
 
@@ -69,19 +69,22 @@ def evicted(model, step):
 
 
 def previous_eviction(wildcards):
-    """The eviction max_cached_checkpoints checkpoints before this one (none for the first ones)."""
-    i = CHECKPOINT_ORDER.index((wildcards.model, int(wildcards.step))) - config["max_cached_checkpoints"]
-    return [ancient(evicted(*CHECKPOINT_ORDER[i]))] if i >= 0 else []
+    """The eviction max_cached_checkpoints checkpoints before this one (none for the first ones, for a
+    step outside the configured selection, or with keep_weights true). Not ancient: when that eviction
+    reruns (after a forced refetch), the flag and so the fetch wait for it again."""
+    key = (wildcards.model, int(wildcards.step))
+    if KEEP_WEIGHTS or key not in CHECKPOINT_ORDER:
+        return []
+    i = CHECKPOINT_ORDER.index(key) - config["max_cached_checkpoints"]
+    return [evicted(*CHECKPOINT_ORDER[i])] if i >= 0 else []
 
 
 def fetch_turn(wildcards):
     """The fetch's turn: the fetch_slot flag, which waits for previous_eviction.
 
     The fetch reads the flag as ancient and the flag's rule carries the ordering, so changing the step
-    list later reruns only these flags, never a fetch or the scoring behind it.
+    list or keep_weights later reruns only these flags, never a fetch or the scoring behind it.
     """
-    if KEEP_WEIGHTS:
-        return []
     return ancient(f"{RESULTS}/{wildcards.model}/step{wildcards.step}/fetch_slot")
 
 
