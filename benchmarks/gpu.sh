@@ -10,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export ICL_SHARED="$PWD/benchmarks/.data/shared"  # Pythia's config and tokenizer files, copied by prepare
 OUT="${OUT:-/tmp/icl-dynamics-gpu-bench}"
 DEVICE="${DEVICE:-cuda}"
 SHAPES="${SHAPES:-160m 1.4b}"

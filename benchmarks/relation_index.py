@@ -32,14 +32,10 @@ SHARED = Path(os.environ.get("ICL_SHARED", REPO.parent / "shared"))
 
 
 def model_config(shape: str) -> dict:
-    """The GPT-NeoX config of ``pythia-<shape>`` (14m ... 12b)."""
-    from icl_dynamics.pythia_format import PythiaShape
+    """The GPT-NeoX config of ``pythia-<shape>`` (14m ... 12b): Pythia's published config, resized."""
+    from icl_dynamics.pythia_format import PythiaShape, pythia_config
 
-    dims = PythiaShape.named(shape)
-    return dict(vocab_size=50_304, hidden_size=dims.hidden_size, num_hidden_layers=dims.num_hidden_layers,
-                num_attention_heads=dims.num_attention_heads, intermediate_size=4 * dims.hidden_size,
-                max_position_embeddings=2048, rotary_pct=0.25, rotary_emb_base=10_000, use_parallel_residual=True,
-                tie_word_embeddings=False)
+    return {k: v for k, v in pythia_config(SHARED, PythiaShape.named(shape)).items() if k != "torch_dtype"}
 
 
 def relation_tables(relations_dir: Path, agenda_dir: Path, tokenizer_path: Path):

@@ -32,6 +32,7 @@ from huggingface_hub import DeleteCacheStrategy, HfApi, constants, hf_hub_downlo
 from icl_dynamics.checkpoints import Schedule
 from icl_dynamics.checkpoints import revision as step_revision
 from icl_dynamics.io import sha256_file, write_bytes_atomic
+from icl_dynamics.schemas import CHECKPOINT_FIELDS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,9 +48,7 @@ RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 
 PROVENANCE_SCHEMA = pa.schema(
     [
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("step", pa.int64(), nullable=False),
-        pa.field("tokens", pa.int64(), nullable=False),
+        *CHECKPOINT_FIELDS,
         pa.field("revision", pa.string(), nullable=False),
         pa.field("commit", pa.string(), nullable=False),
         pa.field("weights_format", pa.string(), nullable=False),
@@ -255,8 +254,8 @@ def repo_lock(model_id: str, cache_dir: str | os.PathLike[str] | None = None) ->
     """The lock fetching and evicting hold on ``model_id``'s cache: an eviction deletes blobs no other
     cached revision links to, so it must not run while a fetch is linking its snapshot to them
     (revisions share the tokenizer and config blobs, and identical weights)."""
-    root = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
-    path = root / ".locks" / repo_cache_dir(model_id, cache_dir).name / "icl-dynamics.lock"
+    folder = repo_cache_dir(model_id, cache_dir)
+    path = folder.parent / ".locks" / folder.name / "icl-dynamics.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(path)
 

@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+# every step-indexed table begins with these: the model, the checkpoint and the tokens it had seen
+CHECKPOINT_FIELDS = (
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("step", pa.int64(), nullable=False),
+    pa.field("tokens", pa.int64(), nullable=False),
+)
+HEAD_FIELDS = (pa.field("layer", pa.int32(), nullable=False), pa.field("head", pa.int32(), nullable=False))
+
 ATTENTION_SCORES = ("prefix_matching", "previous_token")
 SCORES = (*ATTENTION_SCORES, "copying")
 
 # induction scores per head (icl_dynamics.induction)
 INDUCTION_SCHEMA = pa.schema(
     [
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("step", pa.int64(), nullable=False),
-        pa.field("tokens", pa.int64(), nullable=False),
-        pa.field("layer", pa.int32(), nullable=False),
-        pa.field("head", pa.int32(), nullable=False),
+        *CHECKPOINT_FIELDS,
+        *HEAD_FIELDS,
         *(
             pa.field(f"{score}{suffix}", pa.float64(), nullable=False)
             for score in SCORES
@@ -31,9 +36,7 @@ INDUCTION_SCHEMA = pa.schema(
 # the ICL levels: loss reduction (icl) and the synthetic tasks (icl_tasks)
 ICL_SCHEMA = pa.schema(
     [
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("step", pa.int64(), nullable=False),
-        pa.field("tokens", pa.int64(), nullable=False),
+        *CHECKPOINT_FIELDS,
         pa.field("level", pa.string(), nullable=False),
         pa.field("task", pa.string(), nullable=False),
         pa.field("shots", pa.int32()),
@@ -58,9 +61,7 @@ TEXT_TOKENS_SCHEMA = pa.schema(
 # the per-token loss curve (icl)
 LOSS_CURVE_SCHEMA = pa.schema(
     [
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("step", pa.int64(), nullable=False),
-        pa.field("tokens", pa.int64(), nullable=False),
+        *CHECKPOINT_FIELDS,
         pa.field("position", pa.int32(), nullable=False),
         pa.field("loss", pa.float64(), nullable=False),
         pa.field("ci_low", pa.float64(), nullable=False),
@@ -73,11 +74,8 @@ LOSS_CURVE_SCHEMA = pa.schema(
 # the relation index per head and relation (icl_dynamics.relation_index)
 RELATION_INDEX_SCHEMA = pa.schema(
     [
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("step", pa.int64(), nullable=False),
-        pa.field("tokens", pa.int64(), nullable=False),
-        pa.field("layer", pa.int32(), nullable=False),
-        pa.field("head", pa.int32(), nullable=False),
+        *CHECKPOINT_FIELDS,
+        *HEAD_FIELDS,
         pa.field("family", pa.string(), nullable=False),
         pa.field("relation", pa.string(), nullable=False),
         pa.field("direction", pa.string(), nullable=False),
