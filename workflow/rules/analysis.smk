@@ -18,21 +18,26 @@ rule analyze:
     output:
         tables=expand(f"{ANALYSIS_DIR}/{{table}}.parquet", table=ANALYSIS_TABLES),
         summary=report(f"{ANALYSIS_DIR}/summary.csv", caption="../report/emergence_summary.rst", category=CATEGORY),
-        panel=report(f"{ANALYSIS_DIR}/figures/emergence_panel.png", caption="../report/emergence_panel.rst",
-                     category=CATEGORY),
-        scatter=report(f"{ANALYSIS_DIR}/figures/formation_vs_emergence.png",
-                       caption="../report/formation_vs_emergence.rst", category=CATEGORY),
-        correlation=report(f"{ANALYSIS_DIR}/figures/correlation_map.png", caption="../report/correlation_map.rst",
-                           category=CATEGORY),
+        panel=report(
+            f"{ANALYSIS_DIR}/figures/emergence_panel.png", caption="../report/emergence_panel.rst", category=CATEGORY
+        ),
+        scatter=report(
+            f"{ANALYSIS_DIR}/figures/formation_vs_emergence.png",
+            caption="../report/formation_vs_emergence.rst",
+            category=CATEGORY,
+        ),
+        correlation=report(
+            f"{ANALYSIS_DIR}/figures/correlation_map.png", caption="../report/correlation_map.rst", category=CATEGORY
+        ),
         heatmaps=report(
             expand(f"{ANALYSIS_DIR}/figures/ri_heatmaps-{{model}}-{{family}}.png", model=MODELS, family=RI_FAMILIES),
             caption="../report/ri_heatmaps.rst",
             category="Relation index",
         ),
-    conda:
-        "../envs/icl-dynamics.yaml"
     log:
         "logs/analyze.log",
+    conda:
+        "../envs/icl-dynamics.yaml"
     threads: 4
     params:
         out_dir=lambda wildcards, output: os.path.dirname(output.tables[0]),

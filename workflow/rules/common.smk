@@ -3,7 +3,6 @@
 import os
 import shlex
 
-
 # the rules that download run in the Snakemake process (where the network is) unless configured otherwise
 NETWORK_LOCAL = config["cluster"]["network_rules_local"]
 
@@ -26,16 +25,26 @@ def cli(command):
 def checkpoint_flags(slug, step, device=True):
     """--model/--step/--cache-dir/--schedule (and --device/--dtype) for one checkpoint."""
     flags = [
-        "--model", model_id(slug),
-        "--step", str(step),
-        "--schedule", config["schedule"],
-        "--toy-seed", str(config["toy_zoo"]["seed"]),
+        "--model",
+        model_id(slug),
+        "--step",
+        str(step),
+        "--schedule",
+        config["schedule"],
+        "--toy-seed",
+        str(config["toy_zoo"]["seed"]),
     ]
     if config["hf_cache"]:
         flags += ["--cache-dir", config["hf_cache"]]
     if device:  # the stages that load weights check them against what fetch verified
-        flags += ["--device", config["device"], "--dtype", config["dtype"],
-                  "--provenance", f"{RESULTS}/{slug}/step{step}/provenance.parquet"]
+        flags += [
+            "--device",
+            config["device"],
+            "--dtype",
+            config["dtype"],
+            "--provenance",
+            f"{RESULTS}/{slug}/step{step}/provenance.parquet",
+        ]
     return " ".join(shlex.quote(f) for f in flags)
 
 
@@ -47,8 +56,18 @@ def text_flags():
     """Flags of the tokenize-text stage from the config's text block."""
     text = config["text"]
     flags = [
-        "--kind", text["kind"], "--split", text["split"], "--column", text["column"],
-        "--n-docs", str(text["n_docs"]), "--context", str(text["context"]), "--seed", str(text["seed"]),
+        "--kind",
+        text["kind"],
+        "--split",
+        text["split"],
+        "--column",
+        text["column"],
+        "--n-docs",
+        str(text["n_docs"]),
+        "--context",
+        str(text["context"]),
+        "--seed",
+        str(text["seed"]),
     ]
     if text["name"]:
         flags += ["--name", text["name"]]

@@ -13,10 +13,10 @@ rule toy_zoo:
     output:
         TOY_ZOO,
         TOY_ZOO_PLANTED if config["schedule"] == "toy-relations" else [],
-    conda:
-        "../envs/icl-dynamics.yaml"
     log:
         "logs/toy_zoo.log",
+    conda:
+        "../envs/icl-dynamics.yaml"
     params:
         out=lambda wildcards, output: os.path.dirname(output[0]),
         seed=config["toy_zoo"]["seed"],
@@ -39,18 +39,17 @@ rule fetch:
         fetch_turn,
     output:
         f"{RESULTS}/{{model}}/step{{step}}/provenance.parquet",
-    conda:
-        "../envs/icl-dynamics.yaml"
     log:
         "logs/{model}/step{step}/fetch.log",
+    retries: 1
+    localrule: NETWORK_LOCAL
+    conda:
+        "../envs/icl-dynamics.yaml"
+    resources:
+        hub=1,
     params:
         flags=lambda wc: checkpoint_flags(wc.model, wc.step, device=False),
         attempts=config["fetch"]["attempts"],
         timeout=config["fetch"]["timeout"],
-    resources:
-        hub=1,
-    localrule: NETWORK_LOCAL
-    retries: 1
     shell:
         cli("fetch {params.flags} --attempts {params.attempts} --timeout {params.timeout} --out {output}") + " 2> {log}"
-

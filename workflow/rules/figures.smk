@@ -9,9 +9,7 @@ rule figures:
         relation_index=f"{RESULTS}/{{model}}/relation_index.parquet",
         provenance=f"{RESULTS}/{{model}}/provenance.parquet",
         # the relations toy zoo's training curve: its planted-relation control figure
-        training=(
-            f"{config['toy_zoo']['dir']}/training.parquet" if config["schedule"] == "toy-relations" else []
-        ),
+        training=(f"{config['toy_zoo']['dir']}/training.parquet" if config["schedule"] == "toy-relations" else []),
     output:
         report(
             directory(f"{RESULTS}/{{model}}/figures"),
@@ -20,10 +18,10 @@ rule figures:
             category="Per model",
             subcategory="{model}",
         ),
-    conda:
-        "../envs/icl-dynamics.yaml"
     log:
         "logs/{model}/figures.log",
+    conda:
+        "../envs/icl-dynamics.yaml"
     params:
         steps=(
             "--heatmap-steps " + " ".join(map(str, config["figures"]["heatmap_steps"]))

@@ -12,21 +12,19 @@ PER_STEP = {
 
 rule merge:
     input:
-        lambda wc: expand(
-            f"{RESULTS}/{wc.model}/step{{step}}/{{name}}.parquet", step=STEPS, name=PER_STEP[wc.stage]
-        ),
+        lambda wc: expand(f"{RESULTS}/{wc.model}/step{{step}}/{{name}}.parquet", step=STEPS, name=PER_STEP[wc.stage]),
     output:
         f"{RESULTS}/{{model}}/{{stage}}.parquet",
-    wildcard_constraints:
-        stage="|".join(MERGED),
-    conda:
-        "../envs/icl-dynamics.yaml"
     log:
         "logs/{model}/merge_{stage}.log",
+    wildcard_constraints:
+        stage="|".join(MERGED),
+    localrule: True  # seconds of light work: not worth a queue wait
+    conda:
+        "../envs/icl-dynamics.yaml"
     params:
         schedule=config["schedule"],
         toy_seed=config["toy_zoo"]["seed"],
-    localrule: True  # seconds of light work: not worth a queue wait
     shell:
         "icl-dynamics merge --stage {wildcards.stage} --schedule {params.schedule} --toy-seed {params.toy_seed} "
         "--out {output} {input} 2> {log}"

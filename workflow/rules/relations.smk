@@ -13,13 +13,13 @@ if not RELATIONS["agenda_dir"] and not PLANTED:
         output:
             f"{AGENDA_DIR}/preprocessed.test.tsv",
             f"{AGENDA_DIR}/relations.vocab",
-        conda:
-            "../envs/icl-dynamics.yaml"
         log:
             "logs/fetch_agenda.log",
+        localrule: NETWORK_LOCAL
+        conda:
+            "../envs/icl-dynamics.yaml"
         params:
             dest=lambda wildcards, output: os.path.dirname(output[0]),
-        localrule: NETWORK_LOCAL
         shell:
             "icl-dynamics fetch-agenda --dest {params.dest} 2> {log}"
 
@@ -34,10 +34,10 @@ rule relations:
         ),
     output:
         multiext(f"{RESULTS}/{{model}}/relations/", "sequences.parquet", "triplets.parquet", "summary.parquet"),
-    conda:
-        "../envs/icl-dynamics.yaml"
     log:
         "logs/{model}/relations.log",
+    conda:
+        "../envs/icl-dynamics.yaml"
     params:
         flags=lambda wc: checkpoint_flags(wc.model, STEPS[0], device=False),
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
@@ -50,11 +50,7 @@ rule relations:
                     f"--anchor {RELATIONS['anchor']} --spacy-model {shlex.quote(RELATIONS['spacy_model'])}",
                     f"--syntax-column {shlex.quote(RELATIONS['syntax_column'])}",
                     f"--syntax-split {shlex.quote(RELATIONS['syntax_split'])}",
-                    (
-                        f"--syntax-texts {shlex.quote(RELATIONS['syntax_texts'])}"
-                        if RELATIONS["syntax_texts"]
-                        else ""
-                    ),
+                    (f"--syntax-texts {shlex.quote(RELATIONS['syntax_texts'])}" if RELATIONS["syntax_texts"] else ""),
                 ]
             )
         ),

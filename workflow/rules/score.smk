@@ -11,25 +11,26 @@ rule score:
         triplets=f"{RESULTS}/{{model}}/relations/triplets.parquet",
     output:
         multiext(f"{RESULTS}/{{model}}/step{{step}}/", *[f"{table}.parquet" for table in SCORE_TABLES]),
-    conda:
-        "../envs/icl-dynamics.yaml"
     log:
         "logs/{model}/step{step}/score.log",
-    params:
-        flags=lambda wc: checkpoint_flags(wc.model, wc.step),
-        relations_dir=lambda wildcards, input: os.path.dirname(input.relations),
-        out_dir=lambda wildcards, output: os.path.dirname(output[0]),
-        options=score_options(),
+    conda:
+        "../envs/icl-dynamics.yaml"
     threads: config["cluster"]["score_threads"]
     resources:
         gpu=1,
         mem_mb=score_resource("mem_mb"),
         runtime=score_resource("runtime"),
+    params:
+        flags=lambda wc: checkpoint_flags(wc.model, wc.step),
+        relations_dir=lambda wildcards, input: os.path.dirname(input.relations),
+        out_dir=lambda wildcards, output: os.path.dirname(output[0]),
+        options=score_options(),
     shell:
         cli(
             "score {params.flags} --text-tokens {input.text_tokens} --relations-dir {params.relations_dir} "
             "{params.options} --out-dir {params.out_dir}"
-        ) + " 2> {log}"
+        )
+        + " 2> {log}"
 
 
 # keep_weights false: the scored checkpoint's weights leave the HF cache (see fetch.smk)
@@ -39,12 +40,12 @@ rule evict:
         scored=multiext(f"{RESULTS}/{{model}}/step{{step}}/", *[f"{table}.parquet" for table in SCORE_TABLES]),
     output:
         evicted("{model}", "{step}"),
-    conda:
-        "../envs/icl-dynamics.yaml"
     log:
         "logs/{model}/step{step}/evict.log",
+    localrule: True
+    conda:
+        "../envs/icl-dynamics.yaml"
     params:
         flags=lambda wc: checkpoint_flags(wc.model, wc.step, device=False),
-    localrule: True
     shell:
         cli("evict {params.flags} --provenance {input.provenance} --out {output}") + " 2> {log}"

@@ -7,13 +7,13 @@ rule tokenize_text:
         provenance_of(STEPS[0]),
     output:
         f"{RESULTS}/{{model}}/text_tokens.parquet",
-    conda:
-        "../envs/icl-dynamics.yaml"
     log:
         "logs/{model}/tokenize_text.log",
+    localrule: NETWORK_LOCAL  # a hub dataset is downloaded here
+    conda:
+        "../envs/icl-dynamics.yaml"
     params:
         flags=lambda wc: checkpoint_flags(wc.model, STEPS[0], device=False),
         text=text_flags(),
-    localrule: NETWORK_LOCAL  # a hub dataset is downloaded here
     shell:
         cli("tokenize-text {params.flags} {params.text} --out {output}") + " 2> {log}"
