@@ -4,6 +4,10 @@ Serves, read-only, the model repos of a directory laid out like the hub cache (m
 snapshots,blobs}) with what huggingface_hub 2.4 asks for; blobs named by a sha256 are LFS files:
 * GET /api/models/<repo>[/revision/<rev>][?blobs=true]: ModelInfo JSON (id, sha, siblings with size,
   blobId and, for LFS files, lfs = {size, sha256, pointerSize}).
+* GET /api/models/<repo>/tree/<rev>[/<path>][?recursive=true]: the tree listing (list_repo_tree, which
+  verify_repo_checksums and snapshot_download call), one page: [{type: "file", oid (git sha1; for an LFS file the
+  pointer's), size, path, lfs = {oid (sha256), size, pointerSize} for LFS files}, {type: "directory", oid, size: 0,
+  path}], the children of <path> (recursive: all below it).
 * HEAD|GET /<repo>/resolve/<rev>/<file>: 200 with ETag (git sha1), X-Repo-Commit, Content-Length; for an LFS
   file a 302 as on the hub: X-Linked-Etag (sha256), X-Linked-Size, X-Repo-Commit and a Location on
   "localhost", another origin than 127.0.0.1 like the hub's CDN, so the client reads the 302's metadata.
@@ -131,6 +135,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "HEAD" and self.fault in ("reset", "truncate"):
             return self._cut(b"")
         url, path = urlsplit(self.path), unquote(urlsplit(self.path).path)
+        if m := re.fullmatch(r"/api/models/([^/]+(?:/[^/]+)?)/tree/([^/]+)(?:/(.+))?", path):
+            return self._tree(m[1], m[2], m[3] or "", parse_qs(url.query).get("recursive", [""])[0].lower() == "true")
         if m := re.fullmatch(r"/api/models/(.+?)(?:/revision/([^/]+))?", path):
             return self._model_info(m[1], m[2] or "main", "blobs" in parse_qs(url.query))
         if m := re.fullmatch(r"/([^/]+(?:/[^/]+)?)/resolve/([^/]+)/(.+)", path):
@@ -161,6 +167,29 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {"_id": repo, "id": repo, "modelId": repo, "sha": commit, "private": False,
                          "disabled": False, "gated": False, "tags": [], "siblings": siblings})
 
+    def _tree(self, repo: str, rev: str, folder: str, recursive: bool) -> None:
+        found = self.server.hub.resolve(repo, rev)
+        if isinstance(found, str):
+            return self._json(404, {"error": found}, {"X-Error-Code": found})
+        prefix = folder.strip("/") + "/" if folder.strip("/") else ""
+        entries: dict[str, dict] = {}
+        for name, blob in sorted(found[1].items()):
+            if not name.startswith(prefix):
+                continue
+            parts = name[len(prefix):].split("/")
+            for depth in range(1, len(parts) if recursive else min(len(parts), 2)):  # its folders (or the first)
+                sub = prefix + "/".join(parts[:depth])  # a stand-in oid: the hub's is the git tree's
+                entries.setdefault(sub, {"type": "directory", "oid": _git_sha1(sub.encode()), "size": 0, "path": sub})
+            if len(parts) > 1 and not recursive:
+                continue
+            size = blob.stat().st_size
+            entry = {"type": "file", "oid": blob.name, "size": size, "path": name}
+            if len(blob.name) == 64:  # LFS: oid is the git sha1 of the pointer file
+                pointer = _lfs_pointer(blob.name, size)
+                entry.update(oid=_git_sha1(pointer), lfs={"oid": blob.name, "size": size, "pointerSize": len(pointer)})
+            entries[name] = entry
+        self._json(200, list(entries.values()))
+
     def _resolve(self, repo: str, rev: str, name: str) -> None:
         found = self.server.hub.resolve(repo, rev)
         if isinstance(found, str):
@@ -186,7 +215,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(206, headers, data[start:end + 1])
         self._send(200, headers, data)
 
-    def _json(self, status: int, obj: dict, headers: dict | None = None) -> None:
+    def _json(self, status: int, obj: dict | list, headers: dict | None = None) -> None:
         self._send(status, {**(headers or {}), "Content-Type": "application/json"}, json.dumps(obj).encode())
 
     def _send(self, status: int, headers: dict, body: bytes) -> None:

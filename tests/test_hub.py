@@ -314,3 +314,43 @@ def test_pythia_style_bin_keys_load_into_the_right_parameters(tmp_path):
     tokens = torch.tensor([[3, 1, 4, 1, 5]])
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+
+def test_a_ref_write_killed_midway_leaves_a_cache_huggingface_hub_still_reads(tmp_path):
+    """``hub._write_ref`` is ours (its docstring says why). Killed (SIGKILL) between writing its temporary file and
+    the rename, it leaves the new ref absent, the others intact, and no file in refs/ (huggingface_hub's
+    scan_cache_dir reads each as a ref: an empty one would make it refuse the repository, and evict_checkpoint with
+    it); the refs write_snapshot wrote resolve through the library's readers; the next write of the ref removes the
+    leftover."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from huggingface_hub import scan_cache_dir, try_to_load_from_cache
+
+    root = tmp_path / "hub"
+    commit = hub.write_snapshot(root, MODEL, ["step0", "step1"], {"config.json": b"{}"})
+    repo = hub.repo_cache_dir(MODEL, root)
+    kill_at_rename = (
+        "import os, signal\n"
+        "from icl_dynamics import hub\n"
+        "os.replace = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"hub._write_ref({MODEL!r}, 'step2', {commit!r}, {str(root)!r})\n"
+    )
+    assert subprocess.run([sys.executable, "-c", kill_at_rename], timeout=120).returncode == -signal.SIGKILL
+    assert sorted(os.listdir(repo / "refs")) == ["step0", "step1"]
+    assert len(list(repo.glob(".ref-step2.*.tmp"))) == 1  # the killed writer's, beside refs/
+
+    def library_refs() -> dict[str, frozenset[str]]:
+        scan = scan_cache_dir(root)
+        assert scan.warnings == []
+        return {rev.commit_hash: rev.refs for r in scan.repos for rev in r.revisions}
+
+    assert library_refs() == {commit: frozenset({"step0", "step1"})}
+    for ref in ("step0", "step1"):
+        assert try_to_load_from_cache(MODEL, "config.json", cache_dir=root, revision=ref) == str(
+            repo / "snapshots" / commit / "config.json")
+    hub._write_ref(MODEL, "step2", commit, root)
+    assert library_refs() == {commit: frozenset({"step0", "step1", "step2"})}
+    assert list(repo.glob(".ref-step2.*.tmp")) == []

@@ -5,12 +5,13 @@ and says in one line what failed when it never does."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
 import pytest
 from fakehub import FakeHub, Fault, closed_endpoint
-from huggingface_hub import constants
+from huggingface_hub import HfApi, constants, scan_cache_dir, snapshot_download, try_to_load_from_cache
 
 from icl_dynamics import hub
 from icl_dynamics.cli import main
@@ -134,3 +135,97 @@ def test_a_job_that_needs_an_evicted_checkpoint_fetches_it_again(fake, toy_zoo, 
                      "--out", str(tmp_path / "heads.parquet")]) == 0
     assert "no longer in the cache (evicted after scoring?): fetching it again" in caplog.text
     assert (tmp_path / "heads.parquet").exists()
+
+
+def test_a_partial_download_left_by_a_killed_fetch_is_removed_by_the_next_fetch(fake, toy_zoo, tmp_path):
+    """kill -9 during a weights download leaves huggingface_hub's per-process ``*.incomplete`` file, which
+    it never reuses; the next fetch (holding the repository's lock, so no fetch is running) deletes it.
+    Another repository's partial download is not touched."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    fake.faults.append(Fault("stall", match="/__cdn__/", times=1, seconds=60))
+    env = {**os.environ, "HF_ENDPOINT": fake.endpoint, "HF_HUB_OFFLINE": "0"}
+    env.pop("TRANSFORMERS_OFFLINE", None)
+    proc = subprocess.Popen([sys.executable, "-m", "icl_dynamics.cli", "fetch", "--model", TOY_MODEL_ID, "--step",
+                             str(STEP), "--schedule", "toy", "--cache-dir", str(cache), "--out",
+                             str(tmp_path / "provenance.parquet")], env=env)
+    deadline = time.monotonic() + 60
+    # until the weights download is stalled (the fault is taken; the small files' downloads also pass
+    # through *.incomplete files, but finish)
+    while (fake.faults or not list(cache.glob(f"{REPO}/blobs/*.incomplete"))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (orphan,) = cache.glob(f"{REPO}/blobs/*.incomplete")
+    other = cache / "models--org--other" / "blobs" / "abc.0123abcd.incomplete"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"partial")
+    assert_fetched(fetch(cache), toy_zoo, cache)
+    assert not orphan.exists() and other.exists()
+
+
+def test_our_hash_check_flags_exactly_what_huggingface_hubs_verify_repo_checksums_flags(fake, tmp_path):
+    """``hub._verify`` is ours (its docstring says why). On one fetched cache it agrees with
+    ``HfApi.verify_repo_checksums`` file by file, expected and actual hash alike, with the expected hashes it gets
+    online (model_info) and offline (the blob names): all clean after a fetch; then, with a byte flipped in the
+    weights blob (sha256) and in config.json (git blob sha1), both flag exactly those two."""
+    cache = tmp_path / "cache"
+    online = fetch(cache)
+    offline = hub._fetch_offline(TOY_MODEL_ID, STEP, cache).files
+    api = HfApi(endpoint=fake.endpoint)
+
+    def library() -> dict[str, tuple[str, str]]:
+        report = api.verify_repo_checksums(TOY_MODEL_ID, revision=online.commit, cache_dir=cache)
+        # it checked every file we fetched; the branch's other weights format was never fetched
+        assert report.checked_count == len(online.files) and report.missing_paths == ["pytorch_model.bin"]
+        return {m["path"]: (m["expected"], m["actual"]) for m in report.mismatches}
+
+    def ours(records: list[hub.FileRecord]) -> dict[str, tuple[str, str]]:
+        flagged = {}
+        for record in records:
+            try:
+                hub._verify(record)
+            except hub.IntegrityError:
+                flagged[record.name] = (record.expected, hub.content_hash(record.path, record.lfs))
+        return flagged
+
+    assert library() == ours(online.files) == ours(offline) == {}
+    for name in ("model.safetensors", "config.json"):
+        blob = (hub.repo_cache_dir(TOY_MODEL_ID, cache) / "snapshots" / online.commit / name).resolve()
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        blob.write_bytes(bytes(data))
+    flagged = library()
+    assert sorted(flagged) == ["config.json", "model.safetensors"]
+    assert ours(online.files) == flagged == ours(offline)
+
+
+def test_our_fetch_lays_out_the_cache_and_the_ref_as_snapshot_download_does(fake, tmp_path):
+    """The per-file download loop and ``hub._write_ref`` are ours (their docstrings say why). For the same files of
+    the same branch, huggingface_hub's snapshot_download writes the same ref (byte for byte), snapshot links and
+    blobs; and the library's own readers (try_to_load_from_cache, scan_cache_dir) resolve the ref we wrote."""
+    ours, library, ref = tmp_path / "ours", tmp_path / "library", f"step{STEP}"
+    result = fetch(ours)
+    names = sorted(r.name for r in result.files)
+    snapshot_download(TOY_MODEL_ID, revision=ref, cache_dir=library, allow_patterns=names, endpoint=fake.endpoint)
+
+    def layout(cache: Path) -> dict:
+        repo = hub.repo_cache_dir(TOY_MODEL_ID, cache)
+        snapshot = repo / "snapshots" / result.commit
+        return {"refs": {p.name: p.read_bytes() for p in (repo / "refs").iterdir()},
+                "links": {p.name: os.readlink(p) for p in snapshot.iterdir()},
+                "blobs": {p.name: p.stat().st_size for p in (repo / "blobs").iterdir()}}
+
+    assert layout(ours) == layout(library)
+    assert sorted(layout(ours)["links"]) == names
+    snapshot = hub.repo_cache_dir(TOY_MODEL_ID, ours) / "snapshots" / result.commit
+    for name in names:
+        assert Path(try_to_load_from_cache(TOY_MODEL_ID, name, cache_dir=ours, revision=ref)) == snapshot / name
+    scan = scan_cache_dir(ours)
+    assert scan.warnings == []
+    assert [(rev.commit_hash, rev.refs) for repo in scan.repos for rev in repo.revisions] == [
+        (result.commit, frozenset({ref}))]

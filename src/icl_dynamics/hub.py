@@ -7,6 +7,9 @@ identical weights are stored once. Every file is checked against the hub's own h
 sha256 for weights, the git blob sha1 for small files): online against the metadata the API
 returns, offline (``HF_HUB_OFFLINE=1``) against the cache's blob names, which the hub wrote as
 those same hashes. Transient hub errors (429 and 5xx) are retried with exponential backoff.
+Downloads, cache layout, cache scans and eviction are huggingface_hub's; what is ours (the per-file
+download loop, the hash check, the ref writer) says why in its docstring, and a test checks it
+against the library on the same inputs (``tests/test_network.py``, ``tests/test_hub.py``).
 ``HF_TOKEN`` is honoured by ``huggingface_hub`` itself and never printed or stored here.
 """
 
@@ -18,6 +21,7 @@ import json
 import logging
 import os
 import random
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -28,10 +32,11 @@ from typing import TypeVar
 import pyarrow as pa
 from filelock import FileLock
 from huggingface_hub import DeleteCacheStrategy, HfApi, constants, hf_hub_download, scan_cache_dir
+from huggingface_hub.utils.sha import git_hash
 
 from icl_dynamics.checkpoints import Schedule
 from icl_dynamics.checkpoints import revision as step_revision
-from icl_dynamics.io import sha256_file, write_bytes_atomic
+from icl_dynamics.io import current_umask, sha256_file, write_bytes_atomic
 from icl_dynamics.schemas import CHECKPOINT_FIELDS
 
 log = logging.getLogger(__name__)
@@ -134,11 +139,20 @@ class FetchResult:
 
 def git_blob_sha1(data: bytes) -> str:
     """The git object id of a blob with this content (what the hub reports for non-LFS files)."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    return git_hash(data)  # huggingface_hub's (what its verify_repo_checksums computes)
+
+
+def content_hash(path: str | os.PathLike[str], lfs: bool) -> str:
+    """The hash the hub states for a file with this content: sha256 for an LFS file, else the git blob sha1."""
+    return sha256_file(path) if lfs else git_blob_sha1(Path(path).read_bytes())
 
 
 def _verify(record: FileRecord) -> None:
-    got = sha256_file(record.path) if record.lfs else git_blob_sha1(Path(record.path).read_bytes())
+    """Raise :class:`IntegrityError` unless ``record``'s file hashes to ``record.expected``.
+
+    Why ours, not HfApi.verify_repo_checksums: it lists the tree again, with no timeout, and cannot run offline.
+    """
+    got = content_hash(record.path, record.lfs)
     if got != record.expected:
         raise IntegrityError(
             f"{record.name} at {record.path} has hash {got}, but the hub says {record.expected}; "
@@ -289,6 +303,25 @@ def evict_checkpoint(model_id: str, step: int, commit: str, cache_dir: str | os.
             "freed_bytes": strategy.expected_freed_size}
 
 
+def remove_orphaned_downloads(model_id: str, cache_dir: str | os.PathLike[str] | None = None) -> int:
+    """Delete the partial downloads (``blobs/*.incomplete``, found by huggingface_hub's cache scan) a
+    killed fetch of ``model_id`` left; return the bytes freed. Call with :func:`repo_lock` held: no
+    other fetch of the repository is then running, so every such file is an orphan (huggingface_hub
+    names them per process and never reuses or removes one left by a dead process)."""
+    folder = repo_cache_dir(model_id, cache_dir)
+    if not folder.is_dir():
+        return 0
+    # huggingface_hub 1.3 (our oldest) has no incomplete_files: it names a partial download by its etag, resumes it
+    partial = getattr(scan_cache_dir(folder.parent), "incomplete_files", frozenset())
+    orphans = [f for f in partial if f.file_path.parent.parent == folder]
+    for orphan in orphans:
+        orphan.file_path.unlink(missing_ok=True)
+    freed = sum(f.size_on_disk for f in orphans)
+    if orphans:
+        log.info("removed %d partial download(s) of %s (%d bytes) left by a killed fetch", len(orphans), model_id, freed)
+    return freed
+
+
 def cached_commit(model_id: str, revision: str, cache_dir: str | os.PathLike[str] | None = None) -> str:
     """The commit a branch points to in the local cache (``refs/<revision>``)."""
     ref = repo_cache_dir(model_id, cache_dir) / "refs" / revision
@@ -348,6 +381,11 @@ def _fetch_offline(model_id: str, step: int, cache_dir: str | os.PathLike[str] |
 
 def _fetch_online(model_id: str, step: int, cache_dir: str | os.PathLike[str] | None, attempts: int,
                   timeout: float) -> FetchResult:
+    """List ``model_id`` at ``step``, download the chosen files one by one with :func:`hf_hub_download`, check
+    each one's hash as it lands, and write the ref last.
+
+    Why ours, not snapshot_download: it lists with no timeout, checks no hash, writes the ref before any file lands.
+    """
     rev = step_revision(step)
     api = HfApi()
     info = with_retries(lambda: api.model_info(model_id, revision=rev, files_metadata=True, timeout=timeout),
@@ -388,7 +426,27 @@ def _fetch_online(model_id: str, step: int, cache_dir: str | os.PathLike[str] | 
 
 
 def _write_ref(model_id: str, revision: str, commit: str, cache_dir: str | os.PathLike[str] | None) -> None:
-    write_bytes_atomic(repo_cache_dir(model_id, cache_dir) / "refs" / revision, commit.encode())
+    """Point ``refs/<revision>`` at ``commit`` atomically: a kill leaves the old ref or the new one, no other file.
+
+    Why ours, not huggingface_hub's (private) writer: 1.3's truncates in place, 2.x's puts its temp file in refs/.
+    """
+    repo = repo_cache_dir(model_id, cache_dir)
+    ref = repo / "refs" / revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary file lies beside refs/, not in it: scan_cache_dir reads every file in refs/ as a ref, so an
+    # empty one left by a kill would make it refuse the whole repository (and evict_checkpoint with it).
+    prefix = f".ref-{revision.replace('/', '--')}."
+    for stale in [p for p in repo.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp")]:
+        stale.unlink(missing_ok=True)  # left by a killed writer
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=repo)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(commit.encode())
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, ref)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @contextmanager
@@ -424,6 +482,7 @@ def fetch_checkpoint(
             _verify(record)
     else:
         with repo_lock(model_id, cache_dir), _download_timeout(timeout):
+            remove_orphaned_downloads(model_id, cache_dir)
             result = _fetch_online(model_id, step, cache_dir, attempts, timeout)
     result.seconds = time.perf_counter() - start
     return result
