@@ -123,3 +123,27 @@ RELATION_INDEX_SCHEMA = pa.schema(
     ]
 )
 """One row per (model, step, layer, head, family, relation, direction, gate, variant)."""
+
+# the causal check: effect of mean-ablating a head, or a group of heads, on relation recall and ICL
+# (icl_dynamics.ablation)
+ABLATION_SCHEMA = pa.schema(
+    [
+        *CHECKPOINT_FIELDS,
+        pa.field("ablation", pa.string(), nullable=False),  # head | group | control (a group's layer-matched null)
+        *(f.with_nullable(True) for f in HEAD_FIELDS),  # the ablated head; null for groups and controls
+        pa.field("group", pa.string()),  # the group's name (a control: the group it is matched to); null for heads
+        pa.field("draw", pa.int32()),  # the control's seeded draw; null otherwise
+        pa.field("heads", pa.list_(pa.string()), nullable=False),  # every ablated head, as "L<layer>H<head>"
+        pa.field("level", pa.string(), nullable=False),  # relation_recall | loss_reduction | format_compliance | ...
+        pa.field("task", pa.string(), nullable=False),  # relation family, text source or synthetic task
+        pa.field("shots", pa.int32()),  # the tasks' shot count; null otherwise
+        pa.field("metric", pa.string(), nullable=False),  # tail_logprob | icl_score | format_compliance | ...
+        pa.field("value", pa.float64(), nullable=False),  # effect: mean over units of ablated minus clean
+        pa.field("ci_low", pa.float64(), nullable=False),  # percentile bootstrap over units (95%)
+        pa.field("ci_high", pa.float64(), nullable=False),
+        pa.field("baseline", pa.float64(), nullable=False),  # the clean (unablated) mean
+        pa.field("n", pa.int64(), nullable=False),  # units: documents (recall, ICL score) or prompts (tasks)
+        pa.field("events", pa.int64(), nullable=False),  # reads behind them (relation events, documents, prompts)
+    ]
+)
+"""One row per (model, step, ablated head or group or control draw, level, task, shots, metric)."""
