@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -81,8 +82,9 @@ def _fetched_row(args: argparse.Namespace) -> dict:
 
 
 def _stamp(rows: list[dict], args: argparse.Namespace) -> list[dict]:
-    tokens = _schedule(args).tokens(args.step)
-    return [{"model": args.model, "step": args.step, "tokens": tokens, **row} for row in rows]
+    from icl_dynamics.stages import stamp
+
+    return stamp(rows, args.model, args.step, _schedule(args).tokens(args.step))
 
 
 # --- subcommands ---------------------------------------------------------------------------------
@@ -211,11 +213,21 @@ def cmd_relations(args: argparse.Namespace) -> None:
                  counts["kept"], counts["recovered"], counts["dropped"])
 
 
+def _headless() -> None:
+    """Draw on matplotlib's file-only Agg backend: the CLI never opens a window (the library leaves the
+    backend to its caller, so a notebook keeps its own)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+
 def cmd_analyze(args: argparse.Namespace) -> None:
     import pandas as pd
 
     from icl_dynamics import emergence, io
     from icl_dynamics.figures import emergence as fig
+
+    _headless()
 
     def read(paths: list[str] | None) -> pd.DataFrame | None:
         return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True) if paths else None
@@ -230,9 +242,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     )
     out = Path(args.out_dir)
     meta = {key: value for key, value in vars(args).items() if key != "func"}
-    schemas = {"emergence": emergence.EMERGENCE_SCHEMA, "formation": emergence.FORMATION_SCHEMA,
-               "relation": emergence.RELATION_SCHEMA, "summary": emergence.SUMMARY_SCHEMA}
-    for name, schema in schemas.items():
+    for name, schema in emergence.TABLES.items():
         io.write_rows(tables[name].to_dict("list"), schema, out / f"{name}.parquet", meta=meta)
     with io.atomic_path(out / "summary.csv") as tmp:  # the report's table
         tables["summary"].to_csv(tmp, index=False)
@@ -279,7 +289,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
                 log.warning("%s step %d serves the same weights as non-consecutive step(s) %s: SUSPECT branch, "
                             "left out of the analysis unless analysis.include_suspect is true", row["model"],
                             row["step"], ", ".join(map(str, row["same_weights_as"])))
-    io.write_table(merged, args.out, meta={"stage": args.stage, "inputs": len(args.inputs)})
+    io.write_table(merged, args.out, meta={"stage": args.stage, **io.merged_provenance(args.inputs)})
     log.info("merged %d tables, %d rows -> %s", len(args.inputs), merged.num_rows, args.out)
 
 
@@ -290,6 +300,7 @@ def cmd_figures(args: argparse.Namespace) -> None:
     from icl_dynamics.figures.icl import write_icl_figures
     from icl_dynamics.figures.relation_index import write_relation_index_figures
 
+    _headless()
     heads = pd.read_parquet(args.heads)
     icl = pd.read_parquet(args.icl)
     provenance = pd.read_parquet(args.provenance) if args.provenance else None
@@ -467,6 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # a job's log starts with the command that made it (rerun it by hand from there)
+    log.info("command: %s", shlex.join(["icl-dynamics", *(sys.argv[1:] if argv is None else argv)]))
     try:
         args.func(args)
     except Exception as exc:  # every failure ends in one line; the traceback only with -v

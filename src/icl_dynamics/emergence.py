@@ -213,6 +213,10 @@ with bootstrap intervals, compared with every ICL level's series (``level``/``ta
 ``metric``, the level's :data:`LEVEL_METRIC`): the lag, its interval and the verdict. Head classes
 also count their heads' own verdicts and related heads (null for level rows)."""
 
+# the tables the analyze command writes (analysis/<name>.parquet), by name
+TABLES = {"emergence": EMERGENCE_SCHEMA, "formation": FORMATION_SCHEMA, "relation": RELATION_SCHEMA,
+          "summary": SUMMARY_SCHEMA}
+
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints

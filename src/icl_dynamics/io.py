@@ -8,11 +8,15 @@ half-written file that Snakemake (or a reader) would take for a finished one.
 
 from __future__ import annotations
 
+import functools
+import glob
 import hashlib
 import importlib.metadata
 import json
 import os
 import platform
+import re
+import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -41,17 +45,38 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files a killed writer of ``path`` left beside it; return them.
+
+    Called whenever ``path`` is about to be written: Snakemake lets one job at a time produce an
+    output, so a temporary file of that output found then belongs to a writer that died (kill -9,
+    node loss) and would otherwise stay for ever.
+    """
+    path = Path(path)
+    # the names atomic_path gives: '.<name>.' + mkstemp's 8 random characters + '.tmp'
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
+    stale = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*") if pattern.fullmatch(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it to ``path``, else delete it.
 
-    Readers (and Snakemake) never see a half-written file under the final name. The file gets the
+    Readers (and Snakemake) never see a half-written file under the final name, and temporary
+    files of ``path`` left by a killed writer are removed first (:func:`remove_stale_temps`). The file gets the
     permissions the user's umask gives a new file (``mkstemp`` alone would leave it 0600, unreadable
     to colleagues sharing a results folder or cache).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -84,6 +109,7 @@ def provenance(extra: Mapping[str, Any] | None = None, *, reproducible: bool = T
     """
     info: dict[str, Any] = {
         "icl_dynamics": __version__,
+        **source_revision(),
         **{name: _installed(name) for name in ("torch", "transformers", "huggingface_hub")},
         "pyarrow": pa.__version__,
         "python": platform.python_version(),
@@ -94,6 +120,28 @@ def provenance(extra: Mapping[str, Any] | None = None, *, reproducible: bool = T
     if extra:
         info.update(extra)
     return info
+
+
+@functools.cache
+def source_revision() -> dict[str, Any]:
+    """``git_revision`` and ``git_dirty`` (tracked files changed) of the checkout the package runs from;
+    empty when it is an installed copy (its files are not tracked by a git repository) or git is missing."""
+    package = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    if git("ls-files", "--error-unmatch", Path(__file__).name) is None:
+        return {}
+    revision = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    if revision is None or status is None:
+        return {}
+    return {"git_revision": revision.strip(), "git_dirty": bool(status.strip())}
 
 
 def _installed(distribution: str) -> str | None:
@@ -198,6 +246,20 @@ def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any]:
     metadata = pq.read_schema(path).metadata or {}
     raw = metadata.get(PROVENANCE_KEY)
     return json.loads(raw) if raw else {}
+
+
+def merged_provenance(paths: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
+    """The provenance a merged table keeps of its inputs: ``inputs_common`` (what every input's
+    provenance shares) and ``inputs``, keyed ``<model>@step<N>`` (the path for an input without rows),
+    with what differs per input, so every merged row still says how its checkpoint was measured."""
+    keyed = {}
+    for path in paths:
+        ids = pq.read_table(path, columns=["model", "step"]).slice(0, 1).to_pylist()
+        keyed[f"{ids[0]['model']}@step{ids[0]['step']}" if ids else str(path)] = read_provenance(path)
+    provs = list(keyed.values())
+    common = {k: v for k, v in provs[0].items() if all(k in p and p[k] == v for p in provs[1:])} if provs else {}
+    return {"inputs_common": common,
+            "inputs": {key: {k: v for k, v in prov.items() if k not in common} for key, prov in keyed.items()}}
 
 
 def concat_tables(paths: Iterable[str | os.PathLike[str]], schema: pa.Schema | None = None) -> pa.Table:

@@ -4,7 +4,8 @@ Each :class:`Stage` (induction heads, loss reduction, ICL tasks, relation index)
 reads its inputs before the model is loaded (a bad input fails in a second, not after a minute of
 loading) and turns a loaded :class:`~icl_dynamics.models.Checkpoint` into tables. The CLI exposes
 each stage as its own subcommand (to rerun one stage of one checkpoint) and all of them as
-``icl-dynamics score`` (the workflow's one job per checkpoint: one process, one load, every table).
+``icl-dynamics score`` (the workflow's one job per checkpoint: one process, one load, every table);
+:func:`score` runs one on a checkpoint loaded in Python and returns its tables as DataFrames.
 
 torch and the stage modules are imported where a stage runs, so the CLI's light commands stay light.
 """
@@ -20,8 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import pandas as pd
     import pyarrow as pa
 
+    from icl_dynamics.checkpoints import Schedule
     from icl_dynamics.models import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,11 @@ class Stage:
     options: Callable[[AddOption], None]
     prepare: Callable[[argparse.Namespace], Any]  # reads the inputs, before the model loads
     measure: Callable[[Checkpoint, argparse.Namespace, Any], Tables]
+
+    def run(self, ckpt: Checkpoint, opts: argparse.Namespace, inputs: Any) -> Tables:
+        """``measure`` under the checkpoint's finite guard (a NaN or Inf stops it, naming this stage)."""
+        with ckpt.guard(self.name):
+            return self.measure(ckpt, opts, inputs)
 
 
 def _no_inputs(opts: argparse.Namespace) -> None:
@@ -216,8 +224,7 @@ def run_stages(jobs: Sequence[tuple[Stage, argparse.Namespace]], load: Callable[
     tables: Tables = {}
     for (stage, opts), inputs in zip(jobs, prepared):
         start = time.perf_counter()
-        with ckpt.guard(stage.name):
-            tables.update(stage.measure(ckpt, opts, inputs))
+        tables.update(stage.run(ckpt, opts, inputs))
         seconds[stage.name] = time.perf_counter() - start
     start = time.perf_counter()
     runtime = ckpt.runtime()
@@ -225,3 +232,73 @@ def run_stages(jobs: Sequence[tuple[Stage, argparse.Namespace]], load: Callable[
                      for name, (rows, schema, meta) in tables.items()})
     seconds["write"] = time.perf_counter() - start
     return seconds
+
+
+def stamp(rows: list[dict], model: str, step: int, tokens: int) -> list[dict]:
+    """``rows`` led by the columns every step-indexed table starts with: model, step and tokens seen."""
+    return [{"model": model, "step": step, "tokens": tokens, **row} for row in rows]
+
+
+def stage_options(stage: Stage, **values: Any) -> argparse.Namespace:
+    """``stage``'s options as its subcommand would have them: its defaults, overridden by ``values``
+    (option names with underscores, e.g. ``n_samples=20``). An unknown name, a value outside an
+    option's choices or a missing input file is an error naming what the stage takes."""
+    parser = argparse.ArgumentParser(prog=stage.name, add_help=False)
+    actions: dict[str, argparse.Action] = {}
+
+    def add(flag: str, **kw: Any) -> None:
+        action = parser.add_argument(flag, **kw)
+        actions[action.dest] = action
+
+    stage.options(add)
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        raise TypeError(f"stage {stage.name} has no option {', '.join(unknown)}; its options: {', '.join(actions)}")
+    opts = {dest: action.default for dest, action in actions.items()}
+    for dest, value in values.items():
+        action = actions[dest]
+        if action.nargs is not None:  # a list option: one value is a list of one
+            value = [value] if isinstance(value, (str, int, float)) else list(value)
+        bad = [v for v in (value if action.nargs is not None else [value])
+               if action.choices is not None and v not in action.choices]
+        if bad:
+            raise ValueError(f"stage {stage.name}: {dest}={value!r}: {bad} not among {list(action.choices)}")
+        opts[dest] = value
+    missing = [a for a in actions.values() if a.option_strings[0] in stage.inputs and opts[a.dest] is None]
+    if missing:
+        raise ValueError(f"stage {stage.name} needs " + " and ".join(f"{a.dest}= ({a.help})" for a in missing))
+    return argparse.Namespace(**opts)
+
+
+def score(ckpt: Checkpoint, stage: str, *, schedule: str | Schedule = "pythia",
+          **options: Any) -> dict[str, pd.DataFrame]:
+    """Run one stage on a loaded checkpoint (:func:`icl_dynamics.models.load_checkpoint`) and return its
+    tables by name as DataFrames, the rows ``icl-dynamics score`` writes for the same options.
+
+    ``stage`` is one of :data:`STAGES` (``heads``, ``loss``, ``icl-tasks``, ``relation-index``; ``_``
+    for ``-`` is fine); ``options`` are its options by name with their defaults as in
+    ``icl-dynamics <stage> --help`` (:func:`stage_options`): ``loss`` needs ``text_tokens``, the
+    tokenize-text table, and ``relation-index`` needs ``relations_dir``, the relations stage's folder.
+    ``schedule`` (``pythia``, ``toy``, ``toy-relations`` or a :class:`~icl_dynamics.checkpoints.Schedule`)
+    gives the tokens the checkpoint has seen.
+    """
+    from icl_dynamics import io
+    from icl_dynamics.checkpoints import StepError
+
+    spec = STAGES.get(stage.replace("_", "-"))
+    if spec is None:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    opts = stage_options(spec, **options)
+    if isinstance(schedule, str):
+        from icl_dynamics.config import schedule_named
+        from icl_dynamics.toyzoo import TOY_SEED
+
+        schedule = schedule_named(schedule, TOY_SEED)
+    try:
+        tokens = schedule.tokens(ckpt.step)
+    except StepError as exc:
+        hint = "; a toy zoo's checkpoint needs schedule='toy' or 'toy-relations'" if schedule.name == "pythia" else ""
+        raise StepError(f"{ckpt.model_id}: {exc}{hint}") from exc
+    tables = spec.run(ckpt, opts, spec.prepare(opts))
+    return {name: io.to_table(stamp(rows, ckpt.model_id, ckpt.step, tokens), schema).to_pandas()
+            for name, (rows, schema, _) in tables.items()}

@@ -54,4 +54,4 @@ rule analyze:
         ),
     shell:
         "icl-dynamics analyze --icl {input.icl} --heads {input.heads} --relation-index {input.relation_index} "
-        "--provenance {input.provenance} {params.options} --out-dir {params.out_dir} 2> {log}"
+        "--provenance {input.provenance} {params.options} --out-dir {params.out_dir} > {log} 2>&1"

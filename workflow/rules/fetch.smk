@@ -22,7 +22,7 @@ rule toy_zoo:
         seed=config["toy_zoo"]["seed"],
         kind=config["schedule"],
     shell:
-        "icl-dynamics toy-zoo --kind {params.kind} --out {params.out} --seed {params.seed} 2> {log}"
+        "icl-dynamics toy-zoo --kind {params.kind} --out {params.out} --seed {params.seed} > {log} 2>&1"
 
 
 rule fetch_slot:
@@ -52,4 +52,5 @@ rule fetch:
         attempts=config["fetch"]["attempts"],
         timeout=config["fetch"]["timeout"],
     shell:
-        cli("fetch {params.flags} --attempts {params.attempts} --timeout {params.timeout} --out {output}") + " 2> {log}"
+        cli("fetch {params.flags} --attempts {params.attempts} --timeout {params.timeout} --out {output}")
+        + " > {log} 2>&1"

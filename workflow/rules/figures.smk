@@ -33,4 +33,4 @@ rule figures:
     shell:
         "icl-dynamics figures --heads {input.heads} --icl {input.icl} --loss-curve {input.loss_curve} "
         "--relation-index {input.relation_index} --provenance {input.provenance} "
-        "{params.steps} --top-k {params.top_k} {params.training} --out-dir {output} 2> {log}"
+        "{params.steps} --top-k {params.top_k} {params.training} --out-dir {output} > {log} 2>&1"

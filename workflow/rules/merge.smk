@@ -27,4 +27,4 @@ rule merge:
         toy_seed=config["toy_zoo"]["seed"],
     shell:
         "icl-dynamics merge --stage {wildcards.stage} --schedule {params.schedule} --toy-seed {params.toy_seed} "
-        "--out {output} {input} 2> {log}"
+        "--out {output} {input} > {log} 2>&1"

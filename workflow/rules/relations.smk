@@ -21,7 +21,7 @@ if not RELATIONS["agenda_dir"] and not PLANTED:
         params:
             dest=lambda wildcards, output: os.path.dirname(output[0]),
         shell:
-            "icl-dynamics fetch-agenda --dest {params.dest} 2> {log}"
+            "icl-dynamics fetch-agenda --dest {params.dest} > {log} 2>&1"
 
 
 rule relations:
@@ -55,4 +55,4 @@ rule relations:
             )
         ),
     shell:
-        cli("relations {params.flags} {params.options} --out-dir {params.out_dir}") + " 2> {log}"
+        cli("relations {params.flags} {params.options} --out-dir {params.out_dir}") + " > {log} 2>&1"

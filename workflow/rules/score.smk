@@ -30,7 +30,7 @@ rule score:
             "score {params.flags} --text-tokens {input.text_tokens} --relations-dir {params.relations_dir} "
             "{params.options} --out-dir {params.out_dir}"
         )
-        + " 2> {log}"
+        + " > {log} 2>&1"
 
 
 # keep_weights false: the scored checkpoint's weights leave the HF cache (see fetch.smk)
@@ -48,4 +48,4 @@ rule evict:
     params:
         flags=lambda wc: checkpoint_flags(wc.model, wc.step, device=False),
     shell:
-        cli("evict {params.flags} --provenance {input.provenance} --out {output}") + " 2> {log}"
+        cli("evict {params.flags} --provenance {input.provenance} --out {output}") + " > {log} 2>&1"

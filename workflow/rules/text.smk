@@ -16,4 +16,4 @@ rule tokenize_text:
         flags=lambda wc: checkpoint_flags(wc.model, STEPS[0], device=False),
         text=text_flags(),
     shell:
-        cli("tokenize-text {params.flags} {params.text} --out {output}") + " 2> {log}"
+        cli("tokenize-text {params.flags} {params.text} --out {output}") + " > {log} 2>&1"

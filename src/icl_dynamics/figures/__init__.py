@@ -1,22 +1,30 @@
-"""Figures: one module per stage, sharing the style and the save helper defined here."""
+"""Figures: one module per stage, sharing the style and the save helper defined here.
+
+Every figure function returns a :class:`~matplotlib.figure.Figure` (or, given ``ax=``, draws into the
+caller's axes and returns them) and saves nothing; the ``write_*`` and path-taking functions the CLI
+calls save them with :func:`save_figure`. All of them draw under :data:`STYLE` in a
+``matplotlib.rc_context`` (:func:`styled`), so a notebook's own rcParams and backend stay as they were.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
+from icl_dynamics.io import atomic_path
 
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from icl_dynamics.io import atomic_path  # noqa: E402
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 STYLE = {
     "figure.dpi": 150,
@@ -36,10 +44,22 @@ COLUMN_WIDTH_IN = 3.4  # one column of a two-column paper
 PAGE_WIDTH_IN = 7.0
 
 
+def styled(draw: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``draw`` under :data:`STYLE` (a ``matplotlib.rc_context``): what it draws gets the project's
+    style, and the caller's global rcParams are the same afterwards."""
+
+    @functools.wraps(draw)
+    def in_style(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with matplotlib.rc_context(STYLE):
+            return draw(*args, **kwargs)
+
+    return in_style
+
+
 def new_figure(ncols: int = 1, nrows: int = 1, *, width: float = COLUMN_WIDTH_IN, height: float | None = None,
                **kwargs) -> tuple[Figure, object]:
-    """A figure in the project's style (call instead of ``plt.subplots``)."""
-    plt.rcParams.update(STYLE)
+    """A figure of ``nrows`` x ``ncols`` axes (call instead of ``plt.subplots``, inside a :func:`styled`
+    function, which gives it the style)."""
     height = height if height is not None else 2.4 * nrows
     return plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, constrained_layout=True, **kwargs)
 
@@ -60,6 +80,7 @@ def step_axis(ax: Axes, steps: Sequence[int], *, label: str = "training step") -
     ax.set_xlabel(label)
 
 
+@styled  # savefig reads the style too (dpi, ticks created while drawing)
 def save_figure(fig: Figure, path: str | os.PathLike[str], formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
     """Save ``fig`` as ``path`` with each suffix in ``formats``, atomically; return the paths."""
     base = Path(path)

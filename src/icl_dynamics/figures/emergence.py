@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullLocator
 
 from icl_dynamics.checkpoints import model_slug
 from icl_dynamics.emergence import LEVELS, RI_PREFIX, tokens_per_step
-from icl_dynamics.figures import COLUMN_WIDTH_IN, PAGE_WIDTH_IN, new_figure, save_figure
-from icl_dynamics.figures.relation_index import ri_panel
+from icl_dynamics.figures import COLUMN_WIDTH_IN, PAGE_WIDTH_IN, new_figure, save_figure, styled
+from icl_dynamics.figures.relation_index import ri_panel, select_rows
 
 LEVEL_COLORS = {"loss_reduction": "C0", "format_compliance": "C1", "pattern_discovery": "C2"}
 LEVEL_MARKERS = {"loss_reduction": "o", "format_compliance": "s", "pattern_discovery": "^"}
@@ -97,9 +98,10 @@ def _shade(axes: Sequence[Axes], emergence: pd.DataFrame) -> None:
                 ax.axvline(row.onset_tokens, color=color, ls=":", lw=0.8)
 
 
-def emergence_panel(icl_traj: pd.DataFrame, emergence: pd.DataFrame, head_traj: pd.DataFrame,
-                    formation: pd.DataFrame, path: str | os.PathLike[str], *, score: str | None = None,
-                    top_k: int = 5, shots: int | None = None) -> list[Path]:
+@styled
+def plot_emergence_panel(icl_traj: pd.DataFrame, emergence: pd.DataFrame, head_traj: pd.DataFrame,
+                         formation: pd.DataFrame, *, score: str | None = None, top_k: int = 5,
+                         shots: int | None = None) -> Figure:
     """Three ICL levels against training tokens with the top heads' ``score`` beneath, per model.
 
     Rows: loss reduction (ICL score), format compliance and pattern-discovery accuracy, then the
@@ -141,7 +143,15 @@ def emergence_panel(icl_traj: pd.DataFrame, emergence: pd.DataFrame, head_traj: 
             for ax in (ax_loss, ax_acc, ax_heads):
                 if ax.get_legend_handles_labels()[0]:
                     ax.legend(loc="best", frameon=False, fontsize=6, handlelength=1.5)
-    return save_figure(fig, path)
+    return fig
+
+
+def emergence_panel(icl_traj: pd.DataFrame, emergence: pd.DataFrame, head_traj: pd.DataFrame,
+                    formation: pd.DataFrame, path: str | os.PathLike[str], *, score: str | None = None,
+                    top_k: int = 5, shots: int | None = None) -> list[Path]:
+    """:func:`plot_emergence_panel`, saved as ``path`` (PNG and PDF)."""
+    return save_figure(plot_emergence_panel(icl_traj, emergence, head_traj, formation, score=score, top_k=top_k,
+                                            shots=shots), path)
 
 
 def _default_score(formation: pd.DataFrame) -> str:
@@ -165,60 +175,72 @@ def _plot_heads(ax: Axes, head_traj: pd.DataFrame, formation: pd.DataFrame, mode
         ax.plot(control.index, control.to_numpy(), color="0.3", ls=(0, (2, 2)), lw=0.7, label="control")
 
 
-def ri_heatmaps(ri: pd.DataFrame, path: str | os.PathLike[str], *, steps: Sequence[int] | None = None,
-                direction: str = "forward", gate: str = "argmax", variant: str = "source",
-                n_steps: int = 4, families: Sequence[str] = ("kg", "syntax")) -> list[Path]:
-    """Relation index per head (layer x head) for each relation at chosen steps: one figure per model and
-    family, written to ``<path>-<model slug>-<family>``. Grey cells: the head never qualified (RI undefined);
-    white dots: flagged semantic induction heads.
-    A family without triplets (none survived tokenisation) gets a figure that says so.
+@styled
+def plot_ri_heatmaps(ri: pd.DataFrame, family: str, *, model: str | None = None, steps: Sequence[int] | None = None,
+                     direction: str = "forward", gate: str = "argmax", variant: str = "source",
+                     n_steps: int = 4) -> Figure:
+    """Relation index per head (layer x head) of each ``family`` relation (rows) at chosen steps (columns),
+    of ``model`` (default: the only one in ``ri``). Grey cells: the head never qualified (RI undefined);
+    white dots: flagged semantic induction heads. A family without triplets (none survived
+    tokenisation) gets a figure that says so.
 
     ``steps`` default: ``n_steps`` checkpoints evenly spaced in log(step + 1), first and last included.
     """
+    rows = select_rows(ri, model=model, gate=gate, variant=variant, direction=direction)
+    model = str(rows["model"].iloc[0])
+    available = np.sort(rows["step"].unique())
+    chosen = list(steps) if steps is not None else _log_spaced(available, n_steps)
+    missing = sorted(set(chosen) - set(available.tolist()))
+    if missing:
+        raise ValueError(f"plot_ri_heatmaps: model {model!r} has no RI rows at steps {missing}")
+    fam = rows[rows["family"] == family]
+    if fam.empty:
+        fig, axes = new_figure(width=COLUMN_WIDTH_IN, height=1.0)
+        axes[0, 0].axis("off")
+        axes[0, 0].text(0.5, 0.5, f"{model.split('/')[-1]}: no {family} triplets survived tokenisation",
+                        ha="center", va="center")
+        return fig
+    n_layers, n_heads = int(rows["layer"].max()) + 1, int(rows["head"].max()) + 1
+    relations = sorted(fam["relation"].unique())
+    cell = (PAGE_WIDTH_IN - 1.2) / len(chosen) * float(np.clip(n_layers / n_heads, 0.35, 1.2))
+    fig, axes = new_figure(ncols=len(chosen), nrows=len(relations), width=PAGE_WIDTH_IN,
+                           height=0.6 + len(relations) * (cell + 0.25))
+    vmax = float(np.nanmax(fam[fam["step"].isin(chosen)]["ri"].to_numpy(float), initial=0.0)) or 1.0
+    image = None
+    for i, relation in enumerate(relations):
+        for j, step in enumerate(chosen):
+            ax = axes[i, j]
+            cell = fam[(fam["relation"] == relation) & (fam["step"] == step)]
+            image = ri_panel(ax, cell, vmax, (n_layers, n_heads))
+            ax.set_xticks([0, n_heads - 1])
+            ax.set_yticks([0, n_layers - 1])
+            if i == 0:
+                ax.set_title(f"step {step}")
+            if j == 0:
+                ax.set_ylabel(f"{relation}\nlayer")
+            else:
+                ax.set_yticklabels([])
+            if i == len(relations) - 1:
+                ax.set_xlabel("head")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="relation index")
+    fig.suptitle(f"{model.split('/')[-1]}: {family} relations ({direction}, {gate} gate, {variant})", fontsize=8)
+    return fig
+
+
+def ri_heatmaps(ri: pd.DataFrame, path: str | os.PathLike[str], *, steps: Sequence[int] | None = None,
+                direction: str = "forward", gate: str = "argmax", variant: str = "source",
+                n_steps: int = 4, families: Sequence[str] = ("kg", "syntax")) -> list[Path]:
+    """:func:`plot_ri_heatmaps` of every model and family (``families`` and any other with rows), saved as
+    ``<path>-<model slug>-<family>`` (PNG and PDF)."""
     sel = ri[(ri["direction"] == direction) & (ri["gate"] == gate) & (ri["variant"] == variant)]
     if sel.empty:
         raise ValueError(f"ri_heatmaps: no rows with direction={direction!r} gate={gate!r} variant={variant!r}")
     written: list[Path] = []
     base = Path(path)
     for model in model_order(sel["model"]):
-        rows = sel[sel["model"] == model]
-        available = np.sort(rows["step"].unique())
-        chosen = list(steps) if steps is not None else _log_spaced(available, n_steps)
-        missing = sorted(set(chosen) - set(available.tolist()))
-        if missing:
-            raise ValueError(f"ri_heatmaps: model {model!r} has no RI rows at steps {missing}")
-        n_layers, n_heads = int(rows["layer"].max()) + 1, int(rows["head"].max()) + 1
-        for family in sorted(set(families) - set(rows["family"])):
-            fig, axes = new_figure(width=COLUMN_WIDTH_IN, height=1.0)
-            axes[0, 0].axis("off")
-            axes[0, 0].text(0.5, 0.5, f"{model.split('/')[-1]}: no {family} triplets survived tokenisation",
-                            ha="center", va="center")
-            written += save_figure(fig, base.with_name(f"{base.name}-{model_slug(model)}-{family}"))
-        for family, fam in rows.groupby("family", sort=True):
-            relations = sorted(fam["relation"].unique())
-            cell = (PAGE_WIDTH_IN - 1.2) / len(chosen) * float(np.clip(n_layers / n_heads, 0.35, 1.2))
-            fig, axes = new_figure(ncols=len(chosen), nrows=len(relations), width=PAGE_WIDTH_IN,
-                                   height=0.6 + len(relations) * (cell + 0.25))
-            vmax = float(np.nanmax(fam[fam["step"].isin(chosen)]["ri"].to_numpy(float), initial=0.0)) or 1.0
-            image = None
-            for i, relation in enumerate(relations):
-                for j, step in enumerate(chosen):
-                    ax = axes[i, j]
-                    cell = fam[(fam["relation"] == relation) & (fam["step"] == step)]
-                    image = ri_panel(ax, cell, vmax, (n_layers, n_heads))
-                    ax.set_xticks([0, n_heads - 1])
-                    ax.set_yticks([0, n_layers - 1])
-                    if i == 0:
-                        ax.set_title(f"step {step}")
-                    if j == 0:
-                        ax.set_ylabel(f"{relation}\nlayer")
-                    else:
-                        ax.set_yticklabels([])
-                    if i == len(relations) - 1:
-                        ax.set_xlabel("head")
-            fig.colorbar(image, ax=axes, shrink=0.8, label="relation index")
-            fig.suptitle(f"{model.split('/')[-1]}: {family} relations ({direction}, {gate} gate, {variant})",
-                         fontsize=8)
+        for family in sorted(set(families) | set(sel.loc[sel["model"] == model, "family"])):
+            fig = plot_ri_heatmaps(sel, family, model=model, steps=steps, direction=direction, gate=gate,
+                                   variant=variant, n_steps=n_steps)
             written += save_figure(fig, base.with_name(f"{base.name}-{model_slug(model)}-{family}"))
     return written
 
@@ -233,8 +255,9 @@ def _whiskers(value: np.ndarray, low, high) -> np.ndarray:
     return np.clip(np.stack([value - np.asarray(low, float), np.asarray(high, float) - value]), 0, None)
 
 
-def formation_emergence_scatter(formation: pd.DataFrame, emergence: pd.DataFrame, path: str | os.PathLike[str], *,
-                                scores: Sequence[str] | None = None, top_k: int = 3) -> list[Path]:
+@styled
+def plot_formation_emergence_scatter(formation: pd.DataFrame, emergence: pd.DataFrame, *,
+                                     scores: Sequence[str] | None = None, top_k: int = 3) -> Figure:
     """Formation transition of the top-k heads per score (y) against each ICL series' emergence
     transition (x), both with bootstrap intervals; above the diagonal the head formed later.
 
@@ -286,11 +309,17 @@ def formation_emergence_scatter(formation: pd.DataFrame, emergence: pd.DataFrame
     fig.legend([*handles.values(), *level_handles],
                [*(s.replace("_", " ") for s in handles), *(lv.replace("_", " ") for lv in LEVELS)],
                loc="outside lower center", ncols=3, frameon=False, fontsize=6)
-    return save_figure(fig, path)
+    return fig
 
 
-def correlation_map(relation: pd.DataFrame, path: str | os.PathLike[str], *, scores: Sequence[str] | None = None,
-                    top_k: int = 5) -> list[Path]:
+def formation_emergence_scatter(formation: pd.DataFrame, emergence: pd.DataFrame, path: str | os.PathLike[str], *,
+                                scores: Sequence[str] | None = None, top_k: int = 3) -> list[Path]:
+    """:func:`plot_formation_emergence_scatter`, saved as ``path`` (PNG and PDF)."""
+    return save_figure(plot_formation_emergence_scatter(formation, emergence, scores=scores, top_k=top_k), path)
+
+
+@styled
+def plot_correlation_map(relation: pd.DataFrame, *, scores: Sequence[str] | None = None, top_k: int = 5) -> Figure:
     """Heads (top-k per score at the final checkpoint) x ICL series: Spearman correlation of the first
     differences, with a dot where the block-permutation test is significant after BH (``related``)."""
     models = model_order(relation["model"])
@@ -318,4 +347,10 @@ def correlation_map(relation: pd.DataFrame, path: str | os.PathLike[str], *, sco
         ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=6)
         ax.set_title(model.split("/")[-1])
     fig.colorbar(image, ax=axes, shrink=0.8, label="Spearman ρ of first differences")
-    return save_figure(fig, path)
+    return fig
+
+
+def correlation_map(relation: pd.DataFrame, path: str | os.PathLike[str], *, scores: Sequence[str] | None = None,
+                    top_k: int = 5) -> list[Path]:
+    """:func:`plot_correlation_map`, saved as ``path`` (PNG and PDF)."""
+    return save_figure(plot_correlation_map(relation, scores=scores, top_k=top_k), path)

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.figure import Figure
 
-from icl_dynamics.figures import PAGE_WIDTH_IN, grid, new_figure, save_figure, step_axis
+from icl_dynamics.figures import PAGE_WIDTH_IN, grid, new_figure, save_figure, step_axis, styled
 
 
 def default_steps(steps: Sequence[int]) -> list[int]:
@@ -16,9 +17,11 @@ def default_steps(steps: Sequence[int]) -> list[int]:
     return sorted({steps[0], steps[len(steps) // 2], steps[-1]})
 
 
-def prefix_matching_heatmaps(heads: pd.DataFrame, out: str | Path, *, steps: Sequence[int] | None = None,
-                             score: str = "prefix_matching") -> list[Path]:
-    """One layer x head heatmap of ``score`` per chosen step, on a shared 0..1 colour scale."""
+@styled
+def plot_prefix_matching_heatmaps(heads: pd.DataFrame, *, steps: Sequence[int] | None = None,
+                                  score: str = "prefix_matching") -> Figure:
+    """One layer x head heatmap of ``score`` per chosen step (default: first, middle and last), on a
+    shared 0..1 colour scale."""
     steps = list(steps) if steps else default_steps(heads["step"])
     missing = sorted(set(steps) - set(heads["step"]))
     if missing:
@@ -35,7 +38,13 @@ def prefix_matching_heatmaps(heads: pd.DataFrame, out: str | Path, *, steps: Seq
         ax.set_yticks(range(int(frame["layer"].max()) + 1))
     fig.colorbar(image, ax=axes[0].tolist(), label=score.replace("_", " "), shrink=0.9)
     fig.suptitle(f"{heads['model'].iloc[0]}: {score.replace('_', ' ')} per head")
-    return save_figure(fig, out)
+    return fig
+
+
+def prefix_matching_heatmaps(heads: pd.DataFrame, out: str | Path, *, steps: Sequence[int] | None = None,
+                             score: str = "prefix_matching") -> list[Path]:
+    """:func:`plot_prefix_matching_heatmaps`, saved as ``out`` (PNG and PDF)."""
+    return save_figure(plot_prefix_matching_heatmaps(heads, steps=steps, score=score), out)
 
 
 def top_heads(heads: pd.DataFrame, k: int, score: str = "prefix_matching") -> list[tuple[int, int]]:
@@ -44,8 +53,9 @@ def top_heads(heads: pd.DataFrame, k: int, score: str = "prefix_matching") -> li
     return list(zip(last["layer"].astype(int), last["head"].astype(int)))
 
 
-def top_heads_vs_icl(heads: pd.DataFrame, icl: pd.DataFrame, out: str | Path, *, top_k: int = 3,
-                     score: str = "prefix_matching", provenance: pd.DataFrame | None = None) -> list[Path]:
+@styled
+def plot_top_heads_vs_icl(heads: pd.DataFrame, icl: pd.DataFrame, *, top_k: int = 3, score: str = "prefix_matching",
+                          provenance: pd.DataFrame | None = None) -> Figure:
     """Top heads' ``score`` (with standard errors and the control) above the ICL score, against step.
 
     Markers sit at the measured checkpoints; hollow markers flag checkpoints whose weights duplicate
@@ -75,4 +85,10 @@ def top_heads_vs_icl(heads: pd.DataFrame, icl: pd.DataFrame, out: str | Path, *,
     ax_icl.set_ylabel("ICL score (late - early loss)")
     step_axis(ax_icl, heads["step"].unique())
     fig.suptitle(f"{heads['model'].iloc[0]}: top-{top_k} heads by final {score.replace('_', ' ')}")
-    return save_figure(fig, out)
+    return fig
+
+
+def top_heads_vs_icl(heads: pd.DataFrame, icl: pd.DataFrame, out: str | Path, *, top_k: int = 3,
+                     score: str = "prefix_matching", provenance: pd.DataFrame | None = None) -> list[Path]:
+    """:func:`plot_top_heads_vs_icl`, saved as ``out`` (PNG and PDF)."""
+    return save_figure(plot_top_heads_vs_icl(heads, icl, top_k=top_k, score=score, provenance=provenance), out)

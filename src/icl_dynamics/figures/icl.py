@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from icl_dynamics.checkpoints import model_slug
-from icl_dynamics.figures import PAGE_WIDTH_IN, new_figure, save_figure, step_axis
+from icl_dynamics.figures import PAGE_WIDTH_IN, new_figure, save_figure, step_axis, styled
 from icl_dynamics.icl_tasks import BASELINES, LOOKUP_BASELINE, TASKS
 
 FRACTION_LEVELS = ("format_compliance", "pattern_discovery")
@@ -36,6 +37,7 @@ def _task_order(names: Sequence[str]) -> list[str]:
     return known + sorted(set(names) - set(known))
 
 
+@styled
 def plot_level(table: pd.DataFrame, level: str, metric: str, *, model: str | None = None) -> Figure:
     """``metric`` of ``level`` against training step: one panel per task, one line per shot count
     (markers at the checkpoints, Wilson/CI band), chance as a dashed line where the table has one and,
@@ -79,10 +81,12 @@ def plot_level(table: pd.DataFrame, level: str, metric: str, *, model: str | Non
     return fig
 
 
+@styled
 def plot_loss_by_token(curves: pd.DataFrame, *, model: str | None = None, steps: Sequence[int] | None = None,
-                       n_curves: int = 5) -> Figure:
+                       n_curves: int = 5, ax: Axes | None = None) -> Axes:
     """Mean loss against token position for a few checkpoints (``steps``, or ``n_curves`` spread
-    over the available ones), with CI bands; columns model, step, position, loss, ci_low, ci_high."""
+    over the available ones), with CI bands; columns model, step, position, loss, ci_low, ci_high.
+    Draws into ``ax`` (default: a new figure's) and returns it."""
     rows = _one_model(curves, model, "plot_loss_by_token")
     available = sorted(int(s) for s in rows["step"].unique())
     if steps is None:
@@ -90,8 +94,9 @@ def plot_loss_by_token(curves: pd.DataFrame, *, model: str | None = None, steps:
     missing = sorted(set(steps) - set(available))
     if missing:
         raise ValueError(f"plot_loss_by_token: no loss curve for steps {missing} (have {available})")
-    fig, axes = new_figure()
-    ax = axes[0][0]
+    if ax is None:
+        _, axes = new_figure()
+        ax = axes[0][0]
     cmap = colormaps["viridis"]
     for n, step in enumerate(steps):
         line = rows[rows["step"] == step].sort_values("position")
@@ -102,7 +107,7 @@ def plot_loss_by_token(curves: pd.DataFrame, *, model: str | None = None, steps:
     ax.set_xlabel("token position")
     ax.set_ylabel("loss (nats)")
     ax.legend(loc="best", frameon=False)
-    return fig
+    return ax
 
 
 def write_icl_figures(table: pd.DataFrame, curves: pd.DataFrame | None, out_dir: str | os.PathLike[str],
@@ -121,5 +126,5 @@ def write_icl_figures(table: pd.DataFrame, curves: pd.DataFrame | None, out_dir:
         fig = plot_level(rows, level, metric, model=model)
         written += save_figure(fig, f"{base}_{level}_{metric}.png")
     if curves is not None:
-        written += save_figure(plot_loss_by_token(curves, model=model), f"{base}_loss_by_token.png")
+        written += save_figure(plot_loss_by_token(curves, model=model).figure, f"{base}_loss_by_token.png")
     return written

@@ -16,7 +16,7 @@ from matplotlib.image import AxesImage
 from matplotlib.ticker import MaxNLocator
 
 from icl_dynamics.checkpoints import model_slug
-from icl_dynamics.figures import COLUMN_WIDTH_IN, PAGE_WIDTH_IN, grid, new_figure, save_figure, step_axis
+from icl_dynamics.figures import COLUMN_WIDTH_IN, PAGE_WIDTH_IN, grid, new_figure, save_figure, step_axis, styled
 
 NEVER_QUALIFIED = "0.85"  # colour of heads whose RI is undefined (no qualifying event)
 
@@ -44,6 +44,7 @@ def top_heads(rows: pd.DataFrame, k: int) -> pd.DataFrame:
     return last[last["sih_status"] != "insufficient"].nlargest(k, "effect")[["layer", "head"]]
 
 
+@styled
 def ri_panel(ax: Axes, cell: pd.DataFrame, vmax: float, shape: tuple[int, int] | None = None) -> AxesImage:
     """Draw one layer x head RI map (layer 0 at the bottom): grey where the head never qualified,
     a white dot where it is flagged as a semantic induction head. Returns the image for a colour bar."""
@@ -56,6 +57,7 @@ def ri_panel(ax: Axes, cell: pd.DataFrame, vmax: float, shape: tuple[int, int] |
     return image
 
 
+@styled
 def final_heatmaps(rows: pd.DataFrame, family: str) -> Figure:
     """One layer x head heatmap of RI per relation of ``family`` at the last step of ``rows`` (one
     model, gate, variant, direction). Grey: never qualified; white dot: flagged SIH."""
@@ -87,6 +89,7 @@ def final_heatmaps(rows: pd.DataFrame, family: str) -> Figure:
     return fig
 
 
+@styled
 def top_heads_over_training(rows: pd.DataFrame, family: str, *, k: int = 3) -> Figure:
     """RI (+- standard error) of each relation's top ``k`` final-step heads against training step,
     with the mean tenth-token and random controls of those heads as dashed lines."""
@@ -139,6 +142,7 @@ def write_relation_index_figures(ri: pd.DataFrame, out_dir: str | os.PathLike[st
     return written
 
 
+@styled
 def planted_control(rows: pd.DataFrame, training: pd.DataFrame, phase_step: float) -> Figure:
     """The positive control of the relations toy zoo: top, the training loss on the planted tails
     with the phase change; bottom, per planted and decoy relation, the effect (RI over the matched
