@@ -120,23 +120,18 @@ def toy_zoo_relations(_zoo_builds) -> Path:
     return _built(_zoo_builds, "toy-relations")
 
 
-def run_toy_workflow(config_file: str, zoo: Path, steps: list[int], workdir: Path, relations: dict, *,
-                     hub_endpoint: str | None = None, max_cached: int = 2,
-                     watch: Callable[[], int] | None = None, args: Sequence[str] = (),
-                     env: dict[str, str] | None = None) -> tuple[list[str], int]:
-    """Run the offline Snakemake demo of ``config/<config_file>`` on ``zoo`` at ``steps`` in ``workdir``
-    (``relations`` overrides that section; the analysis is cut down to a few checkpoints), assert it
-    succeeded, and return the command so a test can rerun it (``--report``, ``-n``).
+def toy_workflow_command(config_file: str, zoo: Path, steps: list[int], workdir: Path, relations: dict, *,
+                         hub_endpoint: str | None = None, max_cached: int = 2, args: Sequence[str] = (),
+                         env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """Write the config of the offline Snakemake demo of ``config/<config_file>`` on ``zoo`` at ``steps``
+    into ``workdir`` (``relations`` overrides that section; the analysis is cut down to a few
+    checkpoints) and return the Snakemake command and its environment.
 
     With ``hub_endpoint`` (a fake hub serving the zoo) the checkpoints are fetched from it into an empty
-    cache ``workdir/hf-cache`` with ``keep_weights: false`` and ``max_cached``; ``watch`` is then polled
-    while the workflow runs and the largest value it returned is returned with the command. ``args``
-    are further Snakemake arguments (targets, a profile), ``env`` further environment variables.
+    cache ``workdir/hf-cache`` with ``keep_weights: false`` and ``max_cached``. ``args`` are further
+    Snakemake arguments (targets, a profile), ``env`` further environment variables.
     """
-    import os
-    import subprocess
     import sys
-    import time
 
     import yaml
 
@@ -159,6 +154,21 @@ def run_toy_workflow(config_file: str, zoo: Path, steps: list[int], workdir: Pat
     cores = [] if "--workflow-profile" in args else ["--cores", "2"]  # a cluster profile sets jobs, not cores
     command = [sys.executable, "-m", "snakemake", *cores, "-s", str(REPO / "Snakefile"),
                "-d", str(workdir), "--configfile", str(workdir / "config.yaml"), *args]
+    return command, env
+
+
+def run_toy_workflow(config_file: str, zoo: Path, steps: list[int], workdir: Path, relations: dict, *,
+                     hub_endpoint: str | None = None, max_cached: int = 2,
+                     watch: Callable[[], int] | None = None, args: Sequence[str] = (),
+                     env: dict[str, str] | None = None) -> tuple[list[str], int]:
+    """Run the demo :func:`toy_workflow_command` sets up, assert it succeeded, and return the command
+    (so a test can rerun it: ``--report``, ``-n``) and the largest value ``watch`` returned while
+    polled during the run."""
+    import subprocess
+    import time
+
+    command, env = toy_workflow_command(config_file, zoo, steps, workdir, relations, hub_endpoint=hub_endpoint,
+                                        max_cached=max_cached, args=args, env=env)
     seen, log = 0, workdir / "snakemake.log"
     with open(log, "w") as out, subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env) as proc:
         deadline = time.monotonic() + 900

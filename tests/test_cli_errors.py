@@ -58,22 +58,27 @@ def cases(cache: Path, tmp: Path, shared: Path) -> dict[str, tuple[list, str, st
     bug = "import icl_dynamics.induction as m\nm.induction_rows = lambda *a, **k: 1 / 0"
     return {
         "truncated safetensors": (heads(cache, 100, tmp / "h.parquet"), "", "cannot be read (SafetensorError"),
-        "refused pickle": (heads(cache, 200, tmp / "h.parquet"), "", "cannot be read (UnpicklingError"),
-        "step not in the cache": (heads(cache, 2, tmp / "h.parquet"), "", "is not a checkpoint of the toy schedule"),
+        "refused pickle": (heads(cache, 200, tmp / "pickle.parquet"), "", "cannot be read (UnpicklingError"),
+        "step not in the cache": (heads(cache, 2, tmp / "missing.parquet"), "", "is not a checkpoint of the toy schedule"),
         "output under a file": (heads(cache, 0, tmp / "a-file" / "h.parquet"), "", "a-file"),
-        "disk full": (heads(cache, 0, tmp / "h.parquet"), enospc, "No space left on device"),
+        "disk full": (heads(cache, 0, tmp / "full.parquet"), enospc, "No space left on device"),
         "unknown spaCy model": (["relations", "--model", TOY_MODEL_ID, "--step", 0, "--schedule", "toy",
                                  "--cache-dir", cache, "--agenda-dir", shared / "data" / "agenda",
                                  "--spacy-model", "xx_no_such_pipeline", "--out-dir", tmp / "rel"],
                                 "", "spaCy pipeline 'xx_no_such_pipeline' is not installed"),
-        "unexpected bug": (heads(cache, 0, tmp / "h.parquet"), bug, "unexpected ZeroDivisionError"),
+        "unexpected bug": (heads(cache, 0, tmp / "bug.parquet"), bug, "unexpected ZeroDivisionError"),
     }
 
 
 def test_every_expected_failure_is_one_line_without_traceback(broken_cache, shared_dir, tmp_path):
-    failures, runs = {}, {}
-    for name, (args, patch, fragment) in cases(broken_cache, tmp_path, shared_dir).items():
-        proc = runs[name] = cli(args, patch)
+    from concurrent.futures import ThreadPoolExecutor
+
+    table = cases(broken_cache, tmp_path, shared_dir)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # one process per core
+        runs = dict(zip(table, pool.map(lambda case: cli(case[0], case[1]), table.values())))
+    failures = {}
+    for name, (_, _, fragment) in table.items():
+        proc = runs[name]
         errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
         if proc.returncode != 1 or "Traceback" in proc.stderr or len(errors) != 1 or fragment not in errors[0]:
             failures[name] = (proc.returncode, proc.stderr[-800:])

@@ -108,17 +108,40 @@ def test_checkpoint_runs_on_the_requested_device(toy_zoo, step):
     assert ckpt.device.type == expected
 
 
-def test_snakemake_end_to_end_on_the_toy_zoo(toy_zoo, shared_dir, tmp_path):
+TOY_WORKFLOW_STEPS = [0, 900, 1000, TOY_STEPS[-1]]
+
+
+@pytest.fixture(scope="module")
+def toy_workflow(toy_zoo, shared_dir, tmp_path_factory):
+    """One uninterrupted offline run of the toy workflow: (workdir, command, wall seconds)."""
+    import time
+
+    from conftest import run_toy_workflow
+
+    workdir = tmp_path_factory.mktemp("toy-workflow")
+    start = time.monotonic()
+    command, _ = run_toy_workflow("toy.yaml", toy_zoo, TOY_WORKFLOW_STEPS, workdir,
+                                  {"agenda_dir": str(shared_dir / "data" / "agenda")})
+    return workdir, command, time.monotonic() - start
+
+
+def result_digests(workdir) -> dict[str, str]:
+    """sha256 of every file under ``workdir/results`` but the fetch stage's provenance tables (they
+    record when and where) and Snakemake's own markers."""
+    results = workdir / "results"
+    return {str(p.relative_to(results)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(results.rglob("*"))
+            if p.is_file() and p.name != "provenance.parquet" and not p.name.startswith(".snakemake")}
+
+
+def test_snakemake_end_to_end_on_the_toy_zoo(toy_workflow):
     """The whole workflow offline on a few toy checkpoints: heads form while the ICL score falls."""
     import subprocess
 
     import pandas as pd
-    from conftest import run_toy_workflow
 
-    steps = [0, 900, 1000, TOY_STEPS[-1]]
-    command, _ = run_toy_workflow("toy.yaml", toy_zoo, steps, tmp_path,
-                               {"agenda_dir": str(shared_dir / "data" / "agenda")})
-
+    tmp_path, command, _ = toy_workflow
+    steps = TOY_WORKFLOW_STEPS
     out = tmp_path / "results" / "icl-dynamics--toy-neox"
     heads = pd.read_parquet(out / "heads.parquet")
     assert sorted(heads["step"].unique()) == steps
@@ -168,17 +191,75 @@ def test_snakemake_end_to_end_on_the_toy_zoo(toy_zoo, shared_dir, tmp_path):
     # a rerun has nothing to do
     dry = subprocess.run([*command, "-n"], capture_output=True, text=True, timeout=300)
     assert "Nothing to be done" in dry.stdout + dry.stderr
+    # that a second run writes the same bytes (every table, CSV and figure) is the restart test's check
 
-    # rerunning merge, figures and analysis writes the same bytes (tables, CSV, PNG and PDF): no time,
-    # host or date in any of them; only the provenance tables record when and where (fetch)
-    def digests() -> dict[str, str]:
-        return {str(p.relative_to(tmp_path)): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted((tmp_path / "results").rglob("*"))
-                if p.is_file() and "provenance" not in p.name and "step" not in p.parent.name}
 
-    before = digests()
-    rerun = subprocess.run([*command, "--forcerun", "merge", "figures", "analyze"], capture_output=True, text=True,
-                           timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    after = digests()
-    assert len(before) > 30 and after == before, sorted(k for k in before if before[k] != after.get(k))
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (Snakemake and the jobs it started), as a node loss would."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in tree:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=30)
+
+
+def test_a_workflow_killed_three_times_restarts_to_the_same_results(toy_workflow, tmp_path):
+    """kill -9 of Snakemake and all its jobs at 3 seeded random points, each followed by the restart the
+    README documents (``--unlock``, then the same command with the local profile, whose
+    ``rerun-incomplete`` reruns the jobs the kill cut short): every table, CSV and figure equals the
+    uninterrupted run's byte for byte (no time, host or path in any of them: only the fetch stage's
+    provenance tables record when and where), and no temporary file is left."""
+    import random
+    import re
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    reference = toy_workflow[0]
+    shutil.copy(reference / "config.yaml", tmp_path / "config.yaml")  # the same run, in another folder
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+               "--configfile", str(tmp_path / "config.yaml"),
+               "--workflow-profile", str(REPO / "workflow" / "profiles" / "local"), "--cores", "2"]
+    rng = random.Random(2026)
+    progress = re.compile(r"^(\d+) of (\d+) steps", re.M)
+    kills = []
+    for attempt in range(3):
+        if attempt:  # the documented restart: a killed Snakemake leaves its lock
+            locked = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr
+            unlock = subprocess.run([*command, "--unlock"], capture_output=True, text=True, timeout=300)
+            assert unlock.returncode == 0, unlock.stderr[-2000:]
+        log = tmp_path / f"attempt{attempt}.log"
+        fraction, delay = rng.uniform(0.1, 0.7), rng.uniform(0.0, 1.5)
+        with open(log, "w") as out:
+            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and time.monotonic() < deadline:
+            done = progress.findall(log.read_text())
+            if done and int(done[-1][0]) >= max(1, fraction * int(done[-1][1])):
+                time.sleep(delay)  # land inside the next jobs, not at a job boundary
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"attempt {attempt} ended before its kill:\n{log.read_text()[-2000:]}"
+        kills.append((attempt, done[-1]))
+        _kill_tree(proc.pid)
+        proc.wait()
+    final = subprocess.run([*command, "--unlock"], capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr[-2000:]
+    final = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert final.returncode == 0, final.stderr[-3000:]
+    expected, got = result_digests(reference), result_digests(tmp_path)
+    assert len(expected) > 60 and got == expected, (kills, sorted(k for k in expected if expected[k] != got.get(k)))
+    left = [p for p in (tmp_path / "results").rglob("*.tmp")]
+    assert not left, left
