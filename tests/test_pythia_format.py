@@ -149,11 +149,13 @@ def test_snakemake_end_to_end_on_the_pythia_format_fixture(pythia_cache: Path, s
     import datasets
     import yaml
 
+    steps = [0, 1, 1000]  # step1 serves step0's weights, as on the hub
+
     texts = tmp_path / "abstracts"  # a datasets directory, so the oldest declared datasets is exercised too
     records = agenda.load_agenda(shared_dir / "data" / "agenda")
     datasets.Dataset.from_dict({"text": [agenda.surface_text(r) for r in records]}).save_to_disk(str(texts))
     config = {
-        "models": [PYTHIA_MODEL], "schedule": "pythia", "checkpoints": {"steps": list(PYTHIA_STEPS)},
+        "models": [PYTHIA_MODEL], "schedule": "pythia", "checkpoints": {"steps": steps},
         "device": "cpu", "dtype": "auto", "hf_cache": str(pythia_cache), "hub_offline": True, "results": "results",
         "keep_weights": True,  # offline: nothing evicted could be fetched again
         "text": {"kind": "disk", "name": None, "path": str(texts), "n_docs": 40, "context": 128},
@@ -183,10 +185,10 @@ def test_snakemake_end_to_end_on_the_pythia_format_fixture(pythia_cache: Path, s
     provenance = pd.read_parquet(out / "provenance.parquet").set_index("step")
     assert provenance.loc[1, "duplicate_of_step"] == 0 and not provenance["suspect"].any()
     heads = pd.read_parquet(out / "heads.parquet")
-    assert len(heads) == len(PYTHIA_STEPS) * 2 * 4 and heads["prefix_matching"].between(0, 1).all()
+    assert len(heads) == len(steps) * 2 * 4 and heads["prefix_matching"].between(0, 1).all()
     icl = pd.read_parquet(out / "icl.parquet")
     assert set(icl["level"]) == {"loss_reduction", "format_compliance", "pattern_discovery"}
-    assert len(icl[icl["level"] != "loss_reduction"]) == len(PYTHIA_STEPS) * 4 * 4 * (3 + len(BASELINES))
+    assert len(icl[icl["level"] != "loss_reduction"]) == len(steps) * 4 * 4 * (3 + len(BASELINES))
     ri = pd.read_parquet(out / "relation_index.parquet")
     assert set(ri["family"]) == {"kg", "syntax"} and ri["events"].sum() > 0
     assert ri["ri"].dropna().between(0, 1).all()

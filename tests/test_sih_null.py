@@ -39,15 +39,29 @@ def relation_tables(random_models, agenda_dir):
     return seqs, trips[trips["sequence_id"].isin(seqs["sequence_id"])]
 
 
+def _score_random_model(cache, relation_tables, step: int) -> pd.DataFrame:
+    """The pre-registered cells (argmax gate, source variant) of one random-init model, on one thread."""
+    import torch
+
+    torch.set_num_threads(1)
+    model = load_checkpoint(PYTHIA_MODEL, step, cache_dir=cache, device="cpu", tokenizer=False).model
+    return pd.DataFrame(score_relation_index(model, *relation_tables, gates=("argmax",), variants=("source",)))
+
+
 def test_the_sih_flag_is_silent_on_random_init_models(random_models, relation_tables):
     """Family-wise alpha 0.05 for the pre-registered gate and variant (argmax, source): at most 2 of 20
     random-init models may flag any cell. (Before letters were shuffled per abstract, 8 of 20 did:
     a random head's fixed preference among letters passed for a CONJUNCTION effect.)"""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
     cache, steps = random_models
+    # one model per core; spawned, not forked: this process already runs torch's threads
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(partial(_score_random_model, cache, relation_tables), steps))
     flagged, tested = {}, []
-    for step in steps:
-        model = load_checkpoint(PYTHIA_MODEL, step, cache_dir=cache, device="cpu", tokenizer=False).model
-        rows = pd.DataFrame(score_relation_index(model, *relation_tables, gates=("argmax",), variants=("source",)))
+    for step, rows in zip(steps, results):
         tested.append(int((rows["sih_status"] != "insufficient").sum()))
         if rows["sih"].any():
             flagged[step] = rows.loc[rows["sih"], ["layer", "head", "relation", "direction", "p_adjusted"]]

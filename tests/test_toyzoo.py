@@ -108,7 +108,7 @@ def test_checkpoint_runs_on_the_requested_device(toy_zoo, step):
     assert ckpt.device.type == expected
 
 
-TOY_WORKFLOW_STEPS = [0, 900, 1000, TOY_STEPS[-1]]
+TOY_WORKFLOW_STEPS = [0, 1000, TOY_STEPS[-1]]
 
 
 @pytest.fixture(scope="module")
@@ -235,9 +235,10 @@ def test_a_workflow_killed_three_times_restarts_to_the_same_results(toy_workflow
     progress = re.compile(r"^(\d+) of (\d+) steps", re.M)
     kills = []
     for attempt in range(3):
-        if attempt:  # the documented restart: a killed Snakemake leaves its lock
+        if attempt == 1:  # why the documented restart unlocks first: a killed Snakemake leaves its lock
             locked = subprocess.run(command, capture_output=True, text=True, timeout=300)
             assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr
+        if attempt:
             unlock = subprocess.run([*command, "--unlock"], capture_output=True, text=True, timeout=300)
             assert unlock.returncode == 0, unlock.stderr[-2000:]
         log = tmp_path / f"attempt{attempt}.log"
@@ -260,6 +261,6 @@ def test_a_workflow_killed_three_times_restarts_to_the_same_results(toy_workflow
     final = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert final.returncode == 0, final.stderr[-3000:]
     expected, got = result_digests(reference), result_digests(tmp_path)
-    assert len(expected) > 60 and got == expected, (kills, sorted(k for k in expected if expected[k] != got.get(k)))
+    assert len(expected) > 50 and got == expected, (kills, sorted(k for k in expected if expected[k] != got.get(k)))
     left = [p for p in (tmp_path / "results").rglob("*.tmp")]
     assert not left, left
