@@ -120,7 +120,7 @@ def edited(model, heads, means):
         for layer, head in heads:
             dense = out.gpt_neox.layers[layer].attention.dense
             cols = slice(head * d_head, (head + 1) * d_head)
-            dense.bias += dense.weight[:, cols] @ means[layer][cols]
+            dense.bias += dense.weight[:, cols] @ means[layer][cols].to(dense.weight.dtype)
             dense.weight[:, cols] = 0
     return out
 
@@ -282,6 +282,43 @@ def test_shared_prefix_batching_equals_one_ablation_at_a_time(attention, tol):
     assert task_changes > 0  # some head flips some prompt: the task comparison is not vacuous
     cost = got.attrs["cost"]
     assert cost.passes < cost.unshared_passes  # layer-1 ablations skip layer 0
+
+
+def test_ablation_on_a_pythia_checkpoint_through_the_pipelines_loaders(pythia_cache):
+    """The real format: a Pythia-format checkpoint and the GPT-NeoX tokenizer, both from load_checkpoint.
+    Each head's effect on the ICL score and on the tasks equals a forward pass of a weight-edited copy.
+    Not marked pythia_format: on transformers 5.0 the layer-1 head's effect disagrees (0.0063 against
+    0.0030), an open bug of the shared-prefix replay there (issue 15's note)."""
+    from conftest import PYTHIA_MODEL
+
+    ckpt = load_checkpoint(PYTHIA_MODEL, 1000, cache_dir=pythia_cache, device="cpu")
+    model, tokenizer = ckpt.model, ckpt.tokenizer
+    heads = [(0, 1), (1, 2)]
+    docs = torch.randint(100, 50_000, (4, 40), generator=torch.Generator().manual_seed(0))
+    early, late, tasks = 5, 30, (TASKS[0],)
+    sets = [icl_score_set(docs, early=early, late=late), icl_task_set(tokenizer, shots=2, n_prompts=6, tasks=tasks)]
+    got = head_ablation_effects(model, sets, heads=heads, batch_size=3, n_boot=20)
+    prompts = [tokenizer.encode(p.text, add_special_tokens=False) for p in make_prompts(tasks[0], 2, 6, 0)]
+    means = {"icl": dense_inputs(model, docs[:, :late].tolist()), "tasks": dense_inputs(model, prompts)}
+
+    def icl_score(m) -> float:
+        with torch.no_grad():
+            logp = torch.log_softmax(m(docs).logits.double(), -1)
+        rows = torch.arange(len(docs))
+        return float((logp[rows, early - 1, docs[:, early]] - logp[rows, late - 1, docs[:, late]]).mean())
+
+    def compliance(m) -> float:
+        rows = evaluate_tasks(m, tokenizer, tasks=tasks, shots=[2], n_prompts=6, batch_size=4)
+        return next(r["value"] for r in rows if r["metric"] == "format_compliance")
+
+    clean = icl_score(model)
+    for head in heads:
+        r = row(got[(got["layer"] == head[0]) & (got["head"] == head[1])], metric="icl_score")
+        assert (r["baseline"], r["value"]) == pytest.approx(
+            (clean, icl_score(edited(model, [head], means["icl"])) - clean), abs=1e-4)
+        r = row(got[(got["layer"] == head[0]) & (got["head"] == head[1])], metric="format_compliance")
+        assert r["value"] == pytest.approx(compliance(edited(model, [head], means["tasks"])) - r["baseline"], abs=1e-12)
+    assert got.loc[got["metric"] == "icl_score", "value"].abs().max() > 1e-4  # not vacuous
 
 
 # ----------------------------------------------------------------------------- a hand-built copy circuit
