@@ -38,4 +38,5 @@ rule all:
         expand(f"{RESULTS}/{{model}}/{{stage}}.parquet", model=MODELS, stage=MERGED),
         expand(f"{RESULTS}/{{model}}/relations/summary.parquet", model=MODELS),
         rules.analyze.output,
+        rules.causal.output,
         [] if KEEP_WEIGHTS else [evicted(model, step) for model in MODELS for step in STEPS],

@@ -16,6 +16,7 @@ from conftest import tiny_neox
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from icl_dynamics.ablation import (
+    ablation_table,
     flagged_sih_heads,
     group_ablation_effects,
     head_ablation_effects,
@@ -284,11 +285,10 @@ def test_shared_prefix_batching_equals_one_ablation_at_a_time(attention, tol):
     assert cost.passes < cost.unshared_passes  # layer-1 ablations skip layer 0
 
 
+@pytest.mark.pythia_format
 def test_ablation_on_a_pythia_checkpoint_through_the_pipelines_loaders(pythia_cache):
     """The real format: a Pythia-format checkpoint and the GPT-NeoX tokenizer, both from load_checkpoint.
-    Each head's effect on the ICL score and on the tasks equals a forward pass of a weight-edited copy.
-    Not marked pythia_format: on transformers 5.0 the layer-1 head's effect disagrees (0.0063 against
-    0.0030), an open bug of the shared-prefix replay there (issue 15's note)."""
+    Each head's effect on the ICL score and on the tasks equals a forward pass of a weight-edited copy."""
     from conftest import PYTHIA_MODEL
 
     ckpt = load_checkpoint(PYTHIA_MODEL, 1000, cache_dir=pythia_cache, device="cpu")
@@ -395,6 +395,15 @@ def test_groups_get_layer_matched_controls_and_the_rows_fit_the_schema():
     assert list(again["heads"]) == list(got["heads"][:4])  # seeded
     rng = np.random.default_rng(0)
     assert {tuple(layer_matched_heads([(1, 2)], 4, rng)) for _ in range(30)} == {((1, 0),), ((1, 1),), ((1, 3),)}
+    few = group_ablation_effects(model, [evaluation], {"a": [(1, 0), (1, 1)], "b": [(0, 2)]}, draws=5)
+    controls = few[few["ablation"] == "control"]
+    assert list(controls["heads"][controls["group"] == "a"]) == [["L1H2", "L1H3"]]  # the only one there is
+    assert sorted(map(tuple, controls["heads"][controls["group"] == "b"])) == [("L0H0",), ("L0H1",), ("L0H3",)]
+    # the stage's one-pass table equals the two calls on their own
+    both = ablation_table(model, [evaluation], {"sih": group}, draws=3, seed=7)
+    alone = pd.concat([head_ablation_effects(model, [evaluation], seed=7), again], ignore_index=True)
+    pd.testing.assert_frame_equal(both.drop(columns="group"), alone.drop(columns="group"), check_dtype=False)
+    assert list(both["group"].fillna("")) == list(alone["group"].fillna(""))
     stamped = [{"model": "m", "step": 1, "tokens": 2, **r} for r in got.to_dict("records")]
     assert to_table(stamped, ABLATION_SCHEMA).num_rows == len(got)
     heads = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1], "prefix_matching": [0.1, 0.9, 0.5, 0.8]})

@@ -36,6 +36,8 @@ OPTIONS = {
     "loss": {"early": 5, "late": 60, "bootstrap": 100},
     "icl-tasks": {"shots": [0, 3], "n_prompts": 8},
     "relation-index": {"variants": ["source"], "gates": ["argmax"]},
+    "ablation": {"n_docs": 8, "early": 5, "late": 60, "n_sequences": 6, "shots": 3, "n_prompts": 4, "top_k": 2,
+                 "draws": 2, "bootstrap": 100},
 }
 
 
@@ -172,7 +174,7 @@ def test_load_results_selects_models_and_steps(made, tmp_path):
 
 def test_load_results_errors_say_what_exists_and_what_makes_it(made, tmp_path):
     root, unmerged = made["root"], made["unmerged"]
-    with pytest.raises(ValueError, match="unknown table 'head'; choose one of emergence, formation, heads, icl"):
+    with pytest.raises(ValueError, match="unknown table 'head'; choose one of ablation, emergence, formation, heads, icl"):
         icl_dynamics.load_results(root, "head")
     with pytest.raises(ValueError, match=f"one model's folder: pass the results folder holding it \\({root}\\)"):
         icl_dynamics.load_results(root / SLUG, "heads")
@@ -196,12 +198,16 @@ def test_load_results_errors_say_what_exists_and_what_makes_it(made, tmp_path):
 
 def test_score_runs_a_stage_on_a_loaded_checkpoint_as_the_cli_does(made):
     ckpt = icl_dynamics.load_checkpoint(RELATIONS_MODEL_ID, 1600, cache_dir=made["zoo"] / "hub", device="cpu")
+    step = made["folder"] / "step1600"
     inputs = {"loss": {"text_tokens": made["folder"] / "text_tokens.parquet"},
-              "relation-index": {"relations_dir": made["folder"] / "relations"}}
+              "relation-index": {"relations_dir": made["folder"] / "relations"},
+              "ablation": {"text_tokens": made["folder"] / "text_tokens.parquet",
+                           "relations_dir": made["folder"] / "relations", "heads_table": step / "heads.parquet",
+                           "relation_index_table": step / "relation_index.parquet"}}
     for stage, options in OPTIONS.items():
         tables = icl_dynamics.score(ckpt, stage.replace("-", "_"), schedule="toy-relations",
                                     **options, **inputs.get(stage, {}))
-        assert tables  # heads; loss and loss_curve; icl_tasks; relation_index
+        assert tables  # heads; loss and loss_curve; icl_tasks; relation_index; ablation
         for name, frame in tables.items():
             pd.testing.assert_frame_equal(frame, pd.read_parquet(made["folder"] / "step1600" / f"{name}.parquet"))
     assert set(icl_dynamics.score(ckpt, "icl-tasks", schedule="toy-relations", shots=3, n_prompts=4)["icl_tasks"]
@@ -213,6 +219,9 @@ def test_score_runs_a_stage_on_a_loaded_checkpoint_as_the_cli_does(made):
     with pytest.raises(ValueError, match=r"\['top1'\] not among \['argmax', 'margin'\]"):
         icl_dynamics.score(ckpt, "relation-index", schedule="toy-relations", gates="top1",
                            relations_dir=made["folder"] / "relations")
+    with pytest.raises(ValueError, match="the heads table has no rows of icl-dynamics/toy-neox-relations@step1600"):
+        icl_dynamics.score(ckpt, "ablation", schedule="toy-relations", **{
+            **OPTIONS["ablation"], **inputs["ablation"], "heads_table": made["folder"] / "step1000" / "heads.parquet"})
     with pytest.raises(StepError, match="step 1600 is not a checkpoint of the pythia schedule.*schedule='toy'"):
         icl_dynamics.score(ckpt, "heads")
 

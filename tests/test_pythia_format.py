@@ -163,6 +163,7 @@ def test_snakemake_end_to_end_on_the_pythia_format_fixture(pythia_cache: Path, s
         "induction": {"n_samples": 4},
         "icl_tasks": {"shots": [0, 1, 5, 20], "n_prompts": 10},
         "relations": {"agenda_dir": str(shared_dir / "data" / "agenda")},
+        "ablation": {"n_docs": 8, "n_sequences": 8, "n_prompts": 4, "bootstrap": 200},
         "analysis": {"k": 1, "n_boot": 50, "n_perm": 99},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))

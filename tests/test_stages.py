@@ -45,6 +45,8 @@ OPTIONS = {
     "loss": ["--early", "5", "--late", "60", "--bootstrap", "100"],
     "icl-tasks": ["--shots", "0", "3", "--n-prompts", "8"],
     "relation-index": ["--variants", "source", "--gates", "argmax"],
+    "ablation": ["--n-docs", "8", "--early", "5", "--late", "60", "--n-sequences", "6", "--shots", "3", "--n-prompts",
+                 "4", "--top-k", "2", "--draws", "2", "--bootstrap", "100"],
 }
 
 
@@ -67,6 +69,9 @@ def test_score_writes_what_the_single_stages_write(toy_zoo_relations: Path, inpu
         "icl-tasks": ["icl-tasks", *OPTIONS["icl-tasks"], "--out", "icl_tasks"],
         "relation-index": ["relation-index", "--relations-dir", str(inputs["relations"]), *OPTIONS["relation-index"],
                            "--out", "relation_index"],
+        # on its own, the ablation reads the heads and relation-index tables the single stages above wrote
+        "ablation": ["ablation", *files, "--heads-table", "heads", "--relation-index-table", "relation_index",
+                     *OPTIONS["ablation"], "--out", "ablation"],
     }
     for command, *args in singles.values():
         args = [str(tmp_path / "single" / f"{a}.parquet") if a in TABLES else a for a in args]
@@ -82,10 +87,20 @@ def test_score_writes_what_the_single_stages_write(toy_zoo_relations: Path, inpu
     ri = pd.read_parquet(tmp_path / "score" / "relation_index.parquet")
     assert set(ri["variant"]) == {"source"} and set(ri["gate"]) == {"argmax"} and ri["sih"].any()
     assert heads["runtime"]["device"] == "cpu" and heads["runtime"]["dtype"] == "float32"
+    ablation = pd.read_parquet(tmp_path / "score" / "ablation.parquet")
+    flagged = sorted({f"L{a}H{b}" for a, b, sih in zip(ri["layer"], ri["head"], ri["sih"]) if sih})
+    assert list(ablation.loc[ablation["ablation"] == "group", "heads"].iloc[0]) == flagged  # this job's SIH flags
+    assert set(ablation["shots"].dropna()) == {3} and set(ablation["n"][ablation["level"] == "loss_reduction"]) == {8}
     # a rerun of the same job writes the same bytes (no time or host in the tables)
     assert main(["score", *common, *files, *score_flags(), "--out-dir", str(tmp_path / "again")]) == 0
     for table in TABLES:
         assert (tmp_path / "again" / f"{table}.parquet").read_bytes() == (tmp_path / "score" / f"{table}.parquet").read_bytes()
+    # a model above ablation.max_parameters gets an empty table that says why
+    assert main(["score", *common, *files, "--stages", "ablation", "--ablation-max-parameters", "1000",
+                 "--heads-table", str(tmp_path / "score" / "heads.parquet"), "--relation-index-table",
+                 str(tmp_path / "score" / "relation_index.parquet"), "--out-dir", str(tmp_path / "big")]) == 0
+    assert pd.read_parquet(tmp_path / "big" / "ablation.parquet").empty
+    assert read_provenance(tmp_path / "big" / "ablation.parquet")["skipped"].startswith("skipped: 0M parameters > ")
 
 
 def test_a_failing_stage_leaves_no_table_of_the_job(toy_zoo_relations: Path, inputs: dict, tmp_path: Path):
@@ -112,6 +127,11 @@ def test_score_reads_its_inputs_before_loading_the_model(toy_zoo_relations: Path
     assert main(["score", *common, "--stages", "relation-index", "--relations-dir", str(tmp_path / "nowhere"),
                  "--out-dir", str(tmp_path)]) == 1
     assert "nowhere/sequences.parquet" in caplog.text and "loaded" not in caplog.text
+    caplog.clear()  # the ablation alone needs this checkpoint's heads and relation-index tables
+    files = ["--text-tokens", str(inputs["text"]), "--relations-dir", str(inputs["relations"])]
+    assert main(["score", *common, *files, "--stages", "ablation", "--out-dir", str(tmp_path)]) == 1
+    assert "stage ablation needs the heads table: run its stage in the same job or give --heads-table" in caplog.text
+    assert "loaded" not in caplog.text
 
 
 def test_light_commands_do_not_import_torch(toy_zoo_relations: Path, tmp_path: Path):

@@ -41,10 +41,12 @@ about (N + 1) / 2 instead of N layers each; :class:`Cost` (``DataFrame.attrs["co
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 import zlib
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -165,15 +167,17 @@ class ICLTasks(Evaluation):
 
 def relation_recall_set(config: PretrainedConfig, sequences: pa.Table | pd.DataFrame,
                         triplets: pa.Table | pd.DataFrame, *, bos: bool = True, exclude_function_words: bool = True,
-                        max_len: int | None = None) -> RelationRecall:
+                        max_len: int | None = None, n_sequences: int | None = None) -> RelationRecall:
     """The relation events of the relations stage's tables, laid out exactly as the relation index
-    scores them (same BOS, cut and candidate rule), so recall and RI speak of the same events."""
+    scores them (same BOS, cut and candidate rule), so recall and RI speak of the same events;
+    ``n_sequences``: only the first that many sequences with an event of each family (tables' order)."""
     bos_id = config.bos_token_id if bos else None
     if bos and bos_id is None:
         raise ValueError("the model config names no bos_token_id; pass bos=False to read without one")
     seqs, keys, _ = _prepare(sequences, triplets, exclude_function_words=exclude_function_words, control_position=0,
                              seed=0, max_len=int(max_len or config.max_position_embeddings), bos_id=bos_id)
     kept, reads, targets, documents, families = [], [], [], [], []
+    taken: dict[str, int] = {}
     for seq in seqs:
         events: dict[tuple[int, str], int] = {}  # (position read, family) -> tail id
         for _s, start, group, tail, *_ in seq.triplets.tolist():
@@ -185,6 +189,10 @@ def relation_recall_set(config: PretrainedConfig, sequences: pa.Table | pd.DataF
                 events[(int(j), family)] = tail_id
         if not events:
             continue
+        family = next(iter(events))[1]  # a sequence's triplets share its family
+        if n_sequences is not None and taken.get(family, 0) == n_sequences:
+            continue
+        taken[family] = taken.get(family, 0) + 1
         for (j, family), tail_id in sorted(events.items()):
             reads.append((len(kept), j))
             targets.append(tail_id)
@@ -419,17 +427,23 @@ def _names(heads: Sequence[Head]) -> list[str]:
     return [f"L{layer}H{head}" for layer, head in heads]
 
 
-def head_ablation_effects(model: PreTrainedModel, evaluations: Sequence[Evaluation], *,
-                          heads: Sequence[Head] | None = None, batch_size: int = 8, n_boot: int = 1000,
-                          seed: int = 0) -> pd.DataFrame:
-    """Effect of mean-ablating each head alone (default: every head) on each evaluation set's metrics:
-    which heads relation recall and ICL depend on at this checkpoint. ``attrs["cost"]``: a :class:`Cost`."""
+def _single_heads(model: PreTrainedModel, heads: Sequence[Head] | None) -> tuple[list[list[Head]], list[dict]]:
+    """Ablations and row labels of each head alone (default: every head)."""
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
     heads = [(int(a), int(b)) for a, b in heads] if heads is not None else [
         (layer, head) for layer in range(n_layers) for head in range(n_heads)]
     labels = [dict(ablation="head", layer=layer, head=head, group=None, draw=None, heads=_names([(layer, head)]))
               for layer, head in heads]
-    return _effects(model, evaluations, [[h] for h in heads], labels, batch_size=batch_size, n_boot=n_boot, seed=seed)
+    return [[h] for h in heads], labels
+
+
+def head_ablation_effects(model: PreTrainedModel, evaluations: Sequence[Evaluation], *,
+                          heads: Sequence[Head] | None = None, batch_size: int = 8, n_boot: int = 1000,
+                          seed: int = 0) -> pd.DataFrame:
+    """Effect of mean-ablating each head alone (default: every head) on each evaluation set's metrics:
+    which heads relation recall and ICL depend on at this checkpoint. ``attrs["cost"]``: a :class:`Cost`."""
+    ablations, labels = _single_heads(model, heads)
+    return _effects(model, evaluations, ablations, labels, batch_size=batch_size, n_boot=n_boot, seed=seed)
 
 
 def layer_matched_heads(group: Sequence[Head], n_heads: int, rng: np.random.Generator) -> list[Head]:
@@ -446,34 +460,61 @@ def layer_matched_heads(group: Sequence[Head], n_heads: int, rng: np.random.Gene
     return out
 
 
-def group_ablation_effects(model: PreTrainedModel, evaluations: Sequence[Evaluation],
-                           groups: Mapping[str, Sequence[Head]], *, draws: int = 5, seed: int = 0,
-                           batch_size: int = 8, n_boot: int = 1000) -> pd.DataFrame:
-    """Effect of mean-ablating each named group of heads together (e.g. ``{"sih": flagged_sih_heads(...),
-    "induction": top_induction_heads(...)}``) and of ``draws`` seeded layer-matched random controls per group
-    (:func:`layer_matched_heads`): whether the flagged heads matter more than as many random heads of the
-    same layers. An empty group, and the controls of a group that fills too much of a layer, are left out
-    with a warning. ``attrs["cost"]``: a :class:`Cost`."""
+def _groups(model: PreTrainedModel, groups: Mapping[str, Sequence[Head]], draws: int,
+            seed: int) -> tuple[list[list[Head]], list[dict]]:
+    """Ablations and row labels of each named group and its ``draws`` distinct layer-matched controls (fewer
+    where the layers allow fewer); warns and leaves out an empty group, and the controls of a group that
+    fills more than half of a layer."""
     n_heads = model.config.num_attention_heads
     ablations, labels = [], []
     for name, group in groups.items():
         group = sorted({(int(a), int(b)) for a, b in group})
         if not group:
-            warnings.warn(f"group {name!r} has no heads; left out", stacklevel=2)
+            warnings.warn(f"group {name!r} has no heads; left out", stacklevel=3)
             continue
         ablations.append(group)
         labels.append(dict(ablation="group", layer=None, head=None, group=name, draw=None, heads=_names(group)))
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])  # a group's draws: its name and seed
-        for draw in range(draws):
+        per_layer = Counter(layer for layer, _ in group).values()
+        possible = math.prod(math.comb(n_heads - k, k) for k in per_layer)  # distinct controls there are
+        controls: list[list[Head]] = []
+        while len(controls) < min(draws, max(possible, 1)):  # none possible: the first try warns why
             try:
                 control = layer_matched_heads(group, n_heads, rng)
             except ValueError as exc:
-                warnings.warn(f"group {name!r}: no layer-matched control ({exc})", stacklevel=2)
+                warnings.warn(f"group {name!r}: no layer-matched control ({exc})", stacklevel=3)
                 break
+            if control not in controls:  # each draw a different set (a small layer has few)
+                controls.append(control)
+        for draw, control in enumerate(controls):
             ablations.append(control)
             labels.append(dict(ablation="control", layer=None, head=None, group=name, draw=draw,
                                heads=_names(control)))
+    return ablations, labels
+
+
+def group_ablation_effects(model: PreTrainedModel, evaluations: Sequence[Evaluation],
+                           groups: Mapping[str, Sequence[Head]], *, draws: int = 5, seed: int = 0,
+                           batch_size: int = 8, n_boot: int = 1000) -> pd.DataFrame:
+    """Effect of mean-ablating each named group of heads together (e.g. ``{"sih": flagged_sih_heads(...),
+    "induction": top_induction_heads(...)}``) and of ``draws`` seeded layer-matched random controls per group
+    (:func:`layer_matched_heads`, each draw a different set; fewer where the layers hold fewer): whether the
+    flagged heads matter more than as many random heads of the same layers. An empty group, and the controls
+    of a group that fills more than half of a layer, are left out with a warning. ``attrs["cost"]``: a
+    :class:`Cost`."""
+    ablations, labels = _groups(model, groups, draws, seed)
     return _effects(model, evaluations, ablations, labels, batch_size=batch_size, n_boot=n_boot, seed=seed)
+
+
+def ablation_table(model: PreTrainedModel, evaluations: Sequence[Evaluation], groups: Mapping[str, Sequence[Head]],
+                   *, draws: int = 5, seed: int = 0, batch_size: int = 8, n_boot: int = 1000) -> pd.DataFrame:
+    """The ablation stage's rows: every head alone, then each group and its controls, as
+    :func:`head_ablation_effects` and :func:`group_ablation_effects` give them but on one clean pass per
+    evaluation set (the same means, baselines and bootstrap resamples). ``attrs["cost"]``: a :class:`Cost`."""
+    heads, head_labels = _single_heads(model, None)
+    group_ablations, group_labels = _groups(model, groups, draws, seed)
+    return _effects(model, evaluations, heads + group_ablations, head_labels + group_labels, batch_size=batch_size,
+                    n_boot=n_boot, seed=seed)
 
 
 def flagged_sih_heads(relation_index: pd.DataFrame, *, gate: str = "argmax", variant: str = "source") -> list[Head]:

@@ -106,12 +106,13 @@ def cmd_score(args: argparse.Namespace) -> None:
     from icl_dynamics.stages import STAGES, run_stages
 
     jobs = []
-    for name in args.stages:
+    for name in [name for name in STAGES if name in args.stages]:  # stages that read others' tables come later
         stage = STAGES[name]
         missing = [flag for flag in stage.inputs if getattr(args, _dest(flag)) is None]
         if missing:
             raise ValueError(f"score: stage {name} needs {' and '.join(missing)}")
-        prefix, inputs = _dest(f"--{name}-"), {_dest(flag) for flag in stage.inputs}  # inputs keep their own name
+        prefix = _dest(f"--{name}-")
+        inputs = {_dest(flag) for flag in (*stage.inputs, *stage.needs.values())}  # inputs keep their own name
         opts = {dest: getattr(args, dest if dest in inputs else prefix + dest) for dest in _option_dests(stage)}
         jobs.append((stage, argparse.Namespace(**opts)))
     out = Path(args.out_dir)
@@ -258,6 +259,39 @@ def cmd_analyze(args: argparse.Namespace) -> None:
              len(tables["formation"]), time.perf_counter() - start, out)
 
 
+def cmd_causal(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from icl_dynamics import causal, io
+    from icl_dynamics.emergence import duplicate_checkpoints
+    from icl_dynamics.figures.causal import causal_figures
+
+    _headless()
+
+    def read(paths: list[str] | None) -> pd.DataFrame | None:
+        return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True) if paths else None
+
+    start = time.perf_counter()
+    ablation, heads = read(args.ablation), read(args.heads)
+    provenance = read(args.provenance)
+    exclude = (duplicate_checkpoints(provenance, include_suspect=args.include_suspect)
+               if provenance is not None else set())
+    tables = causal.causal_tables(ablation, heads, read(args.relation_index), pd.read_parquet(args.emergence),
+                                  exclude=exclude, direction=args.ri_direction, gate=args.ri_gate,
+                                  variant=args.ri_variant, k=args.k, n_boot=args.n_boot, seed=args.seed)
+    out = Path(args.out_dir)
+    meta = {key: value for key, value in vars(args).items() if key != "func"}
+    io.write_tables({out / f"{name}.parquet": (io.to_table(tables[name].to_dict("list"), schema), meta)
+                     for name, schema in causal.TABLES.items()})
+    causal_figures(tables["causal_correlation"], tables["causal_series"], out / "figures",
+                   sorted(set(heads["model"])))
+    order = tables["causal_order"]
+    for row in order.itertuples():
+        log.info("%s: %s heads' %s (%s) %s %s (%s)", row.model, row.group, row.metric, row.task, row.order,
+                 row.icl_level, row.icl_task)
+    log.info("causal analysis of %d ablation rows in %.0f s -> %s", len(ablation), time.perf_counter() - start, out)
+
+
 def _merge_schema(stage: str):
     from icl_dynamics import hub
     from icl_dynamics import schemas as tables
@@ -268,6 +302,7 @@ def _merge_schema(stage: str):
         "heads": tables.INDUCTION_SCHEMA,
         "icl": tables.ICL_SCHEMA,
         "loss_curve": tables.LOSS_CURVE_SCHEMA,
+        "ablation": tables.ABLATION_SCHEMA,
     }
     if stage not in schemas:
         raise SystemExit(f"unknown stage {stage!r}; choose one of {', '.join(sorted(schemas))}")
@@ -364,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage.name, help=stage.help)
         _checkpoint_args(p)
         stage.options(lambda flag, _p=p, _stage=stage, **kw: _p.add_argument(
-            flag, **kw, **({"required": True} if flag in _stage.inputs else {})))
+            flag, **kw, **({"required": True} if flag in (*_stage.inputs, *_stage.needs.values()) else {})))
         for name, flag in stage.outputs.items():
             p.add_argument(flag, required=True, help=f"the {name} table (Parquet)")
         p.set_defaults(func=cmd_stage, stage=stage)
@@ -373,12 +408,15 @@ def build_parser() -> argparse.ArgumentParser:
                        allow_abbrev=False)  # a single stage's --out must not pass for --out-dir
     _checkpoint_args(p)
     p.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES), help="stages to run (default: all)")
+    shared: set[str] = set()
     for stage in STAGES.values():
         group = p.add_argument_group(f"{stage.name} options")
 
         def add(flag: str, _stage=stage, _group=group, **kw) -> None:
-            if flag in _stage.inputs:  # input files keep their own name, required when the stage runs
-                _group.add_argument(flag, default=None, help=kw.get("help"))
+            if flag in (*_stage.inputs, *_stage.needs.values()):  # input files keep their own name, one flag for
+                if flag not in shared:  # every stage that reads them; required when a stage runs that needs them
+                    _group.add_argument(flag, default=None, help=kw.get("help"))
+                    shared.add(flag)
             else:
                 _group.add_argument(f"--{_stage.name}-{flag.lstrip('-')}", **kw)
 
@@ -449,6 +487,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("causal", help="the ablations over training: head correlations, group importance and "
+                       "when each causal effect emerges against ICL (all models)")
+    p.add_argument("--ablation", nargs="+", required=True, help="merged ablation tables")
+    p.add_argument("--heads", nargs="+", required=True, help="merged induction-score tables")
+    p.add_argument("--relation-index", nargs="*", default=None, help="merged relation-index tables")
+    p.add_argument("--emergence", required=True, help="the analyze command's emergence table")
+    p.add_argument("--provenance", nargs="*", default=None,
+                   help="merged provenance (duplicate and suspect checkpoints are left out)")
+    p.add_argument("--include-suspect", action="store_true",
+                   help="keep checkpoints whose weights equal a non-consecutive step's (see provenance 'suspect')")
+    p.add_argument("--ri-direction", default="forward", choices=("forward", "reverse"))
+    p.add_argument("--ri-gate", default="argmax", choices=("argmax", "margin"))
+    p.add_argument("--ri-variant", default="source", choices=("literal", "source", "contextual"))
+    p.add_argument("--k", type=int, default=3, help="checkpoints a crossing must hold for after its first")
+    p.add_argument("--n-boot", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", required=True, help="the analysis folder (tables; figures/ for the figures)")
+    p.set_defaults(func=cmd_causal)
 
     p = sub.add_parser("merge", help="concatenate one stage's per-checkpoint tables")
     p.add_argument("--stage", required=True)

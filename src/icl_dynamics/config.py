@@ -146,6 +146,9 @@ def validate_config(config: Mapping[str, Any], schema: Mapping[str, Any] | str |
             f"config key 'loss.late': need loss.early < loss.late < text.context, "
             f"got {loss['early']} < {loss['late']} < {text['context']}"
         )
+    if config["ablation"]["n_docs"] > text["n_docs"]:
+        raise ConfigError(f"config key 'ablation.n_docs': {config['ablation']['n_docs']} documents, but text.n_docs "
+                          f"selects {text['n_docs']}")
     if text["kind"] == "hub" and not text["name"]:
         raise ConfigError("config key 'text.name': a hub text source needs a dataset name")
     if text["kind"] != "hub" and not text["path"]:

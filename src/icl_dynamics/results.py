@@ -29,6 +29,7 @@ MERGED: dict[str, tuple[str, ...]] = {
     "icl": ("loss", "icl_tasks"),
     "loss_curve": ("loss_curve",),
     "relation_index": ("relation_index",),
+    "ablation": ("ablation",),
 }
 # tables written once per model rather than per checkpoint, with the command that writes each
 PER_MODEL: dict[str, str] = {

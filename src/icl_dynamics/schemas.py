@@ -147,3 +147,13 @@ ABLATION_SCHEMA = pa.schema(
     ]
 )
 """One row per (model, step, ablated head or group or control draw, level, task, shots, metric)."""
+
+# the score job's per-checkpoint tables (step<N>/<name>.parquet) by name
+STAGE_TABLES: dict[str, pa.Schema] = {
+    "heads": INDUCTION_SCHEMA,
+    "loss": ICL_SCHEMA,
+    "loss_curve": LOSS_CURVE_SCHEMA,
+    "icl_tasks": ICL_SCHEMA,
+    "relation_index": RELATION_INDEX_SCHEMA,
+    "ablation": ABLATION_SCHEMA,
+}

@@ -1,8 +1,10 @@
 """The per-checkpoint measurements and the job that runs any set of them on one model load.
 
-Each :class:`Stage` (induction heads, loss reduction, ICL tasks, relation index) declares its options,
-reads its inputs before the model is loaded (a bad input fails in a second, not after a minute of
-loading) and turns a loaded :class:`~icl_dynamics.models.Checkpoint` into tables. The CLI exposes
+Each :class:`Stage` (induction heads, loss reduction, ICL tasks, relation index, ablation) declares its
+options, reads its inputs before the model is loaded (a bad input fails in a second, not after a minute
+of loading) and turns a loaded :class:`~icl_dynamics.models.Checkpoint` into tables. A stage may also
+read tables of earlier stages of the same checkpoint (``needs``: the ablation reads the heads and the
+relation index to pick its head groups): from the same job when it runs them, else from their files. The CLI exposes
 each stage as its own subcommand (to rerun one stage of one checkpoint) and all of them as
 ``icl-dynamics score`` (the workflow's one job per checkpoint: one process, one load, every table);
 :func:`score` runs one on a checkpoint loaded in Python and returns its tables as DataFrames.
@@ -13,10 +15,10 @@ torch and the stage modules are imported where a stage runs, so the CLI's light 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +35,11 @@ log = logging.getLogger(__name__)
 AddOption = Callable[..., None]
 # a stage's tables: output name -> (rows, schema, metadata of the file)
 Tables = dict[str, tuple[list[dict], "pa.Schema", dict[str, Any]]]
+# the earlier stages' tables a stage reads (Stage.needs), by table name
+Earlier = Mapping[str, "pd.DataFrame"]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Stage:
     """One per-checkpoint measurement: its options, inputs and output tables."""
 
@@ -45,12 +49,14 @@ class Stage:
     inputs: tuple[str, ...]  # flags naming input files (shared, unprefixed in `score`)
     options: Callable[[AddOption], None]
     prepare: Callable[[argparse.Namespace], Any]  # reads the inputs, before the model loads
-    measure: Callable[[Checkpoint, argparse.Namespace, Any], Tables]
+    # (checkpoint, options, prepared inputs, the needed earlier tables by name) -> tables
+    measure: Callable[[Checkpoint, argparse.Namespace, Any, Earlier], Tables]
+    needs: Mapping[str, str] = dataclasses.field(default_factory=dict)  # earlier stage's table -> flag of its file
 
-    def run(self, ckpt: Checkpoint, opts: argparse.Namespace, inputs: Any) -> Tables:
+    def run(self, ckpt: Checkpoint, opts: argparse.Namespace, inputs: Any, earlier: Earlier | None = None) -> Tables:
         """``measure`` under the checkpoint's finite guard (a NaN or Inf stops it, naming this stage)."""
         with ckpt.guard(self.name):
-            return self.measure(ckpt, opts, inputs)
+            return self.measure(ckpt, opts, inputs, earlier or {})
 
 
 def _no_inputs(opts: argparse.Namespace) -> None:
@@ -68,7 +74,7 @@ def _heads_options(add: AddOption) -> None:
     add("--seed", type=int, default=0)
 
 
-def _heads(ckpt: Checkpoint, opts: argparse.Namespace, _: None) -> Tables:
+def _heads(ckpt: Checkpoint, opts: argparse.Namespace, _: None, _earlier: Earlier) -> Tables:
     from icl_dynamics.induction import Probe, induction_rows
     from icl_dynamics.schemas import INDUCTION_SCHEMA
 
@@ -104,7 +110,7 @@ def _loss_inputs(opts: argparse.Namespace) -> tuple[Any, str]:
     return docs, TextSource(**io.read_provenance(opts.text_tokens)["source"]).label()
 
 
-def _loss(ckpt: Checkpoint, opts: argparse.Namespace, inputs: tuple[Any, str]) -> Tables:
+def _loss(ckpt: Checkpoint, opts: argparse.Namespace, inputs: tuple[Any, str], _earlier: Earlier) -> Tables:
     from icl_dynamics.icl import loss_reduction, per_token_losses
     from icl_dynamics.schemas import ICL_SCHEMA, LOSS_CURVE_SCHEMA
 
@@ -128,7 +134,7 @@ def _icl_tasks_options(add: AddOption) -> None:
     add("--batch-size", type=int, default=16)
 
 
-def _icl_tasks(ckpt: Checkpoint, opts: argparse.Namespace, _: None) -> Tables:
+def _icl_tasks(ckpt: Checkpoint, opts: argparse.Namespace, _: None, _earlier: Earlier) -> Tables:
     from icl_dynamics.icl_tasks import evaluate_tasks
     from icl_dynamics.schemas import ICL_SCHEMA
 
@@ -166,7 +172,8 @@ def _relation_index_inputs(opts: argparse.Namespace) -> tuple[Any, Any]:
             io.read_table(relations / "triplets.parquet", TRIPLETS_SCHEMA))
 
 
-def _relation_index(ckpt: Checkpoint, opts: argparse.Namespace, inputs: tuple[Any, Any]) -> Tables:
+def _relation_index(ckpt: Checkpoint, opts: argparse.Namespace, inputs: tuple[Any, Any],
+                    _earlier: Earlier) -> Tables:
     from icl_dynamics.relation_index import score_relation_index
     from icl_dynamics.schemas import RELATION_INDEX_SCHEMA
 
@@ -183,6 +190,92 @@ def _relation_index(ckpt: Checkpoint, opts: argparse.Namespace, inputs: tuple[An
     return {"relation_index": (rows, RELATION_INDEX_SCHEMA, {"params": vars(opts)})}
 
 
+# --- ablation ------------------------------------------------------------------------------------
+
+
+def _ablation_options(add: AddOption) -> None:
+    add("--text-tokens", help="output of tokenize-text (the documents, tokenised once per model)")
+    add("--relations-dir", help="output of the relations stage")
+    add("--heads-table", help="this checkpoint's heads table (read when the heads stage is not in the same job)")
+    add("--relation-index-table",
+        help="this checkpoint's relation_index table (read when the relation-index stage is not in the same job)")
+    add("--max-parameters", type=float, default=5e8,
+        help="skip larger models (an empty table says why); 0 skips every model")
+    add("--n-docs", type=int, default=32, help="documents of the ICL score (the first of --text-tokens)")
+    add("--early", type=int, default=50, help="early token position of the ICL score")
+    add("--late", type=int, default=500, help="late token position of the ICL score")
+    add("--n-sequences", type=int, default=64, help="relation sequences with an event, per relation family")
+    add("--shots", type=int, default=20, help="demonstrations per task prompt (the largest icl-tasks measures)")
+    add("--n-prompts", type=int, default=20, help="prompts per synthetic task")
+    add("--top-k", type=int, default=5, help="induction heads (highest prefix matching) ablated together")
+    add("--gate", default="argmax", choices=("argmax", "margin"), help="relation-index gate of the SIH flag")
+    add("--variant", default="source", choices=("literal", "source", "contextual"),
+        help="relation-index variant of the SIH flag")
+    add("--draws", type=int, default=5, help="layer-matched random controls per group")
+    add("--bootstrap", type=int, default=1000, help="bootstrap resamples of the documents and prompts")
+    add("--seed", type=int, default=0, help="seed of the prompts, the controls and the bootstrap")
+    add("--batch-size", type=int, default=8)
+
+
+def _ablation_inputs(opts: argparse.Namespace) -> tuple[Any, str, Any, Any]:
+    return (*_loss_inputs(opts), *_relation_index_inputs(opts))
+
+
+def _this_checkpoint(table: pd.DataFrame, name: str, ckpt: Checkpoint) -> pd.DataFrame:
+    """The rows of another stage's table for ``ckpt`` (a table from this job has no model and step columns)."""
+    if "model" not in table:
+        return table
+    rows = table[(table["model"] == ckpt.model_id) & (table["step"] == ckpt.step)]
+    if rows.empty:
+        found = sorted({f"{m}@step{s}" for m, s in zip(table["model"], table["step"])})
+        raise ValueError(f"ablation: the {name} table has no rows of {ckpt.model_id}@step{ckpt.step} (it has "
+                         f"{', '.join(found[:3])}); give this checkpoint's table")
+    return rows
+
+
+def _ablation(ckpt: Checkpoint, opts: argparse.Namespace, inputs: tuple[Any, str, Any, Any],
+              earlier: Earlier) -> Tables:
+    from icl_dynamics.ablation import (
+        ablation_table,
+        flagged_sih_heads,
+        icl_score_set,
+        icl_task_set,
+        relation_recall_set,
+        top_induction_heads,
+    )
+    from icl_dynamics.schemas import ABLATION_SCHEMA
+
+    docs, text, sequences, triplets = inputs
+    params = sum(p.numel() for p in ckpt.model.parameters())
+    meta: dict[str, Any] = {"params": {k: v for k, v in vars(opts).items() if not k.endswith("_table")},
+                            "mean_reference": "each evaluation set's own real positions, clean pass"}
+    if params > opts.max_parameters:
+        reason = (f"skipped: {params / 1e6:.0f}M parameters > max_parameters {opts.max_parameters / 1e6:.0f}M "
+                  "(ablation.max_parameters, or ablation.enabled false)")
+        log.info("ablation %s", reason)
+        return {"ablation": ([], ABLATION_SCHEMA, {**meta, "skipped": reason})}
+    if not 0 < opts.n_docs <= len(docs):
+        raise ValueError(f"ablation: n_docs {opts.n_docs} must be in 1..{len(docs)} (the documents of "
+                         f"{opts.text_tokens})")
+    evaluations = [relation_recall_set(ckpt.model.config, sequences, triplets, n_sequences=opts.n_sequences),
+                   icl_score_set(docs[:opts.n_docs], early=opts.early, late=opts.late, task=text),
+                   icl_task_set(ckpt.tokenizer, shots=opts.shots, n_prompts=opts.n_prompts, seed=opts.seed)]
+    groups = {"sih": flagged_sih_heads(_this_checkpoint(earlier["relation_index"], "relation_index", ckpt),
+                                       gate=opts.gate, variant=opts.variant),
+              "induction": top_induction_heads(_this_checkpoint(earlier["heads"], "heads", ckpt), opts.top_k)}
+    table = ablation_table(ckpt.model, evaluations, groups, draws=opts.draws, seed=opts.seed,
+                           batch_size=opts.batch_size, n_boot=opts.bootstrap)
+    cost = table.attrs["cost"]
+    log.info("ablation: %d heads alone, groups %s; %.0f s, %.1f forward passes over %d tokens (%.1f without "
+             "shared prefixes)", len(table[table["ablation"] == "head"].drop_duplicates(["layer", "head"])),
+             {name: len(heads) for name, heads in groups.items()}, cost.seconds, cost.passes, cost.tokens,
+             cost.unshared_passes)
+    meta["groups"] = {name: [f"L{a}H{b}" for a, b in heads] for name, heads in groups.items()}
+    meta["cost"] = {"passes": cost.passes, "unshared_passes": cost.unshared_passes, "tokens": cost.tokens}  # no time:
+    # a rerun writes the same bytes
+    return {"ablation": (table.astype(object).where(table.notna(), None).to_dict("records"), ABLATION_SCHEMA, meta)}
+
+
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
@@ -196,6 +289,10 @@ STAGES: dict[str, Stage] = {
         Stage("relation-index", "the paper's relation index of every head (Ren et al. 2024)",
               {"relation_index": "--out"}, ("--relations-dir",), _relation_index_options, _relation_index_inputs,
               _relation_index),
+        Stage("ablation", "mean-ablation of every head and of the flagged head groups: what relation recall and ICL "
+              "lose (issue 15's causal check)", {"ablation": "--out"}, ("--text-tokens", "--relations-dir"),
+              _ablation_options, _ablation_inputs, _ablation,
+              needs={"heads": "--heads-table", "relation_index": "--relation-index-table"}),
     )
 }
 
@@ -208,6 +305,8 @@ def run_stages(jobs: Sequence[tuple[Stage, argparse.Namespace]], load: Callable[
     guard, and the tables are written together at the end (:func:`icl_dynamics.io.write_tables`):
     a failure or a kill leaves no output of this job, never some. Returns seconds per phase.
     """
+    import pandas as pd
+
     from icl_dynamics import io
 
     seconds: dict[str, float] = {}
@@ -217,6 +316,13 @@ def run_stages(jobs: Sequence[tuple[Stage, argparse.Namespace]], load: Callable[
     seconds["import"] = time.perf_counter() - start
     start = time.perf_counter()
     prepared = [stage.prepare(opts) for stage, opts in jobs]
+    produced: set[str] = set()
+    from_files: dict[str, pd.DataFrame] = {}  # needed tables no earlier stage of this job writes
+    for stage, opts in jobs:
+        for name in stage.needs:
+            if name not in produced and name not in from_files:
+                from_files[name] = _needed_table(stage, opts, name)
+        produced.update(stage.outputs)
     seconds["inputs"] = time.perf_counter() - start
     start = time.perf_counter()
     ckpt = load()
@@ -224,7 +330,8 @@ def run_stages(jobs: Sequence[tuple[Stage, argparse.Namespace]], load: Callable[
     tables: Tables = {}
     for (stage, opts), inputs in zip(jobs, prepared):
         start = time.perf_counter()
-        tables.update(stage.run(ckpt, opts, inputs))
+        earlier = {name: pd.DataFrame(tables[name][0]) if name in tables else from_files[name] for name in stage.needs}
+        tables.update(stage.run(ckpt, opts, inputs, earlier))
         seconds[stage.name] = time.perf_counter() - start
     start = time.perf_counter()
     runtime = ckpt.runtime()
@@ -232,6 +339,18 @@ def run_stages(jobs: Sequence[tuple[Stage, argparse.Namespace]], load: Callable[
                      for name, (rows, schema, meta) in tables.items()})
     seconds["write"] = time.perf_counter() - start
     return seconds
+
+
+def _needed_table(stage: Stage, opts: argparse.Namespace, name: str) -> pd.DataFrame:
+    """The earlier stage's table ``name`` that ``stage`` needs, read from the file its option names."""
+    from icl_dynamics import io
+    from icl_dynamics.schemas import STAGE_TABLES
+
+    flag = stage.needs[name]
+    path = getattr(opts, flag.lstrip("-").replace("-", "_"))
+    if path is None:
+        raise ValueError(f"stage {stage.name} needs the {name} table: run its stage in the same job or give {flag}")
+    return io.read_table(path, STAGE_TABLES[name]).to_pandas()
 
 
 def stamp(rows: list[dict], model: str, step: int, tokens: int) -> list[dict]:
@@ -264,7 +383,8 @@ def stage_options(stage: Stage, **values: Any) -> argparse.Namespace:
         if bad:
             raise ValueError(f"stage {stage.name}: {dest}={value!r}: {bad} not among {list(action.choices)}")
         opts[dest] = value
-    missing = [a for a in actions.values() if a.option_strings[0] in stage.inputs and opts[a.dest] is None]
+    missing = [a for a in actions.values()
+               if a.option_strings[0] in (*stage.inputs, *stage.needs.values()) and opts[a.dest] is None]
     if missing:
         raise ValueError(f"stage {stage.name} needs " + " and ".join(f"{a.dest}= ({a.help})" for a in missing))
     return argparse.Namespace(**opts)
@@ -275,10 +395,11 @@ def score(ckpt: Checkpoint, stage: str, *, schedule: str | Schedule = "pythia",
     """Run one stage on a loaded checkpoint (:func:`icl_dynamics.models.load_checkpoint`) and return its
     tables by name as DataFrames, the rows ``icl-dynamics score`` writes for the same options.
 
-    ``stage`` is one of :data:`STAGES` (``heads``, ``loss``, ``icl-tasks``, ``relation-index``; ``_``
-    for ``-`` is fine); ``options`` are its options by name with their defaults as in
+    ``stage`` is one of :data:`STAGES` (``heads``, ``loss``, ``icl-tasks``, ``relation-index``,
+    ``ablation``; ``_`` for ``-`` is fine); ``options`` are its options by name with their defaults as in
     ``icl-dynamics <stage> --help`` (:func:`stage_options`): ``loss`` needs ``text_tokens``, the
-    tokenize-text table, and ``relation-index`` needs ``relations_dir``, the relations stage's folder.
+    tokenize-text table, ``relation-index`` needs ``relations_dir``, the relations stage's folder, and
+    ``ablation`` both and ``heads_table`` and ``relation_index_table``, the checkpoint's own tables.
     ``schedule`` (``pythia``, ``toy``, ``toy-relations`` or a :class:`~icl_dynamics.checkpoints.Schedule`)
     gives the tokens the checkpoint has seen.
     """
@@ -299,6 +420,6 @@ def score(ckpt: Checkpoint, stage: str, *, schedule: str | Schedule = "pythia",
     except StepError as exc:
         hint = "; a toy zoo's checkpoint needs schedule='toy' or 'toy-relations'" if schedule.name == "pythia" else ""
         raise StepError(f"{ckpt.model_id}: {exc}{hint}") from exc
-    tables = spec.run(ckpt, opts, spec.prepare(opts))
+    tables = spec.run(ckpt, opts, spec.prepare(opts), {name: _needed_table(spec, opts, name) for name in spec.needs})
     return {name: io.to_table(stamp(rows, ckpt.model_id, ckpt.step, tokens), schema).to_pandas()
             for name, (rows, schema, _) in tables.items()}

@@ -55,3 +55,41 @@ rule analyze:
     shell:
         "icl-dynamics analyze --icl {input.icl} --heads {input.heads} --relation-index {input.relation_index} "
         "--provenance {input.provenance} {params.options} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+# the ablations over training: do the flagged heads carry relation recall and ICL (icl_dynamics.causal)
+CAUSAL_TABLES = ["causal_correlation", "causal_series", "causal_emergence", "causal_order"]
+
+
+rule causal:
+    input:
+        ablation=expand(f"{RESULTS}/{{model}}/ablation.parquet", model=MODELS),
+        heads=expand(f"{RESULTS}/{{model}}/heads.parquet", model=MODELS),
+        relation_index=expand(f"{RESULTS}/{{model}}/relation_index.parquet", model=MODELS),
+        provenance=expand(f"{RESULTS}/{{model}}/provenance.parquet", model=MODELS),
+        emergence=f"{ANALYSIS_DIR}/emergence.parquet",
+    output:
+        tables=expand(f"{ANALYSIS_DIR}/{{table}}.parquet", table=CAUSAL_TABLES),
+        figures=report(
+            expand(f"{ANALYSIS_DIR}/figures/causal-{{model}}.png", model=MODELS),
+            caption="../report/causal.rst",
+            category="Causal check",
+        ),
+    log:
+        "logs/causal.log",
+    conda:
+        "../envs/icl-dynamics.yaml"
+    params:
+        out_dir=lambda wildcards, output: os.path.dirname(output.tables[0]),
+        options=" ".join(
+            [
+                f"--ri-direction {ANALYSIS['ri_direction']} --ri-gate {ANALYSIS['ri_gate']}",
+                f"--ri-variant {ANALYSIS['ri_variant']} --k {ANALYSIS['k']} --n-boot {ANALYSIS['n_boot']}",
+                f"--seed {ANALYSIS['seed']}",
+                "--include-suspect" if ANALYSIS["include_suspect"] else "",
+            ]
+        ),
+    shell:
+        "icl-dynamics causal --ablation {input.ablation} --heads {input.heads} --relation-index {input.relation_index} "
+        "--provenance {input.provenance} --emergence {input.emergence} {params.options} --out-dir {params.out_dir} "
+        "> {log} 2>&1"

@@ -125,6 +125,18 @@ def score_options():
             flags += [f"--{stage}-{key.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
     if not ri["exclude_function_words"]:
         flags.append("--relation-index-keep-function-words")
+    ablation = config["ablation"]
+    derived = {  # the ICL score, the shot count and the SIH flag the other stages and the analysis use
+        "max_parameters": ablation["max_parameters"] if ablation["enabled"] else 0,
+        "early": loss["early"],
+        "late": loss["late"],
+        "shots": max(tasks["shots"]),
+        "gate": config["analysis"]["ri_gate"],
+        "variant": config["analysis"]["ri_variant"],
+    }
+    keys = ("n_docs", "n_sequences", "n_prompts", "top_k", "draws", "bootstrap", "seed", "batch_size")
+    for key, value in {**derived, **{key: ablation[key] for key in keys}}.items():
+        flags += [f"--ablation-{key.replace('_', '-')}", str(value)]
     return " ".join(shlex.quote(f) for f in flags)
 
 

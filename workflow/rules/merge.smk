@@ -1,12 +1,13 @@
 # Stage 3: one table per stage across checkpoints (provenance also flags duplicate weights).
 
-MERGED = ["provenance", "heads", "icl", "loss_curve", "relation_index"]
+MERGED = ["provenance", "heads", "icl", "loss_curve", "relation_index", "ablation"]
 PER_STEP = {
     "provenance": ["provenance"],
     "heads": ["heads"],
     "icl": ["loss", "icl_tasks"],
     "loss_curve": ["loss_curve"],
     "relation_index": ["relation_index"],
+    "ablation": ["ablation"],
 }
 
 

@@ -1,6 +1,7 @@
 # Stage 2: one job per (model, step) on the GPU. One process loads the checkpoint once and writes
 # every per-checkpoint table: induction scores (heads), ICL level 1 (loss, loss_curve), levels 2 and 3
-# (icl_tasks) and the relation index. Rerun one stage by hand with its own subcommand (README).
+# (icl_tasks), the relation index and the ablations (which read this job's heads and relation index).
+# Rerun one stage by hand with its own subcommand (README).
 
 
 rule score:
