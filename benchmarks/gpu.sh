@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU benchmark (issue 12): seconds per checkpoint of the score job for pythia-160m and -1.4b
-# shapes, and the relation index against a plain forward pass over the same tokens. For a machine
+# shapes, the relation index against a plain forward pass over the same tokens, and the ablation
+# stage's cost (issue 15) on the 160m shape. For a machine
 # with a GPU, PyTorch, transformers, pandas, pyarrow and scipy, no network and nothing of ours
 # installed (the package runs from src/). It needs benchmarks/.data, made beforehand where ../shared
 # and spaCy are:  python benchmarks/score_checkpoint.py prepare   (then carry benchmarks/.data).
 #
 #   bash benchmarks/gpu.sh              # results, tables and a relation-index profile in $OUT
-#   DEVICE=cpu SHAPES=14m bash benchmarks/gpu.sh   # the CPU dry run
+#   DEVICE=cpu SHAPES=14m ABLATION_SHAPES=14m bash benchmarks/gpu.sh   # the CPU dry run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -14,6 +15,7 @@ export ICL_SHARED="$PWD/benchmarks/.data/shared"  # Pythia's config and tokenize
 OUT="${OUT:-/tmp/icl-dynamics-gpu-bench}"
 DEVICE="${DEVICE:-cuda}"
 SHAPES="${SHAPES:-160m 1.4b}"
+ABLATION_SHAPES="${ABLATION_SHAPES:-160m}"
 PYTHON="${PYTHON:-python3}"
 mkdir -p "$OUT"
 if [ ! -f benchmarks/.data/relations/triplets.parquet ]; then
@@ -28,4 +30,6 @@ fi
         "$PYTHON" benchmarks/relation_index.py --shape "$shape" --device "$DEVICE" --n-sequences 0 --repeats 1 \
             --relations-dir benchmarks/.data/relations
     done
+    echo  # the ablation stage (issue 15) at its default sizes; it skips models above 5e8 parameters
+    "$PYTHON" benchmarks/ablation.py --shapes $ABLATION_SHAPES --device "$DEVICE"
 } 2>&1 | tee "$OUT/gpu-bench.txt"

@@ -210,6 +210,25 @@ def relation_tables(rng: np.random.Generator, vocab: int) -> tuple[pd.DataFrame,
     return pd.DataFrame(seqs), pd.DataFrame(trips), events
 
 
+def test_a_capped_relation_set_is_the_first_sequences_of_each_family():
+    """n_sequences reads the tables a chunk at a time and stops early: the same events as the whole set's
+    first sequences of each family (9 sequences, two families, chunks of 4)."""
+    seqs, trips, _ = relation_tables(np.random.default_rng(2), 64)
+    config = tiny_neox(vocab_size=64).config
+    full = relation_recall_set(config, seqs, trips)
+    for cap in (1, 2):
+        first: dict[str, list[int]] = {}
+        for i, family in zip(full.reads[:, 0], full.families):
+            if i not in first.setdefault(family, []) and len(first[family]) < cap:
+                first[family].append(int(i))
+        keep = sorted(i for ids in first.values() for i in ids)
+        capped = relation_recall_set(config, seqs, trips, n_sequences=cap)
+        assert [s.tolist() for s in capped.sequences] == [full.sequences[i].tolist() for i in keep]
+        rows = np.isin(full.reads[:, 0], keep)
+        assert capped.targets.tolist() == full.targets[rows].tolist()
+        assert list(capped.families) == [f for f, r in zip(full.families, rows) if r]
+
+
 @pytest.mark.parametrize("attention, tol", [("sdpa", 1e-10), ("eager", 1e-6)])
 def test_shared_prefix_batching_equals_one_ablation_at_a_time(attention, tol):
     """Every head's effect on all three evaluation sets, batched (padding, shared prefixes), equals a plain
@@ -411,6 +430,8 @@ def test_groups_get_layer_matched_controls_and_the_rows_fit_the_schema():
     ri = pd.DataFrame({"layer": [0, 1, 1], "head": [1, 0, 2], "gate": ["argmax", "argmax", "margin"],
                        "variant": ["source"] * 3, "sih": [True, False, True]})
     assert flagged_sih_heads(ri) == [(0, 1)]
+    with pytest.raises(ValueError, match=r"no rows with gate='argmax' variant='literal' \(it has \[\('argmax', "):
+        flagged_sih_heads(ri, variant="literal")
 
 
 # ----------------------------------------------------------------------------- the toy zoo

@@ -90,6 +90,9 @@ def made(toy_zoo_relations: Path, tmp_path_factory) -> dict[str, Path]:
     assert main(["analyze", *(f for name, paths in merged.items() for f in (f"--{name.replace('_', '-')}", *paths)),
                  "--k", "1", "--n-boot", "20", "--n-perm", "19", "--ri-families", "planted", "decoy",
                  "--out-dir", str(root / "analysis")]) == 0
+    assert main(["causal", "--ablation", str(folder / "ablation.parquet"), "--heads", *merged["heads"],
+                 "--relation-index", *merged["relation_index"], "--emergence", str(root / "analysis" / "emergence.parquet"),
+                 "--k", "1", "--n-boot", "20", "--out-dir", str(root / "analysis")]) == 0
     return {"root": root, "folder": folder, "unmerged": unmerged, "zoo": toy_zoo_relations}
 
 
@@ -174,12 +177,15 @@ def test_load_results_selects_models_and_steps(made, tmp_path):
 
 def test_load_results_errors_say_what_exists_and_what_makes_it(made, tmp_path):
     root, unmerged = made["root"], made["unmerged"]
-    with pytest.raises(ValueError, match="unknown table 'head'; choose one of ablation, emergence, formation, heads, icl"):
+    with pytest.raises(ValueError, match="unknown table 'head'; choose one of ablation, causal_correlation, "
+                       "causal_emergence, causal_order, causal_series, emergence, formation, heads, icl"):
         icl_dynamics.load_results(root, "head")
     with pytest.raises(ValueError, match=f"one model's folder: pass the results folder holding it \\({root}\\)"):
         icl_dynamics.load_results(root / SLUG, "heads")
     with pytest.raises(FileNotFoundError, match="analysis/emergence.parquet is missing: `icl-dynamics analyze`"):
         icl_dynamics.load_results(unmerged, "emergence")
+    with pytest.raises(FileNotFoundError, match="analysis/causal_order.parquet is missing: `icl-dynamics causal`"):
+        icl_dynamics.load_results(unmerged, "causal_order")
     with pytest.raises(ValueError, match="emergence is not a per-checkpoint table"):
         icl_dynamics.load_results(root, "emergence", steps=[1000])
     partial = tmp_path / "partial" / SLUG
@@ -228,6 +234,7 @@ def test_score_runs_a_stage_on_a_loaded_checkpoint_as_the_cli_does(made):
 
 def test_figures_draw_into_the_callers_axes_and_leave_its_rcparams_alone(made):
     from icl_dynamics.figures import STYLE
+    from icl_dynamics.figures import causal as causal_figures
     from icl_dynamics.figures import emergence as emergence_figures
     from icl_dynamics.figures import heads as heads_figures
     from icl_dynamics.figures import icl as icl_figures
@@ -235,7 +242,8 @@ def test_figures_draw_into_the_callers_axes_and_leave_its_rcparams_alone(made):
 
     root = made["root"]
     load = {name: icl_dynamics.load_results(root, name) for name in (
-        "heads", "icl", "loss_curve", "relation_index", "provenance", "emergence", "formation", "relation")}
+        "heads", "icl", "loss_curve", "relation_index", "provenance", "emergence", "formation", "relation",
+        "causal_correlation", "causal_series")}
     with matplotlib.rc_context({"figure.dpi": 72, "lines.linewidth": 3.0, "font.size": 12}):  # the caller's own
         before = dict(matplotlib.rcParams)
         fig, ax = plt.subplots()
@@ -259,6 +267,7 @@ def test_figures_draw_into_the_callers_axes_and_leave_its_rcparams_alone(made):
                                                    load["formation"]),
             emergence_figures.plot_formation_emergence_scatter(load["formation"], load["emergence"]),
             emergence_figures.plot_correlation_map(load["relation"]),
+            causal_figures.plot_causal(load["causal_correlation"], load["causal_series"], RELATIONS_MODEL_ID),
         ]
         for fig in figures:
             assert isinstance(fig, Figure) and fig.dpi == STYLE["figure.dpi"]  # drawn in the project's style

@@ -111,6 +111,8 @@ BAD_CONFIGS = [
     ({"analysis": {"n_boot": 5}}, r"config key 'analysis.n_boot': 5 is less than the minimum"),
     ({"figures": {"heatmap_steps": [3000]}}, r"config key 'figures.heatmap_steps': step 3000 is not among"),
     ({"figures": {"top_k": 0}}, r"config key 'figures.top_k': 0 is less than the minimum"),
+    ({"relation_index": {"variants": ["literal"]}},
+     r"config key 'analysis.ri_variant': 'source' is not among relation_index.variants \['literal'\]"),
     ({"ablation": {"n_docs": 300}}, r"config key 'ablation.n_docs': 300 documents, but text.n_docs selects 200"),
     ({"ablation": {"max_parameters": -1}}, r"config key 'ablation.max_parameters': -1 is less than the minimum"),
     ({"schedule": "toy", "toy_zoo": {"dir": "TMP/zoo-seed1", "seed": 2}},

@@ -193,8 +193,19 @@ def test_snakemake_end_to_end_on_the_pythia_format_fixture(pythia_cache: Path, s
     ri = pd.read_parquet(out / "relation_index.parquet")
     assert set(ri["family"]) == {"kg", "syntax"} and ri["events"].sum() > 0
     assert ri["ri"].dropna().between(0, 1).all()
+    # the ablation stage on the real format: every head alone and the top-5 induction heads (with their
+    # layer-matched controls) on all four cells, relation recall of both families at the relation index's events
+    ablation = pd.read_parquet(out / "ablation.parquet")
+    singles = ablation[ablation["ablation"] == "head"]
+    assert len(singles.drop_duplicates(["step", "layer", "head"])) == len(steps) * 2 * 4
+    assert set(singles["task"][singles["level"] == "relation_recall"]) == {"kg", "syntax"}
+    assert set(singles["shots"].dropna()) == {20} and (singles["events"] > 0).all()
+    assert set(ablation.loc[ablation["ablation"] == "group", "group"]) >= {"induction"}
+    assert read_provenance(out / "step1000" / "ablation.parquet")["groups"]["induction"]
     analysis = tmp_path / "results" / "analysis"
     assert (analysis / "summary.parquet").exists() and (analysis / "figures" / "emergence_panel.png").exists()
+    assert set(pd.read_parquet(analysis / "causal_correlation.parquet")["step"]) == {0, 1000}  # step 1 duplicates 0
+    assert (analysis / "figures" / f"causal-{out.name}.png").exists()
     log = (tmp_path / "logs" / out.name / "step1000" / "score.log").read_text()
     assert "(torch.float32)" in log  # dtype auto
     runtime = read_provenance(out / "step1000" / "relation_index.parquet")["runtime"]

@@ -29,7 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from icl_dynamics import emergence, hub, relations, results, schemas
+from icl_dynamics import causal, emergence, hub, relations, results, schemas
 
 README = Path(__file__).resolve().parents[1] / "results" / "README.md"
 
@@ -55,11 +55,13 @@ def _schemas() -> dict[str, pa.Schema]:
         "icl": schemas.ICL_SCHEMA,
         "loss_curve": schemas.LOSS_CURVE_SCHEMA,
         "relation_index": schemas.RELATION_INDEX_SCHEMA,
+        "ablation": schemas.ABLATION_SCHEMA,
         "text_tokens": schemas.TEXT_TOKENS_SCHEMA,
         "relations/sequences": relations.SEQUENCES_SCHEMA,
         "relations/triplets": relations.TRIPLETS_SCHEMA,
         "relations/summary": relations.SUMMARY_SCHEMA,
         **emergence.TABLES,
+        **causal.TABLES,
     }
     return {**documented, **{part: documented[whole] for part, whole in DOCUMENTED_WITH.items()}}
 
@@ -166,7 +168,7 @@ def test_schema_mapping_is_the_code_s():
     assert DOCUMENTED_WITH == {part: whole for whole, parts in results.MERGED.items() for part in parts
                                if part != whole}, "update DOCUMENTED_WITH to results.MERGED's per-checkpoint parts"
     wrong = [name for name in results.MERGED if SCHEMAS[name] != _merge_schema(name)]
-    wrong += [name for name, schema in emergence.TABLES.items() if SCHEMAS[name] != schema]
+    wrong += [name for name, schema in {**emergence.TABLES, **causal.TABLES}.items() if SCHEMAS[name] != schema]
     assert not wrong, f"tables mapped to another schema than the one the merge or analyze command writes: {wrong}"
     not_led = [name for name in STEP_INDEXED if tuple(SCHEMAS[name].names[:3]) != SHARED]
     assert not not_led, f"step-indexed tables whose schema does not begin with {SHARED}: {not_led}"

@@ -177,7 +177,21 @@ def test_snakemake_end_to_end_on_the_toy_zoo(toy_workflow):
     assert len(ri) == len(steps) * 8 * 7 * 2 * 2 * 3  # heads x KG relations x directions x gates x variants
     assert set(ri["family"]) == {"kg"}  # the toy tokenizer knows no AGENDA words, only the letter anchors
     assert ri["ri"].dropna().between(0, 1).all() and ri["ri"].notna().any()
+    # the ablation stage: no head carries ICL at step 0; at the last step one head alone (the circuit's
+    # previous-token head) takes most of the ICL score with it, and the top-2 induction heads together
+    # cost more than half a nat
+    ablation = pd.read_parquet(out / "ablation.parquet")
+    singles = ablation[(ablation["ablation"] == "head") & (ablation["metric"] == "icl_score")]
+    assert len(singles) == len(steps) * 8 and sorted(singles["step"].unique()) == steps
+    first, last = (singles[singles["step"] == s] for s in (steps[0], steps[-1]))
+    assert first["value"].abs().max() < 0.05 and last["value"].max() > 0.8 * -last["baseline"].iloc[0]
     analysis = tmp_path / "results" / "analysis"
+    series = pd.read_parquet(analysis / "causal_series.parquet")
+    icl_loss = series[(series["group"] == "induction") & (series["metric"] == "icl_score")].set_index("step")
+    assert abs(icl_loss.loc[steps[0], "group_loss"]) < 0.05 and icl_loss.loc[steps[-1], "group_loss"] > 0.5
+    correlation = pd.read_parquet(analysis / "causal_correlation.parquet")
+    assert sorted(correlation.loc[correlation["comparison"] == "prefix_matching_vs_icl_score", "step"]) == steps
+    assert (analysis / "figures" / "causal-icl-dynamics--toy-neox.pdf").exists()
     summary = pd.read_parquet(analysis / "summary.parquet")
     assert {"induction", "copying", "previous_token", "sih:kg", "loss_reduction"} <= set(summary["subject"])
     assert (analysis / "figures" / "emergence_panel.pdf").exists()
@@ -186,7 +200,7 @@ def test_snakemake_end_to_end_on_the_toy_zoo(toy_workflow):
                             timeout=300)
     assert report.returncode == 0, report.stderr[-3000:]
     html = (tmp_path / "report.html").read_text(errors="replace")
-    assert "emergence_panel.png" in html and "prefix_matching_heatmap.png" in html
+    assert "emergence_panel.png" in html and "prefix_matching_heatmap.png" in html and "causal-icl-dynamics" in html
 
     # a rerun has nothing to do
     dry = subprocess.run([*command, "-n"], capture_output=True, text=True, timeout=300)

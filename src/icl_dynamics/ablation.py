@@ -63,7 +63,7 @@ from icl_dynamics.attention import attention_modules
 from icl_dynamics.icl import bootstrap_mean
 from icl_dynamics.icl_tasks import TASKS, Task, label_token_ids, make_prompts
 from icl_dynamics.models import check_context
-from icl_dynamics.relation_index import _prepare
+from icl_dynamics.relation_index import SEQUENCE_COLUMNS, TRIPLET_COLUMNS, _as_frame, _prepare
 from icl_dynamics.schemas import ABLATION_SCHEMA, CHECKPOINT_FIELDS
 
 Head = tuple[int, int]
@@ -174,31 +174,43 @@ def relation_recall_set(config: PretrainedConfig, sequences: pa.Table | pd.DataF
     bos_id = config.bos_token_id if bos else None
     if bos and bos_id is None:
         raise ValueError("the model config names no bos_token_id; pass bos=False to read without one")
-    seqs, keys, _ = _prepare(sequences, triplets, exclude_function_words=exclude_function_words, control_position=0,
-                             seed=0, max_len=int(max_len or config.max_position_embeddings), bos_id=bos_id)
+    seq_table, trip_table = _as_frame(sequences, SEQUENCE_COLUMNS, "sequences"), _as_frame(triplets, TRIPLET_COLUMNS,
+                                                                                          "triplets")
+    forward = trip_table[trip_table["direction"] == "forward"]
+    candidates = seq_table[seq_table["sequence_id"].isin(set(forward["sequence_id"]))]
+    wanted = set(forward["family"])
+    # indexing is per sequence, so a chunk at a time gives the same events; stop once every family is full
+    chunk = len(candidates) if n_sequences is None else 4 * n_sequences
     kept, reads, targets, documents, families = [], [], [], [], []
     taken: dict[str, int] = {}
-    for seq in seqs:
-        events: dict[tuple[int, str], int] = {}  # (position read, family) -> tail id
-        for _s, start, group, tail, *_ in seq.triplets.tolist():
-            family, _relation, direction = keys[group]
-            if direction != "forward":
+    for start in range(0, len(candidates), max(chunk, 1)):
+        part = candidates.iloc[start:start + chunk]
+        seqs, keys, _ = _prepare(part, trip_table[trip_table["sequence_id"].isin(set(part["sequence_id"]))],
+                                 exclude_function_words=exclude_function_words, control_position=0, seed=0,
+                                 max_len=int(max_len or config.max_position_embeddings), bos_id=bos_id)
+        for seq in seqs:
+            events: dict[tuple[int, str], int] = {}  # (position read, family) -> tail id
+            for _s, begin, group, tail, *_ in seq.triplets.tolist():
+                family, _relation, direction = keys[group]
+                if direction != "forward":
+                    continue
+                tail_id = int(seq.uniq[tail])
+                for j in np.flatnonzero(seq.tokens[begin + 1:] == tail_id) + begin:
+                    events[(int(j), family)] = tail_id
+            if not events:
                 continue
-            tail_id = int(seq.uniq[tail])
-            for j in np.flatnonzero(seq.tokens[start + 1:] == tail_id) + start:
-                events[(int(j), family)] = tail_id
-        if not events:
-            continue
-        family = next(iter(events))[1]  # a sequence's triplets share its family
-        if n_sequences is not None and taken.get(family, 0) == n_sequences:
-            continue
-        taken[family] = taken.get(family, 0) + 1
-        for (j, family), tail_id in sorted(events.items()):
-            reads.append((len(kept), j))
-            targets.append(tail_id)
-            documents.append(seq.document)
-            families.append(family)
-        kept.append(seq.tokens)
+            family = next(iter(events))[1]  # a sequence's triplets share its family
+            if n_sequences is not None and taken.get(family, 0) == n_sequences:
+                continue
+            taken[family] = taken.get(family, 0) + 1
+            for (j, family), tail_id in sorted(events.items()):
+                reads.append((len(kept), j))
+                targets.append(tail_id)
+                documents.append(seq.document)
+                families.append(family)
+            kept.append(seq.tokens)
+        if n_sequences is not None and all(taken.get(f, 0) == n_sequences for f in wanted):
+            break
     if not kept:
         raise ValueError("no relation event: no forward triplet's tail recurs after both its head and tail")
     return RelationRecall(tuple(kept), np.asarray(reads, np.int64), np.asarray(targets, np.int64),
@@ -519,9 +531,13 @@ def ablation_table(model: PreTrainedModel, evaluations: Sequence[Evaluation], gr
 
 def flagged_sih_heads(relation_index: pd.DataFrame, *, gate: str = "argmax", variant: str = "source") -> list[Head]:
     """The heads flagged as semantic induction heads for any relation and direction in a relation-index
-    table (one checkpoint), for ``gate`` and ``variant``."""
-    rows = relation_index[(relation_index["gate"] == gate) & (relation_index["variant"] == variant)
-                          & relation_index["sih"]]
+    table (one checkpoint), for ``gate`` and ``variant`` (an error when the table scored neither)."""
+    scored = relation_index[(relation_index["gate"] == gate) & (relation_index["variant"] == variant)]
+    if scored.empty and len(relation_index):
+        combos = sorted(set(zip(relation_index["gate"], relation_index["variant"])))
+        raise ValueError(f"the relation-index table has no rows with gate={gate!r} variant={variant!r} (it has "
+                         f"{combos}); score that gate and variant, or flag with one it has")
+    rows = scored[scored["sih"]]
     return sorted({(int(a), int(b)) for a, b in zip(rows["layer"], rows["head"])})
 
 

@@ -23,7 +23,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -124,9 +123,10 @@ def _spearman_interval(x: np.ndarray, y: np.ndarray, *, n_boot: int, ci_level: f
         return np.nan, np.nan, np.nan, np.nan
     rho, p = stats.spearmanr(x, y)
     picks = rng.integers(len(x), size=(n_boot, len(x)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", stats.ConstantInputWarning)  # a resample of tied values
-        boots = np.array([stats.spearmanr(x[i], y[i])[0] for i in picks])
+    rx, ry = (stats.rankdata(v[picks], axis=1) for v in (x, y))  # Spearman = Pearson of the ranks, per resample
+    rx, ry = rx - rx.mean(1, keepdims=True), ry - ry.mean(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a resample of tied values has no rho
+        boots = (rx * ry).sum(1) / np.sqrt((rx**2).sum(1) * (ry**2).sum(1))
     tail = (1 - ci_level) / 2
     low, high = np.nanquantile(boots, [tail, 1 - tail]) if np.isfinite(boots).any() else (np.nan, np.nan)
     return float(rho), float(low), float(high), float(p)
@@ -186,14 +186,15 @@ def group_series(ablation: pd.DataFrame, *, ci_level: float = DEFAULT_CI_LEVEL,
                           dropna=False, as_index=False, sort=True).agg(
         loss=("loss", "mean"), se=("se", lambda s: float(np.sqrt((s**2).sum())) / len(s)), n_heads=("n_heads", "max"))
     groups = frame.loc[frame["ablation"] == "group"].groupby("model")["group"].unique()
+    key = ["model", "step", "group", "level", "task", "metric"]
+    by_ablation = {kind: {k: g for k, g in frame[frame["ablation"] == kind].groupby(key, sort=False)}
+                   for kind in ("group", "control")}
     rows = []
-    for (model, step, tokens, *cell), g in frame[frame["ablation"] != "control"].groupby(
+    for (model, step, tokens, *cell), _ in frame[frame["ablation"] != "control"].groupby(
             ["model", "step", "tokens", *cells], dropna=False, sort=True):
         for name in sorted(groups.get(model, [])):
-            mine = g[(g["ablation"] == "group") & (g["group"] == name)]
-            controls = frame[(frame["ablation"] == "control") & (frame["group"] == name) & (frame["model"] == model)
-                             & (frame["step"] == step) & (frame["level"] == cell[0]) & (frame["task"] == cell[1])
-                             & (frame["metric"] == cell[3])]
+            where = (model, step, name, cell[0], cell[1], cell[3])
+            mine, controls = (by_ablation[kind].get(where, frame.iloc[:0]) for kind in ("group", "control"))
             row = {"model": model, "step": step, "tokens": tokens, "group": name, **dict(zip(cells, cell)),
                    "n_controls": len(controls)}
             if mine.empty:  # nothing flagged at this checkpoint: ablating no head costs nothing

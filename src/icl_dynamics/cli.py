@@ -286,9 +286,9 @@ def cmd_causal(args: argparse.Namespace) -> None:
     causal_figures(tables["causal_correlation"], tables["causal_series"], out / "figures",
                    sorted(set(heads["model"])))
     order = tables["causal_order"]
-    for row in order.itertuples():
-        log.info("%s: %s heads' %s (%s) %s %s (%s)", row.model, row.group, row.metric, row.task, row.order,
-                 row.icl_level, row.icl_task)
+    for key, rows in order.groupby(["model", "group", "metric", "task"], sort=True):
+        log.info("%s: ablating %s heads costs %s (%s): %s", *key,
+                 ", ".join(f"{o} {level}" for o, level in zip(rows["order"], rows["icl_level"])))
     log.info("causal analysis of %d ablation rows in %.0f s -> %s", len(ablation), time.perf_counter() - start, out)
 
 

@@ -146,6 +146,11 @@ def validate_config(config: Mapping[str, Any], schema: Mapping[str, Any] | str |
             f"config key 'loss.late': need loss.early < loss.late < text.context, "
             f"got {loss['early']} < {loss['late']} < {text['context']}"
         )
+    analysis, ri = config["analysis"], config["relation_index"]
+    for key, scored in (("ri_gate", "gates"), ("ri_variant", "variants")):
+        if analysis[key] not in ri[scored]:  # the analysis and the ablation's SIH group read that relation index
+            raise ConfigError(f"config key 'analysis.{key}': {analysis[key]!r} is not among relation_index.{scored} "
+                              f"{ri[scored]}")
     if config["ablation"]["n_docs"] > text["n_docs"]:
         raise ConfigError(f"config key 'ablation.n_docs': {config['ablation']['n_docs']} documents, but text.n_docs "
                           f"selects {text['n_docs']}")

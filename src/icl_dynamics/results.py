@@ -48,9 +48,9 @@ def _per_step() -> dict[str, str]:
 
 def _analysis() -> tuple[str, ...]:
     """The analysis tables (``analysis/<name>.parquet``, every model together)."""
-    from icl_dynamics.emergence import TABLES
+    from icl_dynamics import causal, emergence
 
-    return tuple(TABLES)
+    return (*emergence.TABLES, *causal.TABLES)
 
 
 def table_names() -> list[str]:
@@ -89,8 +89,9 @@ def load_results(results_dir: str | os.PathLike[str], stage: str, models: str | 
     if stage in _analysis():
         files = [root / ANALYSIS / f"{stage}.parquet"]
         if not files[0].exists():
-            raise FileNotFoundError(f"{files[0]} is missing: `icl-dynamics analyze` writes it (the workflow's "
-                                    "analyze rule, once every model is merged)")
+            command = "causal" if stage.startswith("causal_") else "analyze"
+            raise FileNotFoundError(f"{files[0]} is missing: `icl-dynamics {command}` writes it (the workflow's "
+                                    f"{command} rule, once every model is merged)")
     else:
         folders = _model_folders(root, wanted)
         if stage in PER_MODEL and len(folders) > 1:

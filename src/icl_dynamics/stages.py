@@ -4,7 +4,8 @@ Each :class:`Stage` (induction heads, loss reduction, ICL tasks, relation index,
 options, reads its inputs before the model is loaded (a bad input fails in a second, not after a minute
 of loading) and turns a loaded :class:`~icl_dynamics.models.Checkpoint` into tables. A stage may also
 read tables of earlier stages of the same checkpoint (``needs``: the ablation reads the heads and the
-relation index to pick its head groups): from the same job when it runs them, else from their files. The CLI exposes
+relation index to pick its head groups): from the same job when it runs them, else from their files.
+The CLI exposes
 each stage as its own subcommand (to rerun one stage of one checkpoint) and all of them as
 ``icl-dynamics score`` (the workflow's one job per checkpoint: one process, one load, every table);
 :func:`score` runs one on a checkpoint loaded in Python and returns its tables as DataFrames.
@@ -271,8 +272,8 @@ def _ablation(ckpt: Checkpoint, opts: argparse.Namespace, inputs: tuple[Any, str
              {name: len(heads) for name, heads in groups.items()}, cost.seconds, cost.passes, cost.tokens,
              cost.unshared_passes)
     meta["groups"] = {name: [f"L{a}H{b}" for a, b in heads] for name, heads in groups.items()}
-    meta["cost"] = {"passes": cost.passes, "unshared_passes": cost.unshared_passes, "tokens": cost.tokens}  # no time:
-    # a rerun writes the same bytes
+    # the work, not the seconds: a rerun writes the same bytes
+    meta["cost"] = {"passes": cost.passes, "unshared_passes": cost.unshared_passes, "tokens": cost.tokens}
     return {"ablation": (table.astype(object).where(table.notna(), None).to_dict("records"), ABLATION_SCHEMA, meta)}
 
 

@@ -44,7 +44,10 @@ def plot_causal(correlation: pd.DataFrame, series: pd.DataFrame, model: str) -> 
     ax.set_title(f"{model.split('/')[-1]}: scores vs ablation")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", frameon=False, fontsize=6)
+    right = 1.6 * max(float(corr["tokens"].max()) if len(corr) else 0.0,
+                      float(mine["tokens"].max()) if len(mine) else 0.0, tps)  # the last checkpoint inside
     tokens_axis(ax, tps)
+    ax.set_xlim(-0.3 * tps, right)
     for ax, (group, level) in zip(axes[0, 1:], CLAIMS):
         rows = mine[(mine["group"] == group) & (mine["level"] == level)]
         for i, (task, g) in enumerate(rows.groupby("task", sort=True)):
@@ -55,10 +58,14 @@ def plot_causal(correlation: pd.DataFrame, series: pd.DataFrame, model: str) -> 
         ax.axhline(0, color="0.5", lw=0.5)
         metric = rows["metric"].iloc[0] if len(rows) else ""
         ax.set_ylabel(LOSS_LABEL.get(metric, metric))
-        ax.set_title(f"ablating {group} heads" if len(rows) else f"ablating {group} heads: no rows")
+        ax.set_title(f"ablating {group} heads")
+        if rows.empty:
+            ax.text(0.5, 0.5, f"no {group} heads at any checkpoint", ha="center", va="center", fontsize=7,
+                    transform=ax.transAxes)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="best", frameon=False, fontsize=6)
         tokens_axis(ax, tps)
+        ax.set_xlim(-0.3 * tps, right)
     return fig
 
 
