@@ -150,6 +150,8 @@ def toy_workflow_command(config_file: str, zoo: Path, steps: list[int], workdir:
     config["text"]["path"] = str(zoo / "text.jsonl")
     config["relations"].update(relations)
     config["analysis"] = {"k": 1, "n_boot": 50, "n_perm": 99}  # a few checkpoints only
+    # small ablation sets: a tenth of the demo's tokens (its heads' effects on the toy are nats, not noise)
+    config["ablation"].update(n_docs=8, n_sequences=8, n_prompts=4, draws=2, bootstrap=200)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     cores = [] if "--workflow-profile" in args else ["--cores", "2"]  # a cluster profile sets jobs, not cores
     command = [sys.executable, "-m", "snakemake", *cores, "-s", str(REPO / "Snakefile"),

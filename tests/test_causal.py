@@ -150,3 +150,18 @@ def test_causal_onsets_stay_silent_on_noise_and_order_a_planted_rise_before_icl(
     assert located["fit_status"] == "ok" and 10 < located["transition_step"] < 100
     order = tables["causal_order"].set_index("icl_level")["order"]
     assert order.to_dict() == {"loss_reduction": "before", "format_compliance": "after"}
+
+
+def test_a_model_without_ablation_rows_gets_empty_tables_and_a_figure_that_says_so(tmp_path):
+    """ablation.enabled false, or a model above ablation.max_parameters: the stage wrote empty tables."""
+    from icl_dynamics.figures.causal import causal_figures
+
+    empty = frame([ablation_rows(0, "head", "loss_reduction", "text", "icl_score", 0.0, 0.1, layer=0, head=0)])[:0]
+    heads = pd.DataFrame({"model": [MODEL], "step": [0], "tokens": [0], "layer": [0], "head": [0],
+                          "prefix_matching": [0.0]})
+    tables = causal.causal_tables(empty, heads, None, pd.DataFrame([emergence_row(1000 * TPS)]))
+    assert set(tables) == set(causal.TABLES) and all(t.empty for t in tables.values())
+    for name, schema in causal.TABLES.items():
+        assert list(tables[name].columns) == schema.names
+    written = causal_figures(tables["causal_correlation"], tables["causal_series"], tmp_path, [MODEL])
+    assert [p.name for p in written] == ["causal-m--toy.png", "causal-m--toy.pdf"]

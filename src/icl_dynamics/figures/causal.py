@@ -85,7 +85,7 @@ def causal_figures(correlation: pd.DataFrame, series: pd.DataFrame, out_dir: str
 
 @styled
 def _no_rows(model: str) -> Figure:
-    fig, axes = new_figure(height=1.0)
+    fig, axes = new_figure(width=2 * COLUMN_WIDTH_IN, height=1.5)
     axes[0, 0].text(0.5, 0.5, f"{model}: no ablation rows (ablation.enabled false, or above ablation.max_parameters)",
                     ha="center", va="center", fontsize=7, transform=axes[0, 0].transAxes)
     axes[0, 0].set_axis_off()
