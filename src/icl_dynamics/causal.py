@@ -182,9 +182,11 @@ def group_series(ablation: pd.DataFrame, *, ci_level: float = DEFAULT_CI_LEVEL,
                          n_heads=frame["heads"].map(len) if "heads" in frame else 0)
     cells = ["level", "task", "shots", "metric"]
     # tasks averaged: the mean loss over tasks and its standard error sqrt(sum se^2) / T, per ablation
-    frame = frame.groupby(["model", "step", "tokens", "ablation", "layer", "head", "group", "draw", *cells],
-                          dropna=False, as_index=False, sort=True).agg(
-        loss=("loss", "mean"), se=("se", lambda s: float(np.sqrt((s**2).sum())) / len(s)), n_heads=("n_heads", "max"))
+    frame = frame.assign(se2=frame["se"] ** 2).groupby(
+        ["model", "step", "tokens", "ablation", "layer", "head", "group", "draw", *cells], dropna=False,
+        as_index=False, sort=True).agg(loss=("loss", "mean"), se2=("se2", "sum"), units=("se2", "size"),
+                                       n_heads=("n_heads", "max"))
+    frame["se"] = np.sqrt(frame["se2"]) / frame["units"]
     groups = frame.loc[frame["ablation"] == "group"].groupby("model")["group"].unique()
     key = ["model", "step", "group", "level", "task", "metric"]
     by_ablation = {kind: {k: g for k, g in frame[frame["ablation"] == kind].groupby(key, sort=False)}
