@@ -222,23 +222,25 @@ def _headless() -> None:
     matplotlib.use("Agg")
 
 
-def cmd_analyze(args: argparse.Namespace) -> None:
+def _read_frames(paths: list[str] | None):
+    """One DataFrame of the tables at ``paths`` (merged tables of several models), None for none."""
     import pandas as pd
 
+    return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True) if paths else None
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
     from icl_dynamics import emergence, io
     from icl_dynamics.figures import emergence as fig
 
     _headless()
 
-    def read(paths: list[str] | None) -> pd.DataFrame | None:
-        return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True) if paths else None
-
     start = time.perf_counter()
-    ri = read(args.relation_index)
+    ri = _read_frames(args.relation_index)
     tables = emergence.analyze(
-        read(args.icl), read(args.heads), ri, read(args.provenance), shots=args.shots, per_task=args.per_task,
-        direction=args.ri_direction, gate=args.ri_gate, variant=args.ri_variant, tau=args.ri_tau, k=args.k,
-        n_boot=args.n_boot, n_perm=args.n_perm, top_k=args.top_k, seed=args.seed,
+        _read_frames(args.icl), _read_frames(args.heads), ri, _read_frames(args.provenance), shots=args.shots,
+        per_task=args.per_task, direction=args.ri_direction, gate=args.ri_gate, variant=args.ri_variant,
+        tau=args.ri_tau, k=args.k, n_boot=args.n_boot, n_perm=args.n_perm, top_k=args.top_k, seed=args.seed,
         include_suspect=args.include_suspect,
     )
     out = Path(args.out_dir)
@@ -268,15 +270,12 @@ def cmd_causal(args: argparse.Namespace) -> None:
 
     _headless()
 
-    def read(paths: list[str] | None) -> pd.DataFrame | None:
-        return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True) if paths else None
-
     start = time.perf_counter()
-    ablation, heads = read(args.ablation), read(args.heads)
-    provenance = read(args.provenance)
+    ablation, heads = _read_frames(args.ablation), _read_frames(args.heads)
+    provenance = _read_frames(args.provenance)
     exclude = (duplicate_checkpoints(provenance, include_suspect=args.include_suspect)
                if provenance is not None else set())
-    tables = causal.causal_tables(ablation, heads, read(args.relation_index), pd.read_parquet(args.emergence),
+    tables = causal.causal_tables(ablation, heads, _read_frames(args.relation_index), pd.read_parquet(args.emergence),
                                   exclude=exclude, direction=args.ri_direction, gate=args.ri_gate,
                                   variant=args.ri_variant, k=args.k, n_boot=args.n_boot, seed=args.seed)
     out = Path(args.out_dir)
