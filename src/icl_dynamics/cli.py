@@ -292,17 +292,12 @@ def cmd_causal(args: argparse.Namespace) -> None:
 
 
 def _merge_schema(stage: str):
-    from icl_dynamics import hub
-    from icl_dynamics import schemas as tables
+    """The schema of merged table ``stage``: the fetch's provenance, or its score tables' (results.MERGED)."""
+    from icl_dynamics import hub, results
+    from icl_dynamics.schemas import STAGE_TABLES
 
-    schemas = {
-        "relation_index": tables.RELATION_INDEX_SCHEMA,
-        "provenance": hub.PROVENANCE_SCHEMA,
-        "heads": tables.INDUCTION_SCHEMA,
-        "icl": tables.ICL_SCHEMA,
-        "loss_curve": tables.LOSS_CURVE_SCHEMA,
-        "ablation": tables.ABLATION_SCHEMA,
-    }
+    schemas = {"provenance": hub.PROVENANCE_SCHEMA,
+               **{name: STAGE_TABLES[parts[0]] for name, parts in results.MERGED.items() if name != "provenance"}}
     if stage not in schemas:
         raise SystemExit(f"unknown stage {stage!r}; choose one of {', '.join(sorted(schemas))}")
     return schemas[stage]
