@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from icl_dynamics.stages import option_dest
 from icl_dynamics.toyzoo import TOY_SEED, ZOO_KINDS
 
 log = logging.getLogger("icl_dynamics")
@@ -97,7 +98,7 @@ def cmd_stage(args: argparse.Namespace) -> None:
     stage = args.stage
     opts = argparse.Namespace(**{dest: getattr(args, dest) for dest in _option_dests(stage)})
     seconds = run_stages([(stage, opts)], lambda: _load(args), lambda rows: _stamp(rows, args),
-                         {name: getattr(args, _dest(flag)) for name, flag in stage.outputs.items()})
+                         {name: getattr(args, option_dest(flag)) for name, flag in stage.outputs.items()})
     log.info("%s in %.1f s (load %.1f s)", stage.name, seconds[stage.name], seconds["load"])
 
 
@@ -108,11 +109,11 @@ def cmd_score(args: argparse.Namespace) -> None:
     jobs = []
     for name in [name for name in STAGES if name in args.stages]:  # stages that read others' tables come later
         stage = STAGES[name]
-        missing = [flag for flag in stage.inputs if getattr(args, _dest(flag)) is None]
+        missing = [flag for flag in stage.inputs if getattr(args, option_dest(flag)) is None]
         if missing:
             raise ValueError(f"score: stage {name} needs {' and '.join(missing)}")
-        prefix = _dest(f"--{name}-")
-        inputs = {_dest(flag) for flag in (*stage.inputs, *stage.needs.values())}  # inputs keep their own name
+        prefix = option_dest(f"--{name}-")
+        inputs = {option_dest(flag) for flag in (*stage.inputs, *stage.needs.values())}  # inputs keep their own name
         opts = {dest: getattr(args, dest if dest in inputs else prefix + dest) for dest in _option_dests(stage)}
         jobs.append((stage, argparse.Namespace(**opts)))
     out = Path(args.out_dir)
@@ -122,16 +123,11 @@ def cmd_score(args: argparse.Namespace) -> None:
              ", ".join(f"{phase} {value:.1f} s" for phase, value in seconds.items()))
 
 
-def _dest(flag: str) -> str:
-    """argparse's attribute name for ``flag``."""
-    return flag.lstrip("-").replace("-", "_")
-
-
 def _option_dests(stage) -> list[str]:
     """The attribute names of ``stage``'s options and inputs (what its measure function reads)."""
     flags: list[str] = []
     stage.options(lambda flag, **kw: flags.append(flag))
-    return [_dest(flag) for flag in flags]
+    return [option_dest(flag) for flag in flags]
 
 
 def cmd_toy_zoo(args: argparse.Namespace) -> None:

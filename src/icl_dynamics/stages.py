@@ -342,13 +342,18 @@ def run_stages(jobs: Sequence[tuple[Stage, argparse.Namespace]], load: Callable[
     return seconds
 
 
+def option_dest(flag: str) -> str:
+    """argparse's attribute name for ``flag`` (``--heads-table`` -> ``heads_table``)."""
+    return flag.lstrip("-").replace("-", "_")
+
+
 def _needed_table(stage: Stage, opts: argparse.Namespace, name: str) -> pd.DataFrame:
     """The earlier stage's table ``name`` that ``stage`` needs, read from the file its option names."""
     from icl_dynamics import io
     from icl_dynamics.schemas import STAGE_TABLES
 
     flag = stage.needs[name]
-    path = getattr(opts, flag.lstrip("-").replace("-", "_"))
+    path = getattr(opts, option_dest(flag))
     if path is None:
         raise ValueError(f"stage {stage.name} needs the {name} table: run its stage in the same job or give {flag}")
     return io.read_table(path, STAGE_TABLES[name]).to_pandas()
