@@ -51,9 +51,9 @@ from icl_dynamics.emergence import (
 # sign that turns an ablation effect into "what the model lost" (positive: the heads mattered)
 LOSS_SIGN = {"tail_logprob": -1.0, "icl_score": 1.0, "format_compliance": -1.0, "accuracy_constrained": -1.0}
 SERIES_KEYS = ("model", "group", "level", "task", "shots", "metric")
-COMPARISONS = ("ri_effect_vs_recall", "prefix_matching_vs_icl_score")
-ABLATION_COLUMNS = ("model", "step", "tokens", "ablation", "layer", "head", "group", "draw", "level", "task", "shots",
-                    "metric", "value", "ci_low", "ci_high")
+COMPARISONS = RI_VS_RECALL, PM_VS_ICL = ("ri_effect_vs_recall", "prefix_matching_vs_icl_score")
+ABLATION_COLUMNS = ("model", "step", "tokens", "ablation", "layer", "head", "group", "draw", "heads", "level", "task",
+                    "shots", "metric", "value", "ci_low", "ci_high")
 
 CORRELATION_SCHEMA = pa.schema([
     pa.field("model", pa.string(), nullable=False),
@@ -144,14 +144,14 @@ def head_correlations(ablation: pd.DataFrame, heads: pd.DataFrame, ri: pd.DataFr
     icl = single[single["metric"] == "icl_score"]
     pm = heads[["model", "step", "layer", "head", "prefix_matching"]].rename(columns={"prefix_matching": "x"})
     for task, rows in icl.groupby("task", sort=True):
-        pairs.append(("prefix_matching_vs_icl_score", task, pm, rows.assign(y=rows["value"])))
+        pairs.append((PM_VS_ICL, task, pm, rows.assign(y=rows["value"])))
     if ri is not None:
         sel = ri[(ri["direction"] == direction) & (ri["gate"] == gate) & (ri["variant"] == variant)]
         recall = single[single["metric"] == "tail_logprob"]
         for family, rows in recall.groupby("task", sort=True):
             per_head = sel[sel["family"] == family].groupby(["model", "step", "layer", "head"], as_index=False)[
                 "effect"].mean()  # NaN cells (no events) left out by the mean
-            pairs.append(("ri_effect_vs_recall", family, per_head.rename(columns={"effect": "x"}),
+            pairs.append((RI_VS_RECALL, family, per_head.rename(columns={"effect": "x"}),
                           rows.assign(y=-rows["value"])))
     out = []
     for comparison, task, scores, effects in pairs:
@@ -179,7 +179,7 @@ def group_series(ablation: pd.DataFrame, *, ci_level: float = DEFAULT_CI_LEVEL,
     frame = frame.assign(loss=sign * frame["value"].to_numpy(float),
                          se=(frame["ci_high"] - frame["ci_low"]).to_numpy(float) / (2 * z),
                          task=np.where(frame["shots"].notna(), "mean", frame["task"].astype(str)),
-                         n_heads=frame["heads"].map(len) if "heads" in frame else 0)
+                         n_heads=frame["heads"].map(len))
     cells = ["level", "task", "shots", "metric"]
     # tasks averaged: the mean loss over tasks and its standard error sqrt(sum se^2) / T, per ablation
     frame = frame.assign(se2=frame["se"] ** 2).groupby(

@@ -15,17 +15,17 @@ from icl_dynamics.emergence import tokens_per_step
 from icl_dynamics.figures import COLUMN_WIDTH_IN, new_figure, save_figure, styled
 from icl_dynamics.figures.emergence import tokens_axis
 
-# the groups and what each is claimed to carry: the panels of the lower row
+# the groups and what each is claimed to carry: the panels right of the correlations
 CLAIMS = (("sih", "relation_recall"), ("induction", "loss_reduction"))
 LOSS_LABEL = {"tail_logprob": "tail log p lost (nats)", "icl_score": "ICL score gained (nats)"}
 
 
 @styled
 def plot_causal(correlation: pd.DataFrame, series: pd.DataFrame, model: str) -> Figure:
-    """Top: Spearman rho across heads (95% bootstrap interval) of RI over control with relation recall
-    lost (per family) and of prefix matching with ICL score gained, per checkpoint. Bottom, one panel
-    per claim (flagged SIHs on relation recall, top-k induction heads on the ICL score): the group's
-    loss (solid) against its layer-matched controls' mean (dashed; band: min to max over draws)."""
+    """Left: Spearman rho across heads (95% bootstrap interval) of RI over control with relation recall
+    lost (per family) and of prefix matching with ICL score gained, per checkpoint. Then one panel per
+    claim (flagged SIHs on relation recall, top-k induction heads on the ICL score): the group's loss
+    (solid) against its layer-matched controls' mean (dashed; band: min to max over draws)."""
     corr = correlation[correlation["model"] == model]
     mine = series[series["model"] == model]
     if corr.empty and mine.empty:
