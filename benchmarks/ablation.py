@@ -43,21 +43,17 @@ def evaluation_sets(model, tokenizer, args: argparse.Namespace) -> list:
 
 
 def forward_seconds(model, evaluations: list, batch_size: int, device) -> float:
-    """One plain forward pass (with logits) over every evaluation sequence, right-padded, longest first."""
+    """One plain forward pass (with logits) over every evaluation sequence, in the stage's own batches."""
     import torch
     from relation_index import sync
+
+    from icl_dynamics.ablation import _batches
 
     start = time.perf_counter()
     with torch.inference_mode():
         for evaluation in evaluations:
-            seqs = sorted(evaluation.sequences, key=len, reverse=True)
-            for i in range(0, len(seqs), batch_size):
-                chunk = seqs[i:i + batch_size]
-                ids = torch.zeros((len(chunk), len(chunk[0])), dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for row, seq in enumerate(chunk):
-                    ids[row, :len(seq)], mask[row, :len(seq)] = torch.as_tensor(seq), 1
-                model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            for ids, mask, *_ in _batches(evaluation, batch_size, device):
+                model(input_ids=ids, attention_mask=mask)
     sync(device)
     return time.perf_counter() - start
 
@@ -92,7 +88,8 @@ def run(shape: str, args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - start
     cost = table.attrs["cost"]
     ablations = table.drop_duplicates(["ablation", "layer", "head", "group", "draw"]).shape[0]
-    torch.cuda.empty_cache() if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return {"shape": shape, "heads": f"{layers}x{heads}", "ablations": ablations, "tokens": cost.tokens,
             "passes": cost.passes, "unshared": cost.unshared_passes, "forward_s": forward, "ablation_s": seconds,
             "measured_passes": seconds / forward}
