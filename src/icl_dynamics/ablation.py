@@ -11,7 +11,7 @@ ICL tasks).
 
 *Evaluation sets* (built once per model, the same at every checkpoint):
 
-* relation recall (:func:`relation_recall_set`): the relation index's own events (its ``_prepare``:
+* relation recall (:func:`relation_recall_set`): the relation index's own events (its ``prepare_sequences``:
   BOS prepended, ``max_len`` cut, function-word candidates), forward triplets only. For a triplet
   (head at s, tail at o) and every query j the relation index scores (j >= max(s, o), the tail a
   visible candidate) whose next token *is* the tail, the tail's log-probability is read at j, the
@@ -63,7 +63,7 @@ from icl_dynamics.attention import attention_modules
 from icl_dynamics.icl import bootstrap_mean
 from icl_dynamics.icl_tasks import TASKS, Task, label_token_ids, make_prompts
 from icl_dynamics.models import check_context
-from icl_dynamics.relation_index import SEQUENCE_COLUMNS, TRIPLET_COLUMNS, _as_frame, _prepare
+from icl_dynamics.relation_events import SEQUENCE_COLUMNS, TRIPLET_COLUMNS, as_frame, prepare_sequences
 from icl_dynamics.schemas import ABLATION_SCHEMA, CHECKPOINT_FIELDS
 
 Head = tuple[int, int]
@@ -174,7 +174,7 @@ def relation_recall_set(config: PretrainedConfig, sequences: pa.Table | pd.DataF
     bos_id = config.bos_token_id if bos else None
     if bos and bos_id is None:
         raise ValueError("the model config names no bos_token_id; pass bos=False to read without one")
-    seq_table, trip_table = _as_frame(sequences, SEQUENCE_COLUMNS, "sequences"), _as_frame(triplets, TRIPLET_COLUMNS,
+    seq_table, trip_table = as_frame(sequences, SEQUENCE_COLUMNS, "sequences"), as_frame(triplets, TRIPLET_COLUMNS,
                                                                                           "triplets")
     forward = trip_table[trip_table["direction"] == "forward"]
     candidates = seq_table[seq_table["sequence_id"].isin(set(forward["sequence_id"]))]
@@ -185,7 +185,7 @@ def relation_recall_set(config: PretrainedConfig, sequences: pa.Table | pd.DataF
     taken: dict[str, int] = {}
     for start in range(0, len(candidates), max(chunk, 1)):
         part = candidates.iloc[start:start + chunk]
-        seqs, keys, _ = _prepare(part, trip_table[trip_table["sequence_id"].isin(set(part["sequence_id"]))],
+        seqs, keys, _ = prepare_sequences(part, trip_table[trip_table["sequence_id"].isin(set(part["sequence_id"]))],
                                  exclude_function_words=exclude_function_words, control_position=0, seed=0,
                                  max_len=int(max_len or config.max_position_embeddings), bos_id=bos_id)
         for seq in seqs:

@@ -201,7 +201,7 @@ def cmd_relations(args: argparse.Namespace) -> None:
     else:
         texts = read_texts(args.syntax_texts, column=args.syntax_column, split=args.syntax_split) if args.syntax_texts else None
         tables = build_relations(verify_agenda(args.agenda_dir), tokenizer, unit=args.unit, anchor=args.anchor,
-                                 spacy_model=args.spacy_model, syntax_texts=texts,
+                                 spacy_model=args.spacy_model, syntax_texts=texts, kg_letters=args.kg_letters,
                                  syntax_source=str(args.syntax_texts) if args.syntax_texts else None)
     write_relations(tables, args.out_dir)
     summary = tables.summary.to_pandas()
@@ -446,7 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--planted-texts", default=None, help="the relations toy zoo's relations.jsonl")
     p.add_argument("--unit", choices=("abstract", "sentence"), default="abstract")
     p.add_argument("--anchor", choices=("single", "first"), default="single",
-                   help="syntax words: single-token words only, or anchor on the first sub-token")
+                   help="syntax and KG entity words: single-token words only, or anchor on a sub-token (the "
+                        "first; the last for a KG head)")
+    p.add_argument("--no-kg-letters", dest="kg_letters", action="store_false",
+                   help="leave out the kg-letters family (the paper's letter construction, a negative control)")
     p.add_argument("--spacy-model", default="en_core_web_sm")
     p.add_argument("--syntax-texts", default=None, help="text file, datasets directory or hub dataset (default: AGENDA)")
     p.add_argument("--syntax-column", default="text")

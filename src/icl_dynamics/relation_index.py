@@ -12,8 +12,10 @@ For a triplet (t_s, r, t_o) at positions s, o of a sequence and every query posi
 3. RI = mean of a over the qualifying events of a relation, with the event count, the gate's pass
    rate, RI per opportunity (failed gates count 0) and three nulls, the same score with the tail
    replaced by: a *matched* control (a token of the tail's kind with no relation to the head, see
-   :func:`matched_controls`: RI minus it is the primary ``effect``), the "tenth token", and a seeded
-   random candidate. A control that is the triplet's own head or tail token is dropped for that event.
+   :func:`icl_dynamics.relation_events.matched_controls`: RI minus it is the primary ``effect``; for
+   ``contextual`` it is matched on its position relative to s as well), the "tenth token", and a
+   seeded random candidate (``effect_tenth``, ``effect_random``). A control that is the triplet's own
+   head or tail token is dropped for that event.
 
 Variants of x (each labelled in the output): ``literal`` = raw embedding of the current token t_j
 (the paper's formula), ``source`` = raw embedding of the attended token t_s (the paper's prose),
@@ -51,10 +53,18 @@ Decisions the paper leaves open, fixed here (and recorded as columns of every ro
   the largest of the three. The two cluster dimensions are the source document (``document_id``:
   events of one abstract are not independent draws) and the token pair (t_s, t_o) (a relation whose
   pairs recur, like a fixed map from countries to capitals, gives every event of a pair the same
-  random-init OV preference: clustering by document alone called that a relation at step 0).
-  Holm's method controls the family-wise error over every tested cell of the checkpoint for each
-  (gate, variant), at ``alpha``. A cell with fewer than ``min_clusters`` documents or token pairs
-  behind any comparison is ``insufficient``, not "not significant". See :func:`clustered_test`.
+  random-init OV preference: clustering by document alone called that a relation at step 0). The
+  standard error is CR2 with Bell-McCaffrey degrees of freedom, which stays calibrated when one
+  document holds most of a cell's events (:mod:`icl_dynamics.sih_test`). Holm's method controls the
+  family-wise error over every tested cell of the checkpoint for each (gate, variant), at ``alpha``.
+  A cell with fewer than ``min_clusters`` documents or token pairs behind any comparison is
+  ``insufficient``, not "not significant"; ``effective_clusters`` reports their Kish effective count,
+  which the degrees of freedom follow.
+* Negative controls: the cells of a family that no head can know under a variant
+  (:data:`icl_dynamics.relations.NEGATIVE_CONTROLS`: ``kg-letters`` under ``literal`` and ``source``)
+  are never SIHs (``sih_status`` "negative control"); they are tested as a Holm family of their own
+  and ``negative_control_flagged`` says which passed. Any such flag means the test is broken on
+  this checkpoint: a loud warning says so.
 * ``ri_se`` is RI's two-way cluster-robust standard error (documents and token pairs).
 * Sequences longer than ``max_len`` (default: the model's context) are cut there; triplets with
   max(s, o) beyond the cut are dropped with a warning.
@@ -86,21 +96,19 @@ from torch import nn
 from tqdm import tqdm
 
 from icl_dynamics.attention import attention_modules, capture_attention, head_ov_weights
+from icl_dynamics.relation_events import TRIPLET_FIELDS, IndexedSequence, prepare_sequences
+from icl_dynamics.relations import NEGATIVE_CONTROLS
+from icl_dynamics.sih_test import clustered_test, holm
 
 GATES = ("argmax", "margin")
 VARIANTS = ("literal", "source", "contextual")
-DIRECTIONS = ("forward", "reverse")
 DEFAULT_TAU = 2.2
 DEFAULT_ALPHA = 0.05
 DEFAULT_MIN_CLUSTERS = 10
 
-
-
-SEQUENCE_COLUMNS = ("sequence_id", "document_id", "family", "token_ids", "function_mask")
 CONTROLS = ("matched", "tenth", "random")
 STREAMS = ("ri", *CONTROLS)  # per-event values summed per cluster: a, and a - c for each control
 CLUSTER_DIMS = ("document", "pair")  # the two ways events are clustered for the SIH test
-TRIPLET_COLUMNS = ("sequence_id", "family", "relation", "direction", "s", "o", "head_id", "tail_id")
 
 
 # ----------------------------------------------------------------------------- pure scoring
@@ -168,175 +176,6 @@ def ratio_quantile(hist: np.ndarray, q: float) -> np.ndarray:
     return np.where(total[..., 0] > 0, edge, np.nan)
 
 
-def random_control_draws(seed: int, sequence_id: int, n: int) -> np.ndarray:
-    """The uniform draws u_j (j = 0..n-1) that pick each position's random control candidate."""
-    return np.random.default_rng([seed, sequence_id]).random(n)
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-@dataclass
-class _Sequence:
-    sequence_id: int
-    document: int  # source document: the cluster of the significance test
-    tokens: np.ndarray  # [n] int64
-    uniq: np.ndarray  # [U] candidate ids, in order of first candidate appearance
-    first: np.ndarray  # [U] first candidate position of each uniq id
-    tenth: tuple[int, int] | None  # (position, uniq index) of the tenth-token control
-    random: np.ndarray  # [n] uniq index of the random control at each j (-1 before any candidate)
-    position_uniq: np.ndarray  # [n] uniq index of the token at each position (-1: never a candidate)
-    # [m, 7] int64 of live triplets: s, first opportunity j, group, tail, head and matched-control uniq
-    # indices (-1: none), and the token pair's index (the second cluster dimension)
-    triplets: np.ndarray
-
-
-def _as_frame(table: pa.Table | pd.DataFrame, columns: Sequence[str], what: str) -> pd.DataFrame:
-    frame = table.to_pandas() if isinstance(table, pa.Table) else table
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise KeyError(f"{what} table lacks columns {missing} (has {list(frame.columns)})")
-    return frame
-
-
-def _prepare(
-    sequences: pa.Table | pd.DataFrame,
-    triplets: pa.Table | pd.DataFrame,
-    *,
-    exclude_function_words: bool,
-    control_position: int,
-    seed: int,
-    max_len: int,
-    bos_id: int | None,
-) -> tuple[list[_Sequence], list[tuple[str, str, str]], int]:
-    """Check the inputs against the relations contract and index them per sequence (with ``bos_id``
-    prepended when given: positions shift by one, the BOS is never a candidate nor a head position).
-    Also returns the number of distinct token pairs (t_s, t_o)."""
-    seqs = _as_frame(sequences, SEQUENCE_COLUMNS, "sequences")
-    trips = _as_frame(triplets, TRIPLET_COLUMNS, "triplets")
-    if seqs["sequence_id"].duplicated().any():
-        dup = seqs.loc[seqs["sequence_id"].duplicated(), "sequence_id"].iloc[0]
-        raise ValueError(f"sequences: sequence_id {dup} appears more than once")
-    bad_dir = set(trips["direction"]) - set(DIRECTIONS)
-    if bad_dir:
-        raise ValueError(f"triplets: unknown direction(s) {sorted(bad_dir)}; expected {DIRECTIONS}")
-    keys = sorted(set(zip(trips["family"], trips["relation"], trips["direction"])))
-    group_of = {key: g for g, key in enumerate(keys)}
-    by_seq = {sid: rows for sid, rows in trips.groupby("sequence_id", sort=False)}
-    unknown = set(by_seq) - set(seqs["sequence_id"])
-    if unknown:
-        raise KeyError(f"triplets refer to sequence_id(s) not in the sequences table: {sorted(unknown)[:5]}")
-
-    prepared, truncated = [], 0
-    pair_of: dict[tuple[int, int], int] = {}
-    for row in seqs.itertuples(index=False):
-        rows = by_seq.get(row.sequence_id)
-        if rows is None:
-            continue
-        sid = int(row.sequence_id)
-        tokens = np.asarray(row.token_ids, dtype=np.int64)
-        mask = np.asarray(row.function_mask, dtype=bool)
-        if tokens.shape != mask.shape:
-            raise ValueError(f"sequence {sid}: {len(tokens)} token_ids but {len(mask)} function_mask entries")
-        s, o = rows["s"].to_numpy(np.int64), rows["o"].to_numpy(np.int64)
-        if (s < 0).any() or (o < 0).any() or (s >= len(tokens)).any() or (o >= len(tokens)).any():
-            raise ValueError(f"sequence {sid}: triplet position outside 0..{len(tokens) - 1}")
-        ids = (tokens[s], tokens[o])
-        head, tail = rows["head_id"].to_numpy(np.int64), rows["tail_id"].to_numpy(np.int64)
-        ok = (ids[0] == head) & (ids[1] == tail)
-        ok |= (rows["direction"].to_numpy() == "reverse") & (ids[0] == tail) & (ids[1] == head)
-        if not ok.all():
-            bad = rows.iloc[int(np.argmin(ok))]
-            raise ValueError(
-                f"sequence {sid}: triplet {bad['relation']} s={bad['s']} o={bad['o']} names ids "
-                f"{bad['head_id']}/{bad['tail_id']} but the tokens there are {tokens[bad['s']]}/{tokens[bad['o']]}"
-            )
-        if bos_id is not None:
-            tokens, mask, s, o = np.concatenate([[bos_id], tokens]), np.concatenate([[True], mask]), s + 1, o + 1
-        if len(tokens) > max_len:
-            keep = np.maximum(s, o) < max_len
-            truncated += int((~keep).sum())
-            rows, s, o = rows[keep], s[keep], o[keep]
-            tokens, mask = tokens[:max_len], mask[:max_len]
-            if not len(rows):
-                continue
-        pairs = np.asarray([pair_of.setdefault(key, len(pair_of)) for key in zip(tokens[s].tolist(), tokens[o].tolist())],
-                           dtype=np.int64)
-        seq = _index_sequence(sid, int(row.document_id), tokens, mask, rows, s, o, pairs, group_of,
-                              exclude_function_words=exclude_function_words,
-                              control_position=control_position + (bos_id is not None), seed=seed,
-                              bos=bos_id is not None)
-        if len(seq.triplets):
-            prepared.append(seq)
-    if truncated:
-        warnings.warn(f"{truncated} triplets lie beyond max_len={max_len} tokens and were dropped", stacklevel=3)
-    return prepared, keys, len(pair_of)
-
-
-def _index_sequence(
-    sid: int, document: int, tokens: np.ndarray, mask: np.ndarray, rows: pd.DataFrame, s: np.ndarray, o: np.ndarray,
-    pairs: np.ndarray, group_of: Mapping[tuple[str, str, str], int], *, exclude_function_words: bool, control_position: int, seed: int,
-    bos: bool,
-) -> _Sequence:
-    n = len(tokens)
-    content = ~mask if exclude_function_words else np.ones(n, dtype=bool)
-    content[0] &= not bos
-    positions = np.flatnonzero(content)
-    uniq, first_idx = np.unique(tokens[positions], return_index=True)
-    order = np.argsort(positions[first_idx], kind="stable")
-    uniq, first = uniq[order], positions[first_idx][order]
-    index = {int(t): u for u, t in enumerate(uniq)}
-    later = positions[positions >= min(control_position, n - 1)]
-    tenth = (int(later[0]), index[int(tokens[later[0]])]) if len(later) else None
-    visible = np.searchsorted(first, np.arange(n), side="right")  # |C_j|
-    draws = random_control_draws(seed, sid, n)
-    random = np.where(visible > 0, np.floor(draws * visible).astype(np.int64), -1)
-    groups = [group_of[key] for key in zip(rows["family"], rows["relation"], rows["direction"])]
-    position_uniq = np.asarray([index.get(int(t), -1) for t in tokens], dtype=np.int64)
-    tail, head = position_uniq[o], position_uniq[s]
-    matched = matched_controls(tokens, rows, s, o, index, first, seed=seed, sequence_id=sid)
-    # opportunities: j >= max(s, o) with the tail in C_j; a tail that is never a candidate has none
-    start = np.maximum(np.maximum(s, o), np.append(first, n)[tail])
-    live = start < n
-    trip = np.stack([s, start, np.asarray(groups, np.int64), tail, head, matched, pairs], axis=1)[live]
-    return _Sequence(sid, document, tokens, uniq, first, tenth, random, position_uniq, trip)
-
-
-def matched_controls(tokens: np.ndarray, rows: pd.DataFrame, s: np.ndarray, o: np.ndarray,
-                     index: Mapping[int, int], first: np.ndarray, *, seed: int, sequence_id: int) -> np.ndarray:
-    """Each triplet's matched control (uniq index, -1 when there is none): a token of the same kind as
-    its tail that the relations give no link to its head (method notes §2.5 and §9.11).
-
-    Same kind: for the knowledge graph, any entity letter of the sequence (a head or tail of one of
-    its KG triplets); for every other family (syntax, planted), a tail of the same relation (dependency
-    label) and direction. Excluded: the triplet's own head and tail tokens and every token a triplet
-    of the sequence links to the head token. It must be a candidate visible from the first opportunity on (first candidate position
-    <= max(s, o)). Drawn uniformly, in order of first appearance, with
-    ``numpy.random.default_rng([seed, sequence_id, 1])``, one draw per triplet in table order.
-    """
-    family, relation, direction = (rows[c].to_numpy() for c in ("family", "relation", "direction"))
-    head_tok, tail_tok = tokens[s], tokens[o]
-    linked: dict[int, set[int]] = {}
-    for h, t in zip(head_tok.tolist(), tail_tok.tolist()):
-        linked.setdefault(h, set()).add(t)
-        linked.setdefault(t, set()).add(h)
-    kg = family == "kg"
-    entities = set(head_tok[kg].tolist()) | set(tail_tok[kg].tolist())
-    rng = np.random.default_rng([seed, sequence_id, 1])
-    out = np.full(len(rows), -1, dtype=np.int64)
-    for i in range(len(rows)):
-        if kg[i]:
-            pool = set(entities)
-        else:
-            pool = set(tail_tok[(family == family[i]) & (relation == relation[i]) & (direction == direction[i])].tolist())
-        pool -= {int(head_tok[i]), int(tail_tok[i])} | linked[int(head_tok[i])]
-        horizon = max(s[i], o[i])
-        eligible = sorted(index[t] for t in pool if t in index and first[index[t]] <= horizon)
-        if eligible:
-            out[i] = eligible[int(rng.integers(len(eligible)))]
-    return out
-
-
 # ----------------------------------------------------------------------------- per-batch scoring
 
 
@@ -400,25 +239,27 @@ class _BatchIndex:
     tail: torch.Tensor  # uniq index of the tail
     head: torch.Tensor  # uniq index of the head token (-1: not a candidate)
     matched: torch.Tensor  # uniq index of the matched control (-1: none)
+    matched_position: torch.Tensor  # ... matched on position as well (the contextual variant's)
     tenth_pos: torch.Tensor  # [B] position of the tenth-token control (T when none)
     tenth: torch.Tensor  # [B] its uniq index
     random: torch.Tensor  # [B, T] uniq index of the random control at each j
     position_uniq: torch.Tensor  # [B, T] uniq index of the token at each position (-1: none)
 
 
-def _batch_index(batch: Sequence[_Sequence], t_max: int, acc: _Accumulator, device: torch.device) -> _BatchIndex:
+def _batch_index(batch: Sequence[IndexedSequence], t_max: int, acc: _Accumulator, device: torch.device) -> _BatchIndex:
     """Index a batch's triplets and add their opportunities (independent of heads) to ``acc``."""
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("b", "s", "start", "group", "tail", "head", "matched", "pair")}
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("b", *TRIPLET_FIELDS)}
     lengths, tenth_pos, tenth, document = [], [], [], []
     random = np.zeros((len(batch), t_max), dtype=np.int64)
     position_uniq = np.full((len(batch), t_max), -1, dtype=np.int64)
     for b, seq in enumerate(batch):
         n = len(seq.tokens)
-        s, start, group, tail, head, matched, pair = seq.triplets.T
-        np.add.at(acc.opportunities, group, n - start)
-        np.add.at(acc.triplets, group, 1)
-        for key, col in zip(cols, (np.full(len(s), b), s, start, group, tail, head, matched, pair)):
-            cols[key].append(col)
+        fields = dict(zip(TRIPLET_FIELDS, seq.triplets.T))
+        np.add.at(acc.opportunities, fields["group"], n - fields["start"])
+        np.add.at(acc.triplets, fields["group"], 1)
+        cols["b"].append(np.full(len(seq.triplets), b))
+        for key in TRIPLET_FIELDS:
+            cols[key].append(fields[key])
         position_uniq[b, :n] = seq.position_uniq
         lengths.append(n)
         document.append(seq.document)
@@ -434,6 +275,7 @@ def _batch_index(batch: Sequence[_Sequence], t_max: int, acc: _Accumulator, devi
         lengths=as_t(lengths), document=as_t(document), row=as_t(c["b"]), pair=as_t(c["pair"]), order=as_t(order),
         slot_start=as_t(np.cumsum(count) - count), slot_count=as_t(count), start=as_t(c["start"]),
         group=as_t(c["group"]), tail=as_t(c["tail"]), head=as_t(c["head"]), matched=as_t(c["matched"]),
+        matched_position=as_t(c["matched_position"]),
         tenth_pos=as_t(tenth_pos), tenth=as_t(tenth), random=as_t(random), position_uniq=as_t(position_uniq),
     )
 
@@ -441,7 +283,7 @@ def _batch_index(batch: Sequence[_Sequence], t_max: int, acc: _Accumulator, devi
 class _BatchScorer:
     """Scores one padded batch layer by layer, as the forward pass hands over each attention pattern."""
 
-    def __init__(self, model: nn.Module, batch: Sequence[_Sequence], acc: _Accumulator, *,
+    def __init__(self, model: nn.Module, batch: Sequence[IndexedSequence], acc: _Accumulator, *,
                  gates: Sequence[str], variants: Sequence[str], tau: float, dtype: torch.dtype,
                  device: torch.device) -> None:
         self.model, self.acc = model, acc
@@ -509,28 +351,27 @@ class _BatchScorer:
         cand = rj[:, None] >= self.first[rb]  # C_j of each row [R, U]
         pb, pj = rb[inverse], rj[inverse]  # each pair's sequence and query
         tenth = torch.where(pj >= idx.tenth_pos[pb], idx.tenth[pb], -1)
-        controls = torch.stack([idx.matched[trip], tenth, idx.random[pb, pj]], 1)  # CONTROLS order
-        # a control that is the triplet's own tail or head token is no control: dropped for that event
-        own = (controls == idx.tail[trip, None]) | (controls == idx.head[trip, None])
-        targets = torch.cat([idx.tail[trip, None], controls.masked_fill(own, -1)], 1)  # uniq indices [P, 4]
         current = idx.position_uniq[pb, pj]  # t_j, for the literal variant
-        logits = []
         raw = None
-        for variant in self.variants:
+        for vi, variant in enumerate(self.variants):
+            matched = idx.matched_position if variant == "contextual" else idx.matched
+            controls = torch.stack([matched[trip], tenth, idx.random[pb, pj]], 1)  # CONTROLS order
+            # a control that is the triplet's own tail or head token is no control: dropped for that event
+            own = (controls == idx.tail[trip, None]) | (controls == idx.head[trip, None])
+            targets = torch.cat([idx.tail[trip, None], controls.masked_fill(own, -1)], 1)  # uniq indices [P, 4]
             if variant == "contextual":
                 if value is None:
                     raise RuntimeError(f"layer {layer}: value vectors were not captured")
-                logits.append((value @ w_ou)[rb, rh, rs])  # the head's real value at s
+                logits = (value @ w_ou)[rb, rh, rs]  # the head's real value at s
             else:
                 if raw is None:  # raw-embedding logits x_t W_OV^h W_U[:, ids] of every token [B, H, T, U]
                     raw = torch.einsum("btd,hde->bhte", self.x, w_v) @ w_ou
-                logits.append(raw[rb, rh, rj if variant == "literal" else rs])
-        scores = ov_scores(torch.stack(logits), cand, inverse, targets)  # [variants, P, 4]
-        for vi, variant in enumerate(self.variants):
+                logits = raw[rb, rh, rj if variant == "literal" else rs]
+            scores = ov_scores(logits, cand, inverse, targets)  # [P, 4]
             if variant == "literal":  # x_j is the current token's: a self-copying head raises t_j
-                scores[vi, :, 0].masked_fill_(current == targets[:, 0], math.nan)
-                scores[vi, :, 1:].masked_fill_(current[:, None] == targets[:, 1:], math.nan)
-            self._accumulate(layer, vi, passed, trip, rh[inverse], scores[vi])
+                scores[:, 0].masked_fill_(current == targets[:, 0], math.nan)
+                scores[:, 1:].masked_fill_(current[:, None] == targets[:, 1:], math.nan)
+            self._accumulate(layer, vi, passed, trip, rh[inverse], scores)
 
     def _accumulate(self, layer: int, vi: int, passed: Mapping[str, torch.Tensor], trip: torch.Tensor,
                     head: torch.Tensor, scores: torch.Tensor) -> None:
@@ -565,7 +406,7 @@ class _BatchScorer:
                                            torch.ones_like(marks, dtype=torch.float64))
 
 
-def _batches(seqs: list[_Sequence], batch_size: int) -> Iterator[list[_Sequence]]:
+def _batches(seqs: list[IndexedSequence], batch_size: int) -> Iterator[list[IndexedSequence]]:
     """Batches of similar length (less padding), longest first so memory peaks early."""
     ordered = sorted(seqs, key=lambda q: (-len(q.tokens), q.sequence_id))
     for i in range(0, len(ordered), batch_size):
@@ -612,7 +453,7 @@ def score_relation_index(
     bos_id = config.bos_token_id if bos else None
     if bos and bos_id is None:
         raise ValueError("the model config names no bos_token_id; pass bos=False to score without one")
-    seqs, keys, n_pairs = _prepare(sequences, triplets, exclude_function_words=exclude_function_words,
+    seqs, keys, n_pairs = prepare_sequences(sequences, triplets, exclude_function_words=exclude_function_words,
                           control_position=control_position, seed=seed, max_len=max_len, bos_id=bos_id)
     param = next(model.parameters())
     device = param.device
@@ -640,61 +481,6 @@ def score_relation_index(
     return _rows(acc, keys, gates, variants, tau, params)
 
 
-def clustered_test(dims: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, int]], n_cells: int) -> dict[str, np.ndarray]:
-    """Mean of per-event values per cell, its multi-way cluster-robust standard error and a one-sided p.
-
-    ``dims`` holds one ``(keys, sums, counts, n_clusters)`` per cluster dimension, ``keys`` = cell *
-    n_clusters + cluster with the sum and count of the events behind each (repeats allowed); every
-    dimension covers the same events. Per dimension d with G_d clusters the CR1 variance is
-    G_d / (G_d - 1) * sum_g (S_g - n_g mean)^2 / N^2; the variance used is their sum, the two-way
-    estimator of Cameron, Gelbach & Miller (2011) without subtracting the intersection term (which
-    is never negative, so the sum errs on the safe side and needs no fix for a negative variance).
-    p tests mean > 0 against Student's t with min_d G_d - 1 degrees of freedom (NaN below 2 clusters).
-    Returns per cell: ``mean``, ``se``, ``p``, ``clusters`` (min_d G_d), ``events``.
-    """
-    from scipy import stats as st
-
-    if not dims:
-        raise ValueError("clustered_test needs at least one cluster dimension")
-    variance = np.zeros(n_cells)
-    clusters = np.full(n_cells, np.inf)
-    for keys, sums, counts, n_clusters in dims:
-        uniq, inverse = np.unique(keys, return_inverse=True)
-        s_g = np.bincount(inverse, weights=sums, minlength=len(uniq))
-        n_g = np.bincount(inverse, weights=counts, minlength=len(uniq))
-        cell = uniq // n_clusters
-
-        def per_cell(values: np.ndarray, cell: np.ndarray = cell) -> np.ndarray:
-            return np.bincount(cell, weights=values, minlength=n_cells)
-
-        g = np.bincount(cell, minlength=n_cells).astype(float)
-        events, total = per_cell(n_g), per_cell(s_g)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = total / events
-            spread = per_cell(s_g**2) - 2 * mean * per_cell(s_g * n_g) + mean**2 * per_cell(n_g**2)
-            variance += np.maximum(spread, 0.0) * g / (g - 1) / events**2
-        clusters = np.minimum(clusters, g)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        se = np.sqrt(variance)
-        se[clusters < 2] = np.nan
-        t = mean / se
-        p = np.where(se > 0, st.t.sf(t, np.maximum(clusters - 1, 1)), np.where(mean > 0, 0.0, 1.0))
-    p[clusters < 2] = np.nan
-    return {"mean": mean, "se": se, "p": p, "clusters": clusters, "events": events}
-
-
-def holm(p: np.ndarray) -> np.ndarray:
-    """Holm's step-down adjusted p-values (family-wise error control); NaN entries are not tested."""
-    flat = np.asarray(p, dtype=float).ravel()
-    out = np.full(flat.shape, np.nan)
-    tested = np.flatnonzero(~np.isnan(flat))
-    order = tested[np.argsort(flat[tested], kind="stable")]
-    m = len(order)
-    scaled = np.minimum(1.0, (m - np.arange(m)) * flat[order])
-    out[order] = np.maximum.accumulate(scaled) if m else scaled
-    return out.reshape(np.shape(p))
-
-
 def _control_columns(stats: Mapping[str, np.ndarray], control: str, at: tuple) -> dict[str, Any]:
     n = int(stats[f"{control}_n"][at])
     return {"": float(stats[f"{control}_sum"][at]) / n if n else math.nan, "_events": n}
@@ -717,11 +503,25 @@ def _rows(acc: _Accumulator, keys: Sequence[tuple[str, str, str]], gates: Sequen
     untested = np.isnan(p_all).any(0)
     p_cell = np.where(untested, np.nan, np.nanmax(np.where(np.isnan(p_all), 0.0, p_all), 0))
     clusters = np.min(np.stack([tests[c]["clusters"] for c in CONTROLS]), 0)
+    effective = np.min(np.stack([tests[c]["effective_clusters"] for c in CONTROLS]), 0)
     sufficient = (clusters >= params["min_clusters"]) & ~np.isnan(p_cell)
+    # negative controls (the letter family under literal/source) are tested as their own Holm family
+    negative = np.zeros(shape, dtype=bool)
+    for vi, variant in enumerate(variants):
+        for g, (family, _, _) in enumerate(keys):
+            negative[:, vi, :, g] = variant in NEGATIVE_CONTROLS.get(family, ())
     adjusted = np.full(shape, np.nan)
-    for gi in range(len(gates)):  # one family per (gate, variant): every cell of this checkpoint
+    for gi in range(len(gates)):  # one family per (gate, variant): every other cell of this checkpoint
         for vi in range(len(variants)):
-            adjusted[gi, vi] = holm(np.where(sufficient[gi, vi], p_cell[gi, vi], np.nan))
+            for members in (~negative[gi, vi], negative[gi, vi]):
+                adjusted[gi, vi][members] = holm(np.where(sufficient[gi, vi] & members, p_cell[gi, vi], np.nan))[members]
+    flagged_control = negative & sufficient & (adjusted < params["alpha"])
+    if flagged_control.any():
+        where = [f"{keys[g][0]} {keys[g][1]} {keys[g][2]} L{layer}H{head} ({gates[gi]}, {variants[vi]})"
+                 for gi, vi, layer, g, head in zip(*np.nonzero(flagged_control))]
+        warnings.warn(f"NEGATIVE CONTROL FLAGGED: {len(where)} cell(s) of a family no head can know under its "
+                      f"variant passed the SIH test ({', '.join(where[:5])}{', ...' if len(where) > 5 else ''}); "
+                      "the test is miscalibrated on this checkpoint, do not trust its SIH flags", stacklevel=3)
     rows = []
     with np.errstate(invalid="ignore", divide="ignore"):
         for gi, gate in enumerate(gates):
@@ -733,8 +533,8 @@ def _rows(acc: _Accumulator, keys: Sequence[tuple[str, str, str]], gates: Sequen
                             at = (gi, vi, layer, g, head)
                             n, total = int(stats["n"][at]), float(stats["sum"][at])
                             n_pass = int(passes[gi, layer, g, head])
-                            status = ("insufficient" if not sufficient[at] else
-                                      "sih" if adjusted[at] < params["alpha"] else "not significant")
+                            status = ("insufficient" if not sufficient[at] else "negative control" if negative[at]
+                                      else "sih" if adjusted[at] < params["alpha"] else "not significant")
                             rows.append(dict(
                                 layer=layer, head=head, family=family, relation=relation, direction=direction,
                                 gate=gate, variant=variant, tau=float(tau) if gate == "margin" else None,
@@ -746,8 +546,12 @@ def _rows(acc: _Accumulator, keys: Sequence[tuple[str, str, str]], gates: Sequen
                                 **{f"control_{c}{suffix}": value for c in CONTROLS
                                    for suffix, value in _control_columns(stats, c, at).items()},
                                 effect=float(tests["matched"]["mean"][at]), effect_se=float(tests["matched"]["se"][at]),
-                                clusters=int(clusters[at]), p_value=float(p_cell[at]),
-                                p_adjusted=float(adjusted[at]), sih_status=status, sih=status == "sih",
+                                **{f"effect_{c}{suffix}": float(tests[c][key][at]) for c in CONTROLS[1:]
+                                   for suffix, key in (("", "mean"), ("_se", "se"))},
+                                clusters=int(clusters[at]), effective_clusters=float(effective[at]),
+                                p_value=float(p_cell[at]), p_adjusted=float(adjusted[at]), sih_status=status,
+                                sih=status == "sih", negative_control=bool(negative[at]),
+                                negative_control_flagged=bool(flagged_control[at]),
                                 ratio_p50=float(ratio["p50"][layer, head]), ratio_p95=float(ratio["p95"][layer, head]),
                                 ratio_p95_model=ratio_model_p95, **params,
                             ))

@@ -1,17 +1,18 @@
 """Relation triplets ``(t_s, r, t_o)`` for the relation index: AGENDA KG relations and spaCy dependencies.
 
-Knowledge graph (the paper's construction): in each AGENDA abstract every entity mention becomes
-one capital letter, so head and tail are single tokens; a triplet's positions are the first
-mentions of the two letters in its sequence (the whole abstract, or the first sentence carrying
-both). Syntax: the same abstracts with the entity words restored (or any other texts) are parsed
-with spaCy, and dependency arcs of three categories become triplets with the governor as head.
-Planted relations (the relations toy zoo, :mod:`icl_dynamics.planted`): in the zoo's held-out
-sequences every pair of the planted map whose head and tail words both occur is a triplet at their
-first mentions, family ``planted`` for the rewarded relations and ``decoy`` for the unrewarded ones.
-All families keep the annotated direction (``forward``) and, as separate rows, the ``reverse``.
-Each model token also carries a function-word flag (spaCy stop word or punctuation) so the scorer
-can drop those ids from its candidate set. Everything dropped is counted, with its reason, in the
-summary table. Same inputs give the same table contents.
+Knowledge graph (:mod:`icl_dynamics.knowledge_graph`): family ``kg`` on the abstracts' own words (the
+head token is the head mention's last content word, the tail token the tail mention's first), and the
+paper's letter construction as family ``kg-letters``, a negative control. Syntax: the same abstracts
+with the entity words restored (or any other texts) are parsed with spaCy, and dependency arcs of three
+categories become triplets with the governor as head. Planted relations (the relations toy zoo,
+:mod:`icl_dynamics.planted`): in the zoo's held-out sequences every pair of the planted map whose head
+and tail words both occur is a triplet at their first mentions, family ``planted`` for the rewarded
+relations and ``decoy`` for the unrewarded ones. All families keep the annotated direction
+(``forward``) and, as separate rows, the ``reverse``. Each model token also carries a function-word
+flag (spaCy stop word or punctuation) so the scorer can drop those ids from its candidate set.
+Everything dropped is counted, with its reason, in the summary table; a triplet whose head and tail
+are the same token id (the relation index would score copying, not a relation) is one of them. Same
+inputs give the same table contents.
 
 Spacing is normalised so that a word is always the same token id wherever it stands: GPT-NeoX's BPE
 gives "B" in "(B" or at the start of a text a different id from " B" elsewhere. Every sequence
@@ -27,31 +28,27 @@ import hashlib
 import json
 import os
 import re
-import string
 import unicodedata
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
 from icl_dynamics import agenda, io, planted
 
-KG, SYNTAX = "kg", "syntax"
-FAMILY_ORDER = (KG, SYNTAX, planted.PLANTED, planted.DECOY)
+KG, KG_LETTERS, SYNTAX = "kg", "kg-letters", "syntax"
+FAMILY_ORDER = (KG, KG_LETTERS, SYNTAX, planted.PLANTED, planted.DECOY)
+# families whose cells are negative controls under these variants (x = a token's raw embedding): the
+# letters are shuffled per abstract, so no head can know a tail's letter (knowledge_graph's docstring)
+NEGATIVE_CONTROLS = {KG_LETTERS: frozenset({"literal", "source"})}
 FORWARD, REVERSE = "forward", "reverse"
 UNITS = ("abstract", "sentence")
 ANCHORS = ("single", "first")
 
-# Capital letters that are English words (A, I) or very common abbreviations (E, N, S, W: e.g.,
-# compass points) are never used as entity anchors -- the exclusion the OLMo-2 replication used.
-EXCLUDED_LETTERS = "AEINSW"
-LETTERS = tuple(c for c in string.ascii_uppercase if c not in EXCLUDED_LETTERS)
 
 # spaCy dependency label -> the paper's category; the head of every triplet is the governor.
 SYNTAX_CATEGORIES = {
@@ -69,13 +66,13 @@ UNUSED_COMPONENTS = ("tagger", "morphologizer", "attribute_ruler", "lemmatizer",
 # Reasons a relation or arc is dropped (the summary's ``reason`` column).
 SELF_RELATION = "self-relation"
 NOT_IN_TEXT = "entity not in text"
-NO_LETTER = "no letter left"
 DUPLICATE = "duplicate"
 NOT_IN_SENTENCE = "not in one sentence"
 MULTI_TOKEN = "multi-token word"
 BOUNDARY = "token crosses word boundary"
 UNKNOWN = "unknown token"
 SAME_TOKEN = "head and tail share a token"
+SAME_ID = "head and tail are the same token id"
 
 SEQUENCES_SCHEMA = pa.schema([
     pa.field("sequence_id", pa.int32(), nullable=False),
@@ -157,6 +154,11 @@ class Rows:
         ))
         return sequence_id
 
+    @property
+    def next_id(self) -> int:
+        """The sequence id the next table's rows start from."""
+        return self.first_id + len(self.sequences)
+
     def decode(self, token_id: int) -> str:
         if token_id not in self._decoded:
             self._decoded[token_id] = self.tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
@@ -184,6 +186,8 @@ class Rows:
             reason = UNKNOWN
         if not reason and head[0] == tail[0]:
             reason = SAME_TOKEN
+        if not reason and encoded.token_ids[head[0]] == encoded.token_ids[tail[0]]:
+            reason = SAME_ID
         if reason:
             self.drop(family, relation, category, reason)
         else:
@@ -300,7 +304,9 @@ def anchor_position(offsets: Sequence[tuple[int, int]], start: int, end: int, mo
     """Token position standing for the word at characters ``[start, end)``, or ``None`` and why not.
 
     ``single``: exactly one token covers the word and nothing else (a leading space is allowed);
-    ``first``: the first of the word's sub-tokens, which must begin where the word begins.
+    ``first``: the first of the word's sub-tokens, which must begin where the word begins;
+    ``last``: the last of the word's sub-tokens, which must end where the word ends (and the first
+    must begin where it begins, as for every mode).
     """
     i = bisect.bisect_left([a for a, _ in offsets], start)  # the first of tokens sharing a start (split bytes)
     covering = []
@@ -313,6 +319,8 @@ def anchor_position(offsets: Sequence[tuple[int, int]], start: int, end: int, mo
         return None, BOUNDARY
     if mode == "first":
         return covering[0], ""
+    if mode == "last":
+        return (covering[-1], "") if offsets[covering[-1]][1] == end else (None, BOUNDARY)
     if len(covering) > 1:
         return None, MULTI_TOKEN
     if offsets[covering[0]][1] != end:
@@ -345,130 +353,6 @@ def load_spacy(name: str = DEFAULT_SPACY_MODEL) -> Any:
     )
 
 
-def assign_letters(record: agenda.AgendaRecord, letters: Sequence[str] = LETTERS) -> dict[int, str]:
-    """Letter of each mentioned entity (entity index -> letter); deterministic per abstract.
-
-    Entities with the same words share a letter. Which entities get one: those in (non-self)
-    relations first, then the rest, each in order of first mention, until the letters run out. Which
-    letter each gets: a permutation of ``letters`` drawn per abstract (seeded by its text), not the
-    alphabet in order of mention. In order of mention, the letters of related entities would follow a
-    pattern shared by every abstract (a CONJUNCTION "B and C" joins consecutive letters), so a
-    head's fixed preference among letters, even a random head's, would pass for a relation effect
-    that recurs in every document. Shuffled per abstract, that preference averages out over
-    documents, the clusters of the SIH test (tested on random-init models).
-    """
-    first: dict[str, int] = {}
-    for position, token in enumerate(record.tokens):
-        k = record.mention(token)
-        if k is not None:
-            first.setdefault(record.entities[k], position)
-    related = {record.entities[k] for r in record.relations if r.head != r.tail for k in (r.head, r.tail)}
-    order = sorted(first, key=lambda surface: (surface not in related, first[surface]))
-    seed = zlib.crc32(" ".join(record.tokens).encode("utf-8"))
-    shuffled = [letters[i] for i in np.random.default_rng(seed).permutation(len(letters))]
-    by_surface = dict(zip(order, shuffled))
-    return {k: by_surface[e] for k, e in enumerate(record.entities) if e in by_surface}
-
-
-def kg_text(record: agenda.AgendaRecord,
-            lettered: dict[int, str]) -> tuple[Spaced, list[tuple[str, int, int, int]]]:
-    """The abstract with lettered mentions as letters (other mentions keep their words), spacing
-    normalised by :func:`space_words`.
-
-    Returns the text and, per sentence-split token, ``(letter or "", sentence, start, end)`` in it.
-    """
-    tokens: list[str] = []
-    letter_of: list[str] = []
-    sentence_of: list[int] = []
-    sentence = 0
-    for token in record.tokens:
-        k = record.mention(token)
-        words = [lettered[k]] if k in lettered else (record.entities[k].split() if k is not None else [token])
-        tokens.extend(words)
-        letter_of.extend([lettered.get(k, "") if k is not None else ""] * len(words))
-        sentence_of.extend([sentence] * len(words))
-        if token in SENTENCE_END:
-            sentence += 1
-    text, spans = agenda.detokenize(tokens)
-    spaced = space_words(text)
-    at = spaced.index
-    return spaced, [(letter, sent, at[a], at[b - 1] + 1) for letter, sent, (a, b) in zip(letter_of, sentence_of, spans)]
-
-
-def _kg_drop_reason(record: agenda.AgendaRecord, rel: agenda.Relation, lettered: dict[int, str],
-                    mentioned: set[str], seen: set[tuple[str, str, str]]) -> str:
-    """Why an annotated relation cannot become a letter triplet ("" when it can)."""
-    head, tail = lettered.get(rel.head), lettered.get(rel.tail)
-    if rel.head == rel.tail:
-        return SELF_RELATION
-    if not {record.entities[rel.head], record.entities[rel.tail]} <= mentioned:
-        return NOT_IN_TEXT
-    if head is None or tail is None:
-        return NO_LETTER
-    if head == tail:  # two entity entries with the same words
-        return SELF_RELATION
-    if (head, rel.relation, tail) in seen:
-        return DUPLICATE
-    return ""
-
-
-def kg_rows(
-    records: Sequence[agenda.AgendaRecord],
-    tokenizer: PreTrainedTokenizerBase,
-    make_doc: Callable[[str], Any],
-    *,
-    unit: str = "abstract",
-    source: str = "agenda-test",
-    letters: Sequence[str] = LETTERS,
-    first_id: int = 0,
-) -> Rows:
-    """KG sequences (letters substituted) and triplets; ``make_doc`` is spaCy's tokenizer (for flags)."""
-    _check_option("unit", unit, UNITS)
-    rows = Rows(tokenizer, first_id)
-    for document_id, record in enumerate(records):
-        lettered = assign_letters(record, letters)
-        spaced, tokens = kg_text(record, lettered)
-        text = spaced.text
-        mentioned = {record.entities[k] for k in map(record.mention, record.tokens) if k is not None}
-        units = [(0, len(text))]
-        if unit == "sentence":
-            last = max((sent for _, sent, _, _ in tokens), default=-1)
-            units = [(min(a for _, s, a, _ in tokens if s == sent), max(b for _, s, _, b in tokens if s == sent))
-                     for sent in range(last + 1)]
-        # first mention (character span) of each letter in each unit
-        firsts: list[dict[str, tuple[int, int]]] = [{} for _ in units]
-        for letter, sent, a, b in tokens:
-            if letter:
-                firsts[sent if unit == "sentence" else 0].setdefault(letter, (a, b))
-        chosen: list[tuple[agenda.Relation, int]] = []
-        seen: set[tuple[str, str, str]] = set()
-        for rel in record.relations:
-            reason = _kg_drop_reason(record, rel, lettered, mentioned, seen)
-            key = (lettered.get(rel.head, ""), rel.relation, lettered.get(rel.tail, ""))
-            where = None
-            if not reason:
-                where = next((u for u, found in enumerate(firsts) if key[0] in found and key[2] in found), None)
-                reason = NOT_IN_SENTENCE if where is None else ""
-            if reason:
-                rows.drop(KG, rel.relation, rel.relation, reason)
-            else:
-                seen.add(key)
-                chosen.append((rel, where))
-        for u in sorted({where for _, where in chosen} if unit == "sentence" else {0}):
-            sequence, shift, added = unit_text(text, *units[u], spaced.inserted)
-            encoded = encode(sequence, tokenizer, spacy_words(make_doc(sequence)))
-            sequence_id = rows.add_sequence(document_id=document_id, source=source, unit=unit, family=KG,
-                                            text=sequence, encoded=encoded)
-            for rel, where in chosen:
-                if where != u:
-                    continue
-                spans = [(a - shift, b - shift) for a, b in (firsts[u][lettered[k]] for k in (rel.head, rel.tail))]
-                head, tail = (anchor_position(encoded.offsets, a, b, "single") for a, b in spans)
-                rows.pair(sequence_id, encoded, KG, rel.relation, rel.relation, head, tail,
-                          recovered=any(a - 1 in added for a, _ in spans))
-    return rows
-
-
 def syntax_rows(
     docs: Iterable[Any],
     tokenizer: PreTrainedTokenizerBase,
@@ -479,8 +363,8 @@ def syntax_rows(
     first_id: int = 0,
 ) -> Rows:
     """Syntax sequences (surface text) and dependency triplets from spaCy ``docs`` made by :func:`parse`."""
-    _check_option("unit", unit, UNITS)
-    _check_option("anchor", anchor_mode, ANCHORS)
+    check_option("unit", unit, UNITS)
+    check_option("anchor", anchor_mode, ANCHORS)
     rows = Rows(tokenizer, first_id)
     for document_id, doc in enumerate(docs):
         if SPACES_KEY not in doc.user_data:
@@ -530,27 +414,36 @@ def build_relations(
     syntax_texts: Sequence[str] | None = None,
     source: str = "agenda-test",
     syntax_source: str | None = None,
-    letters: Sequence[str] = LETTERS,
+    kg_letters: bool = True,
     batch_size: int = 32,
 ) -> RelationTables:
-    """Build the sequences, triplets and summary tables from the (verified) AGENDA copy in ``agenda_dir``.
+    """Build the sequences, triplets and summary tables from the (verified) AGENDA copy in ``agenda_dir``:
+    families ``kg`` (entity words), ``kg-letters`` (the letter construction, a negative control; left out
+    with ``kg_letters=False``) and ``syntax``, in that order.
 
     Syntax arcs come from the AGENDA abstracts with entity words restored, or from ``syntax_texts``
-    (their ``source`` label is ``syntax_source``, default "texts").
+    (their ``source`` label is ``syntax_source``, default "texts"); ``anchor`` applies to the syntax
+    words and to the ``kg`` family's entity words alike.
     """
     import spacy
 
-    _check_option("unit", unit, UNITS)
-    _check_option("anchor", anchor, ANCHORS)
+    from icl_dynamics.knowledge_graph import LETTERS, kg_letter_rows, kg_word_rows
+
+    check_option("unit", unit, UNITS)
+    check_option("anchor", anchor, ANCHORS)
     records = agenda.load_agenda(agenda_dir)
     nlp = load_spacy(spacy_model)
-    kg = kg_rows(records, tokenizer, nlp.make_doc, unit=unit, source=source, letters=letters)
+    parts = [kg_word_rows(records, tokenizer, nlp.make_doc, unit=unit, anchor=anchor, source=source)]
+    if kg_letters:
+        parts.append(kg_letter_rows(records, tokenizer, nlp.make_doc, unit=unit, source=source,
+                                    first_id=parts[-1].next_id))
     if syntax_texts is None:
         syntax_texts, syntax_source = [agenda.surface_text(r) for r in records], source
     docs = parse(nlp, syntax_texts, batch_size=batch_size)
-    syntax = syntax_rows(docs, tokenizer, unit=unit, anchor_mode=anchor, source=syntax_source or "texts",
-                         first_id=kg.first_id + len(kg.sequences))
-    labels = [(KG, r.relation, r.relation) for rec in records for r in rec.relations]
+    parts.append(syntax_rows(docs, tokenizer, unit=unit, anchor_mode=anchor, source=syntax_source or "texts",
+                             first_id=parts[-1].next_id))
+    labels = [(family, r.relation, r.relation) for family in (KG, KG_LETTERS)[:1 + kg_letters]
+              for rec in records for r in rec.relations]
     labels += [(SYNTAX, label, category) for label, category in SYNTAX_CATEGORIES.items()]
     meta = {
         "spacy": spacy.__version__,
@@ -561,7 +454,9 @@ def build_relations(
         "tokenizer": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
         "unit": unit,
         "anchor": anchor,
-        "letters": "".join(letters),
+        "kg_anchors": "head: last content word of the head mention; tail: first content word of the tail mention",
+        "kg_letters": bool(kg_letters),
+        "letters": "".join(LETTERS) if kg_letters else "",
         "letter_assignment": "per-abstract permutation seeded by crc32 of the abstract's tokens",
         "spacing": "leading space per sequence; space after opening brackets/quotes and line breaks",
         "syntax_categories": SYNTAX_CATEGORIES,
@@ -570,10 +465,10 @@ def build_relations(
         "agenda_files": {p.name: {"commit": p.commit, "sha256": p.sha256} for p in agenda.AGENDA_FILES},
     }
     return RelationTables(
-        sequences=io.to_table(kg.sequences + syntax.sequences, SEQUENCES_SCHEMA),
-        triplets=io.to_table(kg.triplets + syntax.triplets, TRIPLETS_SCHEMA),
-        summary=io.to_table(summary_rows(kg.counts + syntax.counts, labels, kg.recovered + syntax.recovered),
-                            SUMMARY_SCHEMA),
+        sequences=io.to_table([row for part in parts for row in part.sequences], SEQUENCES_SCHEMA),
+        triplets=io.to_table([row for part in parts for row in part.triplets], TRIPLETS_SCHEMA),
+        summary=io.to_table(summary_rows(sum((part.counts for part in parts), Counter()), labels,
+                                         sum((part.recovered for part in parts), Counter())), SUMMARY_SCHEMA),
         meta=meta,
     )
 
@@ -669,6 +564,7 @@ def read_texts(source: str | os.PathLike[str], *, column: str = "text", split: s
     return texts[:limit] if limit is not None else texts
 
 
-def _check_option(name: str, value: str, allowed: Sequence[str]) -> None:
+def check_option(name: str, value: str, allowed: Sequence[str]) -> None:
+    """Raise a ValueError naming ``name`` and the allowed values unless ``value`` is one of them."""
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")

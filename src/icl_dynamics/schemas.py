@@ -99,13 +99,22 @@ RELATION_INDEX_SCHEMA = pa.schema(
         pa.field("control_random_events", pa.int64(), nullable=False),
         # the SIH test: RI against each control, paired per event, clustered by document and token pair
         pa.field("effect", pa.float64()),  # primary effect: mean of (a - matched control) over its events
-        pa.field("effect_se", pa.float64()),  # its cluster-robust standard error
+        pa.field("effect_se", pa.float64()),  # its cluster-robust (CR2) standard error
+        pa.field("effect_tenth", pa.float64()),  # mean of (a - tenth-token control) over its events
+        pa.field("effect_tenth_se", pa.float64()),
+        pa.field("effect_random", pa.float64()),  # mean of (a - random control) over its events
+        pa.field("effect_random_se", pa.float64()),
         # clusters behind the test: the fewer of documents and token pairs, the fewest over the controls
         pa.field("clusters", pa.int64(), nullable=False),
+        pa.field("effective_clusters", pa.float64(), nullable=False),  # the same, as Kish effective counts
         pa.field("p_value", pa.float64()),  # one-sided, the largest of the three controls' p
-        pa.field("p_adjusted", pa.float64()),  # Holm over every tested cell of the (gate, variant)
-        pa.field("sih_status", pa.string(), nullable=False),  # sih | not significant | insufficient
+        pa.field("p_adjusted", pa.float64()),  # Holm over the tested cells of the (gate, variant) (see below)
+        # sih | not significant | insufficient | negative control
+        pa.field("sih_status", pa.string(), nullable=False),
         pa.field("sih", pa.bool_(), nullable=False),
+        # a negative control (kg-letters under literal/source): never an SIH, tested as its own Holm family
+        pa.field("negative_control", pa.bool_(), nullable=False),
+        pa.field("negative_control_flagged", pa.bool_(), nullable=False),  # it passed that test: a broken test
         # the margin gate's statistic, attention on the argmax key / on the runner-up, over every query
         # of the scored sequences: this head's median and 95th percentile, and the 95th percentile over
         # all heads (the paper's tau = 2.2 was its model's 95th percentile), to judge tau per model

@@ -157,7 +157,8 @@ def _relation_index_options(add: AddOption) -> None:
     add("--keep-function-words", action="store_true", help="keep stop words and punctuation in C_j")
     add("--control-position", type=int, default=10, help="position of the fixed-token control")
     add("--alpha", type=float, default=0.05, help="family-wise error rate of the SIH test (Holm)")
-    add("--min-clusters", type=int, default=10, help="documents a cell needs behind its test; fewer: 'insufficient'")
+    add("--min-clusters", type=int, default=10,
+        help="documents and token pairs a cell needs behind its test; fewer: 'insufficient'")
     add("--seed", type=int, default=0, help="seed of the random-token and matched controls")
     add("--no-bos", action="store_true", help="score without prepending <|endoftext|>")
     add("--batch-size", type=int, default=8)
@@ -188,6 +189,11 @@ def _relation_index(ckpt: Checkpoint, opts: argparse.Namespace, inputs: tuple[An
     log.info("relation index: %d rows, %d flagged as semantic induction heads; 95th percentile of the attention "
              "dominance ratio over all heads: %.2f (tau = %.2f)", len(rows), sum(r["sih"] for r in rows),
              rows[0]["ratio_p95_model"] if rows else float("nan"), opts.tau)
+    flagged = sum(r["negative_control_flagged"] for r in rows)
+    if flagged:  # score_relation_index also warns; the job log must show it whatever the warning filters
+        log.error("NEGATIVE CONTROL FLAGGED in %d cell(s) of %s@step%d: the SIH test is broken on this checkpoint "
+                  "and its flags must not be trusted (see the relation_index table's negative_control_flagged)",
+                  flagged, ckpt.model_id, ckpt.step)
     return {"relation_index": (rows, RELATION_INDEX_SCHEMA, {"params": vars(opts)})}
 
 

@@ -48,6 +48,7 @@ rule relations:
                 [
                     f"--agenda-dir {shlex.quote(AGENDA_DIR)} --unit {RELATIONS['unit']}",
                     f"--anchor {RELATIONS['anchor']} --spacy-model {shlex.quote(RELATIONS['spacy_model'])}",
+                    "" if RELATIONS["kg_letters"] else "--no-kg-letters",
                     f"--syntax-column {shlex.quote(RELATIONS['syntax_column'])}",
                     f"--syntax-split {shlex.quote(RELATIONS['syntax_split'])}",
                     (f"--syntax-texts {shlex.quote(RELATIONS['syntax_texts'])}" if RELATIONS["syntax_texts"] else ""),
