@@ -405,13 +405,19 @@ def test_groups_get_layer_matched_controls_and_the_rows_fit_the_schema():
                                      seed=7)
     assert sorted(str(w.message).split(":")[0] for w in caught) == [
         "group 'full'", "group 'induction' has no heads; left out"]
-    assert list(got["ablation"]) == ["group", "control", "control", "control", "group"]
-    assert list(got["group"]) == ["sih"] * 4 + ["full"]
+    assert list(got["ablation"]) == ["group", "control", "control", "control", "group", "importance"]
+    assert list(got["group"]) == ["sih"] * 4 + ["full", "sih"]
+    # the group's importance over its controls: per unit the group's effect minus the controls' mean, so its
+    # value is the same difference of means (its interval comes from resampling them together)
+    sih = got[got["group"] == "sih"].set_index("ablation")
+    controls_mean = got.loc[(got["group"] == "sih") & (got["ablation"] == "control"), "value"].mean()
+    assert sih.loc["importance", "value"] == pytest.approx(sih.loc["group", "value"] - controls_mean)
+    assert sih.loc["importance", "heads"] == sih.loc["group", "heads"]
     for heads in got.loc[got["ablation"] == "control", "heads"]:
         layers = sorted(int(h[1]) for h in heads)
         assert layers == [0, 1, 1] and not set(heads) & {"L0H1", "L1H0", "L1H3"}
     again = group_ablation_effects(model, [evaluation], {"sih": group}, draws=3, seed=7)
-    assert list(again["heads"]) == list(got["heads"][:4])  # seeded
+    assert list(again["heads"]) == list(got["heads"][:4]) + [got["heads"][0]]  # seeded (the last: importance)
     rng = np.random.default_rng(0)
     assert {tuple(layer_matched_heads([(1, 2)], 4, rng)) for _ in range(30)} == {((1, 0),), ((1, 1),), ((1, 3),)}
     few = group_ablation_effects(model, [evaluation], {"a": [(1, 0), (1, 1)], "b": [(0, 2)]}, draws=5)

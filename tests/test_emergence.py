@@ -84,7 +84,9 @@ def ri_table(rng, model="m", mids=None, events=400, layers=2, heads=3) -> pd.Dat
                                  "opportunities": 2 * events, "pass_rate": 0.5, "ri_per_opportunity": values[i] / 2,
                                  "control_tenth": 0.1, "control_tenth_events": events, "control_random": 0.08,
                                  "control_random_events": events, "effect": values[i] - 0.1,
-                                 "effect_se": 0.01, "sih": False})
+                                 "effect_se": 0.01, "effect_tenth": values[i] - 0.05, "effect_tenth_se": 0.01,
+                                 "effect_random": values[i] - 0.08, "effect_random_se": 0.01, "sih": False,
+                                 "negative_control": False})
     return pd.DataFrame(rows).astype({"layer": "int32", "head": "int32"})
 
 
@@ -218,12 +220,13 @@ def test_head_reliability_by_hand_uses_the_step0_spread_across_heads():
 
 
 def test_relation_index_formation_uses_the_sih_tests_effect_and_se():
-    """The trajectory of ri:<relation> is the SIH test's effect (RI minus the control it clears least)
+    """The trajectory of ri:<relation> is the SIH test's smallest effect (here the matched control's)
     with its cluster-robust se, by the same rule; a cell without a test is never reliable and does not
     enter the step-0 null."""
     z = 1.959963984540054
     base = {"model": "m", "family": "kg", "relation": "R", "direction": "forward", "gate": "argmax",
-            "variant": "source", "ri": 0.5, "control_tenth": 0.3, "control_random": 0.2}
+            "variant": "source", "ri": 0.5, "control_tenth": 0.3, "control_random": 0.2, "effect_tenth": 1.0,
+            "effect_tenth_se": 0.5, "effect_random": 1.0, "effect_random_se": 0.5, "negative_control": False}
     cells = {(0, 0): [(0.0, 0.01), (0.2, 0.01), (0.3, 0.01)], (0, 1): [(0.02, 0.01), (0.04, 0.01), (0.03, 0.01)],
              (1, 0): [(np.nan, np.nan), (np.nan, np.nan), (0.9, np.nan)]}
     ri = pd.DataFrame([{**base, "layer": layer, "head": head, "step": s, "tokens": s * TPS, "effect": e,
@@ -238,6 +241,34 @@ def test_relation_index_formation_uses_the_sih_tests_effect_and_se():
                                         False, False, False]
     assert (got["control"] == 0).all() and (got["family"] == "kg").all()
     np.testing.assert_allclose(got["value"], [0.0, 0.2, 0.3, 0.02, 0.04, 0.03, np.nan, np.nan, 0.9])
+
+
+def test_a_head_below_one_control_never_forms():
+    """Formation is the flag's criterion over time: a head that rises far above its matched control but
+    stays below the tenth-token control (the flag needs all three) never forms; its series is the smallest
+    of the three effects with that effect's se. Negative-control cells (kg-letters under source) form no
+    series at all."""
+    rng = np.random.default_rng(7)
+    ri = ri_table(rng, mids={(1, 1): 2000})
+    rising = (ri["layer"] == 1) & (ri["head"] == 1)
+    ri.loc[rising, "effect_tenth"] = -0.02 + rng.normal(0, 0.005, rising.sum())  # below the tenth-token control
+    ri.loc[rising, "effect_tenth_se"] = 0.005
+    heads = heads_table(np.random.default_rng(7))
+    traj = E.head_trajectories(heads, ri)
+    formation = E.formation_table(traj, n_boot=50)
+    head = traj[(traj["score"] == "ri:USED-FOR") & (traj["layer"] == 1) & (traj["head"] == 1)]
+    sel = ri[rising & (ri["direction"] == "forward")].sort_values("step")
+    np.testing.assert_allclose(head.sort_values("step")["value"], sel["effect_tenth"])
+    np.testing.assert_allclose(head.sort_values("step")["se"], 0.005)
+    row = formation[(formation["score"] == "ri:USED-FOR") & (formation["layer"] == 1) & (formation["head"] == 1)]
+    assert row["onset_step"].isna().all()  # would form near step 2000 on the matched control's effect alone
+    matched_only = E.formation_table(E.head_trajectories(heads, ri.assign(effect_tenth=ri["effect"] + 1)), n_boot=50)
+    again = matched_only[(matched_only["score"] == "ri:USED-FOR") & (matched_only["layer"] == 1)
+                         & (matched_only["head"] == 1)]
+    assert again["onset_step"].notna().all()
+    letters = ri.assign(family="kg-letters", negative_control=True)
+    traj = E.head_trajectories(heads, pd.concat([ri, letters]))
+    assert set(traj.loc[traj["score"].str.startswith("ri:"), "family"]) == {"kg"}
 
 
 def test_level_curves_by_hand():

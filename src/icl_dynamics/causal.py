@@ -2,7 +2,8 @@
 
 * **Correlation across heads, per checkpoint** (:func:`head_correlations`): the Spearman correlation
   between a head's relation index over its matched control (``effect`` of the relation-index table,
-  averaged over the family's relations at the analysis' direction, gate and variant) and what
+  averaged over the family's relations at the analysis' direction, gate and variant; negative-control
+  cells, the letter family under literal/source, claim nothing and are left out) and what
   ablating it costs relation recall (minus its ``tail_logprob`` effect), per relation family; and
   between its prefix-matching score and what ablating it costs the ICL score (its ``icl_score``
   effect: loss reduction lost). The interval is a percentile bootstrap over heads; ``p_value`` is
@@ -11,8 +12,10 @@
   of ablating a group (the flagged SIHs, the top-k induction heads) minus the mean effect of its
   layer-matched random controls, positive where the group matters more than as many random heads of
   its layers. Sign: recall, format compliance and accuracy lost count positive, and so does ICL score
-  gained. Standard error: ``sqrt(se_group^2 + (var_controls + mean se_control^2) / draws)``, each
-  ``se`` read from its interval as ``(ci_high - ci_low) / (2 z)``. A checkpoint where the group is
+  gained. Its value and standard error come from the ablation table's ``importance`` rows: per
+  evaluation unit the group's effect minus its controls' mean, bootstrapped over units, so the group and
+  its controls are resampled together and their covariance counts (``se`` read from the interval as
+  ``(ci_high - ci_low) / (2 z)``; the tasks' mean combines tasks as independent). A checkpoint where the group is
   empty (nothing flagged yet) has importance 0 with standard error 0: ablating no head changes
   nothing. The tasks' metrics are averaged over tasks, as the analysis does by default.
 * **When each causal effect emerges** (:func:`causal_tables`): each group-importance series gets the
@@ -147,6 +150,8 @@ def head_correlations(ablation: pd.DataFrame, heads: pd.DataFrame, ri: pd.DataFr
         pairs.append((PM_VS_ICL, task, pm, rows.assign(y=rows["value"])))
     if ri is not None:
         sel = ri[(ri["direction"] == direction) & (ri["gate"] == gate) & (ri["variant"] == variant)]
+        if "negative_control" in sel:  # a negative control's effect claims nothing to correlate with
+            sel = sel[~sel["negative_control"].astype(bool)]
         recall = single[single["metric"] == "tail_logprob"]
         for family, rows in recall.groupby("task", sort=True):
             per_head = sel[sel["family"] == family].groupby(["model", "step", "layer", "head"], as_index=False)[
@@ -190,30 +195,32 @@ def group_series(ablation: pd.DataFrame, *, ci_level: float = DEFAULT_CI_LEVEL,
     groups = frame.loc[frame["ablation"] == "group"].groupby("model")["group"].unique()
     key = ["model", "step", "group", "level", "task", "metric"]
     by_ablation = {kind: {k: g for k, g in frame[frame["ablation"] == kind].groupby(key, sort=False)}
-                   for kind in ("group", "control")}
+                   for kind in ("group", "control", "importance")}
     rows = []
-    for (model, step, tokens, *cell), _ in frame[frame["ablation"] != "control"].groupby(
+    for (model, step, tokens, *cell), _ in frame[~frame["ablation"].isin(("control", "importance"))].groupby(
             ["model", "step", "tokens", *cells], dropna=False, sort=True):
         for name in sorted(groups.get(model, [])):
             where = (model, step, name, cell[0], cell[1], cell[3])
-            mine, controls = (by_ablation[kind].get(where, frame.iloc[:0]) for kind in ("group", "control"))
+            mine, controls, importance = (by_ablation[kind].get(where, frame.iloc[:0])
+                                          for kind in ("group", "control", "importance"))
             row = {"model": model, "step": step, "tokens": tokens, "group": name, **dict(zip(cells, cell)),
                    "n_controls": len(controls)}
             if mine.empty:  # nothing flagged at this checkpoint: ablating no head costs nothing
                 rows.append({**row, "n_heads": 0, "group_loss": 0.0, "control_loss": 0.0, "control_min": 0.0,
                              "control_max": 0.0, "value": 0.0, "se": 0.0})
                 continue
-            loss, se = float(mine["loss"].iloc[0]), float(mine["se"].iloc[0])
-            row.update(n_heads=int(mine["n_heads"].iloc[0]), group_loss=loss)
+            row.update(n_heads=int(mine["n_heads"].iloc[0]), group_loss=float(mine["loss"].iloc[0]))
             if controls.empty:  # no layer-matched control (the group fills its layers): no importance
                 rows.append({**row, "control_loss": np.nan, "control_min": np.nan, "control_max": np.nan,
                              "value": np.nan, "se": np.nan})
                 continue
-            c, c_se = controls["loss"].to_numpy(float), controls["se"].to_numpy(float)
-            spread = (c.var(ddof=1) if len(c) > 1 else 0.0) + float(np.mean(c_se**2))
+            if importance.empty:
+                raise ValueError(f"ablation: {model}@step{step} has group {name!r} and its controls but no "
+                                 "'importance' rows (a table from before they were added): rescore that checkpoint")
+            c = controls["loss"].to_numpy(float)
             rows.append({**row, "control_loss": float(c.mean()), "control_min": float(c.min()),
-                         "control_max": float(c.max()), "value": loss - float(c.mean()),
-                         "se": float(np.sqrt(se**2 + spread / len(c)))})
+                         "control_max": float(c.max()), "value": float(importance["loss"].iloc[0]),
+                         "se": float(importance["se"].iloc[0])})
     return _frame(rows, SERIES_SCHEMA)
 
 

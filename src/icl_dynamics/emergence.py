@@ -84,7 +84,10 @@ ICL_COLUMNS = ("model", "step", "tokens", "level", "task", "shots", "metric", "v
 HEADS_COLUMNS = ("model", "step", "tokens", "layer", "head",
                  *HEAD_SCORES, *(f"{s}_control" for s in HEAD_SCORES), *(f"{s}_se" for s in HEAD_SCORES))
 RI_COLUMNS = ("model", "step", "tokens", "layer", "head", "family", "relation", "direction", "gate", "variant",
-              "ri", "control_tenth", "control_random", "effect", "effect_se")
+              "ri", "control_tenth", "control_random", "effect", "effect_se", "effect_tenth", "effect_tenth_se",
+              "effect_random", "effect_random_se", "negative_control")
+# the SIH test's effects over its three controls (matched, tenth token, random), with their standard errors
+RI_EFFECTS = (("effect", "effect_se"), ("effect_tenth", "effect_tenth_se"), ("effect_random", "effect_random_se"))
 
 DEFAULT_K = 3
 DEFAULT_N_BOOT = 200
@@ -401,9 +404,7 @@ def head_trajectories(heads: pd.DataFrame, ri: pd.DataFrame | None = None, *, ci
 
     Scores are ``prefix_matching``, ``previous_token``, ``copying`` (``se`` from their ``*_se``
     columns; ``control`` is kept for ranking heads, not for the flag) and, from the relation-index
-    table filtered to one ``direction/gate/variant``, ``ri:<relation>``: the SIH test's ``effect``
-    (RI minus the control it clears least, relation_index.py) with its cluster-robust
-    ``effect_se``, control 0. A missing effect (no events, too few documents) is never reliable.
+    table filtered to one ``direction/gate/variant``, ``ri:<relation>`` (see :func:`ri_formation_value`).
     """
     _require_columns(heads, HEADS_COLUMNS, "heads")
     z = _z(ci_level)
@@ -431,14 +432,38 @@ def head_trajectories(heads: pd.DataFrame, ri: pd.DataFrame | None = None, *, ci
     return out.sort_values(["model", "score", "layer", "head", "step"], ignore_index=True)
 
 
+def ri_formation_value(ri: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The value an ``ri:<relation>`` series follows, and its standard error, per relation-index row: the
+    smallest of the SIH test's three effects (RI minus the matched, the tenth-token and the random
+    control, each paired per event) with that effect's own cluster-robust standard error.
+
+    The flag needs RI above *every* control (the cell's p is the largest of the three), so formation
+    follows the comparison the flag finds hardest: a head above its matched control but below the
+    tenth-token control never forms. A missing effect (no events, no such control) makes the value
+    missing, never reliable. Holm's correction is not part of it: formation is the flag's criterion
+    over training, measured against the step-0 null of every head (:func:`standardise`), not a
+    per-checkpoint test.
+    """
+    effects = np.stack([ri[e].to_numpy(float) for e, _ in RI_EFFECTS], 1)
+    errors = np.stack([ri[se].to_numpy(float) for _, se in RI_EFFECTS], 1)
+    missing = np.isnan(effects).any(1)
+    pick = np.argmin(np.where(np.isnan(effects), np.inf, effects), 1)
+    rows = np.arange(len(effects))
+    return np.where(missing, np.nan, effects[rows, pick]), np.where(missing, np.nan, errors[rows, pick])
+
+
 def _ri_trajectories(ri: pd.DataFrame, direction: str, gate: str, variant: str) -> pd.DataFrame:
+    """``ri:<relation>`` series of every head (:func:`ri_formation_value`), ``ri:<family>/<relation>`` where
+    two families name a relation alike (``kg`` and ``kg-letters`` under ``contextual``); negative-control
+    cells (the letter family under literal/source) form no class and are left out."""
     _require_columns(ri, RI_COLUMNS, "relation index")
     sel = ri[(ri["direction"] == direction) & (ri["gate"] == gate) & (ri["variant"] == variant)]
     if sel.empty:
         combos = ri[["direction", "gate", "variant"]].drop_duplicates().to_dict("records")
         raise ValueError(f"relation index: no rows with direction={direction!r} gate={gate!r} variant={variant!r}; "
                          f"available: {combos}")
-    keys = sel[["model", "step", "layer", "head", "relation"]]
+    sel = sel[~sel["negative_control"].astype(bool)]
+    keys = sel[["model", "step", "layer", "head", "family", "relation"]]
     if keys.duplicated().any():
         raise ValueError(f"relation index: duplicate rows for {keys[keys.duplicated()].iloc[0].to_dict()} "
                          "(several tau or parameter settings in one table? select one first)")
@@ -446,11 +471,15 @@ def _ri_trajectories(ri: pd.DataFrame, direction: str, gate: str, variant: str) 
         arr = sel[name].to_numpy(float)
         if ((arr < 0) | (arr > 1)).any():
             raise ValueError(f"relation index: column {name} has values outside [0, 1]")
+    value, se = ri_formation_value(sel)
+    family, relation = sel["family"].astype(str), sel["relation"].astype(str)
+    shared = relation.map(pd.DataFrame({"f": family, "r": relation}).drop_duplicates()["r"].value_counts()) > 1
     return pd.DataFrame({
-        "model": sel["model"].to_numpy(), "score": RI_PREFIX + sel["relation"].astype(str).to_numpy(),
+        "model": sel["model"].to_numpy(),
+        "score": RI_PREFIX + np.where(shared, family + "/" + relation, relation),
         "family": sel["family"].astype(str).to_numpy(), "layer": sel["layer"].to_numpy(),
         "head": sel["head"].to_numpy(), "step": sel["step"].to_numpy(), "tokens": sel["tokens"].to_numpy(),
-        "value": sel["effect"].to_numpy(float), "control": np.zeros(len(sel)), "se": sel["effect_se"].to_numpy(float)})
+        "value": value, "control": np.zeros(len(sel)), "se": se})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -968,6 +997,20 @@ def summary_table(relation: pd.DataFrame, formation: pd.DataFrame, emergence: pd
     return _frame(rows, SUMMARY_SCHEMA)
 
 
+def warn_flagged_negative_controls(ri: pd.DataFrame) -> None:
+    """Warn, naming model, checkpoints and cells, when a relation-index table holds a flagged negative
+    control (``negative_control_flagged``): the SIH test passed a family no head can know, so its
+    flags on those checkpoints must not be trusted."""
+    if "negative_control_flagged" not in ri:
+        return
+    flagged = ri[ri["negative_control_flagged"].astype(bool)]
+    for model, rows in flagged.groupby("model", sort=True):
+        steps = sorted(set(rows["step"].astype(int)))
+        warnings.warn(f"NEGATIVE CONTROL FLAGGED for {model} at step(s) {', '.join(map(str, steps))}: {len(rows)} "
+                      "cell(s) of a family no head can know under its variant passed the SIH test; the test is "
+                      "broken on those checkpoints and their SIH flags must not be trusted", stacklevel=2)
+
+
 def analyze(icl: pd.DataFrame, heads: pd.DataFrame, ri: pd.DataFrame | None = None,
             provenance: pd.DataFrame | None = None, *, shots: int | None = None, per_task: bool = False,
             direction: str = "forward", gate: str = "argmax", variant: str = "source", tau: float | None = None,
@@ -993,6 +1036,8 @@ def analyze(icl: pd.DataFrame, heads: pd.DataFrame, ri: pd.DataFrame | None = No
         icl = pd.concat([icl[~kept], level_curves(icl[kept], ci_level=ci_level)], ignore_index=True)
     if ri is not None and tau is not None and "tau" in ri:
         ri = ri[(ri["gate"] != "margin") | (ri["tau"] == tau)]
+    if ri is not None:
+        warn_flagged_negative_controls(ri)
     icl_traj = icl_trajectories(icl, ci_level=ci_level, exclude=exclude)
     head_traj = head_trajectories(heads, ri, ci_level=ci_level, direction=direction, gate=gate, variant=variant,
                                   exclude=exclude)

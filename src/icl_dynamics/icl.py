@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import stats
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -116,14 +117,23 @@ def per_token_losses(model: PreTrainedModel, docs: torch.Tensor, *, batch_size: 
     return out
 
 
-def bootstrap_mean(values: np.ndarray, *, n_boot: int = 1000, seed: int = 0,
-                   level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean over axis 0 and its percentile bootstrap interval (resampling rows)."""
+def bootstrap_mean(values: np.ndarray, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                   expanded: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean over axis 0 and its percentile bootstrap interval (resampling rows).
+
+    ``expanded``: Hesterberg's expanded percentile interval (2015), the percentiles at
+    Phi(-sqrt(n / (n - 1)) t_{n-1}) instead of (1 - level) / 2, which undoes the plain interval's
+    narrowness with few rows (the bootstrap's variance is (n - 1) / n of the sample's, and it has
+    normal rather than t tails): a mean of 32 rows covers ~0.95 instead of ~0.91.
+    """
     values = np.asarray(values, dtype=float)
+    n = values.shape[0]
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, values.shape[0], size=(n_boot, values.shape[0]))
+    idx = rng.integers(0, n, size=(n_boot, n))
     boots = values[idx].mean(axis=1)
     alpha = (1 - level) / 2
+    if expanded and n > 1:
+        alpha = float(stats.norm.cdf(-np.sqrt(n / (n - 1)) * stats.t.ppf(1 - alpha, n - 1)))
     return values.mean(axis=0), np.quantile(boots, alpha, axis=0), np.quantile(boots, 1 - alpha, axis=0)
 
 
