@@ -52,6 +52,23 @@ def agenda_dir(shared_dir: Path) -> Path:
     return shared_dir / "data" / "agenda"
 
 
+AGENDA_SUBSET = 300  # abstracts behind the relation-index null and oracle tests
+
+
+@pytest.fixture(scope="session")
+def agenda_relations(agenda_dir: Path, neox_tokenizer):
+    """Sequences and triplets (DataFrames) of every family -- kg, kg-letters, syntax -- of the first
+    AGENDA_SUBSET abstracts, built by the relations stage's own function with the Pythia-format tokenizer."""
+    from icl_dynamics import agenda, relations
+
+    texts = [agenda.surface_text(r) for r in agenda.load_agenda(agenda_dir)[:AGENDA_SUBSET]]
+    tables = relations.build_relations(agenda_dir, neox_tokenizer, syntax_texts=texts)
+    seqs = tables.sequences.to_pandas()
+    seqs = seqs[seqs["document_id"] < AGENDA_SUBSET].reset_index(drop=True)
+    trips = tables.triplets.to_pandas()
+    return seqs, trips[trips["sequence_id"].isin(seqs["sequence_id"])].reset_index(drop=True)
+
+
 def tiny_neox(vocab_size: int = 64, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0, **overrides):
     """A randomly initialised GPT-NeoX small enough for exhaustive reference checks."""
     import torch

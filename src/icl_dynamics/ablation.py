@@ -71,6 +71,7 @@ Head = tuple[int, int]
 
 COLUMNS = tuple(name for name in ABLATION_SCHEMA.names if name not in {f.name for f in CHECKPOINT_FIELDS})
 _NULLABLE_INTS = ("layer", "head", "draw", "shots")
+KEEP_FIRST = False  # position 0 (the attention sink) mean-ablated like every other (see the module docstring)
 
 
 class Cell(NamedTuple):
@@ -279,9 +280,10 @@ def _check_heads(model: nn.Module, heads: Sequence[Head]) -> None:
 
 
 @contextmanager
-def _mean_ablated(model: nn.Module, heads: Sequence[Head], means: torch.Tensor) -> Iterator[None]:
+def _mean_ablated(model: nn.Module, heads: Sequence[Head], means: torch.Tensor, keep_first: bool) -> Iterator[None]:
     """Within the block, each head of ``heads`` outputs its mean (``means`` [layers, d_model]: the mean input
-    of every layer's ``dense``, head h in columns h * d_head .. (h + 1) * d_head)."""
+    of every layer's ``dense``, head h in columns h * d_head .. (h + 1) * d_head); ``keep_first``: except at
+    position 0, which keeps its own output."""
     d_head = model.config.hidden_size // model.config.num_attention_heads
     handles = []
     for layer in sorted({h[0] for h in heads}):
@@ -291,7 +293,10 @@ def _mean_ablated(model: nn.Module, heads: Sequence[Head], means: torch.Tensor) 
 
         def replace(_module: nn.Module, args: tuple, columns: torch.Tensor = columns,
                     mean: torch.Tensor = means[layer]) -> tuple:
-            return (torch.where(columns, mean, args[0]),)
+            where = columns
+            if keep_first:  # [positions, d_model]: every column of the heads but at position 0
+                where = columns & (torch.arange(args[0].shape[-2], device=columns.device) > 0)[:, None]
+            return (torch.where(where, mean, args[0]),)
 
         handles.append(attention_modules(model)[layer].dense.register_forward_pre_hook(replace))
     try:
@@ -333,14 +338,16 @@ def _logits(model: PreTrainedModel, hidden: torch.Tensor, rows: torch.Tensor, po
 
 @torch.inference_mode()
 def _run(model: PreTrainedModel, evaluation: Evaluation, ablations: Sequence[Sequence[Head]], batch_size: int,
-         cost: Cost) -> np.ndarray:
-    """Per-read scores [1 + ablations, P, k]: clean, then with each ablation's heads mean-ablated."""
+         cost: Cost, keep_first: bool) -> np.ndarray:
+    """Per-read scores [1 + ablations, P, k]: clean, then with each ablation's heads mean-ablated (``keep_first``:
+    position 0 keeps its output, and the means are taken over the other positions)."""
     base = model.gpt_neox
     layers = base.layers
     n_layers = len(layers)
     device = next(model.parameters()).device
     check_context(model, max(len(s) for s in evaluation.sequences), "the ablation's evaluation sequences")
     tokens = sum(len(s) for s in evaluation.sequences)
+    reference = tokens - keep_first * len(evaluation.sequences)  # positions the means are taken over
     starts = [min(layer for layer, _ in heads) for heads in ablations]
     cost.tokens += tokens
     cost.unshared_token_layers += (1 + len(ablations)) * n_layers * tokens
@@ -353,20 +360,21 @@ def _run(model: PreTrainedModel, evaluation: Evaluation, ablations: Sequence[Seq
 
     def accumulate(layer: int):
         def hook(_module: nn.Module, args: tuple) -> None:
-            sums[layer] += (args[0].double() * current["mask"][..., None]).sum((0, 1))
+            sums[layer] += (args[0].double() * current["reference"][..., None]).sum((0, 1))
         return hook
 
     handles = [attention_modules(model)[layer].dense.register_forward_pre_hook(accumulate(layer))
                for layer in range(n_layers)]
     try:
         for ids, mask, reads, rows, positions in _batches(evaluation, batch_size, device):
-            current["mask"] = mask
+            current["reference"] = mask.clone()
+            current["reference"][:, 0] *= not keep_first
             hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             clean.append((reads, evaluation.score(_logits(model, hidden, rows, positions, False), reads)))
     finally:
         for handle in handles:
             handle.remove()
-    means = (sums / tokens).to(next(model.parameters()).dtype)
+    means = (sums / reference).to(next(model.parameters()).dtype)
     values = np.full((1 + len(ablations), len(evaluation.reads), clean[0][1].shape[1]), np.nan)
     for reads, scores in clean:
         values[0, reads.cpu().numpy()] = scores.cpu().numpy()
@@ -398,7 +406,7 @@ def _run(model: PreTrainedModel, evaluation: Evaluation, ablations: Sequence[Seq
         index = reads.cpu().numpy()
         for a, (heads, start) in enumerate(zip(ablations, starts), 1):
             hidden = entering[start]
-            with _mean_ablated(model, heads, means):
+            with _mean_ablated(model, heads, means, keep_first):
                 for layer in layers[start:]:
                     hidden = layer(hidden, **layer_kwargs)
                     if isinstance(hidden, tuple):  # transformers 5.0's layers return (hidden_states, ...)
@@ -409,7 +417,8 @@ def _run(model: PreTrainedModel, evaluation: Evaluation, ablations: Sequence[Seq
 
 
 def _effects(model: PreTrainedModel, evaluations: Sequence[Evaluation], ablations: Sequence[Sequence[Head]],
-             labels: Sequence[Mapping[str, Any]], *, batch_size: int, n_boot: int, seed: int) -> pd.DataFrame:
+             labels: Sequence[Mapping[str, Any]], *, batch_size: int, n_boot: int, seed: int,
+             keep_first: bool) -> pd.DataFrame:
     """The rows of :data:`ABLATION_SCHEMA` (without model, step, tokens) of ``ablations``, labelled by ``labels``."""
     if batch_size < 1 or n_boot < 1:
         raise ValueError(f"batch_size and n_boot must be >= 1, got {batch_size} and {n_boot}")
@@ -419,7 +428,7 @@ def _effects(model: PreTrainedModel, evaluations: Sequence[Evaluation], ablation
     start = time.perf_counter()
     rows = []
     for evaluation in evaluations if ablations else ():
-        for cell in evaluation.cells(_run(model, evaluation, ablations, batch_size, cost)):
+        for cell in evaluation.cells(_run(model, evaluation, ablations, batch_size, cost, keep_first)):
             clean = cell.units[:, 0]
             kinds, value, low, high = cell_effects(cell.units, labels, n_boot=n_boot, seed=seed)
             for a, label in enumerate(kinds):
@@ -488,11 +497,12 @@ def _single_heads(model: PreTrainedModel, heads: Sequence[Head] | None) -> tuple
 
 def head_ablation_effects(model: PreTrainedModel, evaluations: Sequence[Evaluation], *,
                           heads: Sequence[Head] | None = None, batch_size: int = 8, n_boot: int = 1000,
-                          seed: int = 0) -> pd.DataFrame:
+                          seed: int = 0, keep_first: bool = KEEP_FIRST) -> pd.DataFrame:
     """Effect of mean-ablating each head alone (default: every head) on each evaluation set's metrics:
     which heads relation recall and ICL depend on at this checkpoint. ``attrs["cost"]``: a :class:`Cost`."""
     ablations, labels = _single_heads(model, heads)
-    return _effects(model, evaluations, ablations, labels, batch_size=batch_size, n_boot=n_boot, seed=seed)
+    return _effects(model, evaluations, ablations, labels, batch_size=batch_size, n_boot=n_boot, seed=seed,
+                    keep_first=keep_first)
 
 
 def layer_matched_heads(group: Sequence[Head], n_heads: int, rng: np.random.Generator) -> list[Head]:
@@ -544,7 +554,7 @@ def _groups(model: PreTrainedModel, groups: Mapping[str, Sequence[Head]], draws:
 
 def group_ablation_effects(model: PreTrainedModel, evaluations: Sequence[Evaluation],
                            groups: Mapping[str, Sequence[Head]], *, draws: int = 5, seed: int = 0,
-                           batch_size: int = 8, n_boot: int = 1000) -> pd.DataFrame:
+                           batch_size: int = 8, n_boot: int = 1000, keep_first: bool = KEEP_FIRST) -> pd.DataFrame:
     """Effect of mean-ablating each named group of heads together (e.g. ``{"sih": flagged_sih_heads(...),
     "induction": top_induction_heads(...)}``) and of ``draws`` seeded layer-matched random controls per group
     (:func:`layer_matched_heads`, each draw a different set; fewer where the layers hold fewer): whether the
@@ -552,18 +562,20 @@ def group_ablation_effects(model: PreTrainedModel, evaluations: Sequence[Evaluat
     of a group that fills more than half of a layer, are left out with a warning. ``attrs["cost"]``: a
     :class:`Cost`."""
     ablations, labels = _groups(model, groups, draws, seed)
-    return _effects(model, evaluations, ablations, labels, batch_size=batch_size, n_boot=n_boot, seed=seed)
+    return _effects(model, evaluations, ablations, labels, batch_size=batch_size, n_boot=n_boot, seed=seed,
+                    keep_first=keep_first)
 
 
 def ablation_table(model: PreTrainedModel, evaluations: Sequence[Evaluation], groups: Mapping[str, Sequence[Head]],
-                   *, draws: int = 5, seed: int = 0, batch_size: int = 8, n_boot: int = 1000) -> pd.DataFrame:
+                   *, draws: int = 5, seed: int = 0, batch_size: int = 8, n_boot: int = 1000,
+                   keep_first: bool = KEEP_FIRST) -> pd.DataFrame:
     """The ablation stage's rows: every head alone, then each group and its controls, as
     :func:`head_ablation_effects` and :func:`group_ablation_effects` give them but on one clean pass per
     evaluation set (the same means, baselines and bootstrap resamples). ``attrs["cost"]``: a :class:`Cost`."""
     heads, head_labels = _single_heads(model, None)
     group_ablations, group_labels = _groups(model, groups, draws, seed)
     return _effects(model, evaluations, heads + group_ablations, head_labels + group_labels, batch_size=batch_size,
-                    n_boot=n_boot, seed=seed)
+                    n_boot=n_boot, seed=seed, keep_first=keep_first)
 
 
 def flagged_sih_heads(relation_index: pd.DataFrame, *, gate: str = "argmax", variant: str = "source") -> list[Head]:

@@ -228,7 +228,8 @@ def kg_word_rows(
 # ----------------------------------------------------------------------------- letters (``kg-letters``)
 
 
-def assign_letters(record: agenda.AgendaRecord, letters: Sequence[str] = LETTERS) -> dict[int, str]:
+def assign_letters(record: agenda.AgendaRecord, letters: Sequence[str] = LETTERS, *,
+                   shuffle: bool = True) -> dict[int, str]:
     """Letter of each mentioned entity (entity index -> letter); deterministic per abstract.
 
     Entities with the same words share a letter. Which entities get one: those in (non-self)
@@ -238,7 +239,8 @@ def assign_letters(record: agenda.AgendaRecord, letters: Sequence[str] = LETTERS
     pattern shared by every abstract (a CONJUNCTION "B and C" joins consecutive letters), so a
     head's fixed preference among letters, even a random head's, would pass for a relation effect
     that recurs in every document. Shuffled per abstract, that preference averages out over
-    documents, the clusters of the SIH test (tested on random-init models).
+    documents, the clusters of the SIH test (tested on random-init models). ``shuffle=False`` gives the
+    paper's order of mention, for that comparison only.
     """
     first: dict[str, int] = {}
     for position, token in enumerate(record.tokens):
@@ -248,7 +250,7 @@ def assign_letters(record: agenda.AgendaRecord, letters: Sequence[str] = LETTERS
     related = {record.entities[k] for r in record.relations if r.head != r.tail for k in (r.head, r.tail)}
     order = sorted(first, key=lambda surface: (surface not in related, first[surface]))
     seed = zlib.crc32(" ".join(record.tokens).encode("utf-8"))
-    shuffled = [letters[i] for i in np.random.default_rng(seed).permutation(len(letters))]
+    shuffled = [letters[i] for i in np.random.default_rng(seed).permutation(len(letters))] if shuffle else letters
     by_surface = dict(zip(order, shuffled))
     return {k: by_surface[e] for k, e in enumerate(record.entities) if e in by_surface}
 
@@ -286,14 +288,16 @@ def kg_letter_rows(
     unit: str = "abstract",
     source: str = "agenda-test",
     letters: Sequence[str] = LETTERS,
+    shuffle: bool = True,
     first_id: int = 0,
 ) -> Rows:
     """The paper's letter construction (family ``kg-letters``, a negative control: the module docstring);
-    ``make_doc`` is spaCy's tokenizer (for flags). Every abstract gets a sequence, related or not."""
+    ``make_doc`` is spaCy's tokenizer (for flags). Every abstract gets a sequence, related or not.
+    ``shuffle=False``: letters in order of mention, as the paper assigns them (see :func:`assign_letters`)."""
     check_option("unit", unit, UNITS)
     rows = Rows(tokenizer, first_id)
     for document_id, record in enumerate(records):
-        lettered = assign_letters(record, letters)
+        lettered = assign_letters(record, letters, shuffle=shuffle)
         text, marks = kg_text(record, lettered)
         units = _unit_spans(marks, unit, len(text.text))
         firsts: list[dict[str, tuple[int, int]]] = [{} for _ in units]  # first mention of each letter per unit

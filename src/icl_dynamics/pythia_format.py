@@ -59,15 +59,22 @@ def pythia_config(shared_dir: str | os.PathLike[str], shape: PythiaShape = Pythi
     return config
 
 
-def pythia_state_dict(config: Mapping, seed: int, *, scale: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
-    """Random float16 weights under the key names of Pythia's ``pytorch_model.bin``.
-
-    ``scale`` multiplies the tensors whose name contains a key (e.g. to force a float16 overflow).
-    """
+def pythia_model(config: Mapping, seed: int = 0):
+    """A randomly initialised ``GPTNeoXForCausalLM`` of a :func:`pythia_config` (float32, eval mode)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(**{k: v for k, v in config.items() if k != "torch_dtype"}))
+    return GPTNeoXForCausalLM(GPTNeoXConfig(**{k: v for k, v in config.items() if k != "torch_dtype"})).eval()
+
+
+def pythia_state_dict(config: Mapping, seed: int, *, scale: Mapping[str, float] | None = None,
+                      model=None) -> dict[str, torch.Tensor]:
+    """Random float16 weights under the key names of Pythia's ``pytorch_model.bin`` (``model``: the weights
+    of this model instead, e.g. one set by hand).
+
+    ``scale`` multiplies the tensors whose name contains a key (e.g. to force a float16 overflow).
+    """
+    model = model if model is not None else pythia_model(config, seed)
     n_ctx = config["max_position_embeddings"]
     d_rot = int(config["hidden_size"] // config["num_attention_heads"] * config["rotary_pct"])
     inv_freq = 1.0 / (config["rotary_emb_base"] ** (torch.arange(0, d_rot, 2).float() / d_rot))
@@ -93,12 +100,14 @@ def write_pythia_cache(
     *,
     shape: PythiaShape = PythiaShape(),
     scale: Mapping[str, float] | None = None,
+    model=None,
 ) -> dict[int, str]:
     """Write ``model_id`` into the hub cache ``cache_dir`` with one ``step<N>`` branch per step.
 
     ``branches`` maps each step to the seed of its weights (steps with one seed share one commit,
     byte for byte); a plain list of steps gives step 0 and step 1 one seed and every other step its
-    own, as on the hub. The tokenizer and config files come from ``shared_dir`` (the project's
+    own, as on the hub. ``model`` (a ``GPTNeoXForCausalLM`` of ``shape``, e.g. built by hand) gives every
+    branch its weights instead. The tokenizer and config files come from ``shared_dir`` (the project's
     ``../shared``). Returns the commit of each step.
     """
     if not isinstance(branches, Mapping):
@@ -111,7 +120,7 @@ def write_pythia_cache(
     commits = {}
     for seed in sorted(set(branches.values())):
         buffer = io.BytesIO()
-        torch.save(pythia_state_dict(config, seed, scale=scale), buffer)
+        torch.save(pythia_state_dict(config, seed, scale=scale, model=model), buffer)
         weights[seed] = buffer.getvalue()
         steps = sorted(s for s, s_seed in branches.items() if s_seed == seed)
         commit = hub.write_snapshot(cache_dir, model_id, [revision(s) for s in steps],
