@@ -47,10 +47,11 @@ def one_thread():
 # ----------------------------------------------------------------------------- references
 
 
-def hand_forward(model, ids: torch.Tensor, replace: dict[tuple[int, int], torch.Tensor] | None = None
-                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def hand_forward(model, ids: torch.Tensor, replace: dict[tuple[int, int], torch.Tensor] | None = None,
+                 start: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """GPT-NeoX written out by hand (float64): logits [T, V] of one unpadded sequence and each layer's
-    head outputs z [T, heads, d_head]; ``replace`` sets head (layer, head)'s z to a constant vector."""
+    head outputs z [T, heads, d_head]; ``replace`` sets head (layer, head)'s z to a constant vector at
+    every position from ``start`` on."""
     cfg, base = model.config, model.gpt_neox
     d, heads = cfg.hidden_size, cfg.num_attention_heads
     d_head, n = d // heads, len(ids)
@@ -81,7 +82,7 @@ def hand_forward(model, ids: torch.Tensor, replace: dict[tuple[int, int], torch.
         z = torch.einsum("hqk,khe->qhe", pattern, v)
         for (at, head), mean in (replace or {}).items():
             if at == layer:
-                z[:, head] = mean
+                z[start:, head] = mean
         zs.append(z)
         mlp = block.mlp
         hidden = torch.nn.functional.gelu(norm(x, block.post_attention_layernorm) @ mlp.dense_h_to_4h.weight.T
@@ -144,27 +145,31 @@ def float64_neox(**kwargs) -> GPTNeoXForCausalLM:
     return model
 
 
-def test_mean_ablation_equals_a_hand_written_forward_pass():
+@pytest.mark.parametrize("keep_first", [True, False])
+def test_mean_ablation_equals_a_hand_written_forward_pass(keep_first):
+    """``keep_first`` (the default): position 0, the attention sink, keeps the head's own output and the mean
+    is taken over the other positions; otherwise every position gets the mean over every position."""
     model = float64_neox(seed=3)
     docs = torch.randint(0, 64, (5, 24), generator=torch.Generator().manual_seed(1))
     early, late = 3, 20
     evaluation = icl_score_set(docs, early=early, late=late)
-    got = head_ablation_effects(model, [evaluation], batch_size=2, n_boot=50)
+    got = head_ablation_effects(model, [evaluation], batch_size=2, n_boot=50, keep_first=keep_first)
     group = [(0, 2), (1, 1)]
-    got_group = group_ablation_effects(model, [evaluation], {"g": group}, draws=0, n_boot=50)
+    got_group = group_ablation_effects(model, [evaluation], {"g": group}, draws=0, n_boot=50, keep_first=keep_first)
+    start = int(keep_first)
 
     def icl(replace=None):
         out = []
         for doc in docs:
-            logits, _ = hand_forward(model, doc[:late], replace)
+            logits, _ = hand_forward(model, doc[:late], replace, start)
             logp = torch.log_softmax(logits, -1)
             out.append(float(logp[early - 1, doc[early]] - logp[late - 1, doc[late]]))
         return np.array(out)
 
     with torch.no_grad():
         assert torch.allclose(hand_forward(model, docs[0])[0], model(docs[:1]).logits[0], atol=1e-10)
-        zs = [hand_forward(model, doc[:late])[1] for doc in docs]  # the reference set: every position run
-        means = [torch.cat([z[layer] for z in zs]).mean(0) for layer in range(2)]  # [heads, d_head]
+        zs = [hand_forward(model, doc[:late])[1] for doc in docs]  # the reference set: the positions run
+        means = [torch.cat([z[layer][start:] for z in zs]).mean(0) for layer in range(2)]  # [heads, d_head]
         clean = icl()
         assert got["baseline"].to_numpy() == pytest.approx(np.full(8, clean.mean()), abs=1e-12)
         for layer, head in itertools.product(range(2), range(4)):
@@ -249,7 +254,7 @@ def test_shared_prefix_batching_equals_one_ablation_at_a_time(attention, tol):
     early, late, shots, n_prompts, tasks = 4, 25, 3, 6, (TASKS[0], TASKS[3])
     sets = [relation_recall_set(model.config, seqs, trips), icl_score_set(docs, early=early, late=late),
             icl_task_set(tokenizer, shots=shots, n_prompts=n_prompts, tasks=tasks)]
-    got = head_ablation_effects(model, sets, batch_size=3, n_boot=50)
+    got = head_ablation_effects(model, sets, batch_size=3, n_boot=50, keep_first=False)  # weight editing: every position
 
     bos = model.config.bos_token_id
     rel_sequences = [[bos, *t] for t in seqs["token_ids"][:8]]
@@ -316,7 +321,7 @@ def test_ablation_on_a_pythia_checkpoint_through_the_pipelines_loaders(pythia_ca
     docs = torch.randint(100, 50_000, (4, 40), generator=torch.Generator().manual_seed(0))
     early, late, tasks = 5, 30, (TASKS[0],)
     sets = [icl_score_set(docs, early=early, late=late), icl_task_set(tokenizer, shots=2, n_prompts=6, tasks=tasks)]
-    got = head_ablation_effects(model, sets, heads=heads, batch_size=3, n_boot=20)
+    got = head_ablation_effects(model, sets, heads=heads, batch_size=3, n_boot=20, keep_first=False)
     prompts = [tokenizer.encode(p.text, add_special_tokens=False) for p in make_prompts(tasks[0], 2, 6, 0)]
     means = {"icl": dense_inputs(model, docs[:, :late].tolist()), "tasks": dense_inputs(model, prompts)}
 

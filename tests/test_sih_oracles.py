@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 from conftest import PYTHIA_MODEL
 
@@ -35,7 +34,7 @@ def oracle_model(shared_dir, maps: list[pd.DataFrame], seed: int = 0) -> torch.n
     n = len(maps)
     config = pythia_config(shared_dir, PythiaShape(2 * n * D_HEAD, 1, 2 * n))
     model = pythia_model(config)
-    vocab, width = config["vocab_size"], 2 * n * D_HEAD
+    vocab = config["vocab_size"]
     rotary = int(D_HEAD * config["rotary_pct"])  # q and k use a dimension rotary leaves alone
     rng = np.random.default_rng(seed)
     codes = rng.normal(size=(vocab, D_HEAD))

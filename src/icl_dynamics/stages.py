@@ -222,6 +222,9 @@ def _ablation_options(add: AddOption) -> None:
     add("--bootstrap", type=int, default=1000, help="bootstrap resamples of the documents and prompts")
     add("--seed", type=int, default=0, help="seed of the prompts, the controls and the bootstrap")
     add("--batch-size", type=int, default=8)
+    add("--ablate-first", action="store_true",
+        help="also ablate position 0 (the attention sink), the mean taken over every position; default: position "
+             "0 keeps the head's own output")
 
 
 def _ablation_inputs(opts: argparse.Namespace) -> tuple[Any, str, Any, Any]:
@@ -255,7 +258,8 @@ def _ablation(ckpt: Checkpoint, opts: argparse.Namespace, inputs: tuple[Any, str
     docs, text, sequences, triplets = inputs
     params = sum(p.numel() for p in ckpt.model.parameters())
     meta: dict[str, Any] = {"params": {k: v for k, v in vars(opts).items() if not k.endswith("_table")},
-                            "mean_reference": "each evaluation set's own real positions, clean pass"}
+                            "mean_reference": "each evaluation set's own real positions, clean pass"
+                            + ("" if opts.ablate_first else ", but position 0, which keeps its output")}
     if params > opts.max_parameters:
         reason = (f"skipped: {params / 1e6:.0f}M parameters > max_parameters {opts.max_parameters / 1e6:.0f}M "
                   "(ablation.max_parameters, or ablation.enabled false)")
@@ -271,7 +275,7 @@ def _ablation(ckpt: Checkpoint, opts: argparse.Namespace, inputs: tuple[Any, str
                                        gate=opts.gate, variant=opts.variant),
               "induction": top_induction_heads(_this_checkpoint(earlier["heads"], "heads", ckpt), opts.top_k)}
     table = ablation_table(ckpt.model, evaluations, groups, draws=opts.draws, seed=opts.seed,
-                           batch_size=opts.batch_size, n_boot=opts.bootstrap)
+                           batch_size=opts.batch_size, n_boot=opts.bootstrap, keep_first=not opts.ablate_first)
     cost = table.attrs["cost"]
     log.info("ablation: %d heads alone, groups %s; %.0f s, %.1f forward passes over %d tokens (%.1f without "
              "shared prefixes)", len(table[table["ablation"] == "head"].drop_duplicates(["layer", "head"])),

@@ -137,6 +137,8 @@ def score_options():
     keys = ("n_docs", "n_sequences", "n_prompts", "top_k", "draws", "bootstrap", "seed", "batch_size")
     for key, value in {**derived, **{key: ablation[key] for key in keys}}.items():
         flags += [f"--ablation-{key.replace('_', '-')}", str(value)]
+    if ablation["ablate_first"]:
+        flags.append("--ablation-ablate-first")
     return " ".join(shlex.quote(f) for f in flags)
 
 
