@@ -27,15 +27,18 @@ from icl_dynamics import agenda, hub, relations
 from icl_dynamics.cli import main
 from icl_dynamics.icl_tasks import BASELINES
 from icl_dynamics.io import read_provenance
+from icl_dynamics.knowledge_graph import LETTERS
 from icl_dynamics.models import load_checkpoint, load_tokenizer
 from icl_dynamics.pythia_format import write_pythia_cache
 
 pytestmark = pytest.mark.pythia_format
 
 # Triplets the relations stage keeps on the AGENDA test split with the default settings (anchors on
-# single tokens, whole abstracts), as with the tokenizer built directly from tokenizer.json.
-KG_KEPT, SYNTAX_KEPT = 4_398, 47_674
-KG_RECOVERED, SYNTAX_RECOVERED = 42, 713  # kept only through spacing normalisation
+# single tokens, whole abstracts), as with the tokenizer built directly from tokenizer.json: of the 4,398
+# annotated relations, 2,646 on the entities' own words and all but the self-relations, duplicates and
+# unmentioned entities as letters; 47,601 of spaCy's dependency arcs.
+KEPT = {"kg": 2_646, "kg-letters": 4_398, "syntax": 47_601}
+RECOVERED = {"kg": 14, "kg-letters": 42, "syntax": 713}  # kept only through spacing normalisation
 
 
 def snapshot(cache: Path, step: int) -> Path:
@@ -174,14 +177,16 @@ def test_snakemake_end_to_end_on_the_pythia_format_fixture(pythia_cache: Path, s
 
     out = tmp_path / "results" / PYTHIA_MODEL.replace("/", "--")
     summary = pd.read_parquet(out / "relations" / "summary.parquet").groupby("family")[["kept", "recovered"]].sum()
-    assert summary["kept"].to_dict() == {"kg": KG_KEPT, "syntax": SYNTAX_KEPT}
-    assert summary["recovered"].to_dict() == {"kg": KG_RECOVERED, "syntax": SYNTAX_RECOVERED}  # see the README
+    assert summary["kept"].to_dict() == KEPT
+    assert summary["recovered"].to_dict() == RECOVERED  # see the README
     triplets = pd.read_parquet(out / "relations" / "triplets.parquet")
     forward = triplets[triplets["direction"] == "forward"]
-    assert forward.groupby("family").size().to_dict() == {"kg": KG_KEPT, "syntax": SYNTAX_KEPT}
+    assert forward.groupby("family").size().to_dict() == KEPT
     tokenizer = load_tokenizer(PYTHIA_MODEL, 0, cache_dir=pythia_cache)
-    letters = forward.loc[forward["family"] == "kg", "head_id"].unique()
-    assert {tokenizer.decode([int(i)]).lstrip(" ") for i in letters} == set(relations.LETTERS)
+    letters = forward.loc[forward["family"] == "kg-letters", "head_id"].unique()
+    assert {tokenizer.decode([int(i)]).lstrip(" ") for i in letters} == set(LETTERS)
+    words = forward[forward["family"] == "kg"]
+    assert words["head_str"].str.strip().str.isalpha().mean() > 0.95 and not set(words["head_id"]) & set(letters)
 
     provenance = pd.read_parquet(out / "provenance.parquet").set_index("step")
     assert provenance.loc[1, "duplicate_of_step"] == 0 and not provenance["suspect"].any()
@@ -191,14 +196,17 @@ def test_snakemake_end_to_end_on_the_pythia_format_fixture(pythia_cache: Path, s
     assert set(icl["level"]) == {"loss_reduction", "format_compliance", "pattern_discovery"}
     assert len(icl[icl["level"] != "loss_reduction"]) == len(steps) * 4 * 4 * (3 + len(BASELINES))
     ri = pd.read_parquet(out / "relation_index.parquet")
-    assert set(ri["family"]) == {"kg", "syntax"} and ri["events"].sum() > 0
+    assert set(ri["family"]) == set(KEPT) and ri["events"].sum() > 0
     assert ri["ri"].dropna().between(0, 1).all()
+    # the letters are negative controls under literal and source (never SIHs), an ordinary family under contextual
+    negative = ri["family"].eq("kg-letters") & ri["variant"].isin(["literal", "source"])
+    assert (ri["negative_control"] == negative).all() and not ri.loc[negative, "sih"].any()
     # the ablation stage on the real format: every head alone and the top-5 induction heads (with their
     # layer-matched controls) on all four cells, relation recall of both families at the relation index's events
     ablation = pd.read_parquet(out / "ablation.parquet")
     singles = ablation[ablation["ablation"] == "head"]
     assert len(singles.drop_duplicates(["step", "layer", "head"])) == len(steps) * 2 * 4
-    assert set(singles["task"][singles["level"] == "relation_recall"]) == {"kg", "syntax"}
+    assert set(singles["task"][singles["level"] == "relation_recall"]) == set(KEPT)
     assert set(singles["shots"].dropna()) == {20} and (singles["events"] > 0).all()
     assert set(ablation.loc[ablation["ablation"] == "group", "group"]) >= {"induction"}
     assert read_provenance(out / "step1000" / "ablation.parquet")["groups"]["induction"]

@@ -161,8 +161,10 @@ def test_snakemake_end_to_end_on_the_toy_zoo(toy_workflow):
     accuracy = tasks[tasks["metric"] == "accuracy_constrained"]
     assert (accuracy["value"] - accuracy["chance"]).abs().mean() < 0.1
     summary = pd.read_parquet(out / "relations" / "summary.parquet")
-    kg = summary[summary["family"] == "kg"].groupby("relation")["kept"].sum()
-    assert len(kg) == 7 and kg.sum() >= 1000  # letter anchors are single toy tokens
+    kept = summary.groupby(["family", "relation"])["kept"].sum()
+    # the toy tokenizer knows the letters but no AGENDA word: only the letter family survives, 4,398 relations
+    assert kept["kg-letters"].sum() == 4_398 and len(kept["kg-letters"]) == 7
+    assert kept["kg"].sum() == 0 and kept["syntax"].sum() == 0
     provenance = pd.read_parquet(out / "provenance.parquet")
     assert provenance["tokens"].tolist() == [s * 2048 for s in steps]
     assert provenance["duplicate_of_step"].isna().all()
@@ -175,7 +177,9 @@ def test_snakemake_end_to_end_on_the_toy_zoo(toy_workflow):
     assert log.count("loaded icl-dynamics/toy-neox@step1000") == 1 and "scored in" in log  # one load, every stage
     ri = pd.read_parquet(out / "relation_index.parquet")
     assert len(ri) == len(steps) * 8 * 7 * 2 * 2 * 3  # heads x KG relations x directions x gates x variants
-    assert set(ri["family"]) == {"kg"}  # the toy tokenizer knows no AGENDA words, only the letter anchors
+    assert set(ri["family"]) == {"kg-letters"}  # the toy tokenizer knows no AGENDA words, only the letters
+    assert ri.loc[ri["variant"] != "contextual", "negative_control"].all()  # never SIHs there
+    assert not ri["negative_control_flagged"].any()
     assert ri["ri"].dropna().between(0, 1).all() and ri["ri"].notna().any()
     # the ablation stage: no head carries ICL at step 0; at the last step one head alone (the circuit's
     # previous-token head) takes most of the ICL score with it, and the top-2 induction heads together
@@ -193,7 +197,8 @@ def test_snakemake_end_to_end_on_the_toy_zoo(toy_workflow):
     assert sorted(correlation.loc[correlation["comparison"] == "prefix_matching_vs_icl_score", "step"]) == steps
     assert (analysis / "figures" / "causal-icl-dynamics--toy-neox.pdf").exists()
     summary = pd.read_parquet(analysis / "summary.parquet")
-    assert {"induction", "copying", "previous_token", "sih:kg", "loss_reduction"} <= set(summary["subject"])
+    assert {"induction", "copying", "previous_token", "loss_reduction"} <= set(summary["subject"])
+    assert not any(s.startswith("sih:") for s in summary["subject"])  # a negative control forms no head class
     assert (analysis / "figures" / "emergence_panel.pdf").exists()
 
     report = subprocess.run([*command, "--report", str(tmp_path / "report.html")], capture_output=True, text=True,
