@@ -154,7 +154,7 @@ def toy_workflow_command(config_file: str, zoo: Path, steps: list[int], workdir:
     config["ablation"].update(n_docs=8, n_sequences=8, n_prompts=4, draws=2, bootstrap=200)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     cores = [] if "--workflow-profile" in args else ["--cores", "2"]  # a cluster profile sets jobs, not cores
-    command = [sys.executable, "-m", "snakemake", *cores, "-s", str(REPO / "Snakefile"),
+    command = [sys.executable, "-m", "snakemake", *cores, "-s", str(REPO / "workflow" / "Snakefile"),
                "-d", str(workdir), "--configfile", str(workdir / "config.yaml"), *args]
     return command, env
 

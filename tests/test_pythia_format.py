@@ -167,7 +167,7 @@ def test_snakemake_end_to_end_on_the_pythia_format_fixture(pythia_cache: Path, s
         "analysis": {"k": 1, "n_boot": 50, "n_perm": 99},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "snakemake", "--cores", "2", "-s", str(REPO / "Snakefile"),
+    command = [sys.executable, "-m", "snakemake", "--cores", "2", "-s", str(REPO / "workflow" / "Snakefile"),
                "-d", str(tmp_path), "--configfile", str(tmp_path / "config.yaml")]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]

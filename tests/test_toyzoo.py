@@ -242,7 +242,7 @@ def test_a_workflow_killed_three_times_restarts_to_the_same_results(toy_workflow
 
     reference = toy_workflow[0]
     shutil.copy(reference / "config.yaml", tmp_path / "config.yaml")  # the same run, in another folder
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(tmp_path),
                "--configfile", str(tmp_path / "config.yaml"),
                "--workflow-profile", str(REPO / "workflow" / "profiles" / "local"), "--cores", "2"]
     rng = random.Random(2026)
