@@ -147,7 +147,9 @@ def cmd_fetch(args: argparse.Namespace) -> None:
     result = hub.fetch_checkpoint(args.model, args.step, cache_dir=args.cache_dir, attempts=args.attempts,
                                   timeout=args.timeout)
     # the provenance table is where a run records when and where: the only table stamped with time and host
-    io.write_rows([result.row(schedule.tokens(args.step))], hub.PROVENANCE_SCHEMA, args.out, reproducible=False)
+    # its metadata also records what this fetch added to the cache: the only things the eviction may delete
+    io.write_rows([result.row(schedule.tokens(args.step))], hub.PROVENANCE_SCHEMA, args.out, reproducible=False,
+                  meta={"fetch": result.record()})
     log.info("%s@%s: commit %s, %s weights (%d files, %.1f MB) verified in %.1f s", args.model, result.revision,
              result.commit[:12], result.weights_format, len(result.weights),
              sum(w.size for w in result.weights) / 1e6, result.seconds)
@@ -159,10 +161,11 @@ def cmd_evict(args: argparse.Namespace) -> None:
     from icl_dynamics import hub, io
 
     row = _fetched_row(args)
-    record = hub.evict_checkpoint(args.model, args.step, row["commit"], cache_dir=args.cache_dir)
+    record = hub.evict_checkpoint(args.model, args.step, row["commit"], cache_dir=args.cache_dir,
+                                  fetched=io.read_provenance(args.provenance).get("fetch"))
     io.write_bytes_atomic(args.out, (json.dumps(record, indent=2) + "\n").encode())
-    log.info("%s@step%d: %d blobs (%.1f MB) left the cache", args.model, args.step, record["deleted_blobs"],
-             record["freed_bytes"] / 1e6)
+    log.info("%s@step%d: %d blobs (%.1f MB) left the cache%s", args.model, args.step, record["deleted_blobs"],
+             record["freed_bytes"] / 1e6, f"; kept: {record['kept']}" if record["kept"] else "")
 
 
 def cmd_tokenize_text(args: argparse.Namespace) -> None:

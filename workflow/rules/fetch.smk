@@ -1,8 +1,8 @@
 # Stage 1: one job per (model, step) puts the checkpoint into the HF cache and verifies it.
 # With schedule "toy" or "toy-relations" that toy zoo is trained first and serves as the (offline) hub cache.
-# With keep_weights false, a checkpoint's weights leave the cache once its score job is done (evict),
-# and the fetch of the i-th checkpoint (models in order, steps ascending) waits for the eviction of
-# the (i - max_cached_checkpoints)-th: at most that many checkpoints are in the cache at once.
+# With keep_weights false, what a checkpoint's fetch downloaded leaves the cache once its score job is
+# done (evict), and the fetch of a model's i-th checkpoint (steps ascending) waits for the eviction of
+# its (i - max_cached_checkpoints)-th: at most that many checkpoints per model are in the cache at once.
 
 TOY_ZOO = f"{config['toy_zoo']['dir']}/zoo.json"
 # the relations zoo also writes its planted map and the texts the relations stage reads
