@@ -148,6 +148,8 @@ def toy_workflow_command(config_file: str, zoo: Path, steps: list[int], workdir:
         for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # either keeps huggingface_hub offline
             env.pop(key, None)
     config["text"]["path"] = str(zoo / "text.jsonl")
+    if "agenda_dir" in relations:  # AGENDA's families instead of the config's planted or decoy map
+        config["relations"].update(planted_map=None, planted_texts=None)
     config["relations"].update(relations)
     config["analysis"] = {"k": 1, "n_boot": 50, "n_perm": 99}  # a few checkpoints only
     # small ablation sets: a tenth of the demo's tokens (its heads' effects on the toy are nats, not noise)

@@ -580,3 +580,79 @@ def test_panel_lines_sit_on_checkpoints(pipeline, tmp_path, monkeypatch):
     assert len(data_lines) >= 5  # ICL score, format compliance, accuracy, two heads
     for line in data_lines:
         np.testing.assert_array_equal(np.asarray(line.get_xdata(), float), STEPS * TPS)
+
+
+# ------------------------------------------------------------------ verdicts that agree with themselves (issue 26)
+
+def test_top_k_taking_every_head_collapses_to_all(pipeline):
+    """6 heads per score: top_k >= 6 would pick the same heads as "all" -- and once gave them another
+    verdict (a second bootstrap): only the "all" rows remain, identical to those of top_k = 1's run."""
+    many = E.summary_table(pipeline["relation"], pipeline["formation"], pipeline["emergence"], top_k=6)
+    heads = many[many["subject_kind"] == "head_class"]
+    assert set(heads["head_set"]) == {"all"} and len(heads)
+    one = pipeline["summary"][pipeline["summary"]["head_set"] == "all"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(heads.reset_index(drop=True), one[one["subject_kind"] == "head_class"]
+                                  .reset_index(drop=True))
+    five = E.summary_table(pipeline["relation"], pipeline["formation"], pipeline["emergence"], top_k=5)
+    assert set(five.loc[five["subject_kind"] == "head_class", "head_set"]) == {"top5", "all"}
+
+
+def test_a_midpoint_whose_interval_spans_most_of_the_schedule_is_undetermined():
+    """By hand: with checkpoints spanning 3 decades of tokens, an interval over 1.6 decades is
+    undetermined, one over 1.4 decades is ok; a midpoint before the checkpoint preceding the onset
+    contradicts the onset and is undetermined too."""
+    x = np.log10(np.array([0, 1, 10, 100, 1000]) * TPS + TPS / 2)
+    span = x[-1] - x[0]
+    mid = 10 ** ((x[0] + x[-1]) / 2)
+
+    def row(decades: float, onset_prev=None) -> dict:
+        low, high = mid / 10 ** (decades / 2), mid * 10 ** (decades / 2)
+        return {"transition_tokens": mid - TPS / 2, "transition_tokens_low": low - TPS / 2,
+                "transition_tokens_high": high - TPS / 2, "onset_prev_tokens": onset_prev}
+
+    assert E._located_status(row(0.55 * span), x, TPS) == "undetermined"
+    assert E._located_status(row(0.45 * span), x, TPS) == "ok"
+    assert E._located_status(row(0.1 * span, onset_prev=2 * mid), x, TPS) == "undetermined"
+    assert E._located_status(row(0.1 * span, onset_prev=mid / 2), x, TPS) == "ok"
+
+
+def test_a_noisy_midpoint_is_undetermined_and_its_verdicts_say_so():
+    """End to end: a level that creeps up linearly in log tokens through noise half its rise gets an interval
+    over more than half the schedule (steps 0.02 to 469 of 0 to 143,000), and a midpoint (step 183) before
+    its onset (step 2000): fit_status undetermined, and every comparison with it "undetermined", never "no
+    emergence" (it emerged: it has an onset) nor a before/with/after read from an interval that says nothing."""
+    rng = np.random.default_rng(1)
+    icl = icl_table(rng)
+    fc = icl["metric"] == "format_compliance"
+    icl.loc[fc, "value"] = 0.05 + 0.4 * (X - X[0]) / (X[-1] - X[0]) + rng.normal(0, 0.15, fc.sum())
+    icl.loc[fc, "ci_low"], icl.loc[fc, "ci_high"] = icl.loc[fc, "value"] - 0.04, icl.loc[fc, "value"] + 0.04
+    em = E.emergence_table(E.icl_trajectories(icl), n_boot=100)
+    row = em.set_index("level").loc["format_compliance"]
+    assert row["onset_step"] == 2000 and row["transition_step"] < 1000
+    assert np.log10((row["transition_step_high"] + 0.5) / (row["transition_step_low"] + 0.5)) > 0.5 * np.ptp(X)
+    assert row["fit_status"] == "undetermined", row[["fit_status", "transition_step_low", "transition_step_high"]]
+    lag = E._transition_lag(em.set_index("level").loc["loss_reduction"].to_dict(), row.to_dict(), 0.95)
+    assert lag["order"] == "undetermined"
+
+
+def test_onset_and_midpoint_never_contradict_in_the_summary(pipeline):
+    """A series with an onset whose midpoint is not located (pinned at the last checkpoint) is compared as
+    "undetermined"; "no formation" / "no emergence" only where the series never left its null; and every
+    located midpoint in the emergence and formation tables lies at or after the checkpoint before its onset."""
+    for table in (pipeline["emergence"], pipeline["formation"]):
+        ok = table[table["fit_status"] == "ok"]
+        assert (ok["transition_tokens"] >= ok["onset_prev_tokens"].fillna(0)).all()
+    level = pipeline["emergence"].iloc[0].to_dict()
+    pinned = {**level, "fit_status": "at_bound", "onset_tokens": 10 * TPS}
+    never = {**level, "fit_status": "no_onset", "onset_tokens": pd.NA}
+    assert E._transition_lag(level, pinned, 0.95)["order"] == "undetermined"
+    assert E._transition_lag(level, never, 0.95)["order"] == "no emergence"
+    assert E._transition_lag(pinned, level, 0.95)["order"] == "undetermined"
+    assert E._transition_lag(never, level, 0.95)["order"] == "no formation"
+    summary = pipeline["summary"]
+    unlocated = summary[summary["order"].isin(["no formation", "no emergence"])]
+    formation = pipeline["formation"].assign(_class=[E.head_class(s, f) for s, f in
+                                                     zip(pipeline["formation"]["score"], pipeline["formation"]["family"])])
+    for row in unlocated.itertuples():
+        if row.order == "no formation":
+            assert formation.loc[formation["_class"] == row.subject, "onset_tokens"].isna().all(), row.subject

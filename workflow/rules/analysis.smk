@@ -5,8 +5,12 @@ ANALYSIS = config["analysis"]
 ANALYSIS_DIR = f"{RESULTS}/analysis"
 ANALYSIS_TABLES = ["emergence", "formation", "relation", "summary"]
 CATEGORY = "Emergence and formation"
-# relation families of the relation index: AGENDA's, or the relations toy zoo's planted map
-RI_FAMILIES = ["planted", "decoy"] if config["relations"]["planted_map"] else ["kg", "syntax"]
+# relation families of the relation index: AGENDA's, the relations toy zoo's planted map, or the copy zoo's decoys
+RI_FAMILIES = (
+    (["planted", "decoy"] if config["schedule"] != "toy" else ["decoy"])
+    if config["relations"]["planted_map"]
+    else ["kg", "syntax"]
+)
 
 
 rule analyze:

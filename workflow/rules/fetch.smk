@@ -5,14 +5,16 @@
 # its (i - max_cached_checkpoints)-th: at most that many checkpoints per model are in the cache at once.
 
 TOY_ZOO = f"{config['toy_zoo']['dir']}/zoo.json"
-# the relations zoo also writes its planted map and the texts the relations stage reads
+# a zoo also writes a relation map and the texts the relations stage reads (the relations zoo its planted
+# relations, the copy zoo its decoys): outputs of the zoo's job when the configuration reads them
 TOY_ZOO_PLANTED = [f"{config['toy_zoo']['dir']}/{name}" for name in ("planted.json", "relations.jsonl")]
+READS_ZOO_MAP = config["schedule"] != "pythia" and config["relations"]["planted_map"] == TOY_ZOO_PLANTED[0]
 
 
 rule toy_zoo:
     output:
         TOY_ZOO,
-        TOY_ZOO_PLANTED if config["schedule"] == "toy-relations" else [],
+        TOY_ZOO_PLANTED if READS_ZOO_MAP else [],
     log:
         "logs/toy_zoo.log",
     conda:
