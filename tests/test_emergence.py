@@ -656,3 +656,96 @@ def test_onset_and_midpoint_never_contradict_in_the_summary(pipeline):
     for row in unlocated.itertuples():
         if row.order == "no formation":
             assert formation.loc[formation["_class"] == row.subject, "onset_tokens"].isna().all(), row.subject
+
+
+# ------------------------------------------------------------------ figures that agree with the tables (issue 26)
+
+def _spans(fig) -> set[tuple[float, float]]:
+    """The x extents of the shaded intervals (axvspan rectangles) on a figure's axes."""
+    from matplotlib.patches import Rectangle
+
+    return {tuple(np.round([p.get_x(), p.get_x() + p.get_width()], 3)) for ax in fig.axes for p in ax.patches
+            if isinstance(p, Rectangle) and p.get_height() == 1}
+
+
+def test_panel_shades_exactly_the_series_the_summary_times():
+    """Unconstrained accuracy transitions at step 300, constrained at 6000: only the constrained one (the
+    summary's pattern-discovery metric) is shaded, with the summary's own interval, beside loss reduction's
+    and format compliance's; the unconstrained curve is still drawn, labelled as not timed."""
+    rng = np.random.default_rng(5)
+    icl = icl_table(rng)
+    extra = icl[icl["metric"] == "accuracy_constrained"].copy()
+    extra["metric"] = "accuracy"
+    extra["value"] = E.logistic(X, 0.2, 0.7, xmid(300), 0.15) + rng.normal(0, 0.01, len(X))
+    extra["ci_low"], extra["ci_high"] = extra["value"] - 0.02, extra["value"] + 0.02
+    icl = pd.concat([icl, extra], ignore_index=True)
+    icl_traj = E.icl_trajectories(icl)
+    em = E.emergence_table(icl_traj, n_boot=50)
+    assert (em["fit_status"] == "ok").all()
+    heads = heads_table(rng)
+    head_traj = E.head_trajectories(heads)
+    fo = E.formation_table(head_traj, n_boot=20)
+    fig = F.plot_emergence_panel(icl_traj, em, head_traj, fo)
+    timed = em[em["metric"] == em["level"].map(E.LEVEL_METRIC)]
+    expected = {tuple(np.round([r.transition_tokens_low, r.transition_tokens_high], 3)) for r in timed.itertuples()}
+    assert _spans(fig) == expected and len(expected) == 3
+    labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert "accuracy, fruit_month, 20-shot (not timed)" in labels
+    assert "accuracy constrained, fruit_month, 20-shot" in labels
+
+
+def test_panel_defaults_to_heads_the_run_has():
+    """The bottom row shows a relation only where its heads formed: prefix matching when no relation-index
+    head formed (a toy's decoys), the formed relation when one did."""
+    rng = np.random.default_rng(6)
+    heads = heads_table(rng)
+    never = E.formation_table(E.head_trajectories(heads, ri_table(rng, mids={})), n_boot=20)
+    assert F.default_score(never) == "prefix_matching"
+    formed = E.formation_table(E.head_trajectories(heads, ri_table(rng)), n_boot=20)
+    assert (formed.loc[formed["score"] == "ri:USED-FOR", "fit_status"] == "ok").any()
+    assert F.default_score(formed) == "ri:USED-FOR"
+
+
+def test_evenly_spaced_checkpoints_get_a_linear_axis_that_shows_the_transition():
+    """A toy zoo's checkpoints (0 to 1600 in steps of 50 to 200) with a transition at step 1000: a linear
+    axis on which it lies in the middle 40-80 % of the axis (on the old symlog axis it sat at ~90 %);
+    Pythia's log-spaced grid keeps the symlog axis."""
+    import matplotlib.pyplot as plt
+
+    from icl_dynamics.figures import axis_scale, step_axis
+
+    toy = np.array([0, 100, 200, 400, 600, 800, 850, 900, 925, 950, 975, 1000, 1050, 1100, 1200, 1400, 1600])
+    assert axis_scale(toy * 2048) == "linear" and axis_scale(STEPS * TPS) == "symlog"
+    fig, (ax, old) = plt.subplots(1, 2)
+    F.tokens_axis(ax, 2048, tokens=toy * 2048)
+    ax.plot(toy * 2048, toy)
+    old.set_xscale("symlog", linthresh=2048, linscale=0.5)
+    old.plot(toy * 2048, toy)
+    fig.canvas.draw()
+    for axis, (low, high) in ((ax, (0.4, 0.8)), (old, (0.85, 1.0))):
+        fraction = axis.transAxes.inverted().transform(axis.transData.transform((1000 * 2048, 0)))[0]
+        assert low < fraction < high, (axis.get_xscale(), fraction)
+    step_axis(ax, toy)
+    assert ax.get_xscale() == "linear"
+    plt.close(fig)
+
+
+def test_scatter_keeps_heads_of_two_scores_with_one_midpoint_apart(pipeline):
+    """Previous-token heads formed with the induction heads used to hide the prefix-matching markers
+    beneath theirs: each score's points get their own x offset, drawn hollow."""
+    fo = pipeline["formation"].copy()
+    ok = fo[(fo["final_rank"] == 1) & (fo["score"] == "prefix_matching")].iloc[0]
+    assert ok["fit_status"] == "ok"
+    twin = ok.copy()
+    twin["score"] = "previous_token"
+    fo = pd.concat([fo[fo["score"] != "previous_token"], twin.to_frame().T], ignore_index=True)
+    fo["final_rank"] = fo["final_rank"].astype("Int64")
+    fig = F.plot_formation_emergence_scatter(fo, pipeline["emergence"], scores=["prefix_matching", "previous_token"],
+                                             top_k=1)
+    containers = fig.axes[0].containers  # one error bar per score and ICL series, scores in order
+    n_series = int((pipeline["emergence"]["fit_status"] == "ok").sum())
+    assert len(containers) == 2 * n_series
+    first, second = ({round(float(np.log10(x)), 4) for c in part for x in c.lines[0].get_xdata()}
+                     for part in (containers[:n_series], containers[n_series:]))
+    assert first and second and not first & second
+    assert min(abs(a - b) for a in first for b in second) == pytest.approx(F.DODGE, abs=1e-3)

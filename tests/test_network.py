@@ -241,3 +241,26 @@ def test_a_fetch_records_what_it_added_to_the_cache(fake, tmp_path):
     assert first.record() == {"downloaded_blobs": blobs, "revision_was_cached": False}
     assert sorted(r.path.resolve().name for r in first.files) == blobs
     assert fetch(cache).record() == {"downloaded_blobs": [], "revision_was_cached": True}
+
+
+def test_the_python_api_fetches_through_the_same_verified_path(fake, toy_zoo, tmp_path):
+    """icl_dynamics.fetch is the fetch stage from Python: the provenance row the CLI writes (but its
+    seconds), against which load_checkpoint checks the weights before loading them."""
+    import pyarrow.parquet as pq
+
+    import icl_dynamics
+
+    cache = tmp_path / "cache"
+    row = icl_dynamics.fetch(TOY_MODEL_ID, STEP, cache_dir=cache, schedule="toy")
+    assert main(["fetch", "--model", TOY_MODEL_ID, "--step", str(STEP), "--schedule", "toy", "--cache-dir",
+                 str(cache), "--out", str(tmp_path / "provenance.parquet")]) == 0
+    written = pq.read_table(tmp_path / "provenance.parquet").to_pylist()[0]
+    assert {k: v for k, v in row.items() if k != "seconds"} == {k: v for k, v in written.items() if k != "seconds"}
+    assert icl_dynamics.load_checkpoint(TOY_MODEL_ID, STEP, cache_dir=cache, device="cpu", fetched=row).model
+    blob = (cache / REPO / "snapshots" / row["commit"] / row["files"][0]).resolve()
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 1
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    with pytest.raises(hub.IntegrityError, match="has hash"):
+        icl_dynamics.load_checkpoint(TOY_MODEL_ID, STEP, cache_dir=cache, device="cpu", fetched=row)

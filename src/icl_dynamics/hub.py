@@ -582,3 +582,21 @@ def write_snapshot(
     for rev in revisions:
         _write_ref(model_id, rev, commit, cache_dir)
     return commit
+
+
+def fetch(model_id: str, step: int, *, cache_dir: str | os.PathLike[str] | None = None, schedule: str = "pythia",
+          attempts: int = 6, timeout: float = 60.0) -> dict:
+    """The Python API's fetch (``icl_dynamics.fetch``): what ``icl-dynamics fetch`` does, without the file.
+
+    Puts ``model_id`` at ``step`` into the cache through :func:`fetch_checkpoint` (every file checked
+    against the hub's hash; offline, against the cache's) and returns the provenance row the fetch stage
+    writes (:data:`PROVENANCE_SCHEMA`), which ``load_checkpoint(..., fetched=row)`` checks the weights
+    against before loading them. ``schedule`` (``pythia``, ``toy``, ``toy-relations``) gives the tokens seen.
+    """
+    from icl_dynamics.config import schedule_named
+    from icl_dynamics.toyzoo import TOY_SEED
+
+    grid = schedule_named(schedule, TOY_SEED)
+    grid.check(step)
+    result = fetch_checkpoint(model_id, step, cache_dir=cache_dir, attempts=attempts, timeout=timeout)
+    return result.row(grid.tokens(step))

@@ -112,13 +112,13 @@ class ToyConfig:
         """The planted relations (none in the copy zoo); their map is drawn from the seed."""
         return planted.make_relations(self.seed) if self.planted else []
 
-    def decoys(self) -> list[planted.PlantedRelation]:
-        """The copy zoo's decoy relations over its own words (never trained: the relation index's null
-        control on it); the relations zoo carries its own decoy among its planted relations."""
+    def untrained(self) -> list[planted.PlantedRelation]:
+        """The copy zoo's relations over its own words, which it was never trained on (the relation
+        index's null control on it: :func:`icl_dynamics.planted.untrained_relations`); none for the relations zoo."""
         if self.planted:
             return []
         words = json.loads(resources.files("icl_dynamics").joinpath("data/icl_words.json").read_text())
-        return planted.decoy_relations(words, self.seed)
+        return planted.untrained_relations(words, self.seed)
 
 
 def zoo_config(kind: str, seed: int | None = None) -> ToyConfig:
@@ -308,13 +308,14 @@ def held_out_text(cfg: ToyConfig, vocab: Sequence[str], n_docs: int, *, offset: 
     return docs[:n_docs]
 
 
-def write_decoys(cfg: ToyConfig, vocab: Sequence[str], out_dir: str | Path) -> list[Path]:
-    """The copy zoo's ``planted.json`` (its decoy relations, :meth:`ToyConfig.decoys`) and
-    ``relations.jsonl`` (``cfg.text_docs`` sequences holding them as the relations zoo's hold its
-    decoy: every tail mentioned, random filler after the marker; no BOS) in ``out_dir``."""
+def write_untrained(cfg: ToyConfig, vocab: Sequence[str], out_dir: str | Path) -> list[Path]:
+    """The copy zoo's ``planted.json`` (relations it was never trained on, :meth:`ToyConfig.untrained`)
+    and ``relations.jsonl`` (``cfg.text_docs`` sequences holding them as the relations zoo's training
+    data hold its planted relations: two tails mentioned early, each head later as ``head marker tail``;
+    no BOS) in ``out_dir``."""
     import torch
 
-    decoys = cfg.decoys()
+    decoys = cfg.untrained()
     index = {w: i for i, w in enumerate(vocab)}
     special = set(SPECIAL_TOKENS) | set(planted.relation_words(decoys))
     filler = torch.tensor([i for i, w in enumerate(vocab) if w not in special])
@@ -373,8 +374,8 @@ def write_zoo(zoo: TrainedZoo, out_dir: str | Path) -> Path:
             planted.write_map(cfg.relations(), tmp / "planted.json")
             _write_jsonl(tmp / "relations.jsonl",
                          held_out_text(cfg, zoo.vocab, cfg.text_docs, offset=20_000, bos=False))
-        else:  # the copy zoo's decoys, for a relation stage that needs no AGENDA and no spaCy pipeline
-            write_decoys(cfg, zoo.vocab, tmp)
+        else:  # relations it never saw, for a relation stage that needs no AGENDA and no spaCy pipeline
+            write_untrained(cfg, zoo.vocab, tmp)
         tables.write_rows(zoo.curve, TRAINING_SCHEMA, tmp / "training.parquet")
         manifest = {"model_id": cfg.model_id, "kind": cfg.kind, "config": asdict(cfg), "tokens_per_step": cfg.tokens_per_step,
                     "vocab_size": len(zoo.vocab), "train_seconds": round(zoo.seconds, 1),

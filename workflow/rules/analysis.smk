@@ -5,9 +5,10 @@ ANALYSIS = config["analysis"]
 ANALYSIS_DIR = f"{RESULTS}/analysis"
 ANALYSIS_TABLES = ["emergence", "formation", "relation", "summary"]
 CATEGORY = "Emergence and formation"
-# relation families of the relation index: AGENDA's, the relations toy zoo's planted map, or the copy zoo's decoys
+# relation families of the relation index: AGENDA's, the relations toy zoo's planted map, or the copy zoo's
+# relations it was never trained on (family planted, no decoy)
 RI_FAMILIES = (
-    (["planted", "decoy"] if config["schedule"] != "toy" else ["decoy"])
+    (["planted", "decoy"] if config["schedule"] != "toy" else ["planted"])
     if config["relations"]["planted_map"]
     else ["kg", "syntax"]
 )
