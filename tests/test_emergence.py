@@ -749,3 +749,40 @@ def test_scatter_keeps_heads_of_two_scores_with_one_midpoint_apart(pipeline):
                      for part in (containers[:n_series], containers[n_series:]))
     assert first and second and not first & second
     assert min(abs(a - b) for a in first for b in second) == pytest.approx(F.DODGE, abs=1e-3)
+
+
+def test_front_page_states_the_summary_with_the_headline_figure_first(pipeline, tmp_path):
+    """The report's front page: the panel embedded before any text, then each head class's midpoint and
+    each level's, as steps (the summary's tokens over tokens per step, with the bootstrap interval), and
+    the verdict table with the summary's own orders; rendered by docutils without a warning."""
+    import base64
+    import re
+
+    from docutils.core import publish_parts
+
+    from icl_dynamics.frontpage import front_page
+
+    png = tmp_path / "panel.png"
+    F.emergence_panel(pipeline["icl_traj"], pipeline["emergence"], pipeline["head_traj"], pipeline["formation"],
+                      tmp_path / "panel")
+    provenance = pipeline["heads"][["model", "step", "tokens"]].drop_duplicates()
+    summary = pipeline["summary"]
+    text = front_page(summary, pipeline["emergence"], pipeline["formation"], provenance, png, top_k=1)
+    assert "{{" not in text and "{%" not in text  # Snakemake runs the page through Jinja2
+    first_image = text.index('<img alt="the emergence panel"')
+    assert first_image < text.index("**Heads**")
+    embedded = text[first_image:].split('base64,', 1)[1].split('"', 1)[0]
+    assert base64.b64decode("".join(embedded.split())) == png.read_bytes()
+    row = summary[(summary["subject"] == "induction") & (summary["head_set"] == "top1")].iloc[0]
+    expected = (f"half-way formed at step {row['subject_tokens'] / TPS:,.0f} (95% interval "
+                f"{row['subject_low_tokens'] / TPS:,.0f}-{row['subject_high_tokens'] / TPS:,.0f})")
+    assert expected in text, text
+    em = pipeline["emergence"].set_index("level").loc["pattern_discovery"]
+    assert f"emerged, half-way at step {em['transition_tokens'] / TPS:,.0f}" in text
+    assert "**Copying heads**: never left its step-0 null" in text
+    induction = re.search(r"\* - Induction heads \(prefix matching\)\n((?:     - .*\n)+)", text).group(1)
+    orders = [cell.strip()[2:] for cell in induction.splitlines()]
+    mine = summary[(summary["subject"] == "induction") & (summary["head_set"] == "top1")]
+    assert orders == [mine.loc[mine["level"] == level, "order"].iloc[0] for level in E.LEVELS]
+    html = publish_parts(text, writer_name="html", settings_overrides={"report_level": 2, "halt_level": 2})
+    assert '<img alt="the emergence panel"' in html["html_body"] and "<table" in html["html_body"]

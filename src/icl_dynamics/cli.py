@@ -290,6 +290,14 @@ def cmd_causal(args: argparse.Namespace) -> None:
     log.info("causal analysis of %d ablation rows in %.0f s -> %s", len(ablation), time.perf_counter() - start, out)
 
 
+def cmd_front_page(args: argparse.Namespace) -> None:
+    from icl_dynamics.frontpage import write_front_page
+
+    paths = {"summary": [args.summary], "emergence": [args.emergence], "formation": [args.formation],
+             "provenance": args.provenance}
+    log.info("report front page written to %s", write_front_page(paths, args.figure, args.out, top_k=args.top_k))
+
+
 def _merge_schema(stage: str):
     """The schema of merged table ``stage``: the fetch's provenance, or its score tables' (results.MERGED)."""
     from icl_dynamics import hub, results
@@ -499,6 +507,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", required=True, help="the analysis folder (tables; figures/ for the figures)")
     p.set_defaults(func=cmd_causal)
+
+    p = sub.add_parser("front-page", help="the report's front page: what the run found, with the headline figure")
+    p.add_argument("--summary", required=True, help="the analyze command's summary.parquet")
+    p.add_argument("--emergence", required=True, help="the analyze command's emergence.parquet")
+    p.add_argument("--formation", required=True, help="the analyze command's formation.parquet")
+    p.add_argument("--provenance", nargs="+", required=True, help="merged provenance of every model")
+    p.add_argument("--figure", required=True, help="the headline figure (PNG), embedded first")
+    p.add_argument("--top-k", type=int, default=10, help="the analysis' top_k (which head set the page reports)")
+    p.add_argument("--out", required=True, help="reStructuredText (the Snakefile's report: description)")
+    p.set_defaults(func=cmd_front_page)
 
     p = sub.add_parser("merge", help="concatenate one stage's per-checkpoint tables")
     p.add_argument("--stage", required=True)
