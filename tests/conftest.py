@@ -184,3 +184,19 @@ def run_toy_workflow(config_file: str, zoo: Path, steps: list[int], workdir: Pat
             proc.wait()
     assert proc.returncode == 0, log.read_text()[-3000:]
     return command, seen
+
+
+TOY_WORKFLOW_STEPS = [0, 1000, 1600]  # before, during and after the toy zoo's phase change
+
+
+@pytest.fixture(scope="session")
+def toy_workflow(toy_zoo, shared_dir, tmp_path_factory):
+    """One uninterrupted offline run of the toy workflow (AGENDA's relations from ../shared), shared by every
+    test that reads it: (workdir, command, wall seconds)."""
+    import time
+
+    workdir = tmp_path_factory.mktemp("toy-workflow")
+    start = time.monotonic()
+    command, _ = run_toy_workflow("toy.yaml", toy_zoo, TOY_WORKFLOW_STEPS, workdir,
+                                  {"agenda_dir": str(shared_dir / "data" / "agenda")})
+    return workdir, command, time.monotonic() - start

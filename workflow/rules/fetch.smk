@@ -14,6 +14,7 @@ READS_ZOO_MAP = config["schedule"] != "pythia" and config["relations"]["planted_
 rule toy_zoo:
     output:
         TOY_ZOO,
+        f"{config['toy_zoo']['dir']}/training.parquet",  # its training curve (the relations zoo's control figure)
         TOY_ZOO_PLANTED if READS_ZOO_MAP else [],
     log:
         "logs/toy_zoo.log",
