@@ -188,6 +188,8 @@ def test_snakemake_end_to_end_on_the_toy_zoo(toy_workflow):
     assert report.returncode == 0, report.stderr[-3000:]
     html = (tmp_path / "report.html").read_text(errors="replace")
     assert "emergence_panel.png" in html and "prefix_matching_heatmap.png" in html and "causal-icl-dynamics" in html
+    front = (analysis / "front_page.rst").read_text()
+    assert front.startswith("Result: toy-neox") and "Result: toy-neox" in html, (front[:300], report.stderr[-2000:])
     front_page_in_a_browser(tmp_path / "report.html", pd.read_parquet(analysis / "summary.parquet"))
 
     # a rerun has nothing to do
