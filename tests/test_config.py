@@ -13,7 +13,7 @@ from icl_dynamics.config import ConfigError, validate_config
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 
 
-def load(name: str = "config.yaml") -> dict:
+def load(name: str = "config/config.yaml") -> dict:
     return yaml.safe_load((REPO / name).read_text())
 
 

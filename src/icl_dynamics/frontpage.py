@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from icl_dynamics.emergence import LEVEL_METRIC, LEVELS, tokens_per_step
+from icl_dynamics.emergence import LEVEL_METRIC, LEVELS, head_class, tokens_per_step
 
 CLASS_NAMES = {"induction": "Induction heads (prefix matching)", "previous_token": "Previous-token heads",
                "copying": "Copying heads"}
@@ -67,10 +67,14 @@ def _head_lines(summary: pd.DataFrame, formation: pd.DataFrame, head_set: str, t
 
 
 def _onsets(formation: pd.DataFrame, subject: str) -> np.ndarray:
-    from icl_dynamics.emergence import head_class
-
+    """The onsets (tokens) of the heads of class ``subject`` in ``formation`` (those that left their null)."""
     mine = formation[[head_class(s, f) == subject for s, f in zip(formation["score"], formation["family"])]]
     return mine["onset_tokens"].dropna().to_numpy(float)
+
+
+def heads_in(formation: pd.DataFrame, head_set: str, top_k: int) -> pd.DataFrame:
+    """The formation rows of a summary head set: every head for ``all``, the top ``top_k`` per score else."""
+    return formation if head_set == "all" else formation[(formation["final_rank"] <= top_k).fillna(False)]
 
 
 def _level_lines(emergence: pd.DataFrame, tps: int) -> list[str]:
@@ -144,7 +148,8 @@ def front_page(summary: pd.DataFrame, emergence: pd.DataFrame, formation: pd.Dat
         out += [model, "-" * len(model), "",
                 f"{len(steps)} checkpoints, steps {steps[0]:,} to {steps[-1]:,}; head classes over {which}.", "",
                 "**Heads**", ""]
-        out += _head_lines(mine, formation[formation["model"] == model], head_set, tps[model])
+        out += _head_lines(mine, heads_in(formation[formation["model"] == model], head_set, top_k), head_set,
+                           tps[model])
         out += ["", "**In-context learning**", ""]
         out += _level_lines(emergence[emergence["model"] == model], tps[model])
         out += _verdicts(mine, head_set)
