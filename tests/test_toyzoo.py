@@ -215,7 +215,11 @@ def front_page_in_a_browser(report, summary) -> None:
     text = re.sub(r"<[^>]+>", " ", dom)
     assert "Result: toy-neox" in text and "Induction heads (prefix matching)" in text, text[:3000]
     row = summary[(summary["subject"] == "induction") & (summary["head_set"] == "all")].iloc[0]
-    assert f"half-way formed at step {row['subject_tokens'] / 2048:,.0f}" in text, text[:3000]
+    if pd.notna(row["subject_tokens"]):  # located: its midpoint, as the summary has it
+        assert f"half-way formed at step {row['subject_tokens'] / 2048:,.0f}" in text, text[:3000]
+    else:  # 3 checkpoints are too few for a fit: the page says so rather than inventing a step
+        assert re.search(r"Induction heads \(prefix matching\)\s*: (left its step-0 null|never left)", text), \
+            text[:3000]
     assert dom.index('alt="the emergence panel"') < dom.index("Induction heads (prefix matching)")
     assert "When each head class formed" in text
 

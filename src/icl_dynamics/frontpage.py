@@ -45,15 +45,26 @@ def _class_name(subject: str) -> str:
     return CLASS_NAMES.get(subject, subject)
 
 
-def _head_lines(summary: pd.DataFrame, formation: pd.DataFrame, head_set: str, tps: int) -> list[str]:
+def head_rows(summary: pd.DataFrame, top_k: int) -> pd.DataFrame:
+    """The head-class rows the page reports: each class's ``top<k>`` rows, or its ``all`` rows where it
+    has no more than ``top_k`` heads (the summary then has only those)."""
+    rows = summary[summary["subject_kind"] == "head_class"]
+    topped = set(rows.loc[rows["head_set"] == f"top{top_k}", "subject"])
+    rows = rows[(rows["head_set"] == f"top{top_k}") | ((rows["head_set"] == "all") & ~rows["subject"].isin(topped))]
+    order = {name: i for i, name in enumerate(CLASS_NAMES)}  # the classic classes first, then the relation index's
+    return rows.sort_values("subject", key=lambda s: s.map(lambda x: (order.get(x, len(order)), x)), kind="stable")
+
+
+def _head_lines(rows: pd.DataFrame, formation: pd.DataFrame, top_k: int, tps: int) -> list[str]:
     lines = []
-    rows = summary[(summary["subject_kind"] == "head_class") & (summary["head_set"] == head_set)]
     for subject, g in rows.groupby("subject", sort=False):
         row = g.iloc[0]
         name = _class_name(str(subject))
         units = f"{int(row['n_formed'])} of {int(row['n_units'])} heads formed"
+        if row["head_set"] != "all":
+            units += f", the top {top_k} of each score"
         when = _when(row["subject_tokens"], row["subject_low_tokens"], row["subject_high_tokens"], tps)
-        onsets = _onsets(formation, str(subject))
+        onsets = _onsets(heads_in(formation, row["head_set"], top_k), str(subject))
         first = f"; first past its step-0 null at step {_step(np.median(onsets), tps)} (median over heads)" \
             if len(onsets) else ""
         if when:
@@ -98,8 +109,7 @@ def _level_lines(emergence: pd.DataFrame, tps: int) -> list[str]:
     return lines
 
 
-def _verdicts(summary: pd.DataFrame, head_set: str) -> list[str]:
-    rows = summary[(summary["subject_kind"] == "head_class") & (summary["head_set"] == head_set)]
+def _verdicts(rows: pd.DataFrame) -> list[str]:
     if rows.empty:
         return []
     levels = [lv for lv in LEVELS if lv in set(rows["level"])]
@@ -140,19 +150,15 @@ def front_page(summary: pd.DataFrame, emergence: pd.DataFrame, formation: pd.Dat
            "(README, \"Where we depart from the paper\").", ""]
     for model in models:
         steps = sorted(provenance.loc[provenance["model"] == model, "step"].astype(int))
-        mine = summary[summary["model"] == model]
-        sets = set(mine.loc[mine["subject_kind"] == "head_class", "head_set"])
-        head_set = f"top{top_k}" if f"top{top_k}" in sets else "all"
-        which = (f"the top {top_k} heads of each score at the last checkpoint" if head_set != "all"
-                 else "every head")
+        mine = head_rows(summary[summary["model"] == model], top_k)
         out += [model, "-" * len(model), "",
-                f"{len(steps)} checkpoints, steps {steps[0]:,} to {steps[-1]:,}; head classes over {which}.", "",
+                f"{len(steps)} checkpoints, steps {steps[0]:,} to {steps[-1]:,}; each head class over the top "
+                f"{top_k} heads of each score at the last checkpoint, or every head where it has no more.", "",
                 "**Heads**", ""]
-        out += _head_lines(mine, heads_in(formation[formation["model"] == model], head_set, top_k), head_set,
-                           tps[model])
+        out += _head_lines(mine, formation[formation["model"] == model], top_k, tps[model])
         out += ["", "**In-context learning**", ""]
         out += _level_lines(emergence[emergence["model"] == model], tps[model])
-        out += _verdicts(mine, head_set)
+        out += _verdicts(mine)
         out.append("")
     out += ["The tables behind this page: *summary.csv* (every comparison), and analysis/summary.parquet, "
             "emergence.parquet and formation.parquet in the results folder (results/README.md).", ""]
