@@ -96,6 +96,17 @@ def made(toy_zoo_relations: Path, tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "folder": folder, "unmerged": unmerged, "zoo": toy_zoo_relations}
 
 
+def read_parquet(path: Path) -> pd.DataFrame:
+    """A table as load_results should give it: pandas' reading, with every integer column the file's schema
+    declares nullable as a nullable integer of its width (pandas alone makes a column with nulls float)."""
+    frame = pd.read_parquet(path)
+    for field in pq.read_schema(path):
+        if pa.types.is_integer(field.type) and field.nullable:
+            frame[field.name] = frame[field.name].astype({8: "Int8", 16: "Int16", 32: "Int32", 64: "Int64"}[
+                field.type.bit_width])
+    return frame
+
+
 def parquet_files(root: Path) -> dict[str, list[Path]]:
     """Every Parquet file under a results folder by the table name it holds (step files under their table)."""
     found: dict[str, list[Path]] = {}
@@ -116,7 +127,7 @@ def test_load_results_reads_every_table_the_pipeline_writes(made):
         if not whole:
             continue  # per checkpoint only (loss, icl_tasks): test_load_results_concatenates_checkpoints
         frame = icl_dynamics.load_results(root, name)
-        pd.testing.assert_frame_equal(frame, pd.read_parquet(whole[0]))
+        pd.testing.assert_frame_equal(frame, read_parquet(whole[0]))
         assert frame.attrs["files"] == [str(whole[0])]
         assert frame.attrs["provenance"] == {str(whole[0]): read_provenance(whole[0])}
     assert len(icl_dynamics.load_results(root, "heads")) == len(STEPS) * 2 * 4  # two layers of four heads
@@ -128,9 +139,9 @@ def test_load_results_concatenates_checkpoints_without_a_merge(made):
     for name, parts in {**results.MERGED, "loss": ("loss",), "icl_tasks": ("icl_tasks",)}.items():
         frame = icl_dynamics.load_results(unmerged, name)
         files = [unmerged / SLUG / f"step{step}" / f"{part}.parquet" for step in STEPS for part in parts]
-        pd.testing.assert_frame_equal(frame, pd.concat([pd.read_parquet(f) for f in files], ignore_index=True))
+        pd.testing.assert_frame_equal(frame, pd.concat([read_parquet(f) for f in files], ignore_index=True))
         if name in results.MERGED:
-            pd.testing.assert_frame_equal(frame, pd.read_parquet(folder / f"{name}.parquet"))
+            pd.testing.assert_frame_equal(frame, read_parquet(folder / f"{name}.parquet"))
         assert frame.attrs["files"] == [str(f) for f in files]
         assert frame.attrs["provenance"] == {str(f): read_provenance(f) for f in files}
     runtime = icl_dynamics.load_results(unmerged, "heads").attrs["provenance"]
@@ -140,7 +151,7 @@ def test_load_results_concatenates_checkpoints_without_a_merge(made):
 
 def test_load_results_selects_models_and_steps(made, tmp_path):
     root, unmerged, folder = made["root"], made["unmerged"], made["folder"]
-    heads = pd.read_parquet(folder / "heads.parquet")
+    heads = read_parquet(folder / "heads.parquet")
     last = heads[heads["step"] == 1600].reset_index(drop=True)
     for where in (root, unmerged):
         pd.testing.assert_frame_equal(icl_dynamics.load_results(where, "heads", steps=[1600]), last)
@@ -170,7 +181,7 @@ def test_load_results_selects_models_and_steps(made, tmp_path):
     with pytest.raises(ValueError, match="text_tokens has no model column: name one model"):
         icl_dynamics.load_results(two, "text_tokens")
     pd.testing.assert_frame_equal(icl_dynamics.load_results(two, "text_tokens", models=RELATIONS_MODEL_ID),
-                                  pd.read_parquet(folder / "text_tokens.parquet"))
+                                  read_parquet(folder / "text_tokens.parquet"))
     summary = icl_dynamics.load_results(root, "summary", models=[RELATIONS_MODEL_ID])
     assert len(summary) and set(summary["model"]) == {RELATIONS_MODEL_ID}
 
@@ -215,7 +226,7 @@ def test_score_runs_a_stage_on_a_loaded_checkpoint_as_the_cli_does(made):
                                     **options, **inputs.get(stage, {}))
         assert tables  # heads; loss and loss_curve; icl_tasks; relation_index; ablation
         for name, frame in tables.items():
-            pd.testing.assert_frame_equal(frame, pd.read_parquet(made["folder"] / "step1600" / f"{name}.parquet"))
+            pd.testing.assert_frame_equal(frame, read_parquet(made["folder"] / "step1600" / f"{name}.parquet"))
     assert set(icl_dynamics.score(ckpt, "icl-tasks", schedule="toy-relations", shots=3, n_prompts=4)["icl_tasks"]
                ["shots"]) == {3}  # one value of a list option
     with pytest.raises(TypeError, match="stage heads has no option n_sample; its options: n_tokens, repeats, n_sam"):
@@ -247,7 +258,7 @@ def test_figures_draw_into_the_callers_axes_and_leave_its_rcparams_alone(made):
     with matplotlib.rc_context({"figure.dpi": 72, "lines.linewidth": 3.0, "font.size": 12}):  # the caller's own
         before = dict(matplotlib.rcParams)
         fig, ax = plt.subplots()
-        assert icl_figures.plot_loss_by_token(load["loss_curve"], steps=[1600], ax=ax) is ax
+        assert icl_figures.plot_loss_by_token(load["loss_curve"], steps=[1600], ax=ax) is fig
         curve = load["loss_curve"][load["loss_curve"]["step"] == 1600].sort_values("position")
         line, = ax.get_lines()
         np.testing.assert_array_equal(line.get_ydata(), curve["loss"])
@@ -281,3 +292,125 @@ def test_importing_the_figures_keeps_the_callers_backend():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "MPLBACKEND": "svg"})
     assert proc.stdout.split() == ["svg"], proc.stderr[-2000:]
+
+
+def test_integer_columns_come_back_as_integers(made):
+    """``shots`` is null on the loss rows of the icl table: a nullable integer, not float64 (pandas' own
+    reading); columns that are never null keep numpy's integers."""
+    icl = icl_dynamics.load_results(made["root"], "icl")
+    assert icl["shots"].dtype == "Int32" and icl["shots"].isna().any() and icl["shots"].notna().any()
+    assert pd.read_parquet(made["folder"] / "icl.parquet")["shots"].dtype == "float64"
+    heads = icl_dynamics.load_results(made["root"], "heads")
+    assert (heads["step"].dtype, heads["layer"].dtype, heads["head"].dtype) == ("int64", "int32", "int32")
+    summary = icl_dynamics.load_results(made["root"], "summary")
+    assert summary["shots"].dtype == "Int32" and summary["n_formed"].dtype == "int32"
+
+
+def test_score_takes_dataframes_for_every_table_input(made):
+    """What load_results (or score itself) returned goes straight back in: the same tables as from the files."""
+    ckpt = icl_dynamics.load_checkpoint(RELATIONS_MODEL_ID, 1600, cache_dir=made["zoo"] / "hub", device="cpu")
+    root, step = made["root"], made["folder"] / "step1600"
+    frames = {"text_tokens": icl_dynamics.load_results(root, "text_tokens"),
+              "relations_dir": {name: icl_dynamics.load_results(root, f"relations/{name}")
+                                for name in ("sequences", "triplets")},
+              "heads_table": icl_dynamics.load_results(root, "heads", steps=[1600]),
+              "relation_index_table": icl_dynamics.score(ckpt, "relation-index", schedule="toy-relations",
+                                                         **OPTIONS["relation-index"],
+                                                         relations_dir=made["folder"] / "relations")["relation_index"]}
+    for stage, names in (("loss", ("text_tokens",)), ("relation-index", ("relations_dir",)),
+                         ("ablation", ("text_tokens", "relations_dir", "heads_table", "relation_index_table"))):
+        tables = icl_dynamics.score(ckpt, stage, schedule="toy-relations", **OPTIONS[stage],
+                                    **{name: frames[name] for name in names})
+        for name, frame in tables.items():
+            pd.testing.assert_frame_equal(frame, read_parquet(step / f"{name}.parquet"))
+    with pytest.raises(ValueError, match="relations_dir: a mapping of DataFrames needs the keys sequences and "
+                                         r"triplets \(missing \['triplets'\]\)"):
+        icl_dynamics.score(ckpt, "relation-index", schedule="toy-relations",
+                           relations_dir={"sequences": frames["relations_dir"]["sequences"]})
+    with pytest.raises(ValueError, match=r"text_tokens: the DataFrame lacks columns \['token_ids'\]"):
+        icl_dynamics.score(ckpt, "loss", schedule="toy-relations", text_tokens=frames["text_tokens"].drop(
+            columns="token_ids"))
+
+
+def test_every_figure_function_draws_into_the_callers_figure_and_returns_it(made):
+    """One-panel figures take ax=, figures of several panels fig= (here a SubFigure of the caller's figure);
+    each returns the caller's Figure and draws only there (no new figure opened)."""
+    from matplotlib.figure import SubFigure
+
+    from icl_dynamics.figures import causal as causal_figures
+    from icl_dynamics.figures import emergence as emergence_figures
+    from icl_dynamics.figures import heads as heads_figures
+    from icl_dynamics.figures import icl as icl_figures
+    from icl_dynamics.figures import relation_index as ri_figures
+    from icl_dynamics.planted import phase_change_step
+
+    root = made["root"]
+    load = {name: icl_dynamics.load_results(root, name) for name in (
+        "heads", "icl", "loss_curve", "relation_index", "provenance", "emergence", "formation", "relation",
+        "causal_correlation", "causal_series")}
+    ri = ri_figures.select_rows(load["relation_index"], model=None, gate="argmax", variant="source",
+                                direction="forward")
+    training = pd.read_parquet(made["zoo"] / "training.parquet")
+    curve = training.dropna(subset=["relation_loss"])
+    multi = {
+        heads_figures.plot_prefix_matching_heatmaps: lambda fig: heads_figures.plot_prefix_matching_heatmaps(
+            load["heads"], fig=fig),
+        heads_figures.plot_top_heads_vs_icl: lambda fig: heads_figures.plot_top_heads_vs_icl(
+            load["heads"], load["icl"], fig=fig),
+        icl_figures.plot_level: lambda fig: icl_figures.plot_level(load["icl"], "format_compliance",
+                                                                   "format_compliance", fig=fig),
+        ri_figures.final_heatmaps: lambda fig: ri_figures.final_heatmaps(ri, "planted", fig=fig),
+        ri_figures.top_heads_over_training: lambda fig: ri_figures.top_heads_over_training(ri, "planted", fig=fig),
+        ri_figures.planted_control: lambda fig: ri_figures.planted_control(
+            ri[ri["family"].isin(["planted", "decoy"])], training,
+            phase_change_step(curve["step"], curve["relation_loss"]), fig=fig),
+        emergence_figures.plot_ri_heatmaps: lambda fig: emergence_figures.plot_ri_heatmaps(
+            load["relation_index"], "planted", fig=fig),
+        emergence_figures.plot_emergence_panel: lambda fig: emergence_figures.plot_emergence_panel(
+            emergence.icl_trajectories(load["icl"]), load["emergence"],
+            emergence.head_trajectories(load["heads"], load["relation_index"]), load["formation"], fig=fig),
+        emergence_figures.plot_formation_emergence_scatter: lambda fig: emergence_figures.plot_formation_emergence_scatter(
+            load["formation"], load["emergence"], fig=fig),
+        emergence_figures.plot_correlation_map: lambda fig: emergence_figures.plot_correlation_map(
+            load["relation"], fig=fig),
+        causal_figures.plot_causal: lambda fig: causal_figures.plot_causal(
+            load["causal_correlation"], load["causal_series"], RELATIONS_MODEL_ID, fig=fig),
+    }
+    public = {getattr(module, name) for module in (heads_figures, icl_figures, ri_figures, emergence_figures,
+                                                   causal_figures)
+              for name in dir(module) if name.startswith("plot_") or name in ("final_heatmaps",
+                                                                               "top_heads_over_training",
+                                                                               "planted_control")}
+    assert public == {*multi, icl_figures.plot_loss_by_token}, "test every public figure function"
+    for function, draw in multi.items():
+        before = plt.get_fignums()
+        caller = plt.figure(figsize=(8, 4))
+        left, right = caller.subfigures(1, 2)
+        assert isinstance(left, SubFigure)
+        assert draw(left) is caller, function.__name__
+        assert left.axes and not right.axes and plt.get_fignums() == [*before, caller.number], function.__name__
+        plt.close(caller)
+    caller, ax = plt.subplots()
+    assert icl_figures.plot_loss_by_token(load["loss_curve"], ax=ax) is caller and ax.get_lines()
+    plt.close(caller)
+    with pytest.raises(ValueError, match="fig= must be an empty Figure or SubFigure"):
+        heads_figures.plot_prefix_matching_heatmaps(load["heads"], fig=plt.subplots()[0])
+    plt.close("all")
+
+
+def test_the_relation_index_figure_draws_the_matched_control(made):
+    """The SIH test compares with three controls; the figure of the top heads draws all three, the matched
+    one (a token of the tail's kind) included: its line is the chosen heads' mean control_matched."""
+    from icl_dynamics.figures import relation_index as ri_figures
+
+    ri = ri_figures.select_rows(icl_dynamics.load_results(made["root"], "relation_index"), model=None,
+                                gate="argmax", variant="source", direction="forward")
+    fig = ri_figures.top_heads_over_training(ri, "planted", k=2)
+    rel = ri[(ri["family"] == "planted") & (ri["relation"] == "capital")]
+    chosen = ri_figures.top_heads(rel, 2)
+    expected = rel.merge(chosen, on=["layer", "head"]).groupby("step")["control_matched"].mean()
+    ax = next(a for a in fig.axes if a.get_title() == "capital")
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert {"matched ctrl", "tenth ctrl", "random ctrl"} <= set(lines)
+    np.testing.assert_allclose(lines["matched ctrl"].get_ydata(), expected.to_numpy())
+    plt.close(fig)

@@ -13,7 +13,7 @@ from icl_dynamics.config import ConfigError, validate_config
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 
 
-def load(name: str = "config.yaml") -> dict:
+def load(name: str = "config/config.yaml") -> dict:
     return yaml.safe_load((REPO / name).read_text())
 
 
@@ -154,7 +154,7 @@ def test_snakemake_refuses_each_bad_config_with_one_line_naming_the_key(tmp_path
         work = tmp_path / f"run{i}"
         work.mkdir()
         (work / "bad.yaml").write_text(yaml.safe_dump(_merged(load(), _with_tmp(BAD_CONFIGS[i][0], str(tmp_path)))))
-        proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "-s", str(REPO / "Snakefile"),
+        proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "-s", str(REPO / "workflow" / "Snakefile"),
                                "-d", str(work), "--configfile", str(work / "bad.yaml")],
                               capture_output=True, text=True, timeout=300)
         return proc.returncode, proc.stdout + proc.stderr, sorted(p.name for p in work.iterdir())

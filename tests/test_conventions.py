@@ -35,7 +35,7 @@ def output(proc: subprocess.CompletedProcess) -> str:
 
 
 def workflow_files(root: Path = REPO) -> list[Path]:
-    files = [root / "Snakefile", *sorted((root / "workflow" / "rules").glob("*.smk"))]
+    files = [root / "workflow" / "Snakefile", *sorted((root / "workflow" / "rules").glob("*.smk"))]
     assert len(files) > 1 and all(f.is_file() for f in files), files
     return files
 
@@ -46,7 +46,7 @@ def snakefmt_check(files: list[Path]) -> subprocess.CompletedProcess:
 
 
 def snakemake_lint(root: Path) -> subprocess.CompletedProcess:
-    """`snakemake --lint` of the Snakefile in ``root`` with its config.yaml (the default run)."""
+    """`snakemake --lint` of ``root``'s workflow/Snakefile with its config/config.yaml (the default run)."""
     return run_module("snakemake", "--lint", "--nolock", cwd=root)
 
 
@@ -59,7 +59,7 @@ def ruff_check(*paths: str) -> subprocess.CompletedProcess:
 
 def test_workflow_files_are_snakefmt_formatted():
     proc = snakefmt_check(workflow_files())
-    assert proc.returncode == 0, f"run `snakefmt Snakefile workflow/rules` to reformat; {output(proc)}"
+    assert proc.returncode == 0, f"run `snakefmt workflow` to reformat; {output(proc)}"
 
 
 def test_snakefmt_check_catches_a_misformatted_file(tmp_path):
@@ -79,10 +79,9 @@ def test_snakemake_lint_is_clean():
 
 
 def test_snakemake_lint_catches_a_rule_without_log(tmp_path):
-    for name in ("Snakefile", "config.yaml"):
-        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copytree(REPO / "config", tmp_path / "config")
     shutil.copytree(REPO / "workflow", tmp_path / "workflow")
-    with open(tmp_path / "Snakefile", "a") as f:
+    with open(tmp_path / "workflow" / "Snakefile", "a") as f:
         f.write('\n\nrule unlogged:\n    output:\n        "unlogged.txt",\n    shell:\n        "touch {output}"\n')
     proc = snakemake_lint(tmp_path)
     text = proc.stdout + proc.stderr

@@ -611,3 +611,209 @@ def test_panel_lines_sit_on_checkpoints(pipeline, tmp_path, monkeypatch):
     assert len(data_lines) >= 5  # ICL score, format compliance, accuracy, two heads
     for line in data_lines:
         np.testing.assert_array_equal(np.asarray(line.get_xdata(), float), STEPS * TPS)
+
+
+# ------------------------------------------------------------------ verdicts that agree with themselves (issue 26)
+
+def test_top_k_taking_every_head_collapses_to_all(pipeline):
+    """6 heads per score: top_k >= 6 would pick the same heads as "all" -- and once gave them another
+    verdict (a second bootstrap): only the "all" rows remain, identical to those of top_k = 1's run."""
+    many = E.summary_table(pipeline["relation"], pipeline["formation"], pipeline["emergence"], top_k=6)
+    heads = many[many["subject_kind"] == "head_class"]
+    assert set(heads["head_set"]) == {"all"} and len(heads)
+    one = pipeline["summary"][pipeline["summary"]["head_set"] == "all"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(heads.reset_index(drop=True), one[one["subject_kind"] == "head_class"]
+                                  .reset_index(drop=True))
+    five = E.summary_table(pipeline["relation"], pipeline["formation"], pipeline["emergence"], top_k=5)
+    assert set(five.loc[five["subject_kind"] == "head_class", "head_set"]) == {"top5", "all"}
+
+
+def test_a_midpoint_whose_interval_spans_most_of_the_schedule_is_undetermined():
+    """By hand: with checkpoints spanning 3 decades of tokens, an interval over 1.6 decades is
+    undetermined, one over 1.4 decades is ok; a midpoint before the checkpoint preceding the onset
+    contradicts the onset and is undetermined too."""
+    x = np.log10(np.array([0, 1, 10, 100, 1000]) * TPS + TPS / 2)
+    span = x[-1] - x[0]
+    mid = 10 ** ((x[0] + x[-1]) / 2)
+
+    def row(decades: float, onset_prev=None) -> dict:
+        low, high = mid / 10 ** (decades / 2), mid * 10 ** (decades / 2)
+        return {"transition_tokens": mid - TPS / 2, "transition_tokens_low": low - TPS / 2,
+                "transition_tokens_high": high - TPS / 2, "onset_prev_tokens": onset_prev}
+
+    assert E._located_status(row(0.55 * span), x, TPS) == "undetermined"
+    assert E._located_status(row(0.45 * span), x, TPS) == "ok"
+    assert E._located_status(row(0.1 * span, onset_prev=2 * mid), x, TPS) == "undetermined"
+    assert E._located_status(row(0.1 * span, onset_prev=mid / 2), x, TPS) == "ok"
+
+
+def test_a_noisy_midpoint_is_undetermined_and_its_verdicts_say_so():
+    """End to end: a level that creeps up linearly in log tokens through noise half its rise gets an interval
+    over more than half the schedule (steps 0.02 to 469 of 0 to 143,000), and a midpoint (step 183) before
+    its onset (step 2000): fit_status undetermined, and every comparison with it "undetermined", never "no
+    emergence" (it emerged: it has an onset) nor a before/with/after read from an interval that says nothing."""
+    rng = np.random.default_rng(1)
+    icl = icl_table(rng)
+    fc = icl["metric"] == "format_compliance"
+    icl.loc[fc, "value"] = 0.05 + 0.4 * (X - X[0]) / (X[-1] - X[0]) + rng.normal(0, 0.15, fc.sum())
+    icl.loc[fc, "ci_low"], icl.loc[fc, "ci_high"] = icl.loc[fc, "value"] - 0.04, icl.loc[fc, "value"] + 0.04
+    em = E.emergence_table(E.icl_trajectories(icl), n_boot=100)
+    row = em.set_index("level").loc["format_compliance"]
+    assert row["onset_step"] == 2000 and row["transition_step"] < 1000
+    assert np.log10((row["transition_step_high"] + 0.5) / (row["transition_step_low"] + 0.5)) > 0.5 * np.ptp(X)
+    assert row["fit_status"] == "undetermined", row[["fit_status", "transition_step_low", "transition_step_high"]]
+    lag = E._transition_lag(em.set_index("level").loc["loss_reduction"].to_dict(), row.to_dict(), 0.95)
+    assert lag["order"] == "undetermined"
+
+
+def test_onset_and_midpoint_never_contradict_in_the_summary(pipeline):
+    """A series with an onset whose midpoint is not located (pinned at the last checkpoint) is compared as
+    "undetermined"; "no formation" / "no emergence" only where the series never left its null; and every
+    located midpoint in the emergence and formation tables lies at or after the checkpoint before its onset."""
+    for table in (pipeline["emergence"], pipeline["formation"]):
+        ok = table[table["fit_status"] == "ok"]
+        assert (ok["transition_tokens"] >= ok["onset_prev_tokens"].fillna(0)).all()
+    level = pipeline["emergence"].iloc[0].to_dict()
+    pinned = {**level, "fit_status": "at_bound", "onset_tokens": 10 * TPS}
+    never = {**level, "fit_status": "no_onset", "onset_tokens": pd.NA}
+    assert E._transition_lag(level, pinned, 0.95)["order"] == "undetermined"
+    assert E._transition_lag(level, never, 0.95)["order"] == "no emergence"
+    assert E._transition_lag(pinned, level, 0.95)["order"] == "undetermined"
+    assert E._transition_lag(never, level, 0.95)["order"] == "no formation"
+    summary = pipeline["summary"]
+    unlocated = summary[summary["order"].isin(["no formation", "no emergence"])]
+    formation = pipeline["formation"].assign(_class=[E.head_class(s, f) for s, f in
+                                                     zip(pipeline["formation"]["score"], pipeline["formation"]["family"])])
+    for row in unlocated.itertuples():
+        if row.order == "no formation":
+            assert formation.loc[formation["_class"] == row.subject, "onset_tokens"].isna().all(), row.subject
+
+
+# ------------------------------------------------------------------ figures that agree with the tables (issue 26)
+
+def _spans(fig) -> set[tuple[float, float]]:
+    """The x extents of the shaded intervals (axvspan rectangles) on a figure's axes."""
+    from matplotlib.patches import Rectangle
+
+    return {tuple(np.round([p.get_x(), p.get_x() + p.get_width()], 3)) for ax in fig.axes for p in ax.patches
+            if isinstance(p, Rectangle) and p.get_height() == 1}
+
+
+def test_panel_shades_exactly_the_series_the_summary_times():
+    """Unconstrained accuracy transitions at step 300, constrained at 6000: only the constrained one (the
+    summary's pattern-discovery metric) is shaded, with the summary's own interval, beside loss reduction's
+    and format compliance's; the unconstrained curve is still drawn, labelled as not timed."""
+    rng = np.random.default_rng(5)
+    icl = icl_table(rng)
+    extra = icl[icl["metric"] == "accuracy_constrained"].copy()
+    extra["metric"] = "accuracy"
+    extra["value"] = E.logistic(X, 0.2, 0.7, xmid(300), 0.15) + rng.normal(0, 0.01, len(X))
+    extra["ci_low"], extra["ci_high"] = extra["value"] - 0.02, extra["value"] + 0.02
+    icl = pd.concat([icl, extra], ignore_index=True)
+    icl_traj = E.icl_trajectories(icl)
+    em = E.emergence_table(icl_traj, n_boot=50)
+    assert (em["fit_status"] == "ok").all()
+    heads = heads_table(rng)
+    head_traj = E.head_trajectories(heads)
+    fo = E.formation_table(head_traj, n_boot=20)
+    fig = F.plot_emergence_panel(icl_traj, em, head_traj, fo)
+    timed = em[em["metric"] == em["level"].map(E.LEVEL_METRIC)]
+    expected = {tuple(np.round([r.transition_tokens_low, r.transition_tokens_high], 3)) for r in timed.itertuples()}
+    assert _spans(fig) == expected and len(expected) == 3
+    labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert "accuracy, fruit_month, 20-shot (not timed)" in labels
+    assert "accuracy constrained, fruit_month, 20-shot" in labels
+
+
+def test_panel_defaults_to_heads_the_run_has():
+    """The bottom row shows a relation only where its heads formed: prefix matching when no relation-index
+    head formed (a toy's decoys), the formed relation when one did."""
+    rng = np.random.default_rng(6)
+    heads = heads_table(rng)
+    never = E.formation_table(E.head_trajectories(heads, ri_table(rng, mids={})), n_boot=20)
+    assert F.default_score(never) == "prefix_matching"
+    formed = E.formation_table(E.head_trajectories(heads, ri_table(rng)), n_boot=20)
+    assert (formed.loc[formed["score"] == "ri:USED-FOR", "fit_status"] == "ok").any()
+    assert F.default_score(formed) == "ri:USED-FOR"
+
+
+def test_evenly_spaced_checkpoints_get_a_linear_axis_that_shows_the_transition():
+    """A toy zoo's checkpoints (0 to 1600 in steps of 50 to 200) with a transition at step 1000: a linear
+    axis on which it lies in the middle 40-80 % of the axis (on the old symlog axis it sat at ~90 %);
+    Pythia's log-spaced grid keeps the symlog axis."""
+    import matplotlib.pyplot as plt
+
+    from icl_dynamics.figures import axis_scale, step_axis
+
+    toy = np.array([0, 100, 200, 400, 600, 800, 850, 900, 925, 950, 975, 1000, 1050, 1100, 1200, 1400, 1600])
+    assert axis_scale(toy * 2048) == "linear" and axis_scale(STEPS * TPS) == "symlog"
+    fig, (ax, old) = plt.subplots(1, 2)
+    F.tokens_axis(ax, 2048, tokens=toy * 2048)
+    ax.plot(toy * 2048, toy)
+    old.set_xscale("symlog", linthresh=2048, linscale=0.5)
+    old.plot(toy * 2048, toy)
+    fig.canvas.draw()
+    for axis, (low, high) in ((ax, (0.4, 0.8)), (old, (0.85, 1.0))):
+        fraction = axis.transAxes.inverted().transform(axis.transData.transform((1000 * 2048, 0)))[0]
+        assert low < fraction < high, (axis.get_xscale(), fraction)
+    step_axis(ax, toy)
+    assert ax.get_xscale() == "linear"
+    plt.close(fig)
+
+
+def test_scatter_keeps_heads_of_two_scores_with_one_midpoint_apart(pipeline):
+    """Previous-token heads formed with the induction heads used to hide the prefix-matching markers
+    beneath theirs: each score's points get their own x offset, drawn hollow."""
+    fo = pipeline["formation"].copy()
+    ok = fo[(fo["final_rank"] == 1) & (fo["score"] == "prefix_matching")].iloc[0]
+    assert ok["fit_status"] == "ok"
+    twin = ok.copy()
+    twin["score"] = "previous_token"
+    fo = pd.concat([fo[fo["score"] != "previous_token"], twin.to_frame().T], ignore_index=True)
+    fo["final_rank"] = fo["final_rank"].astype("Int64")
+    fig = F.plot_formation_emergence_scatter(fo, pipeline["emergence"], scores=["prefix_matching", "previous_token"],
+                                             top_k=1)
+    containers = fig.axes[0].containers  # one error bar per score and ICL series, scores in order
+    n_series = int((pipeline["emergence"]["fit_status"] == "ok").sum())
+    assert len(containers) == 2 * n_series
+    first, second = ({round(float(np.log10(x)), 4) for c in part for x in c.lines[0].get_xdata()}
+                     for part in (containers[:n_series], containers[n_series:]))
+    assert first and second and not first & second
+    assert min(abs(a - b) for a in first for b in second) == pytest.approx(F.DODGE, abs=1e-3)
+
+
+def test_front_page_states_the_summary_with_the_headline_figure_first(pipeline, tmp_path):
+    """The report's front page: the panel embedded before any text, then each head class's midpoint and
+    each level's, as steps (the summary's tokens over tokens per step, with the bootstrap interval), and
+    the verdict table with the summary's own orders; rendered by docutils without a warning."""
+    import base64
+    import re
+
+    from docutils.core import publish_parts
+
+    from icl_dynamics.frontpage import front_page
+
+    png = tmp_path / "panel.png"
+    F.emergence_panel(pipeline["icl_traj"], pipeline["emergence"], pipeline["head_traj"], pipeline["formation"],
+                      tmp_path / "panel")
+    provenance = pipeline["heads"][["model", "step", "tokens"]].drop_duplicates()
+    summary = pipeline["summary"]
+    text = front_page(summary, pipeline["emergence"], pipeline["formation"], provenance, png, top_k=1)
+    assert "{{" not in text and "{%" not in text  # Snakemake runs the page through Jinja2
+    first_image = text.index('<img alt="the emergence panel"')
+    assert first_image < text.index("**Heads**")
+    embedded = text[first_image:].split('base64,', 1)[1].split('"', 1)[0]
+    assert base64.b64decode("".join(embedded.split())) == png.read_bytes()
+    row = summary[(summary["subject"] == "induction") & (summary["head_set"] == "top1")].iloc[0]
+    expected = (f"half-way formed at step {row['subject_tokens'] / TPS:,.0f} (95% interval "
+                f"{row['subject_low_tokens'] / TPS:,.0f}-{row['subject_high_tokens'] / TPS:,.0f})")
+    assert expected in text, text
+    em = pipeline["emergence"].set_index("level").loc["pattern_discovery"]
+    assert f"emerged, half-way at step {em['transition_tokens'] / TPS:,.0f}" in text
+    assert "**Copying heads**: never left its step-0 null" in text
+    induction = re.search(r"\* - Induction heads \(prefix matching\)\n((?:     - .*\n)+)", text).group(1)
+    orders = [cell.strip()[2:] for cell in induction.splitlines()]
+    mine = summary[(summary["subject"] == "induction") & (summary["head_set"] == "top1")]
+    assert orders == [mine.loc[mine["level"] == level, "order"].iloc[0] for level in E.LEVELS]
+    html = publish_parts(text, writer_name="html", settings_overrides={"report_level": 2, "halt_level": 2})
+    assert '<img alt="the emergence panel"' in html["html_body"] and "<table" in html["html_body"]

@@ -129,7 +129,8 @@ def test_a_job_that_needs_an_evicted_checkpoint_fetches_it_again(fake, toy_zoo, 
     common = ["--model", TOY_MODEL_ID, "--step", str(STEP), "--schedule", "toy", "--cache-dir", str(cache)]
     assert main(["fetch", *common, "--out", str(provenance)]) == 0
     assert main(["evict", *common, "--provenance", str(provenance), "--out", str(tmp_path / "evicted.json")]) == 0
-    assert not hub.repo_cache_dir(TOY_MODEL_ID, cache).exists()  # the only revision: the repository went
+    repo = hub.repo_cache_dir(TOY_MODEL_ID, cache)  # what the fetch added went: ref, snapshot, every blob
+    assert not list(repo.glob("refs/*")) and not list(repo.glob("snapshots/*")) and not list(repo.glob("blobs/*"))
     with caplog.at_level(logging.WARNING):
         assert main(["heads", *common, "--device", "cpu", "--provenance", str(provenance), "--n-tokens", "10",
                      "--out", str(tmp_path / "heads.parquet")]) == 0
@@ -229,3 +230,37 @@ def test_our_fetch_lays_out_the_cache_and_the_ref_as_snapshot_download_does(fake
     assert scan.warnings == []
     assert [(rev.commit_hash, rev.refs) for repo in scan.repos for rev in repo.revisions] == [
         (result.commit, frozenset({ref}))]
+
+
+def test_a_fetch_records_what_it_added_to_the_cache(fake, tmp_path):
+    """What the eviction may take away again: the first fetch into an empty cache downloaded every blob
+    of the step; fetching the same step again downloads nothing and finds the revision cached."""
+    cache = tmp_path / "cache"
+    first = fetch(cache)
+    blobs = sorted(p.name for p in (cache / REPO / "blobs").iterdir())
+    assert first.record() == {"downloaded_blobs": blobs, "revision_was_cached": False}
+    assert sorted(r.path.resolve().name for r in first.files) == blobs
+    assert fetch(cache).record() == {"downloaded_blobs": [], "revision_was_cached": True}
+
+
+def test_the_python_api_fetches_through_the_same_verified_path(fake, toy_zoo, tmp_path):
+    """icl_dynamics.fetch is the fetch stage from Python: the provenance row the CLI writes (but its
+    seconds), against which load_checkpoint checks the weights before loading them."""
+    import pyarrow.parquet as pq
+
+    import icl_dynamics
+
+    cache = tmp_path / "cache"
+    row = icl_dynamics.fetch(TOY_MODEL_ID, STEP, cache_dir=cache, schedule="toy")
+    assert main(["fetch", "--model", TOY_MODEL_ID, "--step", str(STEP), "--schedule", "toy", "--cache-dir",
+                 str(cache), "--out", str(tmp_path / "provenance.parquet")]) == 0
+    written = pq.read_table(tmp_path / "provenance.parquet").to_pylist()[0]
+    assert {k: v for k, v in row.items() if k != "seconds"} == {k: v for k, v in written.items() if k != "seconds"}
+    assert icl_dynamics.load_checkpoint(TOY_MODEL_ID, STEP, cache_dir=cache, device="cpu", fetched=row).model
+    blob = (cache / REPO / "snapshots" / row["commit"] / row["files"][0]).resolve()
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 1
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    with pytest.raises(hub.IntegrityError, match="has hash"):
+        icl_dynamics.load_checkpoint(TOY_MODEL_ID, STEP, cache_dir=cache, device="cpu", fetched=row)

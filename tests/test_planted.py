@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -164,34 +165,58 @@ def test_snakemake_demo_runs_on_the_relations_zoo(toy_zoo_relations, tmp_path):
     triplets instead of AGENDA's, and the planted-relation figures in the report. The checkpoints
     come from a fake hub on 127.0.0.1 serving the zoo, into an empty cache, with keep_weights false
     and max_cached_checkpoints 2: polled while the workflow runs, the cache never holds the weights
-    of more than 2 checkpoints, and none once every checkpoint is scored."""
+    of more than 2 of the run's checkpoints, and none once every checkpoint is scored. The cache is
+    shared: two revisions someone else fetched into it before (one of them a step this run scores)
+    are still there afterwards, whole."""
+    import os
     import subprocess
+    import sys
 
     from conftest import run_toy_workflow
     from fakehub import FakeHub
 
     steps = [0, 1100, STEPS[-1]]
-    repo = tmp_path / "hf-cache" / "models--icl-dynamics--toy-neox-relations"
+    cache = tmp_path / "hf-cache"
+    repo = cache / "models--icl-dynamics--toy-neox-relations"
+    theirs = [1100, 200]  # fetched by another user before the run; 1100 is one the run scores, 200 is not
 
     def cached_weights() -> int:
-        """Checkpoints whose weights are in the cache now (a snapshot linking to a weights blob)."""
+        """The run's checkpoints whose weights are in the cache now (a snapshot linking to a weights blob)."""
         try:
             return sum(any(f.name in WEIGHT_FILES and f.exists() for f in snap.iterdir())
-                       for snap in (repo / "snapshots").iterdir())
+                       for snap in (repo / "snapshots").iterdir() if snap.name not in before)
         except FileNotFoundError:  # not created yet, or a snapshot evicted while we looked
             return 0
 
     with FakeHub(toy_zoo_relations / "hub") as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf-home")}
+        for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            env.pop(key, None)
+        for step in theirs:
+            subprocess.run([sys.executable, "-m", "icl_dynamics.cli", "fetch", "--model", RELATIONS_MODEL_ID,
+                            "--step", str(step), "--schedule", "toy-relations", "--cache-dir", str(cache),
+                            "--out", str(tmp_path / f"theirs{step}.parquet")], env=env, check=True,
+                           capture_output=True, timeout=300)
+        before = {p.name: {f.name: f.resolve() for f in p.iterdir()} for p in (repo / "snapshots").iterdir()}
+        seeded = len(hub.requests)
         command, most = run_toy_workflow(
             "toy-relations.yaml", toy_zoo_relations, steps, tmp_path,
             {"planted_map": str(toy_zoo_relations / "planted.json"),
              "planted_texts": str(toy_zoo_relations / "relations.jsonl")},
             hub_endpoint=hub.endpoint, max_cached=2, watch=cached_weights)
     assert 1 <= most <= 2, most
-    downloads = [path for method, path in hub.requests if method == "GET" and path.startswith("/__cdn__/")]
-    assert len(downloads) == len(steps)  # each checkpoint's weights came from the hub, once
+    downloads = [path for method, path in hub.requests[seeded:] if method == "GET" and path.startswith("/__cdn__/")]
+    assert len(downloads) == len(steps) - 1  # the run's checkpoints' weights came from the hub once, but 1100's
     weight_blobs = [b for b in repo.glob("blobs/*") if b.stat().st_size > 100_000]  # the toy's are ~0.5 MB
-    assert cached_weights() == 0 and not weight_blobs and not list(repo.glob("snapshots/*"))
+    assert cached_weights() == 0 and len(weight_blobs) == len(theirs)
+    assert sorted(p.name for p in repo.glob("snapshots/*")) == sorted(before)  # theirs, and nothing of ours
+    for name, files in before.items():  # every file of theirs still there, the same blob
+        assert {f.name: f.resolve() for f in (repo / "snapshots" / name).iterdir()} == files
+        assert all(blob.is_file() for blob in files.values())
+    assert {(repo / "refs" / f"step{s}").read_text() for s in theirs} == set(before)
+    evicted = json.loads((tmp_path / "results" / "icl-dynamics--toy-neox-relations" / "step1100" /
+                          "weights_evicted.json").read_text())
+    assert evicted["deleted_blobs"] == 0 and "before this run" in evicted["kept"]
 
     out = tmp_path / "results" / "icl-dynamics--toy-neox-relations"
     summary = pd.read_parquet(out / "relations" / "summary.parquet")

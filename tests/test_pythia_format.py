@@ -170,7 +170,7 @@ def test_snakemake_end_to_end_on_the_pythia_format_fixture(pythia_cache: Path, s
         "analysis": {"k": 1, "n_boot": 50, "n_perm": 99},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "snakemake", "--cores", "2", "-s", str(REPO / "Snakefile"),
+    command = [sys.executable, "-m", "snakemake", "--cores", "2", "-s", str(REPO / "workflow" / "Snakefile"),
                "-d", str(tmp_path), "--configfile", str(tmp_path / "config.yaml")]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -265,8 +265,9 @@ def test_eviction_removes_a_checkpoint_but_not_what_another_cached_one_shares(ca
     assert rows[0]["commit"] == rows[1]["commit"]
     weights = {step: (snapshot(cache_copy, step) / "pytorch_model.bin").resolve() for step in (1, 2)}
     blobs = {p.name for p in (repo / "blobs").iterdir()}
+    ours = {"downloaded_blobs": sorted(blobs), "revision_was_cached": False}  # a run that downloaded everything
 
-    first = hub.evict_checkpoint(PYTHIA_MODEL, 0, rows[0]["commit"], cache_copy)
+    first = hub.evict_checkpoint(PYTHIA_MODEL, 0, rows[0]["commit"], cache_copy, fetched=ours)
     assert (first["deleted_blobs"], first["freed_bytes"]) == (0, 0)
     assert not (repo / "refs" / "step0").exists() and {p.name for p in (repo / "blobs").iterdir()} == blobs
     assert load_checkpoint(PYTHIA_MODEL, 1, cache_dir=cache_copy, device="cpu", fetched=rows[1]).tokenizer
@@ -275,11 +276,37 @@ def test_eviction_removes_a_checkpoint_but_not_what_another_cached_one_shares(ca
 
     for step in (1, 2):
         size = weights[step].stat().st_size
-        evicted = hub.evict_checkpoint(PYTHIA_MODEL, step, rows[step]["commit"], cache_copy)
+        evicted = hub.evict_checkpoint(PYTHIA_MODEL, step, rows[step]["commit"], cache_copy, fetched=ours)
         assert (evicted["deleted_blobs"], evicted["freed_bytes"]) == (1, size) and not weights[step].exists()
         assert not (repo / "snapshots" / rows[step]["commit"]).exists()
     assert load_checkpoint(PYTHIA_MODEL, 1000, cache_dir=cache_copy, device="cpu", fetched=rows[1000]).tokenizer
-    assert hub.evict_checkpoint(PYTHIA_MODEL, 2, rows[2]["commit"], cache_copy)["deleted_blobs"] == 0
+    assert hub.evict_checkpoint(PYTHIA_MODEL, 2, rows[2]["commit"], cache_copy, fetched=ours)["deleted_blobs"] == 0
+
+
+def test_eviction_deletes_only_what_this_run_downloaded(cache_copy: Path) -> None:
+    """A shared cache: a revision that was cached before the run fetched it stays whole, a fetch with no
+    record of its downloads deletes nothing, and otherwise only the blobs the fetch downloaded go -- also
+    for the cache's last revision, whose other blobs (someone else's) stay in place."""
+    repo = hub.repo_cache_dir(PYTHIA_MODEL, cache_copy)
+    rows = {step: fetched_row(cache_copy, step) for step in PYTHIA_STEPS}
+    blobs = {p.name for p in (repo / "blobs").iterdir()}
+    weights = {step: (snapshot(cache_copy, step) / "pytorch_model.bin").resolve() for step in PYTHIA_STEPS}
+
+    for fetched in ({"downloaded_blobs": sorted(blobs), "revision_was_cached": True}, None, {}):
+        kept = hub.evict_checkpoint(PYTHIA_MODEL, 2, rows[2]["commit"], cache_copy, fetched=fetched)
+        assert kept["deleted_blobs"] == 0 and kept["kept"], kept
+        assert (repo / "refs" / "step2").exists() and {p.name for p in (repo / "blobs").iterdir()} == blobs
+    assert load_checkpoint(PYTHIA_MODEL, 2, cache_dir=cache_copy, device="cpu", fetched=rows[2]).tokenizer
+
+    # step2's fetch downloaded its weights only (the tokenizer and config were someone else's)
+    only_weights = {"downloaded_blobs": [weights[2].name], "revision_was_cached": False}
+    for step in (0, 1, 1000):  # leave step2 the cache's last revision
+        hub.evict_checkpoint(PYTHIA_MODEL, step, rows[step]["commit"], cache_copy,
+                             fetched={"downloaded_blobs": [weights[step].name], "revision_was_cached": False})
+    last = hub.evict_checkpoint(PYTHIA_MODEL, 2, rows[2]["commit"], cache_copy, fetched=only_weights)
+    assert last["deleted_blobs"] == 1 and not weights[2].exists() and not (repo / "refs" / "step2").exists()
+    left = {p.name for p in (repo / "blobs").iterdir()}
+    assert left == blobs - {w.name for w in weights.values()} and left, left  # tokenizer and config blobs stay
 
 
 def test_a_weights_file_missing_a_tensor_is_refused(cache_copy: Path) -> None:

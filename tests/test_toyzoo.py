@@ -2,8 +2,10 @@
 
 import hashlib
 import json
+import re
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -108,21 +110,7 @@ def test_checkpoint_runs_on_the_requested_device(toy_zoo, step):
     assert ckpt.device.type == expected
 
 
-TOY_WORKFLOW_STEPS = [0, 1000, TOY_STEPS[-1]]
-
-
-@pytest.fixture(scope="module")
-def toy_workflow(toy_zoo, shared_dir, tmp_path_factory):
-    """One uninterrupted offline run of the toy workflow: (workdir, command, wall seconds)."""
-    import time
-
-    from conftest import run_toy_workflow
-
-    workdir = tmp_path_factory.mktemp("toy-workflow")
-    start = time.monotonic()
-    command, _ = run_toy_workflow("toy.yaml", toy_zoo, TOY_WORKFLOW_STEPS, workdir,
-                                  {"agenda_dir": str(shared_dir / "data" / "agenda")})
-    return workdir, command, time.monotonic() - start
+TOY_WORKFLOW_STEPS = [0, 1000, TOY_STEPS[-1]]  # conftest's toy_workflow (one run per session, shared)
 
 
 def result_digests(workdir) -> dict[str, str]:
@@ -138,7 +126,6 @@ def test_snakemake_end_to_end_on_the_toy_zoo(toy_workflow):
     """The whole workflow offline on a few toy checkpoints: heads form while the ICL score falls."""
     import subprocess
 
-    import pandas as pd
 
     tmp_path, command, _ = toy_workflow
     steps = TOY_WORKFLOW_STEPS
@@ -206,11 +193,40 @@ def test_snakemake_end_to_end_on_the_toy_zoo(toy_workflow):
     assert report.returncode == 0, report.stderr[-3000:]
     html = (tmp_path / "report.html").read_text(errors="replace")
     assert "emergence_panel.png" in html and "prefix_matching_heatmap.png" in html and "causal-icl-dynamics" in html
+    front = (analysis / "front_page.rst").read_text()
+    assert front.startswith("Result: toy-neox") and "Result: toy-neox" in html, (front[:300], report.stderr[-2000:])
+    front_page_in_a_browser(tmp_path / "report.html", pd.read_parquet(analysis / "summary.parquet"))
 
     # a rerun has nothing to do
     dry = subprocess.run([*command, "-n"], capture_output=True, text=True, timeout=300)
     assert "Nothing to be done" in dry.stdout + dry.stderr
     # that a second run writes the same bytes (every table, CSV and figure) is the restart test's check
+
+
+def front_page_in_a_browser(report, summary) -> None:
+    """Open the report in headless Chromium and read the page it opens on (the DOM after its scripts ran):
+    the run's result, not the rule graph -- the headline figure (an image embedded before the text), when
+    the induction heads formed, as the summary has it, and the verdict table."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    assert browser, "install Chromium to check the report (Debian: apt-get install -y chromium; .ci/run does)"
+    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           "--virtual-time-budget=20000", "--dump-dom", report.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=180)
+    dom = proc.stdout
+    assert proc.returncode == 0 and "<body" in dom, proc.stderr[-2000:]
+    text = re.sub(r"<[^>]+>", " ", dom)
+    assert "Result: toy-neox" in text and "Induction heads (prefix matching)" in text, text[:3000]
+    row = summary[(summary["subject"] == "induction") & (summary["head_set"] == "all")].iloc[0]
+    if pd.notna(row["subject_tokens"]):  # located: its midpoint, as the summary has it
+        assert f"half-way formed at step {row['subject_tokens'] / 2048:,.0f}" in text, text[:3000]
+    else:  # 3 checkpoints are too few for a fit: the page says so rather than inventing a step
+        assert re.search(r"Induction heads \(prefix matching\)\s*: (left its step-0 null|never left)", text), \
+            text[:3000]
+    assert dom.index('alt="the emergence panel"') < dom.index("Induction heads (prefix matching)")
+    assert "When each head class formed" in text
 
 
 def _kill_tree(pid: int) -> None:
@@ -247,7 +263,7 @@ def test_a_workflow_killed_three_times_restarts_to_the_same_results(toy_workflow
 
     reference = toy_workflow[0]
     shutil.copy(reference / "config.yaml", tmp_path / "config.yaml")  # the same run, in another folder
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(tmp_path),
                "--configfile", str(tmp_path / "config.yaml"),
                "--workflow-profile", str(REPO / "workflow" / "profiles" / "local"), "--cores", "2"]
     rng = random.Random(2026)

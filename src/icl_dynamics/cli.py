@@ -147,7 +147,9 @@ def cmd_fetch(args: argparse.Namespace) -> None:
     result = hub.fetch_checkpoint(args.model, args.step, cache_dir=args.cache_dir, attempts=args.attempts,
                                   timeout=args.timeout)
     # the provenance table is where a run records when and where: the only table stamped with time and host
-    io.write_rows([result.row(schedule.tokens(args.step))], hub.PROVENANCE_SCHEMA, args.out, reproducible=False)
+    # its metadata also records what this fetch added to the cache: the only things the eviction may delete
+    io.write_rows([result.row(schedule.tokens(args.step))], hub.PROVENANCE_SCHEMA, args.out, reproducible=False,
+                  meta={"fetch": result.record()})
     log.info("%s@%s: commit %s, %s weights (%d files, %.1f MB) verified in %.1f s", args.model, result.revision,
              result.commit[:12], result.weights_format, len(result.weights),
              sum(w.size for w in result.weights) / 1e6, result.seconds)
@@ -159,10 +161,11 @@ def cmd_evict(args: argparse.Namespace) -> None:
     from icl_dynamics import hub, io
 
     row = _fetched_row(args)
-    record = hub.evict_checkpoint(args.model, args.step, row["commit"], cache_dir=args.cache_dir)
+    record = hub.evict_checkpoint(args.model, args.step, row["commit"], cache_dir=args.cache_dir,
+                                  fetched=io.read_provenance(args.provenance).get("fetch"))
     io.write_bytes_atomic(args.out, (json.dumps(record, indent=2) + "\n").encode())
-    log.info("%s@step%d: %d blobs (%.1f MB) left the cache", args.model, args.step, record["deleted_blobs"],
-             record["freed_bytes"] / 1e6)
+    log.info("%s@step%d: %d blobs (%.1f MB) left the cache%s", args.model, args.step, record["deleted_blobs"],
+             record["freed_bytes"] / 1e6, f"; kept: {record['kept']}" if record["kept"] else "")
 
 
 def cmd_tokenize_text(args: argparse.Namespace) -> None:
@@ -285,6 +288,14 @@ def cmd_causal(args: argparse.Namespace) -> None:
         log.info("%s: ablating %s heads costs %s (%s): %s", *key,
                  ", ".join(f"{o} {level}" for o, level in zip(rows["order"], rows["icl_level"])))
     log.info("causal analysis of %d ablation rows in %.0f s -> %s", len(ablation), time.perf_counter() - start, out)
+
+
+def cmd_front_page(args: argparse.Namespace) -> None:
+    from icl_dynamics.frontpage import write_front_page
+
+    paths = {"summary": [args.summary], "emergence": [args.emergence], "formation": [args.formation],
+             "provenance": args.provenance}
+    log.info("report front page written to %s", write_front_page(paths, args.figure, args.out, top_k=args.top_k))
 
 
 def _merge_schema(stage: str):
@@ -499,6 +510,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", required=True, help="the analysis folder (tables; figures/ for the figures)")
     p.set_defaults(func=cmd_causal)
+
+    p = sub.add_parser("front-page", help="the report's front page: what the run found, with the headline figure")
+    p.add_argument("--summary", required=True, help="the analyze command's summary.parquet")
+    p.add_argument("--emergence", required=True, help="the analyze command's emergence.parquet")
+    p.add_argument("--formation", required=True, help="the analyze command's formation.parquet")
+    p.add_argument("--provenance", nargs="+", required=True, help="merged provenance of every model")
+    p.add_argument("--figure", required=True, help="the headline figure (PNG), embedded first")
+    p.add_argument("--top-k", type=int, default=10, help="the analysis' top_k (which head set the page reports)")
+    p.add_argument("--out", required=True, help="reStructuredText (the Snakefile's report: description)")
+    p.set_defaults(func=cmd_front_page)
 
     p = sub.add_parser("merge", help="concatenate one stage's per-checkpoint tables")
     p.add_argument("--stage", required=True)

@@ -74,8 +74,13 @@ LEVEL_METRIC = {"loss_reduction": "icl_score", "format_compliance": "format_comp
                 "pattern_discovery": "accuracy_constrained"}
 BASELINE_PREFIX = "baseline_"  # model-free predictors stored beside the ICL accuracies; not series
 LOWER_IS_BETTER = frozenset({"icl_score"})
-# verdicts; "undetermined": both located but no usable bootstrap draws (n_boot = 0, or every refit failed)
+# verdicts; "no formation" / "no emergence": the series never left its step-0 null (no onset); "undetermined":
+# it did, but a midpoint is not located (a fit that is flat, pinned at an end of the data or undetermined),
+# or there are no usable bootstrap draws (n_boot = 0, or every refit failed)
 ORDERS = ("before", "with", "after", "no formation", "no emergence", "undetermined")
+# a located midpoint whose bootstrap interval spans more than this fraction of the measured checkpoints' span
+# (in log tokens) says little about when the change happened: its fit_status is "undetermined"
+MAX_INTERVAL_FRACTION = 0.5
 # head classes of the summary: a classic score, or the relation index pooled over one relation family
 HEAD_CLASSES = {"prefix_matching": "induction", "previous_token": "previous_token", "copying": "copying"}
 
@@ -683,7 +688,25 @@ def _estimates(g: pd.DataFrame, key: tuple, tps: int, *, increasing: bool, k: in
     row.update(transition_tokens=point, transition_tokens_low=low, transition_tokens_high=high,
                transition_step=point / tps, transition_step_low=low / tps, transition_step_high=high / tps,
                n_boot_ok=int(ok.sum()), transition_boot_tokens=boot_tokens.tolist())
+    row["fit_status"] = _located_status(row, x, tps)
     return row
+
+
+def _located_status(row: Mapping, x: np.ndarray, tps: int) -> str:
+    """``ok`` for a midpoint that says when the change happened, else ``undetermined``: its bootstrap
+    interval spans more than :data:`MAX_INTERVAL_FRACTION` of the fitted checkpoints' span in log
+    tokens, or the midpoint lies before the checkpoint preceding the onset (the series would be half-way
+    risen while still inside its step-0 null: onset and midpoint would contradict each other)."""
+    low, high = row["transition_tokens_low"], row["transition_tokens_high"]
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "ok"  # no bootstrap (n_boot = 0): the verdicts say "undetermined" themselves
+    width = np.log10(high + tps / 2) - np.log10(max(low, 0.0) + tps / 2)
+    if width > MAX_INTERVAL_FRACTION * (x[-1] - x[0]):
+        return "undetermined"
+    before = row["onset_prev_tokens"]
+    if before is not None and row["transition_tokens"] < before:
+        return "undetermined"
+    return "ok"
 
 
 def _estimate_all(traj: pd.DataFrame, keys: Sequence[str], *, k: int, n_boot: int, seed: int, ci_level: float,
@@ -824,11 +847,18 @@ def _records(table: pd.DataFrame, keys: Sequence[str], name: str) -> dict[tuple,
     return out
 
 
+def _unlocated(series: Mapping, never: str) -> str:
+    """The verdict for a series without a located midpoint: ``never`` ("no formation" / "no emergence")
+    when it never left its step-0 null, "undetermined" when it did (it has an onset)."""
+    return never if series["fit_status"] == "no_onset" or pd.isna(series.get("onset_tokens")) else "undetermined"
+
+
 def _transition_lag(h: Mapping, m: Mapping, ci_level: float, unlocated: str = "no formation") -> dict:
     """Formation midpoint minus emergence midpoint, its percentile interval from the paired draws of
     the two independent bootstraps, and the verdict; ``unlocated`` is the verdict when ``h`` has no
     midpoint (another level's: "no emergence")."""
-    missing = "no emergence" if m["fit_status"] != "ok" else unlocated if h["fit_status"] != "ok" else None
+    missing = (_unlocated(m, "no emergence") if m["fit_status"] != "ok"
+               else _unlocated(h, unlocated) if h["fit_status"] != "ok" else None)
     draws = np.empty(0)
     if missing is None:
         hb, mb = np.asarray(h["transition_boot_tokens"], float), np.asarray(m["transition_boot_tokens"], float)
@@ -943,6 +973,9 @@ def summary_table(relation: pd.DataFrame, formation: pd.DataFrame, emergence: pd
     bootstrap that resamples heads and pairs each with one of its bootstrap midpoints. The lag to a
     level is that median minus the level's midpoint, replicate by replicate, and the verdict
     comes from its interval, as for a single head. Levels are compared with each other the same way.
+    Where ``top_k`` takes every head of a class (a model with at most ``top_k`` heads), the class has
+    only its ``all`` rows: the same heads cannot get two verdicts. A class none of whose heads has a
+    located midpoint is "undetermined" when some head left its null, "no formation" when none did.
     """
     tail = (1 - ci_level) / 2
     emergence = emergence.assign(_level_metric=emergence["level"].map(LEVEL_METRIC))
@@ -958,11 +991,16 @@ def summary_table(relation: pd.DataFrame, formation: pd.DataFrame, emergence: pd
     for model, model_levels in levels.groupby("model", sort=True):
         # (kind, name, series, head_set, n_units, n_formed, midpoint as fit_status/transition_*, relation rows)
         subjects = []
+        mine = formation[formation["model"] == model]
         for set_name, units in ((f"top{top_k}", formation[in_top]), ("all", formation)):
             for name, g in units[units["model"] == model].groupby("_class", sort=True):
+                if set_name != "all" and len(g) == int((mine["_class"] == name).sum()):
+                    continue  # top_k takes every head of the class: the same heads as "all", one row set
                 formed = g[g["fit_status"] == "ok"]
+                onsets = g["onset_tokens"].dropna()
                 boots = np.array([np.asarray(b, float) for b in formed["transition_boot_tokens"]])
-                located = {"fit_status": "ok" if len(formed) else "no_onset",
+                located = {"fit_status": "ok" if len(formed) else "no_onset" if onsets.empty else "undetermined",
+                           "onset_tokens": float(onsets.median()) if len(onsets) else np.nan,
                            "transition_tokens": float(formed["transition_tokens"].median()) if len(formed) else np.nan,
                            "transition_boot_tokens": _median_draws(boots, _rng(seed, (model, name, set_name)))
                            if len(formed) else []}

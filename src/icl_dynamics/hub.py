@@ -106,6 +106,14 @@ class FetchResult:
     hash_source: str
     seconds: float = 0.0
     weights: list[FileRecord] = field(default_factory=list)
+    # what this fetch added to the cache (the only things an eviction may take away again): the blobs it
+    # downloaded, and whether the step's ref was already there at this commit (another run's or user's)
+    downloaded: list[str] = field(default_factory=list)
+    was_cached: bool = True
+
+    def record(self) -> dict:
+        """What the fetch added to the cache, for the provenance table's metadata (read back by the eviction)."""
+        return {"downloaded_blobs": sorted(self.downloaded), "revision_was_cached": self.was_cached}
 
     @property
     def weights_digest(self) -> str:
@@ -274,11 +282,26 @@ def repo_lock(model_id: str, cache_dir: str | os.PathLike[str] | None = None) ->
     return FileLock(path)
 
 
-def evict_checkpoint(model_id: str, step: int, commit: str, cache_dir: str | os.PathLike[str] | None = None) -> dict:
-    """Remove ``model_id`` at ``step`` (its snapshot at ``commit``, its ref, and every blob no other
-    cached revision links to) from the HF cache with huggingface_hub's cache API. When another step's
-    branch points at the same commit, only this step's ref goes. Returns what went: the blobs deleted
-    and the bytes freed (nothing when the revision is no longer cached)."""
+def evict_checkpoint(model_id: str, step: int, commit: str, cache_dir: str | os.PathLike[str] | None = None, *,
+                     fetched: Mapping | None = None) -> dict:
+    """Take out of the HF cache what the fetch of ``model_id`` at ``step`` (at ``commit``) put there, and
+    nothing else: the cache may be shared with other runs and users.
+
+    ``fetched`` is the fetch's :meth:`FetchResult.record` (stored in its provenance table's metadata):
+    a revision whose ref was already in the cache (``revision_was_cached``) stays whole; otherwise its ref
+    goes, its snapshot too unless another ref points at the same commit, and of its blobs only those the
+    fetch downloaded (``downloaded_blobs``) that no other cached revision links to. Without a record
+    (provenance written before fetches kept one) nothing is deleted. Uses huggingface_hub's cache scan and
+    deletion strategy. Returns what went: the blobs deleted and the bytes freed, and ``kept`` saying why
+    anything stayed."""
+    record = {"model": model_id, "step": step, "commit": commit, "deleted_blobs": 0, "freed_bytes": 0, "kept": ""}
+    if fetched is None or "downloaded_blobs" not in fetched:
+        record["kept"] = "no record of what the fetch downloaded: nothing is deleted (fetch the step again to get one)"
+        return record
+    if fetched.get("revision_was_cached", True):
+        record["kept"] = "the revision was in the cache before this run fetched it"
+        return record
+    downloaded = set(fetched["downloaded_blobs"])
     with repo_lock(model_id, cache_dir):
         cache = scan_cache_dir(cache_dir)
         folder = repo_cache_dir(model_id, cache_dir)
@@ -289,18 +312,26 @@ def evict_checkpoint(model_id: str, step: int, commit: str, cache_dir: str | os.
         repo = next((r for r in cache.repos if r.repo_type == "model" and r.repo_id.lower() == model_id.lower()), None)
         cached = next((rev for rev in repo.revisions if rev.commit_hash == commit), None) if repo else None
         if cached is None:
-            return {"model": model_id, "step": step, "commit": commit, "deleted_blobs": 0, "freed_bytes": 0}
+            record["kept"] = "the revision is no longer cached"
+            return record
         ref = step_revision(step)
-        if any(other.startswith("step") and other != ref for other in cached.refs):
+        others = [r for r in cached.refs if r != ref]
+        refs = frozenset({repo.repo_path / "refs" / ref}) if ref in cached.refs else frozenset()
+        if others:  # another branch (another step, or someone's ref) holds the same commit: only our ref goes
             strategy = DeleteCacheStrategy(expected_freed_size=0, blobs=frozenset(), repos=frozenset(),
-                                           snapshots=frozenset(), refs=frozenset({repo.repo_path / "refs" / ref}))
+                                           snapshots=frozenset(), refs=refs)
+            record["kept"] = f"the snapshot is also the cache's {', '.join(sorted(others))}"
         else:
-            strategy = cache.delete_revisions(commit)
-        # the last revision of a repository takes the whole repository (its blobs are not listed one by one)
-        deleted = len(strategy.blobs) + sum(len(list((path / "blobs").glob("*"))) for path in strategy.repos)
+            linked_elsewhere = {f.blob_path for rev in repo.revisions if rev.commit_hash != commit for f in rev.files}
+            blobs = {f.blob_path: f.size_on_disk for f in cached.files
+                     if f.blob_path not in linked_elsewhere and f.blob_path.name in downloaded}
+            strategy = DeleteCacheStrategy(expected_freed_size=sum(blobs.values()), blobs=frozenset(blobs),
+                                           repos=frozenset(), snapshots=frozenset({cached.snapshot_path}), refs=refs)
+            shared = len({f.blob_path for f in cached.files}) - len(blobs)
+            if shared:
+                record["kept"] = f"{shared} blob(s) another revision links to or this run did not download"
         strategy.execute()
-    return {"model": model_id, "step": step, "commit": commit, "deleted_blobs": deleted,
-            "freed_bytes": strategy.expected_freed_size}
+    return {**record, "deleted_blobs": len(strategy.blobs), "freed_bytes": strategy.expected_freed_size}
 
 
 def remove_orphaned_downloads(model_id: str, cache_dir: str | os.PathLike[str] | None = None) -> int:
@@ -483,7 +514,13 @@ def fetch_checkpoint(
     else:
         with repo_lock(model_id, cache_dir), _download_timeout(timeout):
             remove_orphaned_downloads(model_id, cache_dir)
+            blobs = repo_cache_dir(model_id, cache_dir) / "blobs"
+            before = {p.name for p in blobs.iterdir()} if blobs.is_dir() else set()
+            ref = repo_cache_dir(model_id, cache_dir) / "refs" / step_revision(step)
+            ref_before = ref.read_text().strip() if ref.is_file() else None
             result = _fetch_online(model_id, step, cache_dir, attempts, timeout)
+            result.downloaded = sorted({w.path.resolve().name for w in result.files} - before)
+            result.was_cached = ref_before == result.commit
     result.seconds = time.perf_counter() - start
     return result
 
@@ -545,3 +582,21 @@ def write_snapshot(
     for rev in revisions:
         _write_ref(model_id, rev, commit, cache_dir)
     return commit
+
+
+def fetch(model_id: str, step: int, *, cache_dir: str | os.PathLike[str] | None = None, schedule: str = "pythia",
+          attempts: int = 6, timeout: float = 60.0) -> dict:
+    """The Python API's fetch (``icl_dynamics.fetch``): what ``icl-dynamics fetch`` does, without the file.
+
+    Puts ``model_id`` at ``step`` into the cache through :func:`fetch_checkpoint` (every file checked
+    against the hub's hash; offline, against the cache's) and returns the provenance row the fetch stage
+    writes (:data:`PROVENANCE_SCHEMA`), which ``load_checkpoint(..., fetched=row)`` checks the weights
+    against before loading them. ``schedule`` (``pythia``, ``toy``, ``toy-relations``) gives the tokens seen.
+    """
+    from icl_dynamics.config import schedule_named
+    from icl_dynamics.toyzoo import TOY_SEED
+
+    grid = schedule_named(schedule, TOY_SEED)
+    grid.check(step)
+    result = fetch_checkpoint(model_id, step, cache_dir=cache_dir, attempts=attempts, timeout=timeout)
+    return result.row(grid.tokens(step))

@@ -107,6 +107,34 @@ def make_relations(seed: int, specs: Sequence[RelationSpec] = DEFAULT_SPECS) -> 
     return out
 
 
+def untrained_relations(words: dict[str, Sequence[str]], seed: int,
+                    shapes: Sequence[tuple[str, str, str, str]] = (("animal_fruit", "animal", "fruit", "-"),
+                                                                     ("profession_month", "profession", "month", ";")),
+                    heads: int = 16, tails: int = 4) -> list[PlantedRelation]:
+    """Relations over words a vocabulary already has (``words``: category -> words), for texts of a model
+    that was never trained on them: for each ``(name, head category, tail category, marker)`` a random
+    many-to-one map of ``heads`` words onto ``tails`` words, drawn with ``seed``, family ``planted`` (a
+    sequence shows ``head marker tail``, so the relation index and the ablation's recall have events).
+    The copy toy zoo never saw them, so the relation index should flag none: the demo's null control
+    (the relations zoo's planted relations, which it was trained on, are the positive one)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for name, head_category, tail_category, marker in shapes:
+        head_words = [words[head_category][i] for i in torch.randperm(len(words[head_category]), generator=gen)[:heads]]
+        tail_words = [words[tail_category][i] for i in torch.randperm(len(words[tail_category]), generator=gen)[:tails]]
+        if len(head_words) < heads or len(tail_words) < tails:
+            raise ValueError(f"relation {name!r}: needs {heads} {head_category} and {tails} {tail_category} words")
+        order = torch.randperm(heads, generator=gen).tolist()
+        mapping = [0] * heads
+        for rank, head in enumerate(order):
+            mapping[head] = rank % tails
+        out.append(PlantedRelation(name=name, family=PLANTED, shape=MANY_TO_ONE, marker=marker, heads=tuple(head_words),
+                                   tails=tuple(tail_words), mapping=tuple(mapping)))
+    return out
+
+
 def relation_words(relations: Sequence[PlantedRelation]) -> list[str]:
     """Every head, tail and marker word, in a fixed order (they extend the toy vocabulary)."""
     return [w for r in relations for w in (*r.heads, *r.tails, r.marker)]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 
 from icl_dynamics import io
 from icl_dynamics.checkpoints import model_slug
@@ -101,7 +102,7 @@ def load_results(results_dir: str | os.PathLike[str], stage: str, models: str | 
                  if steps is None or step is None or step in steps]
         if not files:
             raise ValueError(f"no {stage} table at steps {sorted(steps or [])} in {root}")
-    frame = io.concat_tables(files).to_pandas()
+    frame = to_frame(io.concat_tables(files))
     if wanted is not None and stage in _analysis():
         absent = sorted(set(wanted) - set(frame["model"]))
         if absent:
@@ -114,6 +115,18 @@ def load_results(results_dir: str | os.PathLike[str], stage: str, models: str | 
         frame = frame[frame["step"].isin(steps)]
     frame = frame.reset_index(drop=True)
     frame.attrs = {"files": [str(f) for f in files], "provenance": {str(f): io.read_provenance(f) for f in files}}
+    return frame
+
+
+def to_frame(table: pa.Table) -> pd.DataFrame:
+    """``table`` as a DataFrame whose integer columns stay integers: a column the schema declares
+    nullable becomes pandas' nullable integer of the same width (``shots`` of the ``icl`` table is
+    ``Int32``, null for the loss rows, where plain pandas would make every value a float); the others
+    keep numpy's integer types."""
+    frame = table.to_pandas()
+    for field in table.schema:
+        if pa.types.is_integer(field.type) and field.nullable:
+            frame[field.name] = frame[field.name].astype(str(field.type).replace("int", "Int").replace("uInt", "UInt"))
     return frame
 
 

@@ -99,16 +99,37 @@ def _loss_options(add: AddOption) -> None:
     add("--seed", type=int, default=0)
 
 
+def _input_table(value: Any, schema: pa.Schema, what: str) -> tuple[pa.Table, dict]:
+    """A table input given as a path (its file, and the provenance stamped into it) or as a DataFrame
+    (``load_results`` output: its ``attrs["provenance"]``, else none), checked against ``schema``."""
+    import pandas as pd
+
+    from icl_dynamics import io
+
+    if isinstance(value, pd.DataFrame):
+        missing = [name for name in schema.names if name not in value.columns]
+        if missing:
+            raise ValueError(f"{what}: the DataFrame lacks columns {missing}")
+        provenances = list(value.attrs.get("provenance", {}).values())
+        return io.to_table(value[schema.names].to_dict("list"), schema), provenances[0] if provenances else {}
+    return io.read_table(value, schema), io.read_provenance(value)
+
+
 def _loss_inputs(opts: argparse.Namespace) -> tuple[Any, str]:
     import torch
 
-    from icl_dynamics import io
     from icl_dynamics.icl import TextSource
     from icl_dynamics.schemas import TEXT_TOKENS_SCHEMA
 
-    table = io.read_table(opts.text_tokens, TEXT_TOKENS_SCHEMA)
+    table, provenance = _input_table(opts.text_tokens, TEXT_TOKENS_SCHEMA, "text_tokens")
     docs = torch.tensor(table.column("token_ids").to_pylist(), dtype=torch.long)
-    return docs, TextSource(**io.read_provenance(opts.text_tokens)["source"]).label()
+    label = TextSource(**provenance["source"]).label() if "source" in provenance else "text (a DataFrame)"
+    return docs, label
+
+
+def _label(value: Any) -> str:
+    """How an input appears in a table's metadata: its path, or what kind of object it was."""
+    return value if isinstance(value, str) else str(value) if isinstance(value, Path) else type(value).__name__
 
 
 def _loss(ckpt: Checkpoint, opts: argparse.Namespace, inputs: tuple[Any, str], _earlier: Earlier) -> Tables:
@@ -121,7 +142,7 @@ def _loss(ckpt: Checkpoint, opts: argparse.Namespace, inputs: tuple[Any, str], _
     icl["task"] = task
     log.info("loss: ICL score %.3f [%.3f, %.3f] over %d documents", icl["value"], icl["ci_low"], icl["ci_high"],
              icl["n"])
-    meta = {"early": opts.early, "late": opts.late, "bootstrap": opts.bootstrap, "text_tokens": str(opts.text_tokens)}
+    meta = {"early": opts.early, "late": opts.late, "bootstrap": opts.bootstrap, "text_tokens": _label(opts.text_tokens)}
     return {"loss": ([icl], ICL_SCHEMA, meta), "loss_curve": (curve, LOSS_CURVE_SCHEMA, meta)}
 
 
@@ -166,12 +187,21 @@ def _relation_index_options(add: AddOption) -> None:
 
 
 def _relation_index_inputs(opts: argparse.Namespace) -> tuple[Any, Any]:
-    from icl_dynamics import io
+    """The relations stage's sequences and triplets: from its folder, or (Python API) a mapping of the two
+    DataFrames, ``{"sequences": ..., "triplets": ...}`` (``load_results(..., "relations/sequences")``)."""
     from icl_dynamics.relations import SEQUENCES_SCHEMA, TRIPLETS_SCHEMA
 
-    relations = Path(opts.relations_dir)
-    return (io.read_table(relations / "sequences.parquet", SEQUENCES_SCHEMA),
-            io.read_table(relations / "triplets.parquet", TRIPLETS_SCHEMA))
+    given = opts.relations_dir
+    if isinstance(given, Mapping):
+        missing = sorted({"sequences", "triplets"} - set(given))
+        if missing:
+            raise ValueError(f"relations_dir: a mapping of DataFrames needs the keys sequences and triplets "
+                             f"(missing {missing})")
+        return (_input_table(given["sequences"], SEQUENCES_SCHEMA, "relations sequences")[0],
+                _input_table(given["triplets"], TRIPLETS_SCHEMA, "relations triplets")[0])
+    relations = Path(given)
+    return (_input_table(relations / "sequences.parquet", SEQUENCES_SCHEMA, "relations sequences")[0],
+            _input_table(relations / "triplets.parquet", TRIPLETS_SCHEMA, "relations triplets")[0])
 
 
 def _relation_index(ckpt: Checkpoint, opts: argparse.Namespace, inputs: tuple[Any, Any],
@@ -194,7 +224,8 @@ def _relation_index(ckpt: Checkpoint, opts: argparse.Namespace, inputs: tuple[An
         log.error("NEGATIVE CONTROL FLAGGED in %d cell(s) of %s@step%d: the SIH test is broken on this checkpoint "
                   "and its flags must not be trusted (see the relation_index table's negative_control_flagged)",
                   flagged, ckpt.model_id, ckpt.step)
-    return {"relation_index": (rows, RELATION_INDEX_SCHEMA, {"params": vars(opts)})}
+    params = {**vars(opts), "relations_dir": _label(opts.relations_dir)}
+    return {"relation_index": (rows, RELATION_INDEX_SCHEMA, {"params": params})}
 
 
 # --- ablation ------------------------------------------------------------------------------------
@@ -257,7 +288,8 @@ def _ablation(ckpt: Checkpoint, opts: argparse.Namespace, inputs: tuple[Any, str
 
     docs, text, sequences, triplets = inputs
     params = sum(p.numel() for p in ckpt.model.parameters())
-    meta: dict[str, Any] = {"params": {k: v for k, v in vars(opts).items() if not k.endswith("_table")},
+    meta: dict[str, Any] = {"params": {k: _label(v) if k in ("text_tokens", "relations_dir") else v
+                                       for k, v in vars(opts).items() if not k.endswith("_table")},
                             "mean_reference": "each evaluation set's own real positions, clean pass"
                             + ("" if opts.ablate_first else ", but position 0, which keeps its output")}
     if params > opts.max_parameters:
@@ -359,6 +391,8 @@ def option_dest(flag: str) -> str:
 
 def _needed_table(stage: Stage, opts: argparse.Namespace, name: str) -> pd.DataFrame:
     """The earlier stage's table ``name`` that ``stage`` needs, read from the file its option names."""
+    import pandas as pd
+
     from icl_dynamics import io
     from icl_dynamics.schemas import STAGE_TABLES
 
@@ -366,6 +400,8 @@ def _needed_table(stage: Stage, opts: argparse.Namespace, name: str) -> pd.DataF
     path = getattr(opts, option_dest(flag))
     if path is None:
         raise ValueError(f"stage {stage.name} needs the {name} table: run its stage in the same job or give {flag}")
+    if isinstance(path, pd.DataFrame):  # the Python API: a DataFrame (load_results, or score's own output)
+        return path
     return io.read_table(path, STAGE_TABLES[name]).to_pandas()
 
 
@@ -416,6 +452,8 @@ def score(ckpt: Checkpoint, stage: str, *, schedule: str | Schedule = "pythia",
     ``icl-dynamics <stage> --help`` (:func:`stage_options`): ``loss`` needs ``text_tokens``, the
     tokenize-text table, ``relation-index`` needs ``relations_dir``, the relations stage's folder, and
     ``ablation`` both and ``heads_table`` and ``relation_index_table``, the checkpoint's own tables.
+    Every table input is a path or a DataFrame (what :func:`icl_dynamics.load_results` or ``score``
+    returned); ``relations_dir`` is the folder or ``{"sequences": DataFrame, "triplets": DataFrame}``.
     ``schedule`` (``pythia``, ``toy``, ``toy-relations`` or a :class:`~icl_dynamics.checkpoints.Schedule`)
     gives the tokens the checkpoint has seen.
     """
@@ -436,6 +474,8 @@ def score(ckpt: Checkpoint, stage: str, *, schedule: str | Schedule = "pythia",
     except StepError as exc:
         hint = "; a toy zoo's checkpoint needs schedule='toy' or 'toy-relations'" if schedule.name == "pythia" else ""
         raise StepError(f"{ckpt.model_id}: {exc}{hint}") from exc
+    from icl_dynamics.results import to_frame
+
     tables = spec.run(ckpt, opts, spec.prepare(opts), {name: _needed_table(spec, opts, name) for name in spec.needs})
-    return {name: io.to_table(stamp(rows, ckpt.model_id, ckpt.step, tokens), schema).to_pandas()
+    return {name: to_frame(io.to_table(stamp(rows, ckpt.model_id, ckpt.step, tokens), schema))
             for name, (rows, schema, _) in tables.items()}

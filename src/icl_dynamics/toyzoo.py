@@ -112,6 +112,14 @@ class ToyConfig:
         """The planted relations (none in the copy zoo); their map is drawn from the seed."""
         return planted.make_relations(self.seed) if self.planted else []
 
+    def untrained(self) -> list[planted.PlantedRelation]:
+        """The copy zoo's relations over its own words, which it was never trained on (the relation
+        index's null control on it: :func:`icl_dynamics.planted.untrained_relations`); none for the relations zoo."""
+        if self.planted:
+            return []
+        words = json.loads(resources.files("icl_dynamics").joinpath("data/icl_words.json").read_text())
+        return planted.untrained_relations(words, self.seed)
+
 
 def zoo_config(kind: str, seed: int | None = None) -> ToyConfig:
     """The shipped configuration of zoo ``kind`` (``toy`` or ``toy-relations``), with another seed if given."""
@@ -300,6 +308,30 @@ def held_out_text(cfg: ToyConfig, vocab: Sequence[str], n_docs: int, *, offset: 
     return docs[:n_docs]
 
 
+def write_untrained(cfg: ToyConfig, vocab: Sequence[str], out_dir: str | Path) -> list[Path]:
+    """The copy zoo's ``planted.json`` (relations it was never trained on, :meth:`ToyConfig.untrained`)
+    and ``relations.jsonl`` (``cfg.text_docs`` sequences holding them as the relations zoo's training
+    data hold its planted relations: two tails mentioned early, each head later as ``head marker tail``;
+    no BOS) in ``out_dir``."""
+    import torch
+
+    decoys = cfg.untrained()
+    index = {w: i for i, w in enumerate(vocab)}
+    special = set(SPECIAL_TOKENS) | set(planted.relation_words(decoys))
+    filler = torch.tensor([i for i, w in enumerate(vocab) if w not in special])
+    gen = torch.Generator().manual_seed(cfg.seed + 30_000)
+    docs: list[str] = []
+    while len(docs) < cfg.text_docs:
+        x, _, _ = planted.relation_batch(gen, decoys, index, filler, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                                         relations_per_sequence=len(decoys), events_per_relation=cfg.events_per_relation,
+                                         mention_end=cfg.mention_end)
+        docs.extend(" ".join(vocab[i] for i in row.tolist()[1:]) for row in x)
+    out = Path(out_dir)
+    paths = [planted.write_map(decoys, out / "planted.json"), out / "relations.jsonl"]
+    _write_jsonl(paths[1], docs[:cfg.text_docs])
+    return paths
+
+
 def _weights_files(model: GPTNeoXForCausalLM, with_safetensors: bool) -> tuple[dict[str, bytes], list[str]]:
     """config.json plus pytorch_model.bin (always, like Pythia's branches) and, optionally, safetensors."""
     import torch
@@ -342,6 +374,8 @@ def write_zoo(zoo: TrainedZoo, out_dir: str | Path) -> Path:
             planted.write_map(cfg.relations(), tmp / "planted.json")
             _write_jsonl(tmp / "relations.jsonl",
                          held_out_text(cfg, zoo.vocab, cfg.text_docs, offset=20_000, bos=False))
+        else:  # relations it never saw, for a relation stage that needs no AGENDA and no spaCy pipeline
+            write_untrained(cfg, zoo.vocab, tmp)
         tables.write_rows(zoo.curve, TRAINING_SCHEMA, tmp / "training.parquet")
         manifest = {"model_id": cfg.model_id, "kind": cfg.kind, "config": asdict(cfg), "tokens_per_step": cfg.tokens_per_step,
                     "vocab_size": len(zoo.vocab), "train_seconds": round(zoo.seconds, 1),

@@ -5,8 +5,13 @@ ANALYSIS = config["analysis"]
 ANALYSIS_DIR = f"{RESULTS}/analysis"
 ANALYSIS_TABLES = ["emergence", "formation", "relation", "summary"]
 CATEGORY = "Emergence and formation"
-# relation families of the relation index: AGENDA's, or the relations toy zoo's planted map
-RI_FAMILIES = ["planted", "decoy"] if config["relations"]["planted_map"] else ["kg", "syntax"]
+# relation families of the relation index: AGENDA's, the relations toy zoo's planted map, or the copy zoo's
+# relations it was never trained on (family planted, no decoy)
+RI_FAMILIES = (
+    (["planted", "decoy"] if config["schedule"] != "toy" else ["planted"])
+    if config["relations"]["planted_map"]
+    else ["kg", "syntax"]
+)
 
 
 rule analyze:
@@ -55,6 +60,31 @@ rule analyze:
     shell:
         "icl-dynamics analyze --icl {input.icl} --heads {input.heads} --relation-index {input.relation_index} "
         "--provenance {input.provenance} {params.options} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+# the report's front page (the Snakefile's report: description): this run's result in words, the headline figure first
+FRONT_PAGE = f"{ANALYSIS_DIR}/front_page.rst"
+
+
+rule front_page:
+    input:
+        tables=rules.analyze.output.tables,
+        panel=rules.analyze.output.panel,
+        provenance=expand(f"{RESULTS}/{{model}}/provenance.parquet", model=MODELS),
+    output:
+        FRONT_PAGE,
+    log:
+        "logs/front_page.log",
+    localrule: True
+    conda:
+        "../envs/icl-dynamics.yaml"
+    params:
+        tables=lambda wildcards, input: {os.path.basename(p).split(".")[0]: p for p in input.tables},
+        top_k=ANALYSIS["top_k"],
+    shell:
+        "icl-dynamics front-page --summary {params.tables[summary]} --emergence {params.tables[emergence]} "
+        "--formation {params.tables[formation]} --provenance {input.provenance} --figure {input.panel} "
+        "--top-k {params.top_k} --out {output} > {log} 2>&1"
 
 
 # the ablations over training: do the flagged heads carry relation recall and ICL (icl_dynamics.causal)

@@ -3,6 +3,8 @@
 import os
 import shlex
 
+from snakemake.logging import logger
+
 # the rules that download run in the Snakemake process (where the network is) unless configured otherwise
 NETWORK_LOCAL = config["cluster"]["network_rules_local"]
 
@@ -80,7 +82,15 @@ def text_flags():
 
 SCORE_TABLES = [table for stage in STAGES.values() for table in stage.outputs]  # what one score job writes
 KEEP_WEIGHTS = config["keep_weights"]
-CHECKPOINT_ORDER = [(model, step) for model in MODELS for step in STEPS]
+# the score jobs one model can run at once are bounded by its cache window: say so when --resources gpu=N asks for more
+GPU_JOBS = getattr(workflow.global_resources.get("gpu"), "value", None)
+WINDOW = config["max_cached_checkpoints"]
+if not KEEP_WEIGHTS and GPU_JOBS and GPU_JOBS >= WINDOW:
+    logger.warning(
+        f"max_cached_checkpoints {WINDOW} keeps at most {WINDOW} checkpoints of a model in the cache, so at most "
+        f"{WINDOW} of its score jobs run at once, none downloading ahead, but gpu={GPU_JOBS}: add "
+        f"--config max_cached_checkpoints={GPU_JOBS + 1} to keep every GPU busy"
+    )
 
 
 def evicted(model, step):
@@ -88,14 +98,15 @@ def evicted(model, step):
 
 
 def previous_eviction(wildcards):
-    """The eviction max_cached_checkpoints checkpoints before this one (none for the first ones, for a
-    step outside the configured selection, or with keep_weights true). Not ancient: when that eviction
-    reruns (after a forced refetch), the flag and so the fetch wait for it again."""
-    key = (wildcards.model, int(wildcards.step))
-    if KEEP_WEIGHTS or key not in CHECKPOINT_ORDER:
+    """The eviction of the same model's checkpoint max_cached_checkpoints steps before this one (none
+    for the first ones, for a step outside the configured selection, or with keep_weights true): the
+    window is per model, so models never wait for each other. Not ancient: when that eviction reruns
+    (after a forced refetch), the flag and so the fetch wait for it again."""
+    step = int(wildcards.step)
+    if KEEP_WEIGHTS or step not in STEPS:
         return []
-    i = CHECKPOINT_ORDER.index(key) - config["max_cached_checkpoints"]
-    return [evicted(*CHECKPOINT_ORDER[i])] if i >= 0 else []
+    i = STEPS.index(step) - config["max_cached_checkpoints"]
+    return [evicted(wildcards.model, STEPS[i])] if i >= 0 else []
 
 
 def fetch_turn(wildcards):

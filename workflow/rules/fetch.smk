@@ -1,18 +1,21 @@
 # Stage 1: one job per (model, step) puts the checkpoint into the HF cache and verifies it.
 # With schedule "toy" or "toy-relations" that toy zoo is trained first and serves as the (offline) hub cache.
-# With keep_weights false, a checkpoint's weights leave the cache once its score job is done (evict),
-# and the fetch of the i-th checkpoint (models in order, steps ascending) waits for the eviction of
-# the (i - max_cached_checkpoints)-th: at most that many checkpoints are in the cache at once.
+# With keep_weights false, what a checkpoint's fetch downloaded leaves the cache once its score job is
+# done (evict), and the fetch of a model's i-th checkpoint (steps ascending) waits for the eviction of
+# its (i - max_cached_checkpoints)-th: at most that many checkpoints per model are in the cache at once.
 
 TOY_ZOO = f"{config['toy_zoo']['dir']}/zoo.json"
-# the relations zoo also writes its planted map and the texts the relations stage reads
+# a zoo also writes a relation map and the texts the relations stage reads (the relations zoo its planted
+# relations, the copy zoo its decoys): outputs of the zoo's job when the configuration reads them
 TOY_ZOO_PLANTED = [f"{config['toy_zoo']['dir']}/{name}" for name in ("planted.json", "relations.jsonl")]
+READS_ZOO_MAP = config["schedule"] != "pythia" and config["relations"]["planted_map"] == TOY_ZOO_PLANTED[0]
 
 
 rule toy_zoo:
     output:
         TOY_ZOO,
-        TOY_ZOO_PLANTED if config["schedule"] == "toy-relations" else [],
+        f"{config['toy_zoo']['dir']}/training.parquet",  # its training curve (the relations zoo's control figure)
+        TOY_ZOO_PLANTED if READS_ZOO_MAP else [],
     log:
         "logs/toy_zoo.log",
     conda:

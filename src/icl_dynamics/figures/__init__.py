@@ -1,9 +1,12 @@
 """Figures: one module per stage, sharing the style and the save helper defined here.
 
-Every figure function returns a :class:`~matplotlib.figure.Figure` (or, given ``ax=``, draws into the
-caller's axes and returns them) and saves nothing; the ``write_*`` and path-taking functions the CLI
-calls save them with :func:`save_figure`. All of them draw under :data:`STYLE` in a
-``matplotlib.rc_context`` (:func:`styled`), so a notebook's own rcParams and backend stay as they were.
+Every figure function draws into what the caller gives it and returns the
+:class:`~matplotlib.figure.Figure` it drew on, saving nothing: a one-panel figure takes ``ax=`` (an
+Axes of the caller's), a figure of several panels ``fig=`` (an empty Figure or SubFigure of the
+caller's, e.g. one of ``fig.subfigures(1, 2)``); without either it makes its own. The ``write_*`` and
+path-taking functions the CLI calls save them with :func:`save_figure`. All of them draw under
+:data:`STYLE` in a ``matplotlib.rc_context`` (:func:`styled`), so a notebook's own rcParams and backend
+stay as they were.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure, SubFigure
 
 from icl_dynamics.io import atomic_path
 
@@ -57,11 +60,30 @@ def styled(draw: Callable[_P, _R]) -> Callable[_P, _R]:
 
 
 def new_figure(ncols: int = 1, nrows: int = 1, *, width: float = COLUMN_WIDTH_IN, height: float | None = None,
-               **kwargs) -> tuple[Figure, object]:
+               fig: Figure | SubFigure | None = None, **kwargs) -> tuple[Figure | SubFigure, np.ndarray]:
     """A figure of ``nrows`` x ``ncols`` axes (call instead of ``plt.subplots``, inside a :func:`styled`
-    function, which gives it the style)."""
+    function, which gives it the style); with ``fig`` (a caller's empty Figure or SubFigure) the axes
+    are made in it instead, and its size is the caller's."""
+    if fig is not None:
+        if fig.axes:
+            raise ValueError("fig= must be an empty Figure or SubFigure (e.g. one of fig.subfigures(...)); "
+                             "for one panel of your own, pass ax= where the function takes it")
+        return fig, fig.subplots(nrows, ncols, squeeze=False, **kwargs)
     height = height if height is not None else 2.4 * nrows
     return plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, constrained_layout=True, **kwargs)
+
+
+def root_figure(fig: Figure | SubFigure) -> Figure:
+    """The top-level Figure of ``fig`` (itself, or the Figure a SubFigure lies in): what figure functions return."""
+    return fig.figure if isinstance(fig, SubFigure) else fig
+
+
+def axis_scale(values: Sequence[float]) -> str:
+    """``linear`` for values (steps or tokens) spanning less than two decades above their smallest nonzero
+    one, as a toy zoo's evenly spaced checkpoints do (a log axis would crowd them into its right end);
+    ``symlog`` otherwise (Pythia's log-spaced checkpoints)."""
+    positive = np.asarray([v for v in values if v > 0], float)
+    return "linear" if len(positive) and positive.max() / positive.min() < 100 else "symlog"
 
 
 def grid(frame: pd.DataFrame, value: str, shape: tuple[int, int] | None = None) -> np.ndarray:
@@ -74,9 +96,15 @@ def grid(frame: pd.DataFrame, value: str, shape: tuple[int, int] | None = None) 
 
 
 def step_axis(ax: Axes, steps: Sequence[int], *, label: str = "training step") -> None:
-    """A log-like step axis that still shows step 0 (symlog, linear below 1), ticks at the data."""
-    ax.set_xscale("symlog", linthresh=1, linscale=0.5)
-    ax.set_xlim(-0.2 if min(steps, default=1) == 0 else None, 1.5 * max(steps, default=1))
+    """A step axis that shows step 0 and where the checkpoints are: linear for evenly spaced ones
+    (:func:`axis_scale`), else log-like (symlog, linear below 1)."""
+    steps = list(steps)
+    if axis_scale(steps) == "linear":
+        ax.set_xscale("linear")
+        ax.set_xlim(-0.02 * max(steps, default=1), 1.02 * max(steps, default=1))
+    else:
+        ax.set_xscale("symlog", linthresh=1, linscale=0.5)
+        ax.set_xlim(-0.2 if min(steps, default=1) == 0 else None, 1.5 * max(steps, default=1))
     ax.set_xlabel(label)
 
 

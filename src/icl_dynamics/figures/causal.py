@@ -8,11 +8,11 @@ import os
 from pathlib import Path
 
 import pandas as pd
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure, SubFigure
 
 from icl_dynamics.checkpoints import model_slug
 from icl_dynamics.emergence import tokens_per_step
-from icl_dynamics.figures import COLUMN_WIDTH_IN, new_figure, save_figure, styled
+from icl_dynamics.figures import COLUMN_WIDTH_IN, new_figure, root_figure, save_figure, styled
 from icl_dynamics.figures.emergence import tokens_axis
 
 # the groups and what each is claimed to carry: the panels right of the correlations
@@ -21,17 +21,20 @@ LOSS_LABEL = {"tail_logprob": "tail log p lost (nats)", "icl_score": "ICL score 
 
 
 @styled
-def plot_causal(correlation: pd.DataFrame, series: pd.DataFrame, model: str) -> Figure:
+def plot_causal(correlation: pd.DataFrame, series: pd.DataFrame, model: str, *,
+                fig: Figure | SubFigure | None = None) -> Figure:
     """Left: Spearman rho across heads (95% bootstrap interval) of RI over control with relation recall
     lost (per family) and of prefix matching with ICL score gained, per checkpoint. Then one panel per
     claim (flagged SIHs on relation recall, top-k induction heads on the ICL score): the group's loss
-    (solid) against its layer-matched controls' mean (dashed; band: min to max over draws)."""
+    (solid) against its layer-matched controls' mean (dashed; band: min to max over draws). Drawn into
+    ``fig`` (an empty Figure or SubFigure) when given."""
     corr = correlation[correlation["model"] == model]
     mine = series[series["model"] == model]
     if corr.empty and mine.empty:
         raise ValueError(f"plot_causal: no ablation rows of {model!r}")
     tps = tokens_per_step(pd.concat([corr[["model", "step", "tokens"]], mine[["model", "step", "tokens"]]]))[model]
-    fig, axes = new_figure(ncols=1 + len(CLAIMS), width=COLUMN_WIDTH_IN * (1 + len(CLAIMS)) * 0.75, height=2.4)
+    fig, axes = new_figure(ncols=1 + len(CLAIMS), width=COLUMN_WIDTH_IN * (1 + len(CLAIMS)) * 0.75, height=2.4,
+                           fig=fig)
     ax = axes[0, 0]
     for i, ((comparison, task), g) in enumerate(corr.groupby(["comparison", "task"], sort=True)):
         g = g.sort_values("step")
@@ -66,7 +69,7 @@ def plot_causal(correlation: pd.DataFrame, series: pd.DataFrame, model: str) -> 
             ax.legend(loc="best", frameon=False, fontsize=6)
         tokens_axis(ax, tps)
         ax.set_xlim(-0.3 * tps, right)
-    return fig
+    return root_figure(fig)
 
 
 def causal_figures(correlation: pd.DataFrame, series: pd.DataFrame, out_dir: str | os.PathLike[str],

@@ -4,7 +4,9 @@ scatter and the heads x ICL-metrics correlation map.
 Every curve is drawn at the checkpoints that exist -- markers on each, straight segments between,
 error bars instead of interpolated bands -- so a coarse stretch of the grid (Pythia has no checkpoint
 between steps 512 and 1000) looks coarse. The token axis is symlog with its linear part one step
-wide, so step 0 is drawn. Several models are faceted in columns, smallest model first.
+wide, so step 0 is drawn, or linear where the checkpoints are evenly spaced (a toy zoo's). Several
+models are faceted in columns, smallest model first. What is shaded and called a transition is exactly
+the series the summary times (:data:`icl_dynamics.emergence.LEVEL_METRIC`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure, SubFigure
 from matplotlib.ticker import FixedLocator, NullLocator
 
 from icl_dynamics.checkpoints import model_slug
-from icl_dynamics.emergence import LEVELS, RI_PREFIX, tokens_per_step
-from icl_dynamics.figures import COLUMN_WIDTH_IN, PAGE_WIDTH_IN, new_figure, save_figure, styled
+from icl_dynamics.emergence import LEVEL_METRIC, LEVELS, RI_PREFIX, tokens_per_step
+from icl_dynamics.figures import (
+    COLUMN_WIDTH_IN,
+    PAGE_WIDTH_IN,
+    axis_scale,
+    new_figure,
+    root_figure,
+    save_figure,
+    styled,
+)
 from icl_dynamics.figures.relation_index import ri_panel, select_rows
 
 LEVEL_COLORS = {"loss_reduction": "C0", "format_compliance": "C1", "pattern_discovery": "C2"}
@@ -30,6 +40,7 @@ LEVEL_MARKERS = {"loss_reduction": "o", "format_compliance": "s", "pattern_disco
 PANEL_METRICS = {"loss_reduction": ("icl_score",), "format_compliance": ("format_compliance",),
                  "pattern_discovery": ("accuracy", "accuracy_constrained")}
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([mMbB])\b")
+DODGE = 0.03  # decades between the scores' points in the formation-vs-emergence scatter
 
 
 def model_order(models: Sequence[str]) -> list[str]:
@@ -43,8 +54,16 @@ def model_order(models: Sequence[str]) -> list[str]:
     return sorted(set(models), key=lambda m: (size(m), m))
 
 
-def tokens_axis(ax: Axes, tokens_per_step: int, *, label: str | None = "training tokens") -> None:
-    """Symlog token axis whose linear part spans one optimiser step, so step 0 shows at the left."""
+def tokens_axis(ax: Axes, tokens_per_step: int, *, label: str | None = "training tokens",
+                tokens: Sequence[float] | None = None) -> None:
+    """Symlog token axis whose linear part spans one optimiser step, so step 0 shows at the left; linear
+    when the checkpoints drawn (``tokens``) are evenly spaced (:func:`icl_dynamics.figures.axis_scale`),
+    where a log axis would crowd a toy zoo's transition into its right end."""
+    if tokens is not None and axis_scale(list(tokens)) == "linear":
+        ax.set_xscale("linear")
+        if label:
+            ax.set_xlabel(label)
+        return
     ax.set_xscale("symlog", linthresh=tokens_per_step, linscale=0.5)
     first = int(np.ceil(np.log10(tokens_per_step))) + 1  # leave a decade between the 0 tick and the next
     ax.xaxis.set_major_locator(FixedLocator([0.0, *(10.0**e for e in range(first, 16))]))
@@ -87,8 +106,11 @@ def _panel_series(icl_traj: pd.DataFrame, model: str, shots: int | None) -> pd.D
 
 
 def _shade(axes: Sequence[Axes], emergence: pd.DataFrame) -> None:
-    """Shade each emerged series' transition interval and mark its onset checkpoint on every axis."""
-    for row in emergence.itertuples():
+    """Shade each level's transition interval and mark its onset checkpoint on every axis, for the series
+    the summary times (:data:`LEVEL_METRIC`: constrained accuracy for pattern discovery) and only where
+    its midpoint is located (``fit_status`` ok), as the summary compares them."""
+    timed = emergence[(emergence["metric"] == emergence["level"].map(LEVEL_METRIC)) & (emergence["fit_status"] == "ok")]
+    for row in timed.itertuples():
         color = LEVEL_COLORS.get(row.level, "0.5")
         for ax in axes:
             if np.isfinite(row.transition_tokens_low) and np.isfinite(row.transition_tokens_high):
@@ -101,20 +123,22 @@ def _shade(axes: Sequence[Axes], emergence: pd.DataFrame) -> None:
 @styled
 def plot_emergence_panel(icl_traj: pd.DataFrame, emergence: pd.DataFrame, head_traj: pd.DataFrame,
                          formation: pd.DataFrame, *, score: str | None = None, top_k: int = 5,
-                         shots: int | None = None) -> Figure:
+                         shots: int | None = None, fig: Figure | SubFigure | None = None) -> Figure:
     """Three ICL levels against training tokens with the top heads' ``score`` beneath, per model.
 
-    Rows: loss reduction (ICL score), format compliance and pattern-discovery accuracy, then the
-    ``top_k`` heads at the final checkpoint for ``score`` (default: the relation-index score whose
-    best head has the largest final excess over its control) with their mean control dashed.
-    Shading is each ICL series' transition interval, dotted lines its onset checkpoint.
+    Rows: loss reduction (ICL score), format compliance and pattern-discovery accuracy (constrained,
+    solid: the series the summary times; unconstrained, thin and dotted), then the ``top_k`` heads at the
+    final checkpoint for ``score`` (default, :func:`default_score`: the relation-index score with heads
+    that formed, else prefix matching) with their mean control dashed. Shading is each level's
+    transition interval as the summary has it, dotted lines its onset checkpoint. Drawn into ``fig``
+    (an empty Figure or SubFigure) when given.
     """
     models = model_order(icl_traj["model"])
     if not models:
         raise ValueError("emergence_panel: the ICL trajectory table is empty")
     tps = tokens_per_step(icl_traj)
-    score = score if score is not None else _default_score(formation)
-    fig, axes = new_figure(ncols=len(models), nrows=3, width=_widths(len(models)), height=4.6, sharex="col")
+    score = score if score is not None else default_score(formation)
+    fig, axes = new_figure(ncols=len(models), nrows=3, width=_widths(len(models)), height=4.6, sharex="col", fig=fig)
     for col, model in enumerate(models):
         ax_loss, ax_acc, ax_heads = axes[:, col]
         series = _panel_series(icl_traj, model, shots)
@@ -122,10 +146,12 @@ def plot_emergence_panel(icl_traj: pd.DataFrame, emergence: pd.DataFrame, head_t
             level, task, shot, metric = key
             g = g.sort_values("step")
             ax = ax_loss if level == "loss_reduction" else ax_acc
-            style = "--" if metric == "accuracy_constrained" else "-"
+            timed = metric == LEVEL_METRIC.get(level)  # the series the summary times; the other is context
+            label = _label(level, task, shot, metric) + ("" if timed else " (not timed)")
             ax.errorbar(g["tokens"], g["value"], yerr=[g["value"] - g["ci_low"], g["ci_high"] - g["value"]],
-                        color=LEVEL_COLORS.get(level, "0.3"), marker=LEVEL_MARKERS.get(level, "o"), ls=style,
-                        lw=0.9, elinewidth=0.5, capsize=0, label=_label(level, task, shot, metric))
+                        color=LEVEL_COLORS.get(level, "0.3"), marker=LEVEL_MARKERS.get(level, "o") if timed else ".",
+                        ls="-" if timed else ":", lw=0.9 if timed else 0.6, elinewidth=0.5, capsize=0,
+                        alpha=1.0 if timed else 0.6, label=label)
             ax.plot(g["tokens"], g["reference"], color=LEVEL_COLORS.get(level, "0.3"), ls=(0, (2, 2)), lw=0.6)
         shown = emergence.merge(series[["model", "level", "task", "shots", "metric"]].drop_duplicates(),
                                 on=["model", "level", "task", "shots", "metric"])
@@ -136,14 +162,14 @@ def plot_emergence_panel(icl_traj: pd.DataFrame, emergence: pd.DataFrame, head_t
         ax_acc.set_ylabel("fraction")
         ax_acc.set_ylim(-0.02, 1.02)
         ax_heads.set_ylabel(score.replace(RI_PREFIX, "RI ").replace("_", " "))
-        tokens_axis(ax_heads, tps[model])
+        tokens_axis(ax_heads, tps[model], tokens=series["tokens"].unique())
         ax_heads.plot(np.unique(series["tokens"]), np.zeros(series["tokens"].nunique()), "|", color="0.4", ms=4,
                       transform=ax_heads.get_xaxis_transform(), clip_on=False)
         if col == 0:
             for ax in (ax_loss, ax_acc, ax_heads):
                 if ax.get_legend_handles_labels()[0]:
                     ax.legend(loc="best", frameon=False, fontsize=6, handlelength=1.5)
-    return fig
+    return root_figure(fig)
 
 
 def emergence_panel(icl_traj: pd.DataFrame, emergence: pd.DataFrame, head_traj: pd.DataFrame,
@@ -154,13 +180,16 @@ def emergence_panel(icl_traj: pd.DataFrame, emergence: pd.DataFrame, head_traj: 
                                             shots=shots), path)
 
 
-def _default_score(formation: pd.DataFrame) -> str:
-    ri = formation[formation["score"].str.startswith(RI_PREFIX)]
-    pool = ri if not ri.empty else formation
-    excess = pool["final_value"] - pool["final_control"]
+def default_score(formation: pd.DataFrame) -> str:
+    """The heads the panel shows by default: the relation-index score whose heads formed (a located
+    midpoint: the relations the run actually has heads for), the one with the largest final excess of
+    those; else prefix matching (the induction heads), so a run whose relations formed nothing (a toy's
+    decoys, AGENDA's on a small model) shows no relation at random."""
+    ri = formation[formation["score"].str.startswith(RI_PREFIX) & (formation["fit_status"] == "ok")]
+    excess = ri["final_value"] - ri["final_control"]
     if excess.notna().any():
-        return str(pool.loc[excess.idxmax(), "score"])
-    return str(pool["score"].iloc[0])
+        return str(ri.loc[excess.idxmax(), "score"])
+    return "prefix_matching" if (formation["score"] == "prefix_matching").any() else str(formation["score"].iloc[0])
 
 
 def _plot_heads(ax: Axes, head_traj: pd.DataFrame, formation: pd.DataFrame, model: str, score: str, top_k: int) -> None:
@@ -178,13 +207,14 @@ def _plot_heads(ax: Axes, head_traj: pd.DataFrame, formation: pd.DataFrame, mode
 @styled
 def plot_ri_heatmaps(ri: pd.DataFrame, family: str, *, model: str | None = None, steps: Sequence[int] | None = None,
                      direction: str = "forward", gate: str = "argmax", variant: str = "source",
-                     n_steps: int = 4) -> Figure:
+                     n_steps: int = 4, fig: Figure | SubFigure | None = None) -> Figure:
     """Relation index per head (layer x head) of each ``family`` relation (rows) at chosen steps (columns),
     of ``model`` (default: the only one in ``ri``). Grey cells: the head never qualified (RI undefined);
     white dots: flagged semantic induction heads. A family without triplets (none survived
     tokenisation) gets a figure that says so.
 
     ``steps`` default: ``n_steps`` checkpoints evenly spaced in log(step + 1), first and last included.
+    Drawn into ``fig`` (an empty Figure or SubFigure) when given.
     """
     rows = select_rows(ri, model=model, gate=gate, variant=variant, direction=direction)
     model = str(rows["model"].iloc[0])
@@ -195,16 +225,16 @@ def plot_ri_heatmaps(ri: pd.DataFrame, family: str, *, model: str | None = None,
         raise ValueError(f"plot_ri_heatmaps: model {model!r} has no RI rows at steps {missing}")
     fam = rows[rows["family"] == family]
     if fam.empty:
-        fig, axes = new_figure(width=COLUMN_WIDTH_IN, height=1.0)
+        fig, axes = new_figure(width=COLUMN_WIDTH_IN, height=1.0, fig=fig)
         axes[0, 0].axis("off")
         axes[0, 0].text(0.5, 0.5, f"{model.split('/')[-1]}: no {family} triplets survived tokenisation",
                         ha="center", va="center")
-        return fig
+        return root_figure(fig)
     n_layers, n_heads = int(rows["layer"].max()) + 1, int(rows["head"].max()) + 1
     relations = sorted(fam["relation"].unique())
     cell = (PAGE_WIDTH_IN - 1.2) / len(chosen) * float(np.clip(n_layers / n_heads, 0.35, 1.2))
     fig, axes = new_figure(ncols=len(chosen), nrows=len(relations), width=PAGE_WIDTH_IN,
-                           height=0.6 + len(relations) * (cell + 0.25))
+                           height=0.6 + len(relations) * (cell + 0.25), fig=fig)
     vmax = float(np.nanmax(fam[fam["step"].isin(chosen)]["ri"].to_numpy(float), initial=0.0)) or 1.0
     image = None
     for i, relation in enumerate(relations):
@@ -224,7 +254,7 @@ def plot_ri_heatmaps(ri: pd.DataFrame, family: str, *, model: str | None = None,
                 ax.set_xlabel("head")
     fig.colorbar(image, ax=axes, shrink=0.8, label="relation index")
     fig.suptitle(f"{model.split('/')[-1]}: {family} relations ({direction}, {gate} gate, {variant})", fontsize=8)
-    return fig
+    return root_figure(fig)
 
 
 def ri_heatmaps(ri: pd.DataFrame, path: str | os.PathLike[str], *, steps: Sequence[int] | None = None,
@@ -257,16 +287,21 @@ def _whiskers(value: np.ndarray, low, high) -> np.ndarray:
 
 @styled
 def plot_formation_emergence_scatter(formation: pd.DataFrame, emergence: pd.DataFrame, *,
-                                     scores: Sequence[str] | None = None, top_k: int = 3) -> Figure:
+                                     scores: Sequence[str] | None = None, top_k: int = 3,
+                                     fig: Figure | SubFigure | None = None) -> Figure:
     """Formation transition of the top-k heads per score (y) against each ICL series' emergence
     transition (x), both with bootstrap intervals; above the diagonal the head formed later.
 
-    One panel per model; colour = score, marker = ICL level. Heads or series whose transition was not
-    located are left out and counted in the panel's corner.
+    One panel per model; colour = score, marker = ICL level. Each score's points are nudged sideways by
+    a few hundredths of a decade (its own x offset, in the legend order) and drawn hollow over the others,
+    so heads of different scores with one midpoint (prefix matching and previous token, formed together)
+    stay visible. Heads or series whose transition was not located are left out and counted in the
+    panel's corner. Drawn into ``fig`` (an empty Figure or SubFigure) when given.
     """
     models = model_order(emergence["model"])
     scores = list(scores) if scores is not None else sorted(formation["score"].unique())
-    fig, axes = new_figure(ncols=len(models), width=_widths(len(models)), height=2.8 if len(models) == 1 else 3.0)
+    fig, axes = new_figure(ncols=len(models), width=_widths(len(models)), height=2.8 if len(models) == 1 else 3.0,
+                           fig=fig)
     handles = {}
     for col, model in enumerate(models):
         ax = axes[0, col]
@@ -278,15 +313,15 @@ def plot_formation_emergence_scatter(formation: pd.DataFrame, emergence: pd.Data
             for m in em.itertuples():
                 if heads.empty:
                     continue
-                x = np.full(len(heads), m.transition_tokens)
+                x = np.full(len(heads), m.transition_tokens) * 10 ** (DODGE * (i - (len(scores) - 1) / 2))
                 y = heads["transition_tokens"].to_numpy(float)
                 # a bootstrap interval need not hold the fit's own midpoint (a head that rises and falls
                 # again): the bar then ends at the estimate on that side
                 handle = ax.errorbar(
                     x, y, xerr=_whiskers(x, m.transition_tokens_low, m.transition_tokens_high),
                     yerr=_whiskers(y, heads["transition_tokens_low"], heads["transition_tokens_high"]),
-                    ls="none", marker=LEVEL_MARKERS.get(m.level, "o"), color=f"C{i % 10}", ms=3.5, elinewidth=0.5,
-                    alpha=0.8)
+                    ls="none", marker=LEVEL_MARKERS.get(m.level, "o"), color=f"C{i % 10}", ms=4.5 - 0.4 * i,
+                    mfc="none", mew=0.9, elinewidth=0.5, alpha=0.9, zorder=3 + i)
                 handles.setdefault(score, handle)
         values = np.concatenate([em[["transition_tokens_low", "transition_tokens_high"]].to_numpy(float).ravel(),
                                  located[["transition_tokens_low", "transition_tokens_high"]].to_numpy(float).ravel()])
@@ -309,7 +344,7 @@ def plot_formation_emergence_scatter(formation: pd.DataFrame, emergence: pd.Data
     fig.legend([*handles.values(), *level_handles],
                [*(s.replace("_", " ") for s in handles), *(lv.replace("_", " ") for lv in LEVELS)],
                loc="outside lower center", ncols=3, frameon=False, fontsize=6)
-    return fig
+    return root_figure(fig)
 
 
 def formation_emergence_scatter(formation: pd.DataFrame, emergence: pd.DataFrame, path: str | os.PathLike[str], *,
@@ -319,14 +354,16 @@ def formation_emergence_scatter(formation: pd.DataFrame, emergence: pd.DataFrame
 
 
 @styled
-def plot_correlation_map(relation: pd.DataFrame, *, scores: Sequence[str] | None = None, top_k: int = 5) -> Figure:
+def plot_correlation_map(relation: pd.DataFrame, *, scores: Sequence[str] | None = None, top_k: int = 5,
+                         fig: Figure | SubFigure | None = None) -> Figure:
     """Heads (top-k per score at the final checkpoint) x ICL series: Spearman correlation of the first
-    differences, with a dot where the block-permutation test is significant after BH (``related``)."""
+    differences, with a dot where the block-permutation test is significant after BH (``related``).
+    Drawn into ``fig`` (an empty Figure or SubFigure) when given."""
     models = model_order(relation["model"])
     scores = list(scores) if scores is not None else sorted(relation["score"].unique())
     rel = relation[relation["score"].isin(scores) & _in_top(relation, top_k)]
     n_rows = max((len(g[["score", "layer", "head"]].drop_duplicates()) for _, g in rel.groupby("model")), default=1)
-    fig, axes = new_figure(ncols=len(models), width=_widths(len(models)), height=1.0 + 0.12 * n_rows)
+    fig, axes = new_figure(ncols=len(models), width=_widths(len(models)), height=1.0 + 0.12 * n_rows, fig=fig)
     image = None
     for col, model in enumerate(models):
         ax = axes[0, col]
@@ -347,7 +384,7 @@ def plot_correlation_map(relation: pd.DataFrame, *, scores: Sequence[str] | None
         ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=6)
         ax.set_title(model.split("/")[-1])
     fig.colorbar(image, ax=axes, shrink=0.8, label="Spearman ρ of first differences")
-    return fig
+    return root_figure(fig)
 
 
 def correlation_map(relation: pd.DataFrame, path: str | os.PathLike[str], *, scores: Sequence[str] | None = None,

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure, SubFigure
 
-from icl_dynamics.figures import PAGE_WIDTH_IN, grid, new_figure, save_figure, step_axis, styled
+from icl_dynamics.figures import PAGE_WIDTH_IN, grid, new_figure, root_figure, save_figure, step_axis, styled
 
 
 def default_steps(steps: Sequence[int]) -> list[int]:
@@ -19,14 +19,14 @@ def default_steps(steps: Sequence[int]) -> list[int]:
 
 @styled
 def plot_prefix_matching_heatmaps(heads: pd.DataFrame, *, steps: Sequence[int] | None = None,
-                                  score: str = "prefix_matching") -> Figure:
+                                  score: str = "prefix_matching", fig: Figure | SubFigure | None = None) -> Figure:
     """One layer x head heatmap of ``score`` per chosen step (default: first, middle and last), on a
-    shared 0..1 colour scale."""
+    shared 0..1 colour scale; drawn into ``fig`` (an empty Figure or SubFigure) when given."""
     steps = list(steps) if steps else default_steps(heads["step"])
     missing = sorted(set(steps) - set(heads["step"]))
     if missing:
         raise ValueError(f"no {score} scores at steps {missing}")
-    fig, axes = new_figure(ncols=len(steps), width=min(PAGE_WIDTH_IN, 1.9 * len(steps) + 0.6), height=2.0)
+    fig, axes = new_figure(ncols=len(steps), width=min(PAGE_WIDTH_IN, 1.9 * len(steps) + 0.6), height=2.0, fig=fig)
     image = None
     for ax, step in zip(axes[0], steps):
         frame = heads[heads["step"] == step]
@@ -38,7 +38,7 @@ def plot_prefix_matching_heatmaps(heads: pd.DataFrame, *, steps: Sequence[int] |
         ax.set_yticks(range(int(frame["layer"].max()) + 1))
     fig.colorbar(image, ax=axes[0].tolist(), label=score.replace("_", " "), shrink=0.9)
     fig.suptitle(f"{heads['model'].iloc[0]}: {score.replace('_', ' ')} per head")
-    return fig
+    return root_figure(fig)
 
 
 def prefix_matching_heatmaps(heads: pd.DataFrame, out: str | Path, *, steps: Sequence[int] | None = None,
@@ -55,13 +55,14 @@ def top_heads(heads: pd.DataFrame, k: int, score: str = "prefix_matching") -> li
 
 @styled
 def plot_top_heads_vs_icl(heads: pd.DataFrame, icl: pd.DataFrame, *, top_k: int = 3, score: str = "prefix_matching",
-                          provenance: pd.DataFrame | None = None) -> Figure:
-    """Top heads' ``score`` (with standard errors and the control) above the ICL score, against step.
+                          provenance: pd.DataFrame | None = None, fig: Figure | SubFigure | None = None) -> Figure:
+    """Top heads' ``score`` (with standard errors and the control) above the ICL score, against step
+    (two panels: into ``fig``, an empty Figure or SubFigure, when given).
 
     Markers sit at the measured checkpoints; hollow markers flag checkpoints whose weights duplicate
     the step before them or are suspect (equal to a non-consecutive step's; from the merged provenance).
     """
-    fig, axes = new_figure(nrows=2, height=4.2, sharex=True)
+    fig, axes = new_figure(nrows=2, height=4.2, sharex=True, fig=fig)
     ax_heads, ax_icl = axes[0][0], axes[1][0]
     duplicates = set()
     if provenance is not None:
@@ -85,7 +86,7 @@ def plot_top_heads_vs_icl(heads: pd.DataFrame, icl: pd.DataFrame, *, top_k: int 
     ax_icl.set_ylabel("ICL score (late - early loss)")
     step_axis(ax_icl, heads["step"].unique())
     fig.suptitle(f"{heads['model'].iloc[0]}: top-{top_k} heads by final {score.replace('_', ' ')}")
-    return fig
+    return root_figure(fig)
 
 
 def top_heads_vs_icl(heads: pd.DataFrame, icl: pd.DataFrame, out: str | Path, *, top_k: int = 3,

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.axes import Axes
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure, SubFigure
 
 from icl_dynamics.checkpoints import model_slug
-from icl_dynamics.figures import PAGE_WIDTH_IN, new_figure, save_figure, step_axis, styled
+from icl_dynamics.figures import PAGE_WIDTH_IN, new_figure, root_figure, save_figure, step_axis, styled
 from icl_dynamics.icl_tasks import BASELINES, LOOKUP_BASELINE, TASKS
 
 FRACTION_LEVELS = ("format_compliance", "pattern_discovery")
@@ -38,10 +38,12 @@ def _task_order(names: Sequence[str]) -> list[str]:
 
 
 @styled
-def plot_level(table: pd.DataFrame, level: str, metric: str, *, model: str | None = None) -> Figure:
+def plot_level(table: pd.DataFrame, level: str, metric: str, *, model: str | None = None,
+               fig: Figure | SubFigure | None = None) -> Figure:
     """``metric`` of ``level`` against training step: one panel per task, one line per shot count
     (markers at the checkpoints, Wilson/CI band), chance as a dashed line where the table has one and,
-    for accuracies, the lookup baseline at the most shots as a dotted grey line."""
+    for accuracies, the lookup baseline at the most shots as a dotted grey line. Drawn into ``fig`` (an
+    empty Figure or SubFigure) when given."""
     everything = _one_model(table, model, f"plot_level({level!r}, {metric!r})")
     rows = everything[(everything["level"] == level) & (everything["metric"] == metric)]
     lookup = everything[(everything["level"] == level) & (everything["metric"] == LOOKUP_BASELINE)]
@@ -49,7 +51,7 @@ def plot_level(table: pd.DataFrame, level: str, metric: str, *, model: str | Non
         raise ValueError(f"plot_level: no rows with level {level!r} and metric {metric!r}")
     tasks = _task_order(list(rows["task"].unique()))
     fig, axes = new_figure(ncols=len(tasks), width=min(PAGE_WIDTH_IN, 1.9 * len(tasks) + 0.4), height=2.2,
-                           sharey=level in FRACTION_LEVELS)
+                           sharey=level in FRACTION_LEVELS, fig=fig)
     shot_values = sorted(int(s) for s in rows["shots"].dropna().unique())
     cmap = colormaps["viridis"]
     for ax, task in zip(axes[0], tasks):
@@ -78,15 +80,15 @@ def plot_level(table: pd.DataFrame, level: str, metric: str, *, model: str | Non
             ax.set_ylim(-0.02, 1.02)
     axes[0][0].set_ylabel(metric.replace("_", " "))
     axes[0][-1].legend(loc="best", frameon=False)
-    return fig
+    return root_figure(fig)
 
 
 @styled
 def plot_loss_by_token(curves: pd.DataFrame, *, model: str | None = None, steps: Sequence[int] | None = None,
-                       n_curves: int = 5, ax: Axes | None = None) -> Axes:
+                       n_curves: int = 5, ax: Axes | None = None) -> Figure:
     """Mean loss against token position for a few checkpoints (``steps``, or ``n_curves`` spread
     over the available ones), with CI bands; columns model, step, position, loss, ci_low, ci_high.
-    Draws into ``ax`` (default: a new figure's) and returns it."""
+    Draws into ``ax`` (default: a new figure's) and returns the Figure it lies in."""
     rows = _one_model(curves, model, "plot_loss_by_token")
     available = sorted(int(s) for s in rows["step"].unique())
     if steps is None:
@@ -107,7 +109,7 @@ def plot_loss_by_token(curves: pd.DataFrame, *, model: str | None = None, steps:
     ax.set_xlabel("token position")
     ax.set_ylabel("loss (nats)")
     ax.legend(loc="best", frameon=False)
-    return ax
+    return root_figure(ax.figure)
 
 
 def write_icl_figures(table: pd.DataFrame, curves: pd.DataFrame | None, out_dir: str | os.PathLike[str],
@@ -126,5 +128,5 @@ def write_icl_figures(table: pd.DataFrame, curves: pd.DataFrame | None, out_dir:
         fig = plot_level(rows, level, metric, model=model)
         written += save_figure(fig, f"{base}_{level}_{metric}.png")
     if curves is not None:
-        written += save_figure(plot_loss_by_token(curves, model=model).figure, f"{base}_loss_by_token.png")
+        written += save_figure(plot_loss_by_token(curves, model=model), f"{base}_loss_by_token.png")
     return written

@@ -11,14 +11,25 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.axes import Axes
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure, SubFigure
 from matplotlib.image import AxesImage
 from matplotlib.ticker import MaxNLocator
 
 from icl_dynamics.checkpoints import model_slug
-from icl_dynamics.figures import COLUMN_WIDTH_IN, PAGE_WIDTH_IN, grid, new_figure, save_figure, step_axis, styled
+from icl_dynamics.figures import (
+    COLUMN_WIDTH_IN,
+    PAGE_WIDTH_IN,
+    grid,
+    new_figure,
+    root_figure,
+    save_figure,
+    step_axis,
+    styled,
+)
 
 NEVER_QUALIFIED = "0.85"  # colour of heads whose RI is undefined (no qualifying event)
+# the relation index's controls (the SIH test clears all three) and their line styles
+CONTROLS = {"control_matched": "-", "control_tenth": (0, (1, 1)), "control_random": (0, (3, 2))}
 
 
 def select_rows(ri: pd.DataFrame, *, model: str | None, gate: str, variant: str, direction: str) -> pd.DataFrame:
@@ -58,9 +69,10 @@ def ri_panel(ax: Axes, cell: pd.DataFrame, vmax: float, shape: tuple[int, int] |
 
 
 @styled
-def final_heatmaps(rows: pd.DataFrame, family: str) -> Figure:
+def final_heatmaps(rows: pd.DataFrame, family: str, *, fig: Figure | SubFigure | None = None) -> Figure:
     """One layer x head heatmap of RI per relation of ``family`` at the last step of ``rows`` (one
-    model, gate, variant, direction). Grey: never qualified; white dot: flagged SIH."""
+    model, gate, variant, direction). Grey: never qualified; white dot: flagged SIH. Drawn into ``fig``
+    (an empty Figure or SubFigure) when given."""
     step = int(rows["step"].max())
     last = rows[(rows["step"] == step) & (rows["family"] == family)]
     if last.empty:
@@ -69,7 +81,7 @@ def final_heatmaps(rows: pd.DataFrame, family: str) -> Figure:
     ncols = min(4, len(relations))
     nrows = math.ceil(len(relations) / ncols)
     fig, axes = new_figure(ncols=ncols, nrows=nrows, width=min(PAGE_WIDTH_IN, 1.7 * ncols + 0.8),
-                           height=1.7 * nrows + 0.4)
+                           height=1.7 * nrows + 0.4, fig=fig)
     vmax = float(np.nanmax(last["ri"].to_numpy(float), initial=0.0)) or 1.0
     image = None
     for ax, relation in zip(axes.flat, relations):
@@ -86,13 +98,16 @@ def final_heatmaps(rows: pd.DataFrame, family: str) -> Figure:
     first = rows.iloc[0]
     fig.suptitle(f"{first['model']} step {step:,}: {family} ({first['direction']}, {first['gate']} gate, "
                  f"{first['variant']}); grey = never qualified, dot = SIH")
-    return fig
+    return root_figure(fig)
 
 
 @styled
-def top_heads_over_training(rows: pd.DataFrame, family: str, *, k: int = 3) -> Figure:
+def top_heads_over_training(rows: pd.DataFrame, family: str, *, k: int = 3,
+                            fig: Figure | SubFigure | None = None) -> Figure:
     """RI (+- standard error) of each relation's top ``k`` final-step heads against training step,
-    with the mean tenth-token and random controls of those heads as dashed lines."""
+    with the mean matched, tenth-token and random controls of those heads as grey lines (the SIH test
+    compares with all three; the matched one, a token of the tail's kind, is the hardest). Drawn into
+    ``fig`` (an empty Figure or SubFigure) when given."""
     fam = rows[rows["family"] == family]
     if fam.empty:
         raise ValueError(f"no {family!r} relation rows")
@@ -100,7 +115,7 @@ def top_heads_over_training(rows: pd.DataFrame, family: str, *, k: int = 3) -> F
     ncols = min(4, len(relations))
     nrows = math.ceil(len(relations) / ncols)
     fig, axes = new_figure(ncols=ncols, nrows=nrows, width=min(PAGE_WIDTH_IN, 1.8 * ncols + 0.4),
-                           height=1.8 * nrows + 0.3, sharey=True)
+                           height=1.8 * nrows + 0.3, sharey=True, fig=fig)
     steps = sorted(int(s) for s in fam["step"].unique())
     for ax, relation in zip(axes.flat, relations):
         rel = fam[fam["relation"] == relation]
@@ -111,8 +126,8 @@ def top_heads_over_training(rows: pd.DataFrame, family: str, *, k: int = 3) -> F
             se = line["ri_se"].fillna(0.0)
             ax.fill_between(line["step"], line["ri"] - se, line["ri"] + se, color=f"C{i}", alpha=0.2, linewidth=0)
             ax.plot(line["step"], line["ri"], marker="o", color=f"C{i}", label=f"L{layer}H{head}")
-        controls = traj.groupby("step")[["control_tenth", "control_random"]].mean()
-        for column, style in (("control_tenth", (0, (1, 1))), ("control_random", (0, (3, 2)))):
+        controls = traj.groupby("step")[list(CONTROLS)].mean()
+        for column, style in CONTROLS.items():
             ax.plot(controls.index, controls[column], color="0.4", linestyle=style, linewidth=0.8,
                     label=column.replace("control_", "") + " ctrl")
         step_axis(ax, steps)
@@ -124,7 +139,7 @@ def top_heads_over_training(rows: pd.DataFrame, family: str, *, k: int = 3) -> F
     first = fam.iloc[0]
     fig.suptitle(f"{first['model']}: top-{k} heads per {family} relation at the last step "
                  f"({first['direction']}, {first['gate']} gate, {first['variant']})")
-    return fig
+    return root_figure(fig)
 
 
 def write_relation_index_figures(ri: pd.DataFrame, out_dir: str | os.PathLike[str], *, model: str | None = None,
@@ -143,11 +158,13 @@ def write_relation_index_figures(ri: pd.DataFrame, out_dir: str | os.PathLike[st
 
 
 @styled
-def planted_control(rows: pd.DataFrame, training: pd.DataFrame, phase_step: float) -> Figure:
+def planted_control(rows: pd.DataFrame, training: pd.DataFrame, phase_step: float, *,
+                    fig: Figure | SubFigure | None = None) -> Figure:
     """The positive control of the relations toy zoo: top, the training loss on the planted tails
     with the phase change; bottom, per planted and decoy relation, the effect (RI over the matched
-    control, +- 2 SE) of the head with the largest final effect, filled where it is flagged as an SIH."""
-    fig, axes = new_figure(nrows=2, width=COLUMN_WIDTH_IN, height=4.2, sharex=True)
+    control, +- 2 SE) of the head with the largest final effect, filled where it is flagged as an SIH.
+    Drawn into ``fig`` (an empty Figure or SubFigure) when given."""
+    fig, axes = new_figure(nrows=2, width=COLUMN_WIDTH_IN, height=4.2, sharex=True, fig=fig)
     top, bottom = axes[0][0], axes[1][0]
     curve = training.dropna(subset=["relation_loss"]).sort_values("step")
     top.plot(curve["step"], curve["relation_loss"], color="0.3", linewidth=0.8, label="planted tails")
@@ -181,4 +198,4 @@ def planted_control(rows: pd.DataFrame, training: pd.DataFrame, phase_step: floa
     first = rows.iloc[0]
     fig.suptitle(f"{first['model']}: planted relations\n({first['direction']}, {first['gate']} gate, "
                  f"{first['variant']}; filled = SIH)")
-    return fig
+    return root_figure(fig)
