@@ -565,7 +565,9 @@ def merged_table() -> pd.DataFrame:
                     rows.append(dict(model="m/tiny", step=step, tokens=step * 10, layer=layer, head=head,
                                      family=family, relation=relation, direction="forward", gate="argmax",
                                      variant="source", ri=ri, ri_se=0.01, events=events, triplets=40,
-                                     control_tenth=0.1, control_random=0.05, effect=ri - 0.1, sih_status=status,
+                                     control_matched=0.08, control_tenth=0.1, control_random=0.05,
+                                     effect=ri - 0.08, effect_se=0.01, effect_tenth=ri - 0.1, effect_tenth_se=0.01,
+                                     effect_random=ri - 0.05, effect_random_se=0.01, sih_status=status,
                                      sih=status == "sih"))
     return pd.DataFrame(rows)
 

@@ -49,10 +49,12 @@ def select_rows(ri: pd.DataFrame, *, model: str | None, gate: str, variant: str,
 
 def top_heads(rows: pd.DataFrame, k: int) -> pd.DataFrame:
     """The ``k`` heads of one relation with the largest effect over the controls (RI minus the control it
-    clears least) at the last step, among cells with enough documents for the SIH test; chosen without
-    looking at the trajectory."""
-    last = rows[rows["step"] == rows["step"].max()]
-    return last[last["sih_status"] != "insufficient"].nlargest(k, "effect")[["layer", "head"]]
+    clears least, as formation reads it: :func:`icl_dynamics.emergence.ri_formation_value`) at the last
+    step, among cells with enough documents for the SIH test; chosen without looking at the trajectory."""
+    from icl_dynamics.emergence import ri_formation_value
+
+    last = rows[(rows["step"] == rows["step"].max()) & (rows["sih_status"] != "insufficient")]
+    return last.assign(_least=ri_formation_value(last)[0]).nlargest(k, "_least")[["layer", "head"]]
 
 
 @styled
