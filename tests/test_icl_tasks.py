@@ -228,7 +228,7 @@ def test_level_figure_plots_the_table(tmp_path) -> None:
 
     curves = pd.DataFrame([dict(model="org/m-1.4b", step=s, position=p, loss=5 - p / (s + 1), ci_low=0, ci_high=9)
                            for s in (0, 1, 512, 1000) for p in range(1, 6)])
-    lines = plot_loss_by_token(curves, n_curves=2).get_lines()
+    lines = plot_loss_by_token(curves, n_curves=2).axes[0].get_lines()
     assert [line.get_label() for line in lines] == ["step 0", "step 1000"]
     np.testing.assert_allclose(lines[1].get_ydata(), [5 - p / 1001 for p in range(1, 6)])
 

@@ -74,17 +74,19 @@ def test_nothing_caps_the_score_jobs_and_network_rules_go_to_the_transfer_partit
         config["cluster"] = {"network_rules_local": False}
         (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
         log = tmp_path / "snakemake.log"
-        held, submitted, changed = [], 0, time.monotonic()
+        held, seen, changed = [], {}, time.monotonic()
         with open(log, "w") as out, subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
                                                      start_new_session=True) as proc:
             deadline = time.monotonic() + 600
-            # until every score job is held, or nothing was submitted for 45 s (a cap stalls the plan)
-            while proc.poll() is None and time.monotonic() < min(deadline, changed + 45) and len(held) < len(steps):
+            # until every score job is held, or no job was submitted or finished for 150 s (a cap stalls the plan;
+            # the executor's status checks back off by 10 s a round, so a slow fetch can leave 40 s and more
+            # between a job finishing and the next submission: the CI machine's 45 s window ran out there)
+            while proc.poll() is None and time.monotonic() < min(deadline, changed + 150) and len(held) < len(steps):
                 time.sleep(0.5)
-                states = list((tmp_path / "slurm" / "jobs").glob("*.state"))
-                held = [p for p in states if p.read_text().startswith("PENDING")]
-                if len(states) != submitted:
-                    submitted, changed = len(states), time.monotonic()
+                states = {p.name: p.read_text().split(" ", 1)[0] for p in (tmp_path / "slurm" / "jobs").glob("*.state")}
+                held = [name for name, state in states.items() if state == "PENDING"]
+                if states != seen:
+                    seen, changed = states, time.monotonic()
             running = proc.poll() is None
             if running:
                 os.killpg(proc.pid, 9)
