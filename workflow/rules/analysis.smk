@@ -53,8 +53,8 @@ rule analyze:
             ]
         ),
     shell:
-        "icl-dynamics analyze --icl {input.icl} --heads {input.heads} --relation-index {input.relation_index} "
-        "--provenance {input.provenance} {params.options} --out-dir {params.out_dir} > {log} 2>&1"
+        "icl-dynamics analyze --icl {input.icl:q} --heads {input.heads:q} --relation-index {input.relation_index:q} "
+        "--provenance {input.provenance:q} {params.options} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 # the ablations over training: do the flagged heads carry relation recall and ICL (icl_dynamics.causal)
@@ -90,6 +90,6 @@ rule causal:
             ]
         ),
     shell:
-        "icl-dynamics causal --ablation {input.ablation} --heads {input.heads} --relation-index {input.relation_index} "
-        "--provenance {input.provenance} --emergence {input.emergence} {params.options} --out-dir {params.out_dir} "
-        "> {log} 2>&1"
+        "icl-dynamics causal --ablation {input.ablation:q} --heads {input.heads:q} "
+        "--relation-index {input.relation_index:q} --provenance {input.provenance:q} --emergence {input.emergence:q} "
+        "{params.options} --out-dir {params.out_dir:q} > {log:q} 2>&1"
