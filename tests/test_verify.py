@@ -103,6 +103,33 @@ def test_an_invalid_json_file_served_under_its_own_hash_is_named(cache: Path) ->
         load_checkpoint(PYTHIA_MODEL, 2, cache_dir=cache, device="cpu")
 
 
+def test_dtypes_are_checked_on_the_tensors_the_model_loads(cache: Path) -> None:
+    """Pythia's files carry the rotary inv_freq, a buffer the model recomputes: its dtype does not matter.
+    A parameter stored in another dtype than config.json's is refused (transformers would cast it)."""
+    import io as bytes_io
+
+    import torch
+
+    snap = snapshot(cache, 2)
+    state = torch.load(snap / "pytorch_model.bin", weights_only=True)
+    files = {p.name: p.read_bytes() for p in snap.iterdir() if p.name != "pytorch_model.bin"}
+
+    def branch(step: int, changed: dict) -> None:
+        buffer = bytes_io.BytesIO()
+        torch.save({**state, **changed}, buffer)
+        hub.write_snapshot(cache, PYTHIA_MODEL, [f"step{step}"], {**files, "pytorch_model.bin": buffer.getvalue()},
+                           ["pytorch_model.bin"])
+
+    key = "gpt_neox.layers.0.attention.rotary_emb.inv_freq"
+    branch(4, {key: state[key].float()})
+    assert load_checkpoint(PYTHIA_MODEL, 4, cache_dir=cache, device="cpu", tokenizer=False).verified
+    key = "gpt_neox.layers.1.mlp.dense_4h_to_h.weight"
+    branch(8, {key: state[key].float()})
+    with pytest.raises(hub.IntegrityError, match=rf"@step8: the weights store {key} \(float32\), not config.json's "
+                                                 "dtype float16; transformers would cast them silently"):
+        load_checkpoint(PYTHIA_MODEL, 8, cache_dir=cache, device="cpu", tokenizer=False)
+
+
 def test_every_table_records_the_verification_and_the_probe(pythia_cache: Path, tmp_path: Path) -> None:
     from icl_dynamics.cli import main
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -293,9 +294,19 @@ def load_checkpoint(
                            for kind, keys in problems.items() if keys)
         raise IntegrityError(f"{model_id}@{revision(step)}: the weights file does not match the model's tensors "
                              f"({listed}); refusing to score a partly random model")
-    check_dtypes(verified, getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    check_dtypes(verified, _not_loaded(model))
     model.to(dev).eval()
     return Checkpoint(model_id, step, model, tok, verified, probe_outputs(model))
+
+
+def _not_loaded(model: nn.Module) -> list[str]:
+    """Patterns of file keys that never reach the model: those the model class drops on load
+    (``_keys_to_ignore_on_load_unexpected``, e.g. GPT-NeoX's old attention masks) and its non-persistent
+    buffers, which it recomputes (the rotary ``inv_freq`` Pythia's files still carry)."""
+    buffers = {f"{name.rsplit('.', 1)[-1]}.{buffer}" for name, module in model.named_modules()
+               for buffer in getattr(module, "_non_persistent_buffers_set", ())}
+    return [*(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()),
+            *(re.escape(suffix) + "$" for suffix in sorted(buffers))]
 
 
 def load_tokenizer(model_id: str, step: int, *, cache_dir: str | Path | None = None,

@@ -183,8 +183,9 @@ def check_dtypes(verified: Verified, ignore: Sequence[str] = ()) -> None:
     """Refuse weight tensors whose dtype is not the config's (``dtype``, or ``torch_dtype`` as older
     transformers write it; without one, every tensor must be floating point and of one dtype).
 
-    Boolean tensors (causal masks) and names matching ``ignore`` (the model's own list of file keys it
-    drops on load, ``_keys_to_ignore_on_load_unexpected``) are not parameters and are not checked.
+    Boolean tensors (causal masks) and names matching ``ignore`` (regular expressions of the file keys
+    the model never loads: :func:`icl_dynamics.models.load_checkpoint` passes the model class's own list
+    and its recomputed buffers) are not checked.
     """
     expected = verified.config.get("dtype") or verified.config.get("torch_dtype")
     dtypes: dict[str, str] = {}
