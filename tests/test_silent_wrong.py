@@ -379,3 +379,19 @@ def test_each_silent_wrong_case_now_stops_with_one_line(row, world, servers, mon
     assert fragment in errors[0] and "\n" not in errors[0] and not errors[0].startswith("unexpected"), errors[0]
     if "--out" in args:  # nothing was written
         assert not Path(args[args.index("--out") + 1]).exists()
+
+
+def test_the_warnings_about_duplicate_weights_name_the_steps(world, tmp_path, caplog):
+    """The merge's warning names the steps and the weights; the analysis names each checkpoint it leaves out."""
+    import pandas as pd
+
+    from icl_dynamics.cli import _log_left_out
+
+    provs = [fetch(PYTHIA_MODEL, step, world.pythia, tmp_path / f"prov{step}.parquet") for step in (0, 1, 2)]
+    with caplog.at_level(logging.WARNING):
+        assert run(["merge", "--stage", "provenance", "--out", tmp_path / "prov.parquet", *provs]) == 0
+        _log_left_out(pd.read_parquet(tmp_path / "prov.parquet"), include_suspect=False)
+    digest = pq.read_table(provs[0]).column("weights_digest")[0].as_py()[:12]
+    assert f"{PYTHIA_MODEL} step 1 serves the same weights as step 0 (benign: consecutive checkpoints; weights " \
+           f"digest {digest})" in caplog.text
+    assert f"{PYTHIA_MODEL} step 1 is left out: it serves the same weights as step 0" in caplog.text
