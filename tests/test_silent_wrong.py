@@ -395,3 +395,24 @@ def test_the_warnings_about_duplicate_weights_name_the_steps(world, tmp_path, ca
     assert f"{PYTHIA_MODEL} step 1 serves the same weights as step 0 (benign: consecutive checkpoints; weights " \
            f"digest {digest})" in caplog.text
     assert f"{PYTHIA_MODEL} step 1 is left out: it serves the same weights as step 0" in caplog.text
+
+
+def test_the_heatmap_families_must_be_known_and_one_measured(caplog):
+    """The workflow asks for kg and syntax; the toy zoo's tokenizer keeps no syntax triplet, so its heatmap is
+    drawn empty (a warning says why). A family no stage makes, or none measured, is refused."""
+    import pandas as pd
+
+    from icl_dynamics.validation import ContentError, check_analysis_options
+
+    icl = pd.DataFrame({"model": ["m"], "task": ["text"], "shots": [None]})
+    ri = pd.DataFrame({"model": ["m"], "family": ["kg"], "direction": ["forward"], "gate": ["argmax"],
+                       "variant": ["source"]})
+    with caplog.at_level(logging.WARNING):
+        check_analysis_options(icl, icl[["model"]], ri, families=["kg", "syntax"], gate="argmax")
+    assert "the relation index has no syntax rows" in caplog.text
+    for families, message in ((["sytnax"], "relation family sytnax .* is none the relations stage makes"),
+                              (["planted", "decoy"], "relation families planted, decoy .* were not measured")):
+        with pytest.raises(ContentError, match=message):
+            check_analysis_options(icl, icl[["model"]], ri, families=families)
+    with pytest.raises(ContentError, match="relation index gate margin .* was not measured"):
+        check_analysis_options(icl, icl[["model"]], ri, gate="margin")

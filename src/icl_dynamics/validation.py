@@ -12,6 +12,7 @@ analysis starts, instead of silently analysing fewer series.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -25,6 +26,8 @@ import pyarrow.parquet as pq
 
 from icl_dynamics import io
 from icl_dynamics.checkpoints import model_slug
+
+log = logging.getLogger(__name__)
 
 STEP_FILE = re.compile(r"step(\d+)")
 # provenance entries that describe a job, not its stage options: where it ran, what it loaded, what it found
@@ -179,8 +182,8 @@ def check_analysis_options(icl: Any, heads: Any, ri: Any = None, provenance: Any
                            variant: str | None = None) -> None:
     """Refuse analysis options that select what the merged tables (DataFrames) never measured, before
     the analysis runs: every table names the same models; ``shots`` is a shot count every model's
-    ICL tasks were measured at (and every task has rows at the shot count used); ``families``,
-    ``direction``, ``gate`` and ``variant`` are in the relation index."""
+    ICL tasks were measured at (and every task has rows at the shot count used); ``direction``, ``gate``
+    and ``variant`` are in the relation index, and so is one of ``families`` at least (:func:`_check_families`)."""
     named = {"icl": icl, "heads": heads, "relation_index": ri, "provenance": provenance}
     found = {name: _models(frame) for name, frame in named.items() if frame is not None}
     if len({frozenset(m) for m in found.values()}) > 1:
@@ -203,9 +206,26 @@ def check_analysis_options(icl: Any, heads: Any, ri: Any = None, provenance: Any
         raise ContentError(f"analysis shots {shots}: the icl tables hold no ICL-task rows; leave shots unset")
     if ri is None or ri.empty:
         return
-    for column, wanted in (("family", families), ("direction", [direction] if direction else None),
-                           ("gate", [gate] if gate else None), ("variant", [variant] if variant else None)):
-        absent = sorted(set(wanted or []) - set(ri[column].astype(str)))
-        if absent:
-            raise ContentError(f"relation index {column} {', '.join(absent)} (an analysis option) was not measured: "
-                               f"the relation index has {', '.join(sorted(set(ri[column].astype(str))))}")
+    for column, wanted in (("direction", direction), ("gate", gate), ("variant", variant)):
+        if wanted and wanted not in set(ri[column].astype(str)):
+            raise ContentError(f"relation index {column} {wanted} (analysis.ri_{column}) was not measured: the "
+                               f"relation index has {', '.join(sorted(set(ri[column].astype(str))))}")
+    _check_families(families or [], set(ri["family"].astype(str)))
+
+
+def _check_families(families: Sequence[str], measured: set[str]) -> None:
+    """The heatmaps' families: each one the relations stage makes, and at least one measured. A known family
+    without rows is legitimate (a tokenizer that holds none of its words, as the toy zoo's holds no AGENDA
+    word): its heatmap is drawn empty, and the log says why."""
+    from icl_dynamics.relations import FAMILY_ORDER
+
+    unknown = sorted(set(families) - set(FAMILY_ORDER))
+    if unknown:
+        raise ContentError(f"relation family {', '.join(unknown)} (--ri-families) is none the relations stage makes "
+                           f"({', '.join(FAMILY_ORDER)})")
+    if families and not measured & set(families):
+        raise ContentError(f"relation families {', '.join(families)} (--ri-families) were not measured: the relation "
+                           f"index has {', '.join(sorted(measured))}")
+    for family in sorted(set(families) - measured):
+        log.warning("the relation index has no %s rows (the relations stage kept no %s triplet for this tokenizer): "
+                    "its heatmap is empty", family, family)
