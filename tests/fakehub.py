@@ -19,8 +19,10 @@ Faults: hub.faults.append(Fault("503", match="/resolve/", times=2)) fails the fi
 (with query) contains `match` (and whose method is `method`, if set), then clears. Kinds: "429" (with
 Retry-After), any other status ("500", "503"); "reset": headers and half the body, then a TCP RST;
 "truncate": full Content-Length, half the body, then a clean close; "stall": nothing for `seconds`, then
-a close; "corrupt": the whole body with one byte flipped (a blob that fails its hash). On a HEAD, reset/truncate close before sending anything. For refused connections, point the
-client at closed_endpoint().
+a close; "drip": the headers (full Content-Length), then one byte every `seconds` (a transfer that never
+stalls long enough for a read timeout but would take days); "redirect": a 302 to the same URL (a redirect loop);
+"corrupt": the whole body with one byte flipped (a blob that fails its hash). On a HEAD, reset/truncate close before
+sending anything. For refused connections, point the client at closed_endpoint().
 """
 
 from __future__ import annotations
@@ -39,11 +41,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 @dataclass
 class Fault:
-    kind: str  # "429", "500", "503" (any status), "reset", "truncate", "stall" or "corrupt"
+    kind: str  # "429", "500", "503" (any status), "reset", "truncate", "stall", "drip", "redirect" or "corrupt"
     match: str = ""  # substring of the request path (with query); "" matches every request
     times: int = 1  # how many matching requests fail before the fault clears
     method: str | None = None  # "GET" or "HEAD"; None: either
-    seconds: float = 30.0  # stall: how long to send nothing before closing
+    seconds: float = 30.0  # stall: how long to send nothing before closing; drip: the pause between bytes
     retry_after: int = 1  # 429: the Retry-After header
 
 
@@ -125,6 +127,9 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.server.hub
         fault = hub._take_fault(self.command, self.path, {k.lower(): v for k, v in self.headers.items()})
         self.fault = fault.kind if fault else None
+        self.drip = fault.seconds if fault else 0.0
+        if self.fault == "redirect":  # to the very same URL: a loop
+            return self._send(302, {"Location": self.path}, b"")
         if self.fault == "stall":
             hub._closing.wait(fault.seconds)
             self.close_connection = True
@@ -229,7 +234,19 @@ class _Handler(BaseHTTPRequestHandler):
             return self._cut(body[: len(body) // 2])
         if self.fault == "corrupt" and body:
             body = body[:-1] + bytes([body[-1] ^ 0x01])
+        if self.fault == "drip":
+            return self._drip(body)
         self.wfile.write(body)
+
+    def _drip(self, body: bytes) -> None:
+        """One byte of ``body`` every ``self.drip`` seconds, until the body is sent or the hub closes."""
+        hub = self.server.hub
+        for i in range(len(body)):
+            self.wfile.write(body[i:i + 1])
+            self.wfile.flush()
+            if hub._closing.wait(self.drip):
+                break
+        self.close_connection = True
 
     def _cut(self, partial: bytes) -> None:
         """Send ``partial``, then end the connection: cleanly (FIN) for "truncate", with a RST for "reset"."""

@@ -119,6 +119,20 @@ BAD_CONFIGS = [
      r"config key 'toy_zoo.seed': .*zoo-seed1 was trained with seed 1, not 2"),
     ({"schedule": "toy-relations", "toy_zoo": {"dir": "TMP/zoo-seed1", "seed": 1}},
      r"config key 'toy_zoo.dir': .*zoo-seed1 holds the 'toy' zoo, but schedule is 'toy-relations'"),
+    # issue 25
+    ({"models": ["EleutherAI/pythia-70m\n"]},
+     r"config key 'models.0': 'EleutherAI/pythia-70m\\n' does not match org/name .*no spaces or control characters"),
+    ({"models": ["EleutherAI/pythia 70m"]}, r"config key 'models.0': 'EleutherAI/pythia 70m' does not match org/name"),
+    ({"relation_index": {"alpha": float("nan")}}, r"config key 'relation_index.alpha': nan is not a finite number"),
+    ({"fetch": {"timeout": float("inf")}}, r"config key 'fetch.timeout': inf is not a finite number"),
+    ({"induction": {"exclude_frac": float("nan")}}, r"config key 'induction.exclude_frac': nan is not a finite number"),
+    ({"fetch": {"min_rate": 0}}, r"config key 'fetch.min_rate': 0 is less than or equal to the minimum"),
+    ({"icl_tasks": {"shots": [0, 5, 5]}}, r"config key 'icl_tasks.shots': .* non-unique elements; give each value once"),
+    ({"analysis": {"shots": 7}}, r"config key 'analysis.shots': 7 is not among icl_tasks.shots \[0, 1, 2, 3, 4, 5, 10, 20\]"),
+    ({"relations": {"agenda_dir": "TMP/no-agenda"}},
+     r"config key 'relations.agenda_dir': '.*no-agenda' does not exist; point it at a copy of the AGENDA files"),
+    ({"relations": {"agenda_dir": "TMP/zoo-seed1"}},
+     r"config key 'relations.agenda_dir': '.*zoo-seed1' lacks preprocessed.test.tsv, relations.vocab"),
 ]
 
 

@@ -18,8 +18,16 @@ from icl_dynamics.models import load_checkpoint
 MODEL = "test-org/tiny-neox"
 
 
+def tokenizer_files() -> dict[str, bytes]:
+    """A small word-level tokenizer's files (every branch carries tokenizer.json and tokenizer_config.json)."""
+    from icl_dynamics.toyzoo import SPECIAL_TOKENS, build_tokenizer
+    from icl_dynamics.toyzoo import tokenizer_files as files
+
+    return files(build_tokenizer([*SPECIAL_TOKENS, *"ABCDEFGH"]), 64)
+
+
 def model_files(model, safetensors: bool = True, bin_: bool = True) -> tuple[dict[str, bytes], list[str]]:
-    files = {"config.json": model.config.to_json_string().encode()}
+    files = {"config.json": model.config.to_json_string().encode(), **tokenizer_files()}
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if safetensors:
         files["model.safetensors"] = save_safetensors(state, metadata={"format": "pt"})
@@ -27,7 +35,7 @@ def model_files(model, safetensors: bool = True, bin_: bool = True) -> tuple[dic
         buf = io.BytesIO()
         torch.save(state, buf)
         files["pytorch_model.bin"] = buf.getvalue()
-    return files, [n for n in files if n != "config.json"]
+    return files, [n for n in files if n.startswith(("model.", "pytorch_model."))]
 
 
 @pytest.fixture()
@@ -76,13 +84,22 @@ def test_offline_fetch_prefers_safetensors_and_never_takes_both(cache):
 
 def test_identical_branches_are_flagged_benign_only_when_consecutive(cache):
     """step0 = step1 (consecutive: benign, step1 measures nothing new); step16 also serves step0's
-    weights, which no training run does: all three are suspect, none is silently kept or dropped."""
+    weights, which no training run does: all three are suspect, none is silently kept or dropped.
+    step2 and step4 (consecutive) share the .bin; step4 also has safetensors."""
     rows = [hub.fetch_checkpoint(MODEL, s, cache_dir=cache).row(tokens=s) for s in (16, 2, 1, 0)]
     flagged = {r["step"]: (r["duplicate_of_step"], r["suspect"], r["same_weights_as"])
                for r in hub.flag_duplicates(rows, PYTHIA)}
     assert flagged == {0: (None, True, [1, 16]), 1: (None, True, [0, 16]), 2: (None, False, []),
                        16: (None, True, [0, 1])}
-    benign = hub.flag_duplicates([r for r in rows if r["step"] != 16], PYTHIA)
+    # the fetch saw step16's branch in the cache serve those weights: 0 and 1 stay suspect when only they are
+    # measured (a branch pointing at another step's commit is flagged whether or not that step is measured)
+    assert [r["same_weights_in_cache"] for r in rows] == [[0, 1], [4], [0, 16], [1, 16]]
+    measured = hub.flag_duplicates([r for r in rows if r["step"] != 16], PYTHIA)
+    assert {r["step"]: (r["duplicate_of_step"], r["suspect"]) for r in measured} == {
+        0: (None, True), 1: (None, True), 2: (None, False)}
+    # without step16 in the cache, step0 = step1 is benign
+    alone = [{**r, "same_weights_in_cache": [s for s in r["same_weights_in_cache"] if s != 16]} for r in rows]
+    benign = hub.flag_duplicates([r for r in alone if r["step"] != 16], PYTHIA)
     assert {r["step"]: (r["duplicate_of_step"], r["suspect"]) for r in benign} == {
         0: (None, False), 1: (0, False), 2: (None, False)}
 
@@ -262,7 +279,8 @@ def test_online_fetch_takes_one_format_and_checks_the_lfs_hashes(tmp_path, monke
     fake = MockHub(tmp_path, files, set(lfs))
     serve(monkeypatch, fake)
     result = hub.fetch_checkpoint(MODEL, 4, cache_dir=tmp_path / "hub")
-    assert sorted(fake.downloaded) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(fake.downloaded) == ["config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
+                                       "tokenizer_config.json"]
     assert result.hash_source == "hub-api" and result.commit == fake.sha
     assert result.weights[0].expected == hashlib.sha256(files["model.safetensors"]).hexdigest()
     assert hub.cached_commit(MODEL, "step4", tmp_path / "hub") == fake.sha  # refs/step4 for from_pretrained
@@ -281,6 +299,7 @@ def test_online_fetch_of_a_sharded_checkpoint_takes_the_index_and_its_shards(tmp
 
     files = {
         "config.json": b"{}",
+        **tokenizer_files(),
         "pytorch_model.bin.index.json": json.dumps(
             {"weight_map": {"a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}
         ).encode(),
@@ -307,7 +326,8 @@ def test_pythia_style_bin_keys_load_into_the_right_parameters(tmp_path):
         state[prefix + "rotary_emb.inv_freq"] = torch.ones(2)
     buf = io.BytesIO()
     torch.save(state, buf)
-    files = {"config.json": model.config.to_json_string().encode(), "pytorch_model.bin": buf.getvalue()}
+    files = {"config.json": model.config.to_json_string().encode(), **tokenizer_files(),
+             "pytorch_model.bin": buf.getvalue()}
     hub.write_snapshot(tmp_path, MODEL, ["step0"], files, ["pytorch_model.bin"])
     loaded = load_checkpoint(MODEL, 0, cache_dir=tmp_path, device="cpu", dtype="float32", tokenizer=False).model
     assert torch.equal(loaded.get_output_embeddings().weight, model.get_output_embeddings().weight)

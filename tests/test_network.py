@@ -264,3 +264,34 @@ def test_the_python_api_fetches_through_the_same_verified_path(fake, toy_zoo, tm
     blob.write_bytes(bytes(data))
     with pytest.raises(hub.IntegrityError, match="has hash"):
         icl_dynamics.load_checkpoint(TOY_MODEL_ID, STEP, cache_dir=cache, device="cpu", fetched=row)
+
+
+def test_a_dripping_download_is_cut_by_the_minimum_rate_retried_and_ends_in_one_line(fake, tmp_path, caplog):
+    """A server sending a byte every 0.2 s never trips the read timeout (1 s); the minimum rate, measured
+    over the same 1 s, cuts each attempt, the fetch retries, and when the drip never clears it ends in
+    one line naming the file, the rate and the option. Without the minimum rate the fetch ran on (the
+    weights, 3.2e5 bytes at 5 bytes/s, would take 18 hours)."""
+    fake.faults.append(Fault("drip", match="/__cdn__/", times=1000, seconds=0.2))
+    args = ["fetch", "--model", TOY_MODEL_ID, "--step", str(STEP), "--schedule", "toy", "--cache-dir",
+            str(tmp_path / "cache"), "--attempts", "2", "--timeout", "1", "--out", str(tmp_path / "provenance.parquet")]
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING):
+        assert main(args) == 1
+    assert time.perf_counter() - start < 30
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("retry 1/1" in w and "SlowTransfer" in w for w in warnings)  # retried once
+    assert len(errors) == 1 and "\n" not in errors[0]
+    assert f"downloading model.safetensors of {TOY_MODEL_ID}@step{STEP} failed 2 times" in errors[0]
+    assert "below the minimum transfer rate of 100000 bytes/s (fetch.min_rate)" in errors[0]
+    assert not (tmp_path / "provenance.parquet").exists()
+
+
+def test_a_redirect_loop_ends_in_one_line_without_retrying(fake, tmp_path, sleeps, caplog):
+    fake.faults.append(Fault("redirect", match="/api/models/", times=1000))
+    args = ["fetch", "--model", TOY_MODEL_ID, "--step", str(STEP), "--schedule", "toy", "--cache-dir",
+            str(tmp_path / "cache"), "--out", str(tmp_path / "provenance.parquet")]
+    assert main(args) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and f"listing {TOY_MODEL_ID}@step{STEP}: the hub answered with a redirect loop" in errors[0]
+    assert "check HF_ENDPOINT" in errors[0] and not errors[0].startswith("unexpected") and sleeps == []

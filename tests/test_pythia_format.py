@@ -148,7 +148,8 @@ def test_auto_precision_gives_the_float64_answer_on_fp16_weights(pythia_cache: P
 
 def test_snakemake_end_to_end_on_the_pythia_format_fixture(pythia_cache: Path, shared_dir: Path, tmp_path: Path) -> None:
     """The default workflow (pythia schedule, dtype auto) on the fixture, offline: every stage runs
-    through load_checkpoint/load_tokenizer, and the relations keep every triplet."""
+    through load_checkpoint/load_tokenizer, and the relations keep every triplet. The results folder's
+    name has a space: every shell command quotes its paths."""
     import datasets
     import yaml
 
@@ -159,7 +160,7 @@ def test_snakemake_end_to_end_on_the_pythia_format_fixture(pythia_cache: Path, s
     datasets.Dataset.from_dict({"text": [agenda.surface_text(r) for r in records]}).save_to_disk(str(texts))
     config = {
         "models": [PYTHIA_MODEL], "schedule": "pythia", "checkpoints": {"steps": steps},
-        "device": "cpu", "dtype": "auto", "hf_cache": str(pythia_cache), "hub_offline": True, "results": "results",
+        "device": "cpu", "dtype": "auto", "hf_cache": str(pythia_cache), "hub_offline": True, "results": "my results",
         "keep_weights": True,  # offline: nothing evicted could be fetched again
         "text": {"kind": "disk", "name": None, "path": str(texts), "n_docs": 40, "context": 128},
         "loss": {"early": 10, "late": 100, "bootstrap": 200},
@@ -175,7 +176,7 @@ def test_snakemake_end_to_end_on_the_pythia_format_fixture(pythia_cache: Path, s
     proc = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    out = tmp_path / "results" / PYTHIA_MODEL.replace("/", "--")
+    out = tmp_path / "my results" / PYTHIA_MODEL.replace("/", "--")
     summary = pd.read_parquet(out / "relations" / "summary.parquet").groupby("family")[["kept", "recovered"]].sum()
     assert summary["kept"].to_dict() == KEPT
     assert summary["recovered"].to_dict() == RECOVERED  # see the README
@@ -210,7 +211,7 @@ def test_snakemake_end_to_end_on_the_pythia_format_fixture(pythia_cache: Path, s
     assert set(singles["shots"].dropna()) == {20} and (singles["events"] > 0).all()
     assert set(ablation.loc[ablation["ablation"] == "group", "group"]) >= {"induction"}
     assert read_provenance(out / "step1000" / "ablation.parquet")["groups"]["induction"]
-    analysis = tmp_path / "results" / "analysis"
+    analysis = tmp_path / "my results" / "analysis"
     assert (analysis / "summary.parquet").exists() and (analysis / "figures" / "emergence_panel.png").exists()
     assert set(pd.read_parquet(analysis / "causal_correlation.parquet")["step"]) == {0, 1000}  # step 1 duplicates 0
     assert (analysis / "figures" / f"causal-{out.name}.png").exists()
@@ -243,7 +244,8 @@ def test_stages_refuse_weights_that_differ_from_what_fetch_verified(cache_copy: 
     data[len(data) // 2] ^= 0x01
     blob.chmod(0o644)
     blob.write_bytes(bytes(data))
-    with pytest.raises(hub.IntegrityError, match=f"pytorch_model.bin at .* has hash .*, but the hub says {row['sha256'][0]}"):
+    with pytest.raises(hub.IntegrityError, match=f"pytorch_model.bin at .* has hash .*, but the fetch record says "
+                                                 f"{row['sha256'][0]}"):
         load_checkpoint(PYTHIA_MODEL, 2, cache_dir=cache_copy, device="cpu", tokenizer=False, fetched=row)
 
     row = fetched_row(cache_copy, 1000)

@@ -128,6 +128,20 @@ def parse_revision(name: str) -> int:
     return int(name[4:])
 
 
+# a hub model id: org/name of letters, digits, '_', '.' and '-' (fullmatch: no trailing newline slips through)
+MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_model_id(model_id: str, what: str) -> str:
+    """``model_id`` if it is a hub model id, else a ValueError naming ``what`` (a config key or a flag)."""
+    if not MODEL_ID.fullmatch(model_id):
+        control = [c for c in model_id if not c.isprintable() or c.isspace()]
+        why = f"holds {', '.join(sorted({repr(c) for c in control}))}" if control else "is not org/name"
+        raise ValueError(f"{what}: {model_id!r} is not a hub model id ({why}); write it as org/name of letters, "
+                         "digits, '_', '.' and '-'")
+    return model_id
+
+
 def model_slug(model_id: str) -> str:
     """A filesystem-safe name for a hub model id (``EleutherAI/pythia-70m`` -> ``EleutherAI--pythia-70m``)."""
     return model_id.replace("/", "--")

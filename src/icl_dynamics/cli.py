@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shlex
 import sys
 import time
@@ -75,7 +76,12 @@ def _fetched_row(args: argparse.Namespace) -> dict:
     """The fetch stage's provenance row of ``--model`` at ``--step`` (from ``--provenance``)."""
     from icl_dynamics import hub, io
 
-    rows = io.read_table(args.provenance, hub.PROVENANCE_SCHEMA).to_pylist()
+    try:
+        rows = io.read_table(args.provenance, hub.PROVENANCE_SCHEMA).to_pylist()
+    except io.SchemaError as exc:
+        raise io.SchemaError(f"{exc}: {args.provenance} is not a provenance table of this icl-dynamics' fetch (an "
+                             "older one recorded the weights only); run the fetch again (delete the file and rerun "
+                             "snakemake, or icl-dynamics fetch)") from exc
     row = next((r for r in rows if r["model"] == args.model and r["step"] == args.step), None)
     if row is None:
         raise ValueError(f"{args.provenance} has no row for {args.model} step {args.step}")
@@ -145,14 +151,20 @@ def cmd_fetch(args: argparse.Namespace) -> None:
     schedule = _schedule(args)
     schedule.check(args.step)
     result = hub.fetch_checkpoint(args.model, args.step, cache_dir=args.cache_dir, attempts=args.attempts,
-                                  timeout=args.timeout)
+                                  timeout=args.timeout, min_rate=args.min_rate)
     # the provenance table is where a run records when and where: the only table stamped with time and host
     # its metadata also records what this fetch added to the cache: the only things the eviction may delete
     io.write_rows([result.row(schedule.tokens(args.step))], hub.PROVENANCE_SCHEMA, args.out, reproducible=False,
                   meta={"fetch": result.record()})
-    log.info("%s@%s: commit %s, %s weights (%d files, %.1f MB) verified in %.1f s", args.model, result.revision,
-             result.commit[:12], result.weights_format, len(result.weights),
-             sum(w.size for w in result.weights) / 1e6, result.seconds)
+    log.info("%s@%s: commit %s, %s weights (%d files, %.1f MB) and %d other files verified in %.1f s", args.model,
+             result.revision, result.commit[:12], result.weights_format, len(result.weights),
+             sum(w.size for w in result.weights) / 1e6, len(result.files) - len(result.weights), result.seconds)
+    group = sorted({args.step, *result.same_weights_in_cache})
+    positions = [schedule.steps.index(s) for s in group if s in schedule.steps]
+    if len(group) > 1 and positions != list(range(positions[0], positions[0] + len(group))):
+        log.warning("%s@%s serves the same weights as the cached branch(es) of non-consecutive step(s) %s: a branch "
+                    "serves another step's weights (or a ref points at another step's commit); the merge marks it "
+                    "suspect", args.model, result.revision, ", ".join(map(str, result.same_weights_in_cache)))
 
 
 def cmd_evict(args: argparse.Namespace) -> None:
@@ -173,7 +185,9 @@ def cmd_tokenize_text(args: argparse.Namespace) -> None:
     from icl_dynamics.icl import TextSource, iter_texts, select_documents
     from icl_dynamics.models import load_tokenizer
 
-    tokenizer = _refetching(args, lambda: load_tokenizer(args.model, args.step, cache_dir=args.cache_dir))
+    fetched = _fetched_row(args) if args.provenance else None
+    tokenizer = _refetching(args, lambda: load_tokenizer(args.model, args.step, cache_dir=args.cache_dir,
+                                                         fetched=fetched))
     source = TextSource(args.kind, args.name, args.path, args.split, args.column)
     rows = select_documents(iter_texts(source), tokenizer, context=args.context, n_docs=args.n_docs, seed=args.seed)
     meta = {"source": vars(source), "context": args.context, "n_docs": args.n_docs, "seed": args.seed,
@@ -195,7 +209,9 @@ def cmd_relations(args: argparse.Namespace) -> None:
 
     if (args.agenda_dir is None) == (args.planted_map is None):
         raise ValueError("relations: give either --agenda-dir (KG and syntax) or --planted-map (planted relations)")
-    tokenizer = _refetching(args, lambda: load_tokenizer(args.model, args.step, cache_dir=args.cache_dir))
+    fetched = _fetched_row(args) if args.provenance else None
+    tokenizer = _refetching(args, lambda: load_tokenizer(args.model, args.step, cache_dir=args.cache_dir,
+                                                         fetched=fetched))
     if args.planted_map:
         if not args.planted_texts:
             raise ValueError("relations: --planted-map needs --planted-texts (the zoo's relations.jsonl)")
@@ -231,13 +247,19 @@ def _read_frames(paths: list[str] | None):
 def cmd_analyze(args: argparse.Namespace) -> None:
     from icl_dynamics import emergence, io
     from icl_dynamics.figures import emergence as fig
+    from icl_dynamics.validation import check_analysis_options
 
     _headless()
 
     start = time.perf_counter()
-    ri = _read_frames(args.relation_index)
+    icl, heads, ri, provenance = (_read_frames(paths) for paths in (args.icl, args.heads, args.relation_index,
+                                                                     args.provenance))
+    check_analysis_options(icl, heads, ri, provenance, shots=args.shots, families=args.ri_families,
+                           direction=args.ri_direction, gate=args.ri_gate, variant=args.ri_variant)
+    if provenance is not None:
+        _log_left_out(provenance, args.include_suspect)
     tables = emergence.analyze(
-        _read_frames(args.icl), _read_frames(args.heads), ri, _read_frames(args.provenance), shots=args.shots,
+        icl, heads, ri, provenance, shots=args.shots,
         per_task=args.per_task, direction=args.ri_direction, gate=args.ri_gate, variant=args.ri_variant,
         tau=args.ri_tau, k=args.k, n_boot=args.n_boot, n_perm=args.n_perm, top_k=args.top_k, seed=args.seed,
         include_suspect=args.include_suspect,
@@ -258,6 +280,20 @@ def cmd_analyze(args: argparse.Namespace) -> None:
                         variant=args.ri_variant, families=args.ri_families)
     log.info("analysis of %d ICL series and %d head scores in %.0f s -> %s", len(tables["emergence"]),
              len(tables["formation"]), time.perf_counter() - start, out)
+
+
+def _log_left_out(provenance, include_suspect: bool) -> None:
+    """Say which checkpoints the analysis leaves out for duplicate weights, and why."""
+    import pandas as pd
+
+    for row in provenance.sort_values(["model", "step"]).itertuples():
+        if pd.notna(row.duplicate_of_step):
+            log.warning("%s step %d is left out: it serves the same weights as step %d (benign: consecutive "
+                        "checkpoints)", row.model, row.step, int(row.duplicate_of_step))
+        elif row.suspect and not include_suspect:
+            log.warning("%s step %d is left out: SUSPECT, its weights equal step(s) %s (not consecutive); "
+                        "analysis.include_suspect keeps it", row.model, row.step,
+                        ", ".join(map(str, row.same_weights_as)))
 
 
 def cmd_causal(args: argparse.Namespace) -> None:
@@ -312,19 +348,25 @@ def _merge_schema(stage: str):
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from icl_dynamics import hub, io
+    from icl_dynamics.validation import check_merge_inputs
 
     schema = _merge_schema(args.stage)
     merged = io.concat_tables(args.inputs, schema)
+    check_merge_inputs(args.stage, args.inputs, schema, args.out)
     if args.stage == "provenance":
         merged = io.to_table(hub.flag_duplicates(merged.to_pylist(), _schedule(args)), schema)
         for row in merged.to_pylist():
             if row["duplicate_of_step"] is not None:
-                log.warning("%s step %d serves the same weights as step %d (benign: consecutive checkpoints); "
-                            "it is left out of the analysis", row["model"], row["step"], row["duplicate_of_step"])
+                log.warning("%s step %d serves the same weights as step %d (benign: consecutive checkpoints; weights "
+                            "digest %s); it is left out of the analysis", row["model"], row["step"],
+                            row["duplicate_of_step"], row["weights_digest"][:12])
             elif row["suspect"]:
-                log.warning("%s step %d serves the same weights as non-consecutive step(s) %s: SUSPECT branch, "
-                            "left out of the analysis unless analysis.include_suspect is true", row["model"],
-                            row["step"], ", ".join(map(str, row["same_weights_as"])))
+                cached = sorted(set(row["same_weights_in_cache"]) - {r["step"] for r in merged.to_pylist()})
+                log.warning("%s step %d serves the same weights as non-consecutive step(s) %s: SUSPECT branch "
+                            "(weights digest %s), left out of the analysis unless analysis.include_suspect is true",
+                            row["model"], row["step"],
+                            ", ".join([*map(str, row["same_weights_as"]), *(f"{s} (cached, not measured)" for s in cached)]),
+                            row["weights_digest"][:12])
     io.write_table(merged, args.out, meta={"stage": args.stage, **io.merged_provenance(args.inputs)})
     log.info("merged %d tables, %d rows -> %s", len(args.inputs), merged.num_rows, args.out)
 
@@ -340,6 +382,11 @@ def cmd_figures(args: argparse.Namespace) -> None:
     heads = pd.read_parquet(args.heads)
     icl = pd.read_parquet(args.icl)
     provenance = pd.read_parquet(args.provenance) if args.provenance else None
+    models = {path: sorted(set(pd.read_parquet(path, columns=["model"])["model"]))
+              for path in (args.heads, args.icl, args.provenance, args.loss_curve, args.relation_index) if path}
+    if len({tuple(m) for m in models.values()}) > 1 or any(len(m) != 1 for m in models.values()):
+        raise ValueError("figures: the tables must hold one model, the same: "
+                         + "; ".join(f"{path} holds {', '.join(m) or 'no row'}" for path, m in models.items()))
     out = Path(args.out_dir)
     written = heads_fig.prefix_matching_heatmaps(heads, out / "prefix_matching_heatmap", steps=args.heatmap_steps)
     written += heads_fig.top_heads_vs_icl(heads, icl, out / "top_heads_vs_icl", top_k=args.top_k,
@@ -390,7 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoint_args(p, device=False)
     p.add_argument("--attempts", type=int, default=6,
                    help="tries per hub request (429, 5xx, refused, reset, truncated and stalled requests are retried)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds a hub request may send nothing")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds a hub request may send nothing; also the window the minimum rate is measured over")
+    p.add_argument("--min-rate", type=float, default=100_000.0,
+                   help="bytes per second a download must average over each --timeout seconds (slower: retried)")
     p.add_argument("--out", required=True, help="provenance Parquet")
     p.set_defaults(func=cmd_fetch)
 
@@ -434,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tokenize-text", help="select and tokenise the natural-text documents once per model")
     _checkpoint_args(p, device=False)
+    p.add_argument("--provenance", default=None,
+                   help="the fetch stage's provenance.parquet: check the tokenizer files against it first")
     p.add_argument("--kind", choices=("hub", "disk", "jsonl", "text"), default="hub")
     p.add_argument("--name", default=None, help="hub dataset id (kind hub)")
     p.add_argument("--path", default=None, help="local file or datasets directory")
@@ -451,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("relations", help="KG and syntactic (or planted) relation triplets for one model's tokenizer")
     _checkpoint_args(p, device=False)
+    p.add_argument("--provenance", default=None,
+                   help="the fetch stage's provenance.parquet: check the tokenizer files against it first")
     p.add_argument("--agenda-dir", default=None, help="verified AGENDA copy (see fetch-agenda)")
     p.add_argument("--planted-map", default=None,
                    help="planted.json of the relations toy zoo: its planted relations instead of AGENDA's")
@@ -545,6 +599,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_values(args: argparse.Namespace) -> None:
+    """Values argparse lets through but no stage can use: a model id that is no hub id (a trailing newline
+    would name folders with it), and NaN or infinite numbers (every threshold compares false with NaN)."""
+    from icl_dynamics.checkpoints import check_model_id
+
+    if getattr(args, "model", None) is not None:
+        check_model_id(args.model, "--model")
+    for dest, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"--{dest.replace('_', '-')} {item}: not a finite number; give one")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -552,6 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # a job's log starts with the command that made it (rerun it by hand from there)
     log.info("command: %s", shlex.join(["icl-dynamics", *(sys.argv[1:] if argv is None else argv)]))
     try:
+        _check_values(args)
         args.func(args)
     except Exception as exc:  # every failure ends in one line; the traceback only with -v
         expected = isinstance(exc, (ValueError, KeyError, RuntimeError, OSError))

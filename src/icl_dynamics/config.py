@@ -7,6 +7,7 @@ are raised before any job starts, so a typo never costs a night of GPU time.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,7 +17,7 @@ import jsonschema
 import yaml
 from jsonschema import Draft202012Validator, validators
 
-from icl_dynamics.checkpoints import PYTHIA, Schedule, StepError, model_slug, select_steps
+from icl_dynamics.checkpoints import PYTHIA, Schedule, StepError, check_model_id, model_slug, select_steps
 
 
 class ConfigError(ValueError):
@@ -45,7 +46,24 @@ def _key(error: jsonschema.ValidationError) -> str:
         return f"config key {path!r}: unknown key (allowed: {', '.join(sorted(error.schema.get('properties', {})))})"
     if error.validator == "required":
         return f"config key {path or '(top level)'!r}: {error.message}"
+    if error.validator == "uniqueItems":
+        return f"config key {path!r}: {error.message}; give each value once"
+    if error.validator == "pattern" and error.schema.get("description"):
+        return f"config key {path!r}: {error.instance!r} does not match {error.schema['description']}"
     return f"config key {path or '(top level)'!r}: {error.message}"
+
+
+def _check_finite(value: Any, path: str = "") -> None:
+    """Refuse NaN and infinite numbers anywhere (YAML's ``.nan``, ``.inf``): every schema bound compares
+    false with NaN, so it would pass, and fail later as an OverflowError or a silently empty filter."""
+    if isinstance(value, Mapping):
+        for key, sub in value.items():
+            _check_finite(sub, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, sub in enumerate(value):
+            _check_finite(sub, f"{path}.{i}")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key {path!r}: {value} is not a finite number; give a number")
 
 
 def load_schema(path: str | os.PathLike[str]) -> dict:
@@ -69,10 +87,14 @@ def schedule_for(config: Mapping[str, Any]) -> Schedule:
 
 
 def _check_models(models: list[str]) -> None:
-    """Hub ids are case-insensitive and each model needs its own results folder."""
+    """Hub ids (no control characters) are case-insensitive and each model needs its own results folder."""
     seen: dict[str, str] = {}
     slugs: dict[str, str] = {}
-    for model in models:
+    for i, model in enumerate(models):
+        try:
+            check_model_id(model, f"config key 'models.{i}'")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         if model.lower() in seen:
             first = seen[model.lower()]
             twice = "is listed twice" if first == model else f"and {first!r} name one hub repository (ids ignore case)"
@@ -89,6 +111,18 @@ def _check_results(results: str) -> None:
         raise ConfigError("config key 'results': empty; name the output directory (default: results)")
     if Path(results).exists() and not Path(results).is_dir():
         raise ConfigError(f"config key 'results': {results!r} is a file, not a directory")
+
+
+def _check_agenda_dir(agenda_dir: str) -> None:
+    """A named AGENDA copy must hold the files the relations stage reads (nothing in the workflow makes them)."""
+    from icl_dynamics.agenda import TSV_NAME, VOCAB_NAME
+
+    folder = Path(agenda_dir)
+    missing = [name for name in (TSV_NAME, VOCAB_NAME) if not (folder / name).is_file()]
+    if missing:
+        where = f"{agenda_dir!r} lacks {', '.join(missing)}" if folder.is_dir() else f"{agenda_dir!r} does not exist"
+        raise ConfigError(f"config key 'relations.agenda_dir': {where}; point it at a copy of the AGENDA files "
+                          "(icl-dynamics fetch-agenda --dest DIR makes one), or set it to null to download them")
 
 
 def _check_toy_zoo(toy_zoo: Mapping[str, Any], schedule: str) -> None:
@@ -136,6 +170,7 @@ def validate_config(config: Mapping[str, Any], schema: Mapping[str, Any] | str |
     if not isinstance(schema, Mapping):
         schema = load_schema(schema)
     config = copy.deepcopy(dict(config))
+    _check_finite(config)
     validator = _with_defaults(Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
     if errors:
@@ -158,10 +193,16 @@ def validate_config(config: Mapping[str, Any], schema: Mapping[str, Any] | str |
         raise ConfigError("config key 'text.name': a hub text source needs a dataset name")
     if text["kind"] != "hub" and not text["path"]:
         raise ConfigError(f"config key 'text.path': a {text['kind']} text source needs a path")
+    shots = config["icl_tasks"]["shots"]
+    if analysis["shots"] is not None and analysis["shots"] not in shots:
+        raise ConfigError(f"config key 'analysis.shots': {analysis['shots']} is not among icl_tasks.shots {shots}; "
+                          "the analysis can only use a shot count the tasks measure")
     relations = config["relations"]
     if bool(relations["planted_map"]) != bool(relations["planted_texts"]):
         raise ConfigError("config key 'relations.planted_texts': planted_map and planted_texts go together "
                           "(the relations toy zoo's planted.json and relations.jsonl)")
+    if relations["agenda_dir"] and not relations["planted_map"]:
+        _check_agenda_dir(relations["agenda_dir"])
     _check_models(config["models"])
     _check_results(config["results"])
     if config["schedule"] != "pythia":

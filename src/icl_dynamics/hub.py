@@ -1,12 +1,15 @@
 """Fetch checkpoints from the Hugging Face hub into its local cache, verify them, record provenance.
 
 One call fetches one (model, step): the config, the tokenizer files, and exactly one weights format
-(safetensors when the branch has it, else PyTorch ``.bin``; sharded checkpoints with their index).
+(safetensors when the branch has it, else PyTorch ``.bin``; sharded checkpoints with their index). A
+branch without ``config.json``, ``tokenizer.json``, ``tokenizer_config.json`` or weights is an error.
 Files land in the shared HF cache, whose blobs are content-addressed, so branches that serve
 identical weights are stored once. Every file is checked against the hub's own hashes (the LFS
 sha256 for weights, the git blob sha1 for small files): online against the metadata the API
 returns, offline (``HF_HUB_OFFLINE=1``) against the cache's blob names, which the hub wrote as
-those same hashes. Transient hub errors (429 and 5xx) are retried with exponential backoff.
+those same hashes; every file's hash goes into the provenance row, against which each later stage
+checks the cache again (:mod:`icl_dynamics.verify`). Transient hub errors (429 and 5xx), stalls and
+transfers slower than a minimum rate are retried with exponential backoff.
 Downloads, cache layout, cache scans and eviction are huggingface_hub's; what is ours (the per-file
 download loop, the hash check, the ref writer) says why in its docstring, and a test checks it
 against the library on the same inputs (``tests/test_network.py``, ``tests/test_hub.py``).
@@ -16,18 +19,14 @@ against the library on the same inputs (``tests/test_network.py``, ``tests/test_
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import os
-import random
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import pyarrow as pa
 from filelock import FileLock
@@ -38,18 +37,25 @@ from icl_dynamics.checkpoints import Schedule
 from icl_dynamics.checkpoints import revision as step_revision
 from icl_dynamics.io import current_umask, sha256_file, write_bytes_atomic
 from icl_dynamics.schemas import CHECKPOINT_FIELDS
+from icl_dynamics.transfer import (  # noqa: F401  (HubUnavailable: what a fetch that ran out of attempts raises)
+    DEFAULT_MIN_RATE,
+    HubUnavailable,
+    download_timeout,
+    minimum_rate,
+    with_retries,
+)
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 CONFIG_FILES = ("config.json",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# what the loaders cannot do without (special_tokens_map.json is optional: tokenizer_config.json holds the same)
+REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 # In order of preference; an index file names its shards.
 WEIGHT_FORMATS = (
     ("safetensors", "model.safetensors", "model.safetensors.index.json"),
     ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json"),
 )
-RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 
 PROVENANCE_SCHEMA = pa.schema(
     [
@@ -60,18 +66,25 @@ PROVENANCE_SCHEMA = pa.schema(
         pa.field("files", pa.list_(pa.string()), nullable=False),
         pa.field("sizes", pa.list_(pa.int64()), nullable=False),
         pa.field("sha256", pa.list_(pa.string()), nullable=False),
+        pa.field("other_files", pa.list_(pa.string()), nullable=False),
+        pa.field("other_sizes", pa.list_(pa.int64()), nullable=False),
+        pa.field("other_hashes", pa.list_(pa.string()), nullable=False),
         pa.field("weights_digest", pa.string(), nullable=False),
         pa.field("hash_source", pa.string(), nullable=False),
         pa.field("seconds", pa.float64(), nullable=False),
         pa.field("duplicate_of_step", pa.int64()),
         pa.field("suspect", pa.bool_(), nullable=False),
         pa.field("same_weights_as", pa.list_(pa.int64()), nullable=False),
+        pa.field("same_weights_in_cache", pa.list_(pa.int64()), nullable=False),
     ]
 )
-"""One row per checkpoint. ``sha256`` lists each weight file's sha256 (checked); ``weights_digest`` is
-the sha256 of those, so two steps with equal digests serve byte-identical weights.
-``duplicate_of_step``, ``suspect`` and ``same_weights_as`` are filled by :func:`flag_duplicates`
-when tables are merged."""
+"""One row per checkpoint. ``sha256`` lists each weight file's sha256 (checked); ``other_files`` the
+config, tokenizer and index files with their sizes and the hub's hash of each (``other_hashes``: the
+git blob sha1, or the sha256 of an LFS file), so a stage can check every file it reads against what
+fetch verified. ``weights_digest`` is the sha256 of the weights' hashes, so two steps with equal
+digests serve byte-identical weights. ``same_weights_in_cache`` lists the other steps whose branches
+in the cache served the same weights when this one was fetched. ``duplicate_of_step``, ``suspect``
+and ``same_weights_as`` are filled by :func:`flag_duplicates` when tables are merged."""
 
 
 class IntegrityError(RuntimeError):
@@ -80,6 +93,17 @@ class IntegrityError(RuntimeError):
 
 class CheckpointNotFound(FileNotFoundError):
     """The requested revision or its files are neither on the hub nor in the cache."""
+
+
+def fetch_command(model_id: str, step: int) -> str:
+    """The command that fetches ``model_id`` at ``step`` (for messages that say what to do)."""
+    return f"`icl-dynamics fetch --model {model_id} --step {step} --out <provenance.parquet>`"
+
+
+def weights_digest(hashes: Mapping[str, str]) -> str:
+    """sha256 over the weight files' hashes (name -> hash) in name order: equal digests, identical weights."""
+    joined = "\n".join(f"{name}:{hashes[name]}" for name in sorted(hashes))
+    return hashlib.sha256(joined.encode()).hexdigest()
 
 
 @dataclass
@@ -106,6 +130,7 @@ class FetchResult:
     hash_source: str
     seconds: float = 0.0
     weights: list[FileRecord] = field(default_factory=list)
+    same_weights_in_cache: list[int] = field(default_factory=list)
     # what this fetch added to the cache (the only things an eviction may take away again): the blobs it
     # downloaded, and whether the step's ref was already there at this commit (another run's or user's)
     downloaded: list[str] = field(default_factory=list)
@@ -118,11 +143,12 @@ class FetchResult:
     @property
     def weights_digest(self) -> str:
         """sha256 over the weight files' sha256s in name order: equal digests, identical weights."""
-        joined = "\n".join(f"{w.name}:{w.expected}" for w in sorted(self.weights, key=lambda w: w.name))
-        return hashlib.sha256(joined.encode()).hexdigest()
+        return weights_digest({w.name: w.expected for w in self.weights})
 
     def row(self, tokens: int) -> dict:
         """The provenance row for this checkpoint (see :data:`PROVENANCE_SCHEMA`)."""
+        weights = {w.name for w in self.weights}
+        others = sorted((f for f in self.files if f.name not in weights), key=lambda f: f.name)
         return {
             "model": self.model_id,
             "step": self.step,
@@ -133,12 +159,16 @@ class FetchResult:
             "files": [w.name for w in self.weights],
             "sizes": [w.size for w in self.weights],
             "sha256": [w.expected for w in self.weights],
+            "other_files": [f.name for f in others],
+            "other_sizes": [f.size for f in others],
+            "other_hashes": [f.expected for f in others],
             "weights_digest": self.weights_digest,
             "hash_source": self.hash_source,
             "seconds": self.seconds,
             "duplicate_of_step": None,
             "suspect": False,
             "same_weights_as": [],
+            "same_weights_in_cache": sorted(self.same_weights_in_cache),
         }
 
 
@@ -155,6 +185,16 @@ def content_hash(path: str | os.PathLike[str], lfs: bool) -> str:
     return sha256_file(path) if lfs else git_blob_sha1(Path(path).read_bytes())
 
 
+def parsed_json(where: str, name: str, path: str | os.PathLike[str]) -> object:
+    """The content of a checkpoint's JSON file ``name``; an :class:`IntegrityError` naming it when it does not parse."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IntegrityError(f"{where}: {name} ({path}) is not valid JSON ({exc}); it hashes as the hub (or mirror) "
+                             "served it, so the source serves it broken: fetch the checkpoint from a source with a "
+                             "valid file") from exc
+
+
 def _verify(record: FileRecord) -> None:
     """Raise :class:`IntegrityError` unless ``record``'s file hashes to ``record.expected``.
 
@@ -166,79 +206,6 @@ def _verify(record: FileRecord) -> None:
             f"{record.name} at {record.path} has hash {got}, but the hub says {record.expected}; "
             "delete it from the cache and fetch again"
         )
-
-
-# --- retries -------------------------------------------------------------------------------------
-
-
-class HubUnavailable(OSError):
-    """A hub request kept failing with transient errors until the attempts ran out."""
-
-
-def _status(exc: BaseException) -> int | None:
-    response = getattr(exc, "response", None)
-    return getattr(response, "status_code", None)
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Connection-level failures (refused, reset, truncated body, timeout) of the HTTP client the
-    installed huggingface_hub uses (httpx2 from version 2, httpx before) and of the stdlib."""
-    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for client in ("httpx2", "httpx"):
-        try:
-            errors.append(importlib.import_module(client).TransportError)
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
-
-
-def _transient(exc: BaseException) -> bool:
-    """Worth retrying: HTTP 429/5xx, or a transport error (not in offline mode), here or in its cause
-    chain (huggingface_hub wraps a failed metadata request in LocalEntryNotFoundError). The first
-    HTTP status met decides (a 404 wrapped the same way is not transient)."""
-    transport = _transport_errors()
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            break
-        status = _status(seen)
-        if status is not None:
-            return status in RETRY_STATUS
-        if isinstance(seen, transport):
-            return not constants.HF_HUB_OFFLINE
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def with_retries(
-    call: Callable[[], T],
-    *,
-    attempts: int = 6,
-    backoff: float = 2.0,
-    sleep: Callable[[float], None] | None = None,
-    what: str = "hub request",
-) -> T:
-    """Run ``call``, retrying on HTTP 429/5xx and connection errors (refused, reset, truncated, timed
-    out) with exponential backoff + jitter, or the server's Retry-After. When the attempts run out,
-    raises :class:`HubUnavailable` naming ``what`` and the last error; other errors pass through."""
-    for attempt in range(attempts):
-        try:
-            return call()
-        except Exception as exc:  # noqa: BLE001 - filtered just below
-            if not _transient(exc):
-                raise
-            status = _status(exc)
-            if attempt == attempts - 1:
-                last = " ".join(str(exc).split())[:300] or type(exc).__name__
-                raise HubUnavailable(f"{what} failed {attempts} times; last error: {type(exc).__name__}: {last}") \
-                    from exc
-            retry_after = getattr(getattr(exc, "response", None), "headers", {}).get("retry-after")
-            delay = float(retry_after) if retry_after and str(retry_after).isdigit() else backoff * 2**attempt
-            delay *= 1 + 0.25 * random.random()
-            log.warning("%s failed (%s); retry %d/%d in %.1f s", what, status or type(exc).__name__,
-                        attempt + 1, attempts - 1, delay)
-            (sleep or time.sleep)(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 # --- choosing files ------------------------------------------------------------------------------
@@ -255,7 +222,8 @@ def choose_weights(available: Iterable[str]) -> tuple[str, str | None, str | Non
     raise CheckpointNotFound(f"no weights file ({', '.join(w[1] for w in WEIGHT_FORMATS)}, or an index) in {sorted(names)}")
 
 
-def _shards(index_path: Path) -> list[str]:
+def shard_names(index_path: Path) -> list[str]:
+    """The shard files a sharded checkpoint's index names."""
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (KeyError, json.JSONDecodeError) as exc:
@@ -364,6 +332,42 @@ def cached_commit(model_id: str, revision: str, cache_dir: str | os.PathLike[str
     return ref.read_text().strip()
 
 
+def cached_snapshot(model_id: str, step: int, cache_dir: str | os.PathLike[str] | None = None) -> tuple[str, Path]:
+    """The commit ``refs/step<N>`` names and its snapshot folder, which must exist."""
+    rev = step_revision(step)
+    commit = cached_commit(model_id, rev, cache_dir)
+    snapshot = repo_cache_dir(model_id, cache_dir) / "snapshots" / commit
+    if not snapshot.is_dir():
+        raise CheckpointNotFound(
+            f"{model_id}@{rev}: refs/{rev} points at commit {commit[:12]}, but its snapshot folder {snapshot} is "
+            f"missing (deleted?); fetch the step again with network access: {fetch_command(model_id, step)}"
+        )
+    return commit, snapshot
+
+
+def missing_required(present: Iterable[str]) -> list[str]:
+    """The files of :data:`REQUIRED_FILES` absent from ``present``."""
+    names = set(present)
+    return [name for name in REQUIRED_FILES if name not in names]
+
+
+def steps_sharing_weights(model_id: str, step: int, hashes: Mapping[str, str],
+                          cache_dir: str | os.PathLike[str] | None = None) -> list[int]:
+    """The other steps whose cached branches serve the weight files ``hashes`` (name -> hash): the same
+    names linked to the same blobs. A branch pointing at another step's commit shows up here even when
+    that step is never measured (fetch records them; :func:`flag_duplicates` reads them)."""
+    repo = repo_cache_dir(model_id, cache_dir)
+    found = []
+    for ref in sorted((repo / "refs").glob("step*")) if (repo / "refs").is_dir() else []:
+        if not ref.name[4:].isdigit() or int(ref.name[4:]) == step:
+            continue
+        snapshot = repo / "snapshots" / ref.read_text().strip()
+        links = [snapshot / name for name in hashes]
+        if all(link.exists() for link in links) and all(link.resolve().name == hashes[link.name] for link in links):
+            found.append(int(ref.name[4:]))
+    return found
+
+
 def _cached_record(model_id: str, commit: str, name: str, cache_dir: str | os.PathLike[str] | None) -> FileRecord:
     path = repo_cache_dir(model_id, cache_dir) / "snapshots" / commit / name
     if not path.exists():
@@ -373,38 +377,18 @@ def _cached_record(model_id: str, commit: str, name: str, cache_dir: str | os.Pa
     return FileRecord(name, path, blob.stat().st_size, expected, lfs=len(expected) == 64)
 
 
-def verify_fetched(model_id: str, step: int, fetched: Mapping, cache_dir: str | os.PathLike[str] | None = None) -> None:
-    """Check that the cache still serves what the fetch stage verified for ``step`` (``fetched``: its
-    provenance row), before a stage loads it: the revision's commit, and per weight file the blob
-    the snapshot links to (its hash name, so a link to another step's blob is caught), its size
-    and its content's sha256 (so flipped bytes are caught; one streamed read, seconds for 1.4b).
-    Raises :class:`IntegrityError` naming the file."""
-    rev = step_revision(step)
-    where = f"{model_id}@{rev}"
-    commit = cached_commit(model_id, rev, cache_dir)
-    if commit != fetched["commit"]:
-        raise IntegrityError(f"{where}: the cache's {rev} points at commit {commit[:12]}, but the fetch stage "
-                             f"verified {str(fetched['commit'])[:12]}; fetch the step again")
-    for name, size, sha in zip(fetched["files"], fetched["sizes"], fetched["sha256"]):
-        record = _cached_record(model_id, commit, name, cache_dir)
-        problem = (f"links to blob {record.expected[:12]}, not the verified {sha[:12]}" if record.expected != sha
-                   else f"has {record.size} bytes, not the verified {size}" if record.size != size else "")
-        if problem:
-            raise IntegrityError(f"{where}: weight file {name} ({record.path}) {problem}; the cache is corrupt: "
-                                 f"delete the blob and fetch the step again")
-        _verify(record)  # its blob is the verified one: the content must still hash to that name
-
-
 def _fetch_offline(model_id: str, step: int, cache_dir: str | os.PathLike[str] | None) -> FetchResult:
     rev = step_revision(step)
-    commit = cached_commit(model_id, rev, cache_dir)
-    snapshot = repo_cache_dir(model_id, cache_dir) / "snapshots" / commit
-    present = [p.name for p in snapshot.iterdir()] if snapshot.is_dir() else []
+    commit, snapshot = cached_snapshot(model_id, step, cache_dir)
+    present = [p.name for p in snapshot.iterdir()]
+    missing = missing_required(present)
+    if missing:
+        raise CheckpointNotFound(f"{model_id}@{rev}: {', '.join(missing)} missing from the cached snapshot {snapshot} "
+                                 f"(a stage cannot load the checkpoint without it); fetch the step again with network "
+                                 f"access: {fetch_command(model_id, step)}")
     fmt, single, index = choose_weights(present)
-    weight_names = [single] if single else _shards(snapshot / index)
+    weight_names = [single] if single else shard_names(snapshot / index)
     others = [n for n in (*CONFIG_FILES, *TOKENIZER_FILES, *([index] if index else [])) if n in present]
-    if "config.json" not in others:
-        raise CheckpointNotFound(f"config.json of {model_id}@{rev} is missing from the cache")
     files = [_cached_record(model_id, commit, n, cache_dir) for n in others]
     weights = [_cached_record(model_id, commit, n, cache_dir) for n in weight_names]
     return FetchResult(model_id, step, rev, commit, fmt, files + weights, "cache-etag", weights=weights)
@@ -422,6 +406,11 @@ def _fetch_online(model_id: str, step: int, cache_dir: str | os.PathLike[str] | 
     info = with_retries(lambda: api.model_info(model_id, revision=rev, files_metadata=True, timeout=timeout),
                         attempts=attempts, what=f"listing {model_id}@{rev}")
     siblings = {s.rfilename: s for s in info.siblings or []}
+    missing = missing_required(siblings)
+    if missing:
+        raise CheckpointNotFound(f"{model_id}@{rev} (commit {str(info.sha)[:12]}) has no {', '.join(missing)} on the "
+                                 f"hub (it lists {', '.join(sorted(siblings)) or 'no file'}); the pipeline cannot load "
+                                 "a checkpoint without it")
     fmt, single, index = choose_weights(siblings)
 
     def download(name: str) -> FileRecord:
@@ -450,7 +439,7 @@ def _fetch_online(model_id: str, step: int, cache_dir: str | os.PathLike[str] | 
 
     others = [n for n in (*CONFIG_FILES, *TOKENIZER_FILES, *([index] if index else [])) if n in siblings]
     files = [download(n) for n in others]
-    weight_names = [single] if single else _shards(next(f.path for f in files if f.name == index))
+    weight_names = [single] if single else shard_names(next(f.path for f in files if f.name == index))
     weights = [download(n) for n in weight_names]
     _write_ref(model_id, rev, info.sha, cache_dir)
     return FetchResult(model_id, step, rev, info.sha, fmt, files + weights, "hub-api", weights=weights)
@@ -480,18 +469,6 @@ def _write_ref(model_id: str, revision: str, commit: str, cache_dir: str | os.Pa
         raise
 
 
-@contextmanager
-def _download_timeout(seconds: float) -> Iterator[None]:
-    """huggingface_hub reads its download read-timeout (HF_HUB_DOWNLOAD_TIMEOUT) from ``constants``
-    on each download; set it for the fetch and put the user's value back after."""
-    previous = constants.HF_HUB_DOWNLOAD_TIMEOUT
-    constants.HF_HUB_DOWNLOAD_TIMEOUT = seconds
-    try:
-        yield
-    finally:
-        constants.HF_HUB_DOWNLOAD_TIMEOUT = previous
-
-
 def fetch_checkpoint(
     model_id: str,
     step: int,
@@ -499,12 +476,15 @@ def fetch_checkpoint(
     cache_dir: str | os.PathLike[str] | None = None,
     attempts: int = 6,
     timeout: float = 60.0,
+    min_rate: float = DEFAULT_MIN_RATE,
 ) -> FetchResult:
     """Make ``model_id`` at ``step`` available in the local cache and verify every file's hash.
 
     With ``HF_HUB_OFFLINE=1`` nothing is downloaded: the cache must already hold the branch, and
     each file is checked against the hash the hub cache named its blob by. Online, a request that
-    sends nothing for ``timeout`` seconds counts as failed and is retried like a 5xx.
+    sends nothing for ``timeout`` seconds, or brings fewer than ``min_rate`` bytes per second over
+    ``timeout`` seconds, counts as failed and is retried like a 5xx. The result also lists the other
+    cached steps whose branches serve the same weights (:func:`steps_sharing_weights`).
     """
     start = time.perf_counter()
     if constants.HF_HUB_OFFLINE:  # reads only (nothing is evicted offline): no lock, a read-only cache works
@@ -512,7 +492,7 @@ def fetch_checkpoint(
         for record in result.files:
             _verify(record)
     else:
-        with repo_lock(model_id, cache_dir), _download_timeout(timeout):
+        with repo_lock(model_id, cache_dir), download_timeout(timeout), minimum_rate(min_rate, timeout):
             remove_orphaned_downloads(model_id, cache_dir)
             blobs = repo_cache_dir(model_id, cache_dir) / "blobs"
             before = {p.name for p in blobs.iterdir()} if blobs.is_dir() else set()
@@ -521,31 +501,45 @@ def fetch_checkpoint(
             result = _fetch_online(model_id, step, cache_dir, attempts, timeout)
             result.downloaded = sorted({w.path.resolve().name for w in result.files} - before)
             result.was_cached = ref_before == result.commit
+    for record in result.files:
+        if record.name.endswith(".json"):
+            parsed_json(f"{model_id}@{result.revision}", record.name, record.path)
+    result.same_weights_in_cache = steps_sharing_weights(model_id, step, {w.name: w.expected for w in result.weights},
+                                                         cache_dir)
     result.seconds = time.perf_counter() - start
     return result
 
 
 def flag_duplicates(rows: list[Mapping], schedule: Schedule) -> list[dict]:
-    """Flag provenance rows (per model) whose weights are byte-identical to another measured step's.
+    """Flag provenance rows (per model) whose weights are byte-identical to another step's.
 
     Two failure shapes look alike here and must not be confused. Consecutive checkpoints of
     ``schedule`` serving one set of weights are benign (Pythia's ``step0`` and ``step1``): every step
     after the first of such a run gets ``duplicate_of_step`` (it measures nothing new). Identical
     weights on steps that are *not* consecutive mean a branch serves another step's weights
-    (pythia-2.8b's early branches serve late weights), and nothing says which step is genuine: all of
-    them become ``suspect``. ``same_weights_as`` lists the other steps with those weights.
+    (pythia-2.8b's early branches serve late weights, or a ref points at another step's commit), and
+    nothing says which step is genuine: all of them become ``suspect``. The steps compared are the
+    measured ones and, per row, the cached branches its fetch found serving the same weights
+    (``same_weights_in_cache``), so a branch that serves an unmeasured step's weights is suspect too.
+    ``same_weights_as`` lists the other measured steps with those weights.
     """
-    groups: dict[tuple[str, str], list[int]] = {}
+    groups: dict[tuple[str, str], set[int]] = {}
     for row in rows:
-        groups.setdefault((row["model"], row["weights_digest"]), []).append(row["step"])
+        group = groups.setdefault((row["model"], row["weights_digest"]), set())
+        group.update([row["step"], *(row.get("same_weights_in_cache") or [])])
+    measured: dict[tuple[str, str], list[int]] = {}
+    for row in rows:
+        measured.setdefault((row["model"], row["weights_digest"]), []).append(row["step"])
     out = []
     for row in sorted(rows, key=lambda r: (r["model"], r["step"])):
-        steps = sorted(groups[(row["model"], row["weights_digest"])])
+        key = (row["model"], row["weights_digest"])
+        steps = sorted(groups[key])
         positions = [schedule.steps.index(schedule.check(s)) for s in steps]
         consecutive = positions == list(range(positions[0], positions[0] + len(positions)))
-        duplicate_of = steps[0] if consecutive and row["step"] != steps[0] else None
+        first_measured = min(measured[key])  # a benign run's steps measure nothing new after its first measured one
+        duplicate_of = first_measured if consecutive and row["step"] != first_measured else None
         out.append({**row, "duplicate_of_step": duplicate_of, "suspect": not consecutive,
-                    "same_weights_as": [s for s in steps if s != row["step"]]})
+                    "same_weights_as": [s for s in sorted(measured[key]) if s != row["step"]]})
     return out
 
 

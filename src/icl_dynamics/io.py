@@ -101,6 +101,11 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     return Path(path)
 
 
+# the keys provenance() adds about the environment; the rest of a table's provenance is what its writer passed
+ENVIRONMENT = frozenset({"icl_dynamics", "git_revision", "git_dirty", "torch", "transformers", "huggingface_hub",
+                         "pyarrow", "python", "host", "written_at"})
+
+
 def provenance(extra: Mapping[str, Any] | None = None, *, reproducible: bool = True) -> dict[str, Any]:
     """Return the provenance stamped into every table: package and library versions, and ``extra``.
 

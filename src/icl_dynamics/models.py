@@ -2,7 +2,9 @@
 
 Scoring jobs never reach the network: the fetch stage has already put the checkpoint into the
 cache, and everything here loads with ``local_files_only=True`` through the same code path a real
-Pythia checkpoint takes (``from_pretrained(repo_id, revision="step<N>")``).
+Pythia checkpoint takes (``from_pretrained(repo_id, revision="step<N>")``). Every file is verified
+first (:mod:`icl_dynamics.verify`), the weights' dtypes are checked against the config, and the
+loaded model answers a fixed probe whose outputs every table's provenance keeps (:func:`probe_outputs`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -17,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError
@@ -24,7 +28,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from icl_dynamics.checkpoints import revision
-from icl_dynamics.hub import IntegrityError, cached_commit, repo_cache_dir, verify_fetched
+from icl_dynamics.hub import IntegrityError, cached_commit, repo_cache_dir
+from icl_dynamics.verify import Verified, check_dtypes, verify_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -153,14 +158,78 @@ def check_context(model: nn.Module, length: int, what: str) -> None:
                            "lower it in the config")
 
 
+def check_token_ids(model: nn.Module, ids: np.ndarray | torch.Tensor, what: str) -> None:
+    """Refuse token ids outside the model's vocabulary (``config.vocab_size``): the embedding would fail
+    with an IndexError deep in a forward pass, or, on some devices, read memory it should not."""
+    vocab = model.config.vocab_size
+    ids = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        bad = int(ids.max()) if ids.max() >= vocab else int(ids.min())
+        raise ValueError(f"{what}: token id {bad} is outside the model's vocabulary (0..{vocab - 1}, config.json "
+                         "vocab_size); it was tokenised for another model: rerun the stage that wrote it with this "
+                         "model's tokenizer")
+
+
+class ImplausibleOutput(RuntimeError):
+    """A checkpoint's outputs are not what any trained or initialised model gives: corrupt weights."""
+
+
+# A model guessing uniformly scores log(vocab) nats on any text, a trained one less, a freshly initialised
+# one log(vocab) + s^2/2 for logits of spread s: Pythia's initialisation keeps s near 0.6 at every width
+# (+0.2 nats); transformers' default (std 0.02) reaches s = 1.4 at width 5,120 (+1.0). Measured on 9 random
+# initialisations and every toy-zoo checkpoint (tests/test_plausibility.py): at most +0.1. Corrupt weights
+# (a flipped KiB of the unembedding) score about 1,400 nats.
+LOSS_MARGIN = 2.0
+
+
+def check_loss(model_id: str, step: int, model: nn.Module, losses: np.ndarray, what: str) -> float:
+    """The mean of ``losses`` (next-token losses on natural text, NaN where undefined), refused unless finite
+    and below log(vocab) + :data:`LOSS_MARGIN`: weights that pass every hash but are wrong (a mirror serving
+    flipped bytes under their own hash) give wild losses, which would otherwise become wild ICL scores."""
+    mean = float(np.nanmean(losses))
+    bound = float(np.log(model.config.vocab_size)) + LOSS_MARGIN
+    if not np.isfinite(mean) or mean > bound:
+        raise ImplausibleOutput(
+            f"{model_id}@{revision(step)}: mean loss {mean:.2f} nats on {what} is above log(vocabulary "
+            f"{model.config.vocab_size}) + {LOSS_MARGIN:g} = {bound:.2f}, worse than guessing uniformly: these weights "
+            "are not a trained or initialised model's (corrupt bytes under a valid hash, e.g. a bad mirror); fetch "
+            "the checkpoint from the hub again"
+        )
+    return mean
+
+
+PROBE_TOKENS = 32  # length of the fixed probe sequence (at most the model's context)
+
+
+def probe_outputs(model: nn.Module, seed: int = 0) -> list[float]:
+    """The log-probability the model gives each next token of a fixed random sequence (``seed``; the same
+    ids for every checkpoint of a model): a fingerprint of what the weights compute.
+
+    Every table a job writes keeps it in its provenance (``checkpoint.probe``), so the merge can compare
+    checkpoints without loading any model again (:mod:`icl_dynamics.validation`): two steps that give the
+    same outputs from differently stored weights serve one set of weights. Comparing at the merge, where
+    every step's provenance is at hand, keeps each per-checkpoint job independent of the others.
+    """
+    config = model.config
+    n = min(PROBE_TOKENS, config.max_position_embeddings)
+    ids = torch.randint(0, config.vocab_size, (1, n), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(next(model.parameters()).device)
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1].double()
+    return [float(x) for x in logits.log_softmax(-1).gather(-1, ids[0, 1:, None]).flatten().cpu()]
+
+
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: the model in eval mode on its device, and the repository's tokenizer."""
+    """A loaded checkpoint: the model in eval mode on its device, and the repository's tokenizer; with
+    what verified its files and its outputs on the fixed probe (:func:`load_checkpoint` sets both)."""
 
     model_id: str
     step: int
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase | None
+    verified: Verified | None = None
+    probe: list[float] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -182,6 +251,10 @@ class Checkpoint:
             "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
         }
 
+    def record(self) -> dict:
+        """The verification and probe outputs every table's provenance keeps (``checkpoint`` entry)."""
+        return {**(self.verified.record() if self.verified else {}), "probe": self.probe}
+
 
 def load_checkpoint(
     model_id: str,
@@ -195,16 +268,17 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Load ``model_id`` at ``step`` from the local cache (run the fetch stage first).
 
-    ``tokenizer=False`` skips the tokenizer (``Checkpoint.tokenizer`` is then None). ``fetched`` (the
-    fetch stage's provenance row) makes the weights be checked against what fetch verified first
-    (:func:`icl_dynamics.hub.verify_fetched`). A weights file with missing, unexpected or misshapen
-    tensors is refused (transformers would initialise a missing one at random and go on).
+    Every file of the checkpoint is verified first (:func:`icl_dynamics.verify.verify_checkpoint`):
+    against ``fetched`` (the fetch stage's provenance row) when given, else against the hub's hashes the
+    cache names its blobs by. ``tokenizer=False`` skips the tokenizer (``Checkpoint.tokenizer`` is then
+    None). A weights file with missing, unexpected or misshapen tensors, or tensors of another dtype
+    than the config's, is refused (transformers would initialise a missing one at random, cast the
+    others, and go on). The loaded model's outputs on the fixed probe are kept (:func:`probe_outputs`).
     """
     dev = resolve_device(device)
     kwargs = dict(revision=revision(step), cache_dir=cache_dir, local_files_only=True)
-    if fetched is not None:
-        verify_fetched(model_id, step, fetched, cache_dir)
-    tok = load_tokenizer(model_id, step, cache_dir=cache_dir) if tokenizer else None
+    verified = verify_checkpoint(model_id, step, cache_dir, fetched)
+    tok = _tokenizer(model_id, step, cache_dir) if tokenizer else None
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             model_id, dtype=resolve_dtype(dtype), attn_implementation="eager", output_loading_info=True, **kwargs
@@ -220,12 +294,31 @@ def load_checkpoint(
                            for kind, keys in problems.items() if keys)
         raise IntegrityError(f"{model_id}@{revision(step)}: the weights file does not match the model's tensors "
                              f"({listed}); refusing to score a partly random model")
+    check_dtypes(verified, _not_loaded(model))
     model.to(dev).eval()
-    return Checkpoint(model_id, step, model, tok)
+    return Checkpoint(model_id, step, model, tok, verified, probe_outputs(model))
 
 
-def load_tokenizer(model_id: str, step: int, *, cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer stored with ``model_id`` at ``step`` (always the model repository's own)."""
+def _not_loaded(model: nn.Module) -> list[str]:
+    """Patterns of file keys that never reach the model: those the model class drops on load
+    (``_keys_to_ignore_on_load_unexpected``, e.g. GPT-NeoX's old attention masks) and its non-persistent
+    buffers, which it recomputes (the rotary ``inv_freq`` Pythia's files still carry)."""
+    buffers = {f"{name.rsplit('.', 1)[-1]}.{buffer}" for name, module in model.named_modules()
+               for buffer in getattr(module, "_non_persistent_buffers_set", ())}
+    return [*(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()),
+            *(re.escape(suffix) + "$" for suffix in sorted(buffers))]
+
+
+def load_tokenizer(model_id: str, step: int, *, cache_dir: str | Path | None = None,
+                   fetched: Mapping | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer stored with ``model_id`` at ``step`` (always the model repository's own), its files
+    verified first (against ``fetched``, the fetch stage's provenance row, when given) as
+    :func:`load_checkpoint` verifies them."""
+    verify_checkpoint(model_id, step, cache_dir, fetched, weights=False)
+    return _tokenizer(model_id, step, cache_dir)
+
+
+def _tokenizer(model_id: str, step: int, cache_dir: str | Path | None) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(model_id, revision=revision(step), cache_dir=cache_dir,
                                              local_files_only=True)

@@ -134,10 +134,13 @@ def _label(value: Any) -> str:
 
 def _loss(ckpt: Checkpoint, opts: argparse.Namespace, inputs: tuple[Any, str], _earlier: Earlier) -> Tables:
     from icl_dynamics.icl import loss_reduction, per_token_losses
+    from icl_dynamics.models import check_loss, check_token_ids
     from icl_dynamics.schemas import ICL_SCHEMA, LOSS_CURVE_SCHEMA
 
     docs, task = inputs
+    check_token_ids(ckpt.model, docs, f"the text tokens {opts.text_tokens}")
     losses = per_token_losses(ckpt.model, docs, batch_size=opts.batch_size, progress=True)
+    check_loss(ckpt.model_id, ckpt.step, ckpt.model, losses, f"the text ({task})")  # before any table is made of it
     curve, icl = loss_reduction(losses, early=opts.early, late=opts.late, n_boot=opts.bootstrap, seed=opts.seed)
     icl["task"] = task
     log.info("loss: ICL score %.3f [%.3f, %.3f] over %d documents", icl["value"], icl["ci_low"], icl["ci_high"],
@@ -154,6 +157,13 @@ def _icl_tasks_options(add: AddOption) -> None:
     add("--n-prompts", type=int, default=50, help="prompts per task and shot count")
     add("--seed", type=int, default=0)
     add("--batch-size", type=int, default=16)
+
+
+def _icl_tasks_inputs(opts: argparse.Namespace) -> None:
+    twice = sorted({s for s in opts.shots if list(opts.shots).count(s) > 1})
+    if twice:
+        raise ValueError(f"icl-tasks: --shots lists {', '.join(map(str, twice))} more than once (config key "
+                         "'icl_tasks.shots'); give each shot count once")
 
 
 def _icl_tasks(ckpt: Checkpoint, opts: argparse.Namespace, _: None, _earlier: Earlier) -> Tables:
@@ -206,10 +216,13 @@ def _relation_index_inputs(opts: argparse.Namespace) -> tuple[Any, Any]:
 
 def _relation_index(ckpt: Checkpoint, opts: argparse.Namespace, inputs: tuple[Any, Any],
                     _earlier: Earlier) -> Tables:
+    from icl_dynamics.models import check_token_ids
     from icl_dynamics.relation_index import score_relation_index
     from icl_dynamics.schemas import RELATION_INDEX_SCHEMA
 
     sequences, triplets = inputs
+    check_token_ids(ckpt.model, sequences.column("token_ids").combine_chunks().flatten().to_numpy(),
+                    f"the relation sequences in {opts.relations_dir}")
     rows = score_relation_index(
         ckpt.model, sequences, triplets, gates=opts.gates, variants=opts.variants, tau=opts.tau,
         exclude_function_words=not opts.keep_function_words, control_position=opts.control_position,
@@ -284,9 +297,13 @@ def _ablation(ckpt: Checkpoint, opts: argparse.Namespace, inputs: tuple[Any, str
         relation_recall_set,
         top_induction_heads,
     )
+    from icl_dynamics.models import check_token_ids
     from icl_dynamics.schemas import ABLATION_SCHEMA
 
     docs, text, sequences, triplets = inputs
+    check_token_ids(ckpt.model, docs, f"the text tokens {opts.text_tokens}")
+    check_token_ids(ckpt.model, sequences.column("token_ids").combine_chunks().flatten().to_numpy(),
+                    f"the relation sequences in {opts.relations_dir}")
     params = sum(p.numel() for p in ckpt.model.parameters())
     meta: dict[str, Any] = {"params": {k: _label(v) if k in ("text_tokens", "relations_dir") else v
                                        for k, v in vars(opts).items() if not k.endswith("_table")},
@@ -328,7 +345,7 @@ STAGES: dict[str, Stage] = {
               {"loss": "--out", "loss_curve": "--out-curve"}, ("--text-tokens",), _loss_options, _loss_inputs,
               _loss),
         Stage("icl-tasks", "format compliance and pattern discovery on the four synthetic tasks",
-              {"icl_tasks": "--out"}, (), _icl_tasks_options, _no_inputs, _icl_tasks),
+              {"icl_tasks": "--out"}, (), _icl_tasks_options, _icl_tasks_inputs, _icl_tasks),
         Stage("relation-index", "the paper's relation index of every head (Ren et al. 2024)",
               {"relation_index": "--out"}, ("--relations-dir",), _relation_index_options, _relation_index_inputs,
               _relation_index),
@@ -377,8 +394,9 @@ def run_stages(jobs: Sequence[tuple[Stage, argparse.Namespace]], load: Callable[
         tables.update(stage.run(ckpt, opts, inputs, earlier))
         seconds[stage.name] = time.perf_counter() - start
     start = time.perf_counter()
-    runtime = ckpt.runtime()
-    io.write_tables({paths[name]: (io.to_table(stamp(rows), schema), {**meta, "runtime": runtime})
+    runtime, record = ckpt.runtime(), ckpt.record()  # how, and on what (verified files, probe outputs)
+    io.write_tables({paths[name]: (io.to_table(stamp(rows), schema), {**meta, "runtime": runtime,
+                                                                      "checkpoint": record})
                      for name, (rows, schema, meta) in tables.items()})
     seconds["write"] = time.perf_counter() - start
     return seconds
@@ -463,6 +481,9 @@ def score(ckpt: Checkpoint, stage: str, *, schedule: str | Schedule = "pythia",
     spec = STAGES.get(stage.replace("_", "-"))
     if spec is None:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    if getattr(ckpt, "verified", None) is None:
+        raise ValueError(f"{ckpt.model_id}@step{ckpt.step}: this checkpoint was not loaded by load_checkpoint, so "
+                         "nothing verified its files; load it with icl_dynamics.load_checkpoint")
     opts = stage_options(spec, **options)
     if isinstance(schedule, str):
         from icl_dynamics.config import schedule_named

@@ -58,8 +58,8 @@ rule analyze:
             ]
         ),
     shell:
-        "icl-dynamics analyze --icl {input.icl} --heads {input.heads} --relation-index {input.relation_index} "
-        "--provenance {input.provenance} {params.options} --out-dir {params.out_dir} > {log} 2>&1"
+        "icl-dynamics analyze --icl {input.icl:q} --heads {input.heads:q} --relation-index {input.relation_index:q} "
+        "--provenance {input.provenance:q} {params.options} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 # the report's front page (the Snakefile's report: description): this run's result in words, the headline figure first
@@ -82,9 +82,9 @@ rule front_page:
         tables=lambda wildcards, input: {os.path.basename(p).split(".")[0]: p for p in input.tables},
         top_k=ANALYSIS["top_k"],
     shell:
-        "icl-dynamics front-page --summary {params.tables[summary]} --emergence {params.tables[emergence]} "
-        "--formation {params.tables[formation]} --provenance {input.provenance} --figure {input.panel} "
-        "--top-k {params.top_k} --out {output} > {log} 2>&1"
+        "icl-dynamics front-page --summary {params.tables[summary]:q} --emergence {params.tables[emergence]:q} "
+        "--formation {params.tables[formation]:q} --provenance {input.provenance:q} --figure {input.panel:q} "
+        "--top-k {params.top_k} --out {output:q} > {log:q} 2>&1"
 
 
 # the ablations over training: do the flagged heads carry relation recall and ICL (icl_dynamics.causal)
@@ -120,6 +120,6 @@ rule causal:
             ]
         ),
     shell:
-        "icl-dynamics causal --ablation {input.ablation} --heads {input.heads} --relation-index {input.relation_index} "
-        "--provenance {input.provenance} --emergence {input.emergence} {params.options} --out-dir {params.out_dir} "
-        "> {log} 2>&1"
+        "icl-dynamics causal --ablation {input.ablation:q} --heads {input.heads:q} "
+        "--relation-index {input.relation_index:q} --provenance {input.provenance:q} --emergence {input.emergence:q} "
+        "{params.options} --out-dir {params.out_dir:q} > {log:q} 2>&1"

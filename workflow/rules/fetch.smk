@@ -25,7 +25,7 @@ rule toy_zoo:
         seed=config["toy_zoo"]["seed"],
         kind=config["schedule"],
     shell:
-        "icl-dynamics toy-zoo --kind {params.kind} --out {params.out} --seed {params.seed} > {log} 2>&1"
+        "icl-dynamics toy-zoo --kind {params.kind} --out {params.out:q} --seed {params.seed} > {log:q} 2>&1"
 
 
 rule fetch_slot:
@@ -54,6 +54,10 @@ rule fetch:
         flags=lambda wc: checkpoint_flags(wc.model, wc.step, device=False),
         attempts=config["fetch"]["attempts"],
         timeout=config["fetch"]["timeout"],
+        min_rate=config["fetch"]["min_rate"],
     shell:
-        cli("fetch {params.flags} --attempts {params.attempts} --timeout {params.timeout} --out {output}")
-        + " > {log} 2>&1"
+        cli(
+            "fetch {params.flags} --attempts {params.attempts} --timeout {params.timeout} "
+            "--min-rate {params.min_rate} --out {output:q}"
+        )
+        + " > {log:q} 2>&1"

@@ -29,8 +29,8 @@ rule figures:
             else ""
         ),
         top_k=config["figures"]["top_k"],
-        training=lambda wildcards, input: f"--training-curve {input.training}" if input.training else "",
+        training=lambda wildcards, input: f"--training-curve {shlex.quote(input.training)}" if input.training else "",
     shell:
-        "icl-dynamics figures --heads {input.heads} --icl {input.icl} --loss-curve {input.loss_curve} "
-        "--relation-index {input.relation_index} --provenance {input.provenance} "
-        "{params.steps} --top-k {params.top_k} {params.training} --out-dir {output} > {log} 2>&1"
+        "icl-dynamics figures --heads {input.heads:q} --icl {input.icl:q} --loss-curve {input.loss_curve:q} "
+        "--relation-index {input.relation_index:q} --provenance {input.provenance:q} "
+        "{params.steps} --top-k {params.top_k} {params.training} --out-dir {output:q} > {log:q} 2>&1"

@@ -28,4 +28,4 @@ rule merge:
         toy_seed=config["toy_zoo"]["seed"],
     shell:
         "icl-dynamics merge --stage {wildcards.stage} --schedule {params.schedule} --toy-seed {params.toy_seed} "
-        "--out {output} {input} > {log} 2>&1"
+        "--out {output:q} {input:q} > {log:q} 2>&1"

@@ -21,13 +21,13 @@ if not RELATIONS["agenda_dir"] and not PLANTED:
         params:
             dest=lambda wildcards, output: os.path.dirname(output[0]),
         shell:
-            "icl-dynamics fetch-agenda --dest {params.dest} > {log} 2>&1"
+            "icl-dynamics fetch-agenda --dest {params.dest:q} > {log:q} 2>&1"
 
 
 rule relations:
     input:
-        provenance_of(STEPS[0]),
-        (
+        provenance=provenance_of(STEPS[0]),
+        planted_or_agenda=(
             [PLANTED, RELATIONS["planted_texts"]]
             if PLANTED
             else [f"{AGENDA_DIR}/preprocessed.test.tsv", f"{AGENDA_DIR}/relations.vocab"]
@@ -56,4 +56,5 @@ rule relations:
             )
         ),
     shell:
-        cli("relations {params.flags} {params.options} --out-dir {params.out_dir}") + " > {log} 2>&1"
+        cli("relations {params.flags} --provenance {input.provenance:q} {params.options} --out-dir {params.out_dir:q}")
+        + " > {log:q} 2>&1"

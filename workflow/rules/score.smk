@@ -28,10 +28,10 @@ rule score:
         options=score_options(),
     shell:
         cli(
-            "score {params.flags} --text-tokens {input.text_tokens} --relations-dir {params.relations_dir} "
-            "{params.options} --out-dir {params.out_dir}"
+            "score {params.flags} --text-tokens {input.text_tokens:q} --relations-dir {params.relations_dir:q} "
+            "{params.options} --out-dir {params.out_dir:q}"
         )
-        + " > {log} 2>&1"
+        + " > {log:q} 2>&1"
 
 
 # keep_weights false: the scored checkpoint's weights leave the HF cache (see fetch.smk)
@@ -49,4 +49,4 @@ rule evict:
     params:
         flags=lambda wc: checkpoint_flags(wc.model, wc.step, device=False),
     shell:
-        cli("evict {params.flags} --provenance {input.provenance} --out {output}") + " > {log} 2>&1"
+        cli("evict {params.flags} --provenance {input.provenance:q} --out {output:q}") + " > {log:q} 2>&1"

@@ -4,7 +4,7 @@
 
 rule tokenize_text:
     input:
-        provenance_of(STEPS[0]),
+        provenance=provenance_of(STEPS[0]),
     output:
         f"{RESULTS}/{{model}}/text_tokens.parquet",
     log:
@@ -16,4 +16,5 @@ rule tokenize_text:
         flags=lambda wc: checkpoint_flags(wc.model, STEPS[0], device=False),
         text=text_flags(),
     shell:
-        cli("tokenize-text {params.flags} {params.text} --out {output}") + " > {log} 2>&1"
+        cli("tokenize-text {params.flags} --provenance {input.provenance:q} {params.text} --out {output:q}")
+        + " > {log:q} 2>&1"
