@@ -167,9 +167,8 @@ def _index_sequence(
     groups = [group_of[key] for key in zip(rows["family"], rows["relation"], rows["direction"])]
     position_uniq = np.asarray([index.get(int(t), -1) for t in tokens], dtype=np.int64)
     tail, head = position_uniq[o], position_uniq[s]
-    matched = matched_controls(tokens, rows, s, o, index, first, seed=seed, sequence_id=sid)
-    by_position = matched_controls(tokens, rows, s, o, index, first, seed=seed, sequence_id=sid,
-                                   by_position=True, skip=int(bos))
+    matched, by_position = matched_controls(tokens, rows, s, o, index, first, seed=seed, sequence_id=sid,
+                                            skip=int(bos))
     # opportunities: j >= max(s, o) with the tail in C_j; a tail that is never a candidate has none
     start = np.maximum(np.maximum(s, o), np.append(first, n)[tail])
     live = start < n
@@ -188,20 +187,20 @@ def position_class(positions: np.ndarray, s: int) -> int:
 
 def matched_controls(tokens: np.ndarray, rows: pd.DataFrame, s: np.ndarray, o: np.ndarray,
                      index: Mapping[int, int], first: np.ndarray, *, seed: int, sequence_id: int,
-                     by_position: bool = False, skip: int = 0) -> np.ndarray:
-    """Each triplet's matched control (uniq index, -1 when there is none): a token of the same kind as
-    its tail that the relations give no link to its head (method notes §2.5 and §9.11).
+                     skip: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Each triplet's two matched controls (uniq indices, -1 when there is none): a token of the same kind
+    as its tail that the relations give no link to its head (method notes §2.5 and §9.11), and the same
+    restricted to the tail's :func:`position_class` relative to s (the ``contextual`` variant's control).
 
     Same kind: for ``kg-letters``, any entity letter of the sequence (a head or tail of one of its
     triplets); for ``kg``, a tail of the same family and direction (any relation: an entity mention's
     first content word, or for reverse triplets its last); for every other family (syntax, planted), a
     tail of the same relation (dependency label) and direction. Excluded: the triplet's own head and
     tail tokens and every token a triplet of the sequence links to the head token. It must be a
-    candidate visible from the first opportunity on (first candidate position <= max(s, o)).
-    ``by_position``: also in the tail's :func:`position_class` relative to s (the ``contextual``
-    variant's control). Drawn uniformly, in order of first appearance, with
-    ``numpy.random.default_rng([seed, sequence_id, 1])`` (``2`` by position), one draw per triplet in
-    table order.
+    candidate visible from the first opportunity on (first candidate position <= max(s, o)). Positions
+    below ``skip`` (a prepended BOS) are no occurrence. Each is drawn uniformly, in order of first
+    appearance, one draw per triplet in table order, with ``numpy.random.default_rng([seed, sequence_id,
+    1])`` (``2`` for the position-matched one): the two share their pools, not their draws.
     """
     family, relation, direction = (rows[c].to_numpy() for c in ("family", "relation", "direction"))
     head_tok, tail_tok = tokens[s], tokens[o]
@@ -217,21 +216,21 @@ def matched_controls(tokens: np.ndarray, rows: pd.DataFrame, s: np.ndarray, o: n
     tails_of: dict[tuple, set[int]] = {}
     for key, t in zip(kind, tail_tok.tolist()):
         tails_of.setdefault(key, set()).add(t)
-    rng = np.random.default_rng([seed, sequence_id, 2 if by_position else 1])
-    out = np.full(len(rows), -1, dtype=np.int64)
-    occurrences: dict[int, np.ndarray] = {}
-    if by_position:  # every position of each id (a prepended BOS, below ``skip``, is none)
-        order = np.argsort(tokens[skip:], kind="stable")
-        ids, starts = np.unique(tokens[skip:][order], return_index=True)
-        occurrences = dict(zip(ids.tolist(), np.split(order + skip, starts[1:])))
+    rng, rng_position = (np.random.default_rng([seed, sequence_id, stream]) for stream in (1, 2))
+    out, out_position = np.full(len(rows), -1, dtype=np.int64), np.full(len(rows), -1, dtype=np.int64)
+    order = np.argsort(tokens[skip:], kind="stable")  # every position of each id
+    ids, starts = np.unique(tokens[skip:][order], return_index=True)
+    occurrences = dict(zip(ids.tolist(), np.split(order + skip, starts[1:])))
     for i in range(len(rows)):
         pool = (entities if letters[i] else tails_of[kind[i]]) - ({int(head_tok[i]), int(tail_tok[i])}
                                                                  | linked[int(head_tok[i])])
         horizon = max(s[i], o[i])
         eligible = sorted(index[t] for t in pool if t in index and first[index[t]] <= horizon)
-        if by_position and eligible:
-            at = position_class(occurrences[int(tail_tok[i])], int(s[i]))
-            eligible = [u for u in eligible if position_class(occurrences[int(tokens[first[u]])], int(s[i])) == at]
-        if eligible:
-            out[i] = eligible[int(rng.integers(len(eligible)))]
-    return out
+        if not eligible:
+            continue
+        out[i] = eligible[int(rng.integers(len(eligible)))]
+        at = position_class(occurrences[int(tail_tok[i])], int(s[i]))
+        same = [u for u in eligible if position_class(occurrences[int(tokens[first[u]])], int(s[i])) == at]
+        if same:
+            out_position[i] = same[int(rng_position.integers(len(same)))]
+    return out, out_position
