@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from icl_dynamics.architecture import architecture
 from icl_dynamics.checkpoints import revision
 from icl_dynamics.hub import IntegrityError, cached_commit, repo_cache_dir, verify_fetched
 
@@ -105,15 +106,13 @@ class NonFiniteError(RuntimeError):
 
 @contextmanager
 def finite_guard(model: nn.Module, context: str) -> Iterator[None]:
-    """Within the block, stop any forward pass of a GPT-NeoX ``model`` at the first NaN/Inf.
+    """Within the block, stop any forward pass of ``model`` (any supported family) at the first NaN/Inf.
 
     Checked in execution order: the embedding, each layer's attention (output and probabilities),
     each layer's output, the final layer norm and the logits; the error names ``context`` (model,
     step, stage) and the first module that went bad.
     """
-    base = getattr(model, "gpt_neox", None)
-    if base is None:
-        raise TypeError(f"expected a GPTNeoX model, got {type(model).__name__}")
+    modules = architecture(model).monitored_modules()  # raises for a family we do not support
     dtype = next(model.parameters()).dtype
 
     def check(where: str) -> Callable[..., None]:
@@ -127,10 +126,6 @@ def finite_guard(model: nn.Module, context: str) -> Iterator[None]:
 
         return hook
 
-    modules = [("the embedding", base.embed_in)]
-    for i, layer in enumerate(base.layers):
-        modules += [(f"layer {i} attention", layer.attention), (f"layer {i}", layer)]
-    modules += [("the final layer norm", base.final_layer_norm), ("the logits", model.get_output_embeddings())]
     handles = [module.register_forward_hook(check(where)) for where, module in modules]
     try:
         yield
