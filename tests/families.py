@@ -123,7 +123,7 @@ def head_logits(model, tokens: torch.Tensor, layer: int) -> dict[str, torch.Tens
         if cfg.model_type == "olmo2":  # 1 / RMS of the real attention output at each position
             attn_out = {}
             block = model.model.layers[layer]
-            handle = block.self_attn.register_forward_hook(lambda _m, _a, o: attn_out.setdefault("o", o[0]))
+            handle = block.self_attn.register_forward_hook(lambda _m, _a, o: attn_out.__setitem__("o", o[0]))
             model(tokens[None])
             handle.remove()
             o = attn_out["o"][0].double()
