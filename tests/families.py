@@ -136,3 +136,10 @@ def head_logits(model, tokens: torch.Tensor, layer: int) -> dict[str, torch.Tens
             result[name] = torch.einsum("hne,hed->hnd", values, w_o) @ n_post @ w_u.T
         result["scale"] = scale
     return result
+
+
+def output_projection(model, layer: int):
+    """The real W_O module of ``layer`` (GPT-NeoX ``attention.dense``, OLMo ``self_attn.o_proj``)."""
+    if model.config.model_type == "gpt_neox":
+        return model.gpt_neox.layers[layer].attention.dense
+    return model.model.layers[layer].self_attn.o_proj
