@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import tiny_neox
-from families import FAMILIES, output_projection, tiny_model
+from families import output_projection, tiny_model
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from icl_dynamics.ablation import (
