@@ -54,10 +54,14 @@ def load_schema(path: str | os.PathLike[str]) -> dict:
 
 
 def schedule_named(name: str, toy_seed: int) -> Schedule:
-    """The checkpoint grid called ``name``: ``pythia``, or a toy zoo's (``toy``, ``toy-relations``)
-    trained with ``toy_seed``."""
+    """The checkpoint grid called ``name``: ``pythia``, a toy zoo's (``toy``, ``toy-relations``) trained with
+    ``toy_seed``, or the path of a model's branch record (:mod:`icl_dynamics.schedules`)."""
     if name == "pythia":
         return PYTHIA
+    if name.endswith(".json"):
+        from icl_dynamics.schedules import read_record, schedule_from_record
+
+        return schedule_from_record(read_record(name))
     from icl_dynamics.toyzoo import zoo_config
 
     return zoo_config(name, toy_seed).schedule()

@@ -274,11 +274,13 @@ def repo_lock(model_id: str, cache_dir: str | os.PathLike[str] | None = None) ->
     return FileLock(path)
 
 
-def evict_checkpoint(model_id: str, step: int, commit: str, cache_dir: str | os.PathLike[str] | None = None) -> dict:
+def evict_checkpoint(model_id: str, step: int, commit: str, cache_dir: str | os.PathLike[str] | None = None,
+                     revision: str | None = None) -> dict:
     """Remove ``model_id`` at ``step`` (its snapshot at ``commit``, its ref, and every blob no other
     cached revision links to) from the HF cache with huggingface_hub's cache API. When another step's
     branch points at the same commit, only this step's ref goes. Returns what went: the blobs deleted
-    and the bytes freed (nothing when the revision is no longer cached)."""
+    and the bytes freed (nothing when the revision is no longer cached). ``revision``: the step's branch when it
+    is not ``step<N>`` (OLMo)."""
     with repo_lock(model_id, cache_dir):
         cache = scan_cache_dir(cache_dir)
         folder = repo_cache_dir(model_id, cache_dir)
@@ -290,8 +292,8 @@ def evict_checkpoint(model_id: str, step: int, commit: str, cache_dir: str | os.
         cached = next((rev for rev in repo.revisions if rev.commit_hash == commit), None) if repo else None
         if cached is None:
             return {"model": model_id, "step": step, "commit": commit, "deleted_blobs": 0, "freed_bytes": 0}
-        ref = step_revision(step)
-        if any(other.startswith("step") and other != ref for other in cached.refs):
+        ref = revision or step_revision(step)
+        if any(other != ref and other != "main" for other in cached.refs):  # another step's branch: keep the files
             strategy = DeleteCacheStrategy(expected_freed_size=0, blobs=frozenset(), repos=frozenset(),
                                            snapshots=frozenset(), refs=frozenset({repo.repo_path / "refs" / ref}))
         else:
@@ -348,7 +350,7 @@ def verify_fetched(model_id: str, step: int, fetched: Mapping, cache_dir: str | 
     the snapshot links to (its hash name, so a link to another step's blob is caught), its size
     and its content's sha256 (so flipped bytes are caught; one streamed read, seconds for 1.4b).
     Raises :class:`IntegrityError` naming the file."""
-    rev = step_revision(step)
+    rev = fetched.get("revision") or step_revision(step)
     where = f"{model_id}@{rev}"
     commit = cached_commit(model_id, rev, cache_dir)
     if commit != fetched["commit"]:
@@ -364,8 +366,7 @@ def verify_fetched(model_id: str, step: int, fetched: Mapping, cache_dir: str | 
         _verify(record)  # its blob is the verified one: the content must still hash to that name
 
 
-def _fetch_offline(model_id: str, step: int, cache_dir: str | os.PathLike[str] | None) -> FetchResult:
-    rev = step_revision(step)
+def _fetch_offline(model_id: str, step: int, cache_dir: str | os.PathLike[str] | None, rev: str) -> FetchResult:
     commit = cached_commit(model_id, rev, cache_dir)
     snapshot = repo_cache_dir(model_id, cache_dir) / "snapshots" / commit
     present = [p.name for p in snapshot.iterdir()] if snapshot.is_dir() else []
@@ -380,13 +381,12 @@ def _fetch_offline(model_id: str, step: int, cache_dir: str | os.PathLike[str] |
 
 
 def _fetch_online(model_id: str, step: int, cache_dir: str | os.PathLike[str] | None, attempts: int,
-                  timeout: float) -> FetchResult:
+                  timeout: float, rev: str) -> FetchResult:
     """List ``model_id`` at ``step``, download the chosen files one by one with :func:`hf_hub_download`, check
     each one's hash as it lands, and write the ref last.
 
     Why ours, not snapshot_download: it lists with no timeout, checks no hash, writes the ref before any file lands.
     """
-    rev = step_revision(step)
     api = HfApi()
     info = with_retries(lambda: api.model_info(model_id, revision=rev, files_metadata=True, timeout=timeout),
                         attempts=attempts, what=f"listing {model_id}@{rev}")
@@ -468,22 +468,25 @@ def fetch_checkpoint(
     cache_dir: str | os.PathLike[str] | None = None,
     attempts: int = 6,
     timeout: float = 60.0,
+    revision: str | None = None,
 ) -> FetchResult:
     """Make ``model_id`` at ``step`` available in the local cache and verify every file's hash.
 
     With ``HF_HUB_OFFLINE=1`` nothing is downloaded: the cache must already hold the branch, and
     each file is checked against the hash the hub cache named its blob by. Online, a request that
-    sends nothing for ``timeout`` seconds counts as failed and is retried like a 5xx.
+    sends nothing for ``timeout`` seconds counts as failed and is retried like a 5xx. ``revision``: the step's
+    branch when it is not ``step<N>`` (:meth:`icl_dynamics.checkpoints.Schedule.revision`).
     """
     start = time.perf_counter()
+    rev = revision or step_revision(step)
     if constants.HF_HUB_OFFLINE:  # reads only (nothing is evicted offline): no lock, a read-only cache works
-        result = _fetch_offline(model_id, step, cache_dir)
+        result = _fetch_offline(model_id, step, cache_dir, rev)
         for record in result.files:
             _verify(record)
     else:
         with repo_lock(model_id, cache_dir), _download_timeout(timeout):
             remove_orphaned_downloads(model_id, cache_dir)
-            result = _fetch_online(model_id, step, cache_dir, attempts, timeout)
+            result = _fetch_online(model_id, step, cache_dir, attempts, timeout, rev)
     result.seconds = time.perf_counter() - start
     return result
 

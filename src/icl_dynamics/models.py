@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from icl_dynamics.architecture import architecture
 from icl_dynamics.checkpoints import revision
 from icl_dynamics.hub import IntegrityError, cached_commit, repo_cache_dir, verify_fetched
+from icl_dynamics.schedules import cached_branch
 
 log = logging.getLogger(__name__)
 
@@ -187,61 +188,70 @@ def load_checkpoint(
     dtype: str = "auto",
     tokenizer: bool = True,
     fetched: Mapping | None = None,
+    revision: str | None = None,
 ) -> Checkpoint:
     """Load ``model_id`` at ``step`` from the local cache (run the fetch stage first).
 
     ``tokenizer=False`` skips the tokenizer (``Checkpoint.tokenizer`` is then None). ``fetched`` (the
     fetch stage's provenance row) makes the weights be checked against what fetch verified first
     (:func:`icl_dynamics.hub.verify_fetched`). A weights file with missing, unexpected or misshapen
-    tensors is refused (transformers would initialise a missing one at random and go on).
+    tensors is refused (transformers would initialise a missing one at random and go on). ``revision``: the
+    step's branch (default: the one ``fetched`` records, else the cached branch that names ``step``:
+    ``step<N>``, OLMo's ``[stage1-]step<N>-tokens<M>B``).
     """
     dev = resolve_device(device)
-    kwargs = dict(revision=revision(step), cache_dir=cache_dir, local_files_only=True)
+    rev = revision or (fetched or {}).get("revision") or cached_branch(model_id, step, cache_dir)
+    kwargs = dict(revision=rev, cache_dir=cache_dir, local_files_only=True)
     if fetched is not None:
         verify_fetched(model_id, step, fetched, cache_dir)
-    tok = load_tokenizer(model_id, step, cache_dir=cache_dir) if tokenizer else None
+    tok = load_tokenizer(model_id, step, cache_dir=cache_dir, revision=rev) if tokenizer else None
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             model_id, dtype=resolve_dtype(dtype), attn_implementation="eager", output_loading_info=True, **kwargs
         )
     except OSError as exc:
-        raise _not_cached(model_id, step, cache_dir, exc) from exc
+        raise _not_cached(model_id, step, cache_dir, exc, rev) from exc
     except (pickle.UnpicklingError, SafetensorError, RuntimeError, ValueError) as exc:  # a corrupt or refused file
-        raise _unreadable(model_id, step, cache_dir, exc) from exc
+        raise _unreadable(model_id, step, cache_dir, exc, rev) from exc
     problems = {kind: sorted(info.get(key) or []) for kind, key in (
         ("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("misshapen", "mismatched_keys"))}
     if any(problems.values()):
         listed = "; ".join(f"{kind}: {', '.join(map(str, keys[:5]))}{' ...' if len(keys) > 5 else ''}"
                            for kind, keys in problems.items() if keys)
-        raise IntegrityError(f"{model_id}@{revision(step)}: the weights file does not match the model's tensors "
+        raise IntegrityError(f"{model_id}@{rev}: the weights file does not match the model's tensors "
                              f"({listed}); refusing to score a partly random model")
     model.to(dev).eval()
     return Checkpoint(model_id, step, model, tok)
 
 
-def load_tokenizer(model_id: str, step: int, *, cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer stored with ``model_id`` at ``step`` (always the model repository's own)."""
+def load_tokenizer(model_id: str, step: int, *, cache_dir: str | Path | None = None,
+                   revision: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer stored with ``model_id`` at ``step`` (always the model repository's own; ``revision`` as
+    for :func:`load_checkpoint`)."""
+    rev = revision or cached_branch(model_id, step, cache_dir)
     try:
-        return AutoTokenizer.from_pretrained(model_id, revision=revision(step), cache_dir=cache_dir,
-                                             local_files_only=True)
+        return AutoTokenizer.from_pretrained(model_id, revision=rev, cache_dir=cache_dir, local_files_only=True)
     except OSError as exc:
-        raise _not_cached(model_id, step, cache_dir, exc) from exc
+        raise _not_cached(model_id, step, cache_dir, exc, rev) from exc
 
 
-def _unreadable(model_id: str, step: int, cache_dir: str | Path | None, exc: Exception) -> IntegrityError:
+def _unreadable(model_id: str, step: int, cache_dir: str | Path | None, exc: Exception,
+                rev: str | None = None) -> IntegrityError:
+    rev = rev or revision(step)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     try:
-        where = repo_cache_dir(model_id, cache_dir) / "snapshots" / cached_commit(model_id, revision(step), cache_dir)
+        where = repo_cache_dir(model_id, cache_dir) / "snapshots" / cached_commit(model_id, rev, cache_dir)
     except (OSError, ValueError):
         where = repo_cache_dir(model_id, cache_dir)
     return IntegrityError(
-        f"{model_id}@{revision(step)}: the cached weights in {where} cannot be read ({type(exc).__name__}: {first}); "
+        f"{model_id}@{rev}: the cached weights in {where} cannot be read ({type(exc).__name__}: {first}); "
         f"delete that snapshot's weight blobs and run `icl-dynamics fetch --model {model_id} --step {step}` again"
     )
 
 
-def _not_cached(model_id: str, step: int, cache_dir: str | Path | None, exc: Exception) -> FileNotFoundError:
+def _not_cached(model_id: str, step: int, cache_dir: str | Path | None, exc: Exception,
+                rev: str | None = None) -> FileNotFoundError:
     return FileNotFoundError(
-        f"{model_id}@{revision(step)} is not in the local cache {cache_dir or '(default)'}; "
+        f"{model_id}@{rev or revision(step)} is not in the local cache {cache_dir or '(default)'}; "
         f"run `icl-dynamics fetch --model {model_id} --step {step}` first ({exc})"
     )
