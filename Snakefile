@@ -39,4 +39,4 @@ rule all:
         expand(f"{RESULTS}/{{model}}/relations/summary.parquet", model=MODELS),
         rules.analyze.output,
         rules.causal.output,
-        [] if KEEP_WEIGHTS else [evicted(model, step) for model in MODELS for step in STEPS],
+        [] if KEEP_WEIGHTS else [evicted(model, step) for model in MODELS for step in steps_of(model)],

@@ -16,6 +16,16 @@ def model_id(slug):
     return unslug(slug, config["models"])
 
 
+def steps_of(slug):
+    """The steps measured of one model (with schedule hub each model has its own grid)."""
+    return config["model_steps"][model_id(slug)]
+
+
+def schedule_arg(slug):
+    """The --schedule a model's jobs get: the grid's name, or the model's branch record (schedule hub)."""
+    return config["schedule_args"][model_id(slug)]
+
+
 def cli(command):
     """The icl-dynamics invocation for a stage (offline mode exported when configured)."""
     env = "HF_HUB_OFFLINE=1 " if config["hub_offline"] else ""
@@ -30,7 +40,7 @@ def checkpoint_flags(slug, step, device=True):
         "--step",
         str(step),
         "--schedule",
-        config["schedule"],
+        schedule_arg(slug),
         "--toy-seed",
         str(config["toy_zoo"]["seed"]),
     ]
@@ -50,6 +60,11 @@ def checkpoint_flags(slug, step, device=True):
 
 def provenance_of(step):
     return f"{RESULTS}/{{model}}/step{step}/provenance.parquet"
+
+
+def first_provenance(wildcards):
+    """The provenance of a model's first measured step (whose tokenizer the per-model rules read)."""
+    return f"{RESULTS}/{wildcards.model}/step{steps_of(wildcards.model)[0]}/provenance.parquet"
 
 
 def text_flags():
@@ -80,7 +95,7 @@ def text_flags():
 
 SCORE_TABLES = [table for stage in STAGES.values() for table in stage.outputs]  # what one score job writes
 KEEP_WEIGHTS = config["keep_weights"]
-CHECKPOINT_ORDER = [(model, step) for model in MODELS for step in STEPS]
+CHECKPOINT_ORDER = [(model, step) for model in MODELS for step in steps_of(model)]
 
 
 def evicted(model, step):
