@@ -490,3 +490,28 @@ def test_toy_zoo_induction_heads_carry_the_icl_score(toy_zoo):
     assert removed["previous_token"] > 0.5  # measured: 0.991 (L0H2)
     false_positives = [name for name in null if removed[name] > 0.5]
     assert len(null) == 7 and not false_positives  # measured: 0 of 7; shares -0.17 .. 0.06
+
+
+@pytest.mark.parametrize("family", ["gpt-neox", "olmo", "olmo2"])
+def test_ablation_removes_exactly_the_heads_that_write(family):
+    """Planted on every family: only head (1, 2) writes anything (every other head's W_O is zero), so mean-
+    ablating any other head changes nothing, to rounding, while ablating (1, 2) changes the ICL score; ablating
+    every head of a layer whose heads write nothing is no change either."""
+    model = (tiny_neox(seed=7, initializer_range=0.5) if family == "gpt-neox" else
+             tiny_model(family, seed=7, initializer_range=0.5, clip_qkv=4.0)).double()
+    d_head = model.config.hidden_size // model.config.num_attention_heads
+    with torch.no_grad():
+        for layer in range(2):
+            projection = output_projection(model, layer)
+            keep = projection.weight[:, 2 * d_head:3 * d_head].clone()
+            projection.weight.zero_()
+            if layer == 1:
+                projection.weight[:, 2 * d_head:3 * d_head] = keep
+    docs = torch.randint(0, 64, (6, 24), generator=torch.Generator().manual_seed(2))
+    evaluation = icl_score_set(docs, early=3, late=20)
+    got = head_ablation_effects(model, [evaluation], batch_size=3, n_boot=50)
+    writing = row(got, layer=1, head=2)["value"]
+    others = got[~((got["layer"] == 1) & (got["head"] == 2))]["value"].abs().max()
+    assert abs(writing) > 1e-3 and others < 1e-10, (writing, others)
+    group = group_ablation_effects(model, [evaluation], {"layer0": [(0, h) for h in range(4)]}, draws=0, n_boot=50)
+    assert abs(row(group, ablation="group")["value"]) < 1e-10

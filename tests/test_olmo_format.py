@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 
 from icl_dynamics import agenda, hub, relations
 from icl_dynamics.cli import main
+from icl_dynamics.icl_tasks import TASKS, label_separator, label_token_ids, make_prompts
 from icl_dynamics.models import load_checkpoint, load_tokenizer
 
 pytestmark = pytest.mark.pythia_format  # the real-format tests: CI runs them on the oldest libraries too
@@ -72,6 +73,11 @@ def test_the_fixture_is_laid_out_like_the_familys_repository(olmo_caches, shared
         assert (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id) == (100257, 100277, 100257)
         assert tok.convert_ids_to_tokens(direct.encode(" We propose a neural network").ids) == [
             "ĠWe", "Ġpropose", "Ġa", "Ġneural", "Ġnetwork"]  # shared/README's check
+    # the ICL tasks' labels: OLMo-2's BPE never merges a digit with the space before it, so its queries end ": "
+    prompt = make_prompts(TASKS[3], 2)[0].text
+    assert label_separator(tok, prompt) == ("" if family == "olmo" else " ")
+    assert tok.convert_ids_to_tokens(label_token_ids(tok, 9, prompt))[:2] == (["Ġ0", "Ġ1"] if family == "olmo"
+                                                                              else ["0", "1"])
     # the relations stage places anchors on the words of the tokenizer file's own spans (OLMo-2's file keeps the
     # space before a word in its span, OLMo-1's trims it), whatever the loader reports
     records = agenda.load_agenda(shared_dir / "data" / "agenda")[:20]

@@ -72,7 +72,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from icl_dynamics.architecture import architecture, sequence_start_id
 from icl_dynamics.icl import bootstrap_mean
-from icl_dynamics.icl_tasks import TASKS, Task, label_token_ids, make_prompts
+from icl_dynamics.icl_tasks import TASKS, Task, label_separator, label_token_ids, make_prompts
 from icl_dynamics.models import check_context
 from icl_dynamics.relation_events import SEQUENCE_COLUMNS, TRIPLET_COLUMNS, as_frame, prepare_sequences
 from icl_dynamics.schemas import ABLATION_SCHEMA, CHECKPOINT_FIELDS
@@ -251,7 +251,8 @@ def icl_task_set(tokenizer: PreTrainedTokenizerBase, *, shots: int, n_prompts: i
         prompts = make_prompts(task, shots, n_prompts, seed)
         labels = label_token_ids(tokenizer, task.n_classes, prompts[0].text)
         for prompt in prompts:
-            sequences.append(np.asarray(tokenizer.encode(prompt.text, add_special_tokens=False), np.int64))
+            text = prompt.text + label_separator(tokenizer, prompt.text)
+            sequences.append(np.asarray(tokenizer.encode(text, add_special_tokens=False), np.int64))
             targets.append(labels[prompt.label])
             legal.append(labels + [-1] * (width - len(labels)))
             names.append(task.name)
