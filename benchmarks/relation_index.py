@@ -118,7 +118,7 @@ def timed_stage(stage: str, model, seqs, trips, args: argparse.Namespace, device
     if stage == "capture":
         with torch.inference_mode(), capture_attention(model, lambda layer, pattern: None):
             for ids, mask in batches(seqs, args.batch_size, device):
-                model.gpt_neox(input_ids=ids, attention_mask=mask)
+                model.base_model(input_ids=ids, attention_mask=mask)
         return forward_flops(shapes, model_config(args.shape), lm_head=False)
     if stage == "relation-index":
         out["rows"] = len(score_relation_index(model, seqs, trips, batch_size=args.batch_size))

@@ -39,6 +39,37 @@ def pythia_cache(shared_dir: Path, tmp_path_factory) -> Path:
     return root
 
 
+OLMO_MODELS = {"olmo": "allenai/OLMo-random-tiny-hf", "olmo2": "allenai/OLMo-2-random-tiny"}
+
+
+def olmo_fixture_branches(family: str) -> dict[str, int]:
+    """Each fixture branch and the seed of its weights: OLMo-2 an early branch without ``stage1-``, two
+    ``stage1-`` ones, a late one (which pins the tokens per step; the weights of step 2000 again) and a stage-2
+    branch; OLMo-1 three ``step<N>-tokens<M>B`` branches."""
+    from icl_dynamics.olmo_format import olmo_branch
+
+    if family == "olmo":
+        return {olmo_branch("olmo", 0): 1, olmo_branch("olmo", 1000): 2, olmo_branch("olmo", 2000): 3}
+    return {olmo_branch("olmo2", 150, stage=None): 1, olmo_branch("olmo2", 1000): 2, olmo_branch("olmo2", 2000): 3,
+            olmo_branch("olmo2", 100_000): 3, olmo_branch("olmo2", 1000, stage="stage2-ingredient1"): 2}
+
+
+@pytest.fixture(scope="session")
+def olmo_caches(shared_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    """Hub caches mirroring allenai/OLMo-1B-hf and allenai/OLMo-2-0425-1B (``icl_dynamics.olmo_format``):
+    float32 safetensors under the models' key names (OLMo-2 in two shards), the published config fields and
+    the repositories' tokenizer files, on branches named as each family names them."""
+    from icl_dynamics.olmo_format import olmo_branch, write_olmo_cache
+
+    caches = {}
+    for family, model_id in OLMO_MODELS.items():
+        root = tmp_path_factory.mktemp(family) / "hub"
+        main = olmo_branch(family, 100_000 if family == "olmo2" else 2000)
+        write_olmo_cache(root, model_id, shared_dir, family, olmo_fixture_branches(family), main=main)
+        caches[family] = root
+    return caches
+
+
 @pytest.fixture(scope="session")
 def neox_tokenizer(pythia_cache: Path):
     """The GPT-NeoX tokenizer exactly as the pipeline loads it from a Pythia repository."""

@@ -11,6 +11,7 @@ snapshots,blobs}) with what huggingface_hub 2.4 asks for; blobs named by a sha25
 * HEAD|GET /<repo>/resolve/<rev>/<file>: 200 with ETag (git sha1), X-Repo-Commit, Content-Length; for an LFS
   file a 302 as on the hub: X-Linked-Etag (sha256), X-Linked-Size, X-Repo-Commit and a Location on
   "localhost", another origin than 127.0.0.1 like the hub's CDN, so the client reads the 302's metadata.
+* GET /api/models/<repo>/refs: the branches (list_repo_refs), one per file in refs/.
 * GET /__cdn__/<repo>/<etag>: the blob; "Range: bytes=N-" answers 206 (how downloads resume).
 No X-Xet-* header is sent: the client downloads over plain HTTP even with hf_xet installed. Errors carry
 the hub's X-Error-Code (RepoNotFound, RevisionNotFound, EntryNotFound).
@@ -142,6 +143,8 @@ class _Handler(BaseHTTPRequestHandler):
         url, path = urlsplit(self.path), unquote(urlsplit(self.path).path)
         if m := re.fullmatch(r"/api/models/([^/]+(?:/[^/]+)?)/tree/([^/]+)(?:/(.+))?", path):
             return self._tree(m[1], m[2], m[3] or "", parse_qs(url.query).get("recursive", [""])[0].lower() == "true")
+        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/refs", path):
+            return self._refs(m[1])
         if m := re.fullmatch(r"/api/models/(.+?)(?:/revision/([^/]+))?", path):
             return self._model_info(m[1], m[2] or "main", "blobs" in parse_qs(url.query))
         if m := re.fullmatch(r"/([^/]+(?:/[^/]+)?)/resolve/([^/]+)/(.+)", path):
@@ -153,6 +156,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(404, {"error": "not found"}, {"X-Error-Code": "EntryNotFound"})
 
     do_HEAD = do_GET  # _send leaves the body out
+
+    def _refs(self, repo: str) -> None:
+        """list_repo_refs: every branch (a file in refs/) with its commit; no tags or converts."""
+        folder = self.server.hub.root / ("models--" + repo.replace("/", "--"))
+        if not folder.is_dir():
+            return self._json(404, {"error": "not found"}, {"X-Error-Code": "RepoNotFound"})
+        branches = [{"name": p.name, "ref": f"refs/heads/{p.name}", "targetCommit": p.read_text().strip()}
+                    for p in sorted((folder / "refs").iterdir()) if p.is_file()]
+        self._json(200, {"branches": branches, "converts": [], "tags": []})
 
     def _model_info(self, repo: str, rev: str, blobs: bool) -> None:
         found = self.server.hub.resolve(repo, rev)

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import tiny_neox
+from families import output_projection, tiny_model
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from icl_dynamics.ablation import (
@@ -94,7 +95,8 @@ def hand_forward(model, ids: torch.Tensor, replace: dict[tuple[int, int], torch.
 
 def dense_inputs(model, sequences) -> list[torch.Tensor]:
     """Per layer, the mean input of ``attention.dense`` over every position of ``sequences``, each run alone."""
-    total = [torch.zeros(model.config.hidden_size, dtype=torch.float64) for _ in model.gpt_neox.layers]
+    n_layers = model.config.num_hidden_layers
+    total = [torch.zeros(model.config.hidden_size, dtype=torch.float64) for _ in range(n_layers)]
     count = 0
 
     def keep(layer):
@@ -102,8 +104,7 @@ def dense_inputs(model, sequences) -> list[torch.Tensor]:
             total[layer] += args[0][0].sum(0)
         return hook
 
-    handles = [block.attention.dense.register_forward_pre_hook(keep(i))
-               for i, block in enumerate(model.gpt_neox.layers)]
+    handles = [output_projection(model, i).register_forward_pre_hook(keep(i)) for i in range(n_layers)]
     with torch.no_grad():
         for seq in sequences:
             model(torch.as_tensor(seq)[None])
@@ -115,12 +116,15 @@ def dense_inputs(model, sequences) -> list[torch.Tensor]:
 
 def edited(model, heads, means):
     """A copy of ``model`` whose ``heads`` output their mean by weight editing: W_O's columns of the head
-    are zeroed and what they wrote with the mean input moves into the dense bias."""
+    are zeroed and what they wrote with the mean input moves into the W_O module's bias (one is attached where
+    the family has none, as OLMo)."""
     out = copy.deepcopy(model)
     d_head = model.config.hidden_size // model.config.num_attention_heads
     with torch.no_grad():
         for layer, head in heads:
-            dense = out.gpt_neox.layers[layer].attention.dense
+            dense = output_projection(out, layer)
+            if dense.bias is None:
+                dense.bias = torch.nn.Parameter(torch.zeros(dense.out_features, dtype=dense.weight.dtype))
             cols = slice(head * d_head, (head + 1) * d_head)
             dense.bias += dense.weight[:, cols] @ means[layer][cols].to(dense.weight.dtype)
             dense.weight[:, cols] = 0
@@ -234,19 +238,24 @@ def test_a_capped_relation_set_is_the_first_sequences_of_each_family():
         assert list(capped.families) == [f for f, r in zip(full.families, rows) if r]
 
 
-@pytest.mark.parametrize("attention, tol", [("sdpa", 1e-10), ("eager", 1e-6)])
-def test_shared_prefix_batching_equals_one_ablation_at_a_time(attention, tol):
+@pytest.mark.parametrize("family, attention, tol", [("gpt-neox", "sdpa", 1e-10), ("gpt-neox", "eager", 1e-6),
+                                                     ("olmo", "eager", 1e-6), ("olmo2", "eager", 1e-6)])
+def test_shared_prefix_batching_equals_one_ablation_at_a_time(family, attention, tol):
     """Every head's effect on all three evaluation sets, batched (padding, shared prefixes), equals a plain
-    forward pass of a weight-edited copy per head, scored by the pipeline's own ICL code where it has one.
-    In float64; eager attention (the pipeline's) takes its softmax in float32, hence its tolerance."""
+    forward pass of a weight-edited copy per head, scored by the pipeline's own ICL code where it has one, on
+    every family (OLMo-2: the post-attention norm after W_O is the model's own in both). In float64; eager
+    attention (the pipeline's) takes its softmax in float32, and OLMo's norms compute in float32, hence the
+    tolerance."""
     tokenizer = toy_tokenizer()
     # large weights, so that single heads sway the prompts' predictions
-    model = tiny_neox(vocab_size=len(tokenizer), seed=5, initializer_range=1.0).double()
+    model = (tiny_neox(vocab_size=len(tokenizer), seed=5, initializer_range=1.0) if family == "gpt-neox" else
+             tiny_model(family, vocab_size=len(tokenizer), seed=5, initializer_range=1.0, clip_qkv=4.0)).double()
     model.set_attn_implementation(attention)
     with torch.no_grad():  # and label digits near the top-1, so that format compliance is not always 0
         digits = tokenizer.convert_tokens_to_ids([str(d) for d in range(10)])
         u = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        model.gpt_neox.final_layer_norm.bias.copy_(u)
+        if family == "gpt-neox":
+            model.gpt_neox.final_layer_norm.bias.copy_(u)
         model.get_output_embeddings().weight[digits] += 4 * u / u.norm()
     rng = np.random.default_rng(2)
     seqs, trips, events = relation_tables(rng, len(tokenizer))
@@ -256,7 +265,7 @@ def test_shared_prefix_batching_equals_one_ablation_at_a_time(attention, tol):
             icl_task_set(tokenizer, shots=shots, n_prompts=n_prompts, tasks=tasks)]
     got = head_ablation_effects(model, sets, batch_size=3, n_boot=50, keep_first=False)  # weight editing: every position
 
-    bos = model.config.bos_token_id
+    bos = model.config.bos_token_id if model.config.bos_token_id is not None else model.config.eos_token_id
     rel_sequences = [[bos, *t] for t in seqs["token_ids"][:8]]
     prompts = [tokenizer.encode(p.text, add_special_tokens=False) for task in tasks
                for p in make_prompts(task, shots, n_prompts, 0)]
@@ -481,3 +490,28 @@ def test_toy_zoo_induction_heads_carry_the_icl_score(toy_zoo):
     assert removed["previous_token"] > 0.5  # measured: 0.991 (L0H2)
     false_positives = [name for name in null if removed[name] > 0.5]
     assert len(null) == 7 and not false_positives  # measured: 0 of 7; shares -0.17 .. 0.06
+
+
+@pytest.mark.parametrize("family", ["gpt-neox", "olmo", "olmo2"])
+def test_ablation_removes_exactly_the_heads_that_write(family):
+    """Planted on every family: only head (1, 2) writes anything (every other head's W_O is zero), so mean-
+    ablating any other head changes nothing, to rounding, while ablating (1, 2) changes the ICL score; ablating
+    every head of a layer whose heads write nothing is no change either."""
+    model = (tiny_neox(seed=7, initializer_range=0.5) if family == "gpt-neox" else
+             tiny_model(family, seed=7, initializer_range=0.5, clip_qkv=4.0)).double()
+    d_head = model.config.hidden_size // model.config.num_attention_heads
+    with torch.no_grad():
+        for layer in range(2):
+            projection = output_projection(model, layer)
+            keep = projection.weight[:, 2 * d_head:3 * d_head].clone()
+            projection.weight.zero_()
+            if layer == 1:
+                projection.weight[:, 2 * d_head:3 * d_head] = keep
+    docs = torch.randint(0, 64, (6, 24), generator=torch.Generator().manual_seed(2))
+    evaluation = icl_score_set(docs, early=3, late=20)
+    got = head_ablation_effects(model, [evaluation], batch_size=3, n_boot=50)
+    writing = row(got, layer=1, head=2)["value"]
+    others = got[~((got["layer"] == 1) & (got["head"] == 2))]["value"].abs().max()
+    assert abs(writing) > 1e-3 and others < 1e-10, (writing, others)
+    group = group_ablation_effects(model, [evaluation], {"layer0": [(0, h) for h in range(4)]}, draws=0, n_boot=50)
+    assert abs(row(group, ablation="group")["value"]) < 1e-10

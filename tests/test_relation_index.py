@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import tiny_neox
+from families import head_logits, tiny_model
 
 from icl_dynamics.attention import capture_attention, head_ov_weights
 from icl_dynamics.io import to_table
@@ -110,6 +111,23 @@ def head_vocab_probs(model, tokens: torch.Tensor, layer: int) -> dict[str, torch
     return probs
 
 
+def head_probabilities(model, tokens: torch.Tensor, layer: int):
+    """``probability(kind, head, position of x, query j)``: a head's full-vocabulary softmax for the raw or
+    contextual x at a position, written at query j: GPT-NeoX's by :func:`head_vocab_probs`, OLMo's by
+    :func:`families.head_logits` (OLMo-2: the post-attention norm's gain and its real 1 / RMS at j)."""
+    if model.config.model_type == "gpt_neox":
+        probs = head_vocab_probs(model, tokens, layer)
+        return lambda kind, h, pos, j: probs[kind][h, pos]
+    logits = head_logits(model, tokens, layer)
+    return lambda kind, h, pos, j: torch.softmax(logits[kind][h, pos] * logits["scale"][j], -1)
+
+
+def model_attention(model, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer's attention [heads, n, n] as the model itself computes it (eager)."""
+    with torch.no_grad():
+        return [a[0].double() for a in model(tokens[None], output_attentions=True).attentions]
+
+
 def reference_position(ids: list[int], token: int, s: int) -> int:
     """Position class by its definition: 0 if the token's last occurrence before s (after the BOS at 0)
     is s - 1, 1 if s - 2, 2 if 3-4 back, 3 if 5-8 back, ...; -1 if it occurs only after s."""
@@ -206,12 +224,13 @@ def reference_rows(model, seqs: pd.DataFrame, trips: pd.DataFrame, *, tau: float
     opp: dict[tuple, int] = {}
     trip_count: dict[tuple, int] = {}
     for seq in seqs.itertuples():
-        ids = [cfg.bos_token_id, *seq.token_ids]  # BOS prepended: every position moves by one
+        start = cfg.bos_token_id if cfg.bos_token_id is not None else cfg.eos_token_id  # OLMo: no BOS, its EOS
+        ids = [start, *seq.token_ids]  # BOS prepended: every position moves by one
         fmask = [True, *seq.function_mask]
         toks = torch.tensor(ids)
         n = len(ids)
         content = [k > 0 and not (exclude and fmask[k]) for k in range(n)]  # the BOS is never a candidate
-        attn = hand_attention(model, toks)
+        attn = hand_attention(model, toks) if cfg.model_type == "gpt_neox" else model_attention(model, toks)
         order = []  # candidates in order of first content appearance
         for k in range(n):
             if content[k] and ids[k] not in order:
@@ -222,7 +241,7 @@ def reference_rows(model, seqs: pd.DataFrame, trips: pd.DataFrame, *, tau: float
         matched = reference_matched(ids, rows, order, content, seed, seq.sequence_id)
         matched_position = reference_matched(ids, rows, order, content, seed, seq.sequence_id, by_position=True)
         for layer in range(cfg.num_hidden_layers):
-            probs = head_vocab_probs(model, toks, layer)
+            probability = head_probabilities(model, toks, layer)
             for t in rows.itertuples():
                 group = (t.family, t.relation, t.direction)
                 tail, head_tok = ids[t.o], ids[t.s]
@@ -257,7 +276,7 @@ def reference_rows(model, seqs: pd.DataFrame, trips: pd.DataFrame, *, tau: float
                                 stats["passes"] += 1
                                 src = {"literal": ("raw", j), "source": ("raw", t.s), "contextual": ("contextual", t.s)}
                                 kind, pos = src[variant]
-                                p = probs[kind][h, pos]  # full vocabulary
+                                p = probability(kind, h, pos, j)  # full vocabulary
                                 pc = {c: p[c].item() for c in cset}
                                 mean = sum(pc.values()) / len(pc)
                                 q = {c: max(0.0, pc[c] - mean) for c in cset}
@@ -326,10 +345,19 @@ def reference_rows(model, seqs: pd.DataFrame, trips: pd.DataFrame, *, tau: float
     return pd.DataFrame(out)
 
 
-@pytest.fixture(scope="module")
-def sharp_model():
-    """A random tiny GPT-NeoX in float64 whose large weights make some heads' attention peaked, with
-    random biases (transformers initialises them to 0, which would hide a dropped b_V)."""
+def sharp(family: str = "gpt-neox"):
+    """A random tiny model of ``family`` in float64 whose large weights make some heads' attention peaked,
+    with random biases (GPT-NeoX) and norm gains (transformers initialises them to 0 and 1, which would hide
+    a dropped b_V or gain)."""
+    if family == "olmo":  # clip_qkv clamps about a third of the values (and of the queries and keys)
+        return tiny_model(family, vocab_size=48, initializer_range=0.6, seed=3, clip_qkv=3.0).double()
+    if family == "olmo2":  # QK-norm bounds the attention logits: larger q/k gains make some heads peaked
+        model = tiny_model(family, vocab_size=48, initializer_range=0.25, seed=3).double()
+        with torch.no_grad():
+            for block in model.model.layers:
+                block.self_attn.q_norm.weight.mul_(3.0)
+                block.self_attn.k_norm.weight.mul_(3.0)
+        return model
     model = tiny_neox(vocab_size=48, initializer_range=0.25, seed=3).double()
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -338,11 +366,20 @@ def sharp_model():
     return model
 
 
+@pytest.fixture(scope="module")
+def sharp_model():
+    return sharp()
+
+
 @pytest.mark.parametrize(
-    "exclude, control_position, batch_size, tau",
-    [(True, 10, 4, 2.2), (False, 3, 1, 1.5)],
+    "family, exclude, control_position, batch_size, tau",
+    [("gpt-neox", True, 10, 4, 2.2), ("gpt-neox", False, 3, 1, 1.5), ("olmo", True, 10, 4, 2.2),
+     ("olmo2", False, 3, 3, 1.5)],
 )
-def test_matches_slow_reference(sharp_model, exclude, control_position, batch_size, tau):
+def test_matches_slow_reference(family, exclude, control_position, batch_size, tau):
+    """Every family against the reference: patterns by hand (GPT-NeoX) or the model's own (OLMo), OV outputs
+    written out from the real modules in float64 (families.head_logits for OLMo)."""
+    sharp_model = sharp(family)
     seqs, trips = random_inputs(seed=11, vocab=48, n_seq=10)
     params = dict(tau=tau, control_position=control_position, seed=5, alpha=0.05, min_clusters=2)
     got = pd.DataFrame(score_relation_index(sharp_model, pd.DataFrame(seqs), trips, exclude_function_words=exclude,

@@ -95,3 +95,46 @@ def test_shuffled_tails_flag_nothing_on_a_trained_toy_checkpoint(toy_zoo, agenda
     # the margin rule this test replaced (RI above both unmatched controls by 0.05, >= 20 events) fires here
     margin_rule = (rows["events"] >= 20) & (rows["ri"] - rows[["control_tenth", "control_random"]].max(axis=1) > 0.05)
     assert margin_rule.any()
+
+
+N_FAMILY_MODELS = 4
+FAMILY_DOCUMENTS = 150  # of the AGENDA_SUBSET abstracts
+
+
+def _score_random_olmo(cache, model_id, relation_tables, step: int) -> pd.DataFrame:
+    import torch
+
+    torch.set_num_threads(1)
+    model = load_checkpoint(model_id, step, cache_dir=cache, device="cpu", tokenizer=False).model
+    return pd.DataFrame(score_relation_index(model, *relation_tables, gates=("argmax",), variants=("source",)))
+
+
+@pytest.mark.parametrize("family", ["olmo", "olmo2"])
+def test_the_sih_flag_is_silent_on_random_init_olmo_models(family, shared_dir, tmp_path, relation_tables):
+    """The same null on OLMo-1 and OLMo-2: N_FAMILY_MODELS random-init models of the family, saved as its
+    repository saves them and loaded by load_checkpoint, scored on the same triplets (their ids, from the
+    GPT-NeoX tokenizer, are tokens of both vocabularies; a random model knows none of them), the first
+    FAMILY_DOCUMENTS abstracts. At most 1 of 4 may flag anything: with a family-wise alpha of 0.05 per model,
+    P(2 or more of 4) = 0.014."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    from icl_dynamics.olmo_format import olmo_branch, write_olmo_cache
+
+    model_id = {"olmo": "allenai/OLMo-null-hf", "olmo2": "allenai/OLMo-2-null"}[family]
+    steps = [1000 * (i + 1) for i in range(N_FAMILY_MODELS)]
+    write_olmo_cache(tmp_path / "hub", model_id, shared_dir, family,
+                     {olmo_branch(family, step): 200 + i for i, step in enumerate(steps)})
+    seqs, trips = relation_tables
+    seqs = seqs[seqs["document_id"] < FAMILY_DOCUMENTS]
+    tables = (seqs, trips[trips["sequence_id"].isin(seqs["sequence_id"])])
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(partial(_score_random_olmo, tmp_path / "hub", model_id, tables), steps))
+    flagged = {step: rows.loc[rows["sih"], ["layer", "head", "relation", "direction"]]
+               for step, rows in zip(steps, results) if rows["sih"].any()}
+    controls = [step for step, rows in zip(steps, results) if rows["negative_control_flagged"].any()]
+    tested = [rows.loc[rows["sih_status"] != "insufficient", "family"].value_counts() for rows in results]
+    assert min(t.get("kg", 0) for t in tested) > 20 and min(t.get("syntax", 0) for t in tested) > 50
+    assert len(flagged) <= 1, flagged
+    assert len(controls) <= 1, controls

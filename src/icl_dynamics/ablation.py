@@ -1,8 +1,10 @@
 """The causal check of issue 15: do the heads we flag carry relation recall and ICL? Mean-ablate each
 head (or a group of heads) of one loaded checkpoint and measure what relation recall and ICL lose.
 
-*Mean ablation.* A head's output (its slice of the input of ``attention.dense``, i.e. z^h before W_O^h;
-``dense`` is linear, so this is the same as replacing z^h W_O^h) is replaced at every position but the
+*Mean ablation.* A head's output (its slice of the input of the output projection W_O, i.e. z^h before
+W_O^h, :meth:`~icl_dynamics.architecture.base.Architecture.output_projections`; W_O is linear, so this is the
+same as replacing z^h W_O^h, and whatever follows, OLMo-2's post-attention norm included, is the model's
+own) is replaced at every position but the
 first by its mean over the **reference set**: every real (non-padding) position but the first of the
 same evaluation set's sequences, taken from one clean pass before any ablation. Each evaluation set is
 its own reference (the relation sequences with at least one event for relation recall, the text
@@ -68,9 +70,9 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from icl_dynamics.attention import attention_modules
+from icl_dynamics.architecture import architecture, sequence_start_id
 from icl_dynamics.icl import bootstrap_mean
-from icl_dynamics.icl_tasks import TASKS, Task, label_token_ids, make_prompts
+from icl_dynamics.icl_tasks import TASKS, Task, label_separator, label_token_ids, make_prompts
 from icl_dynamics.models import check_context
 from icl_dynamics.relation_events import SEQUENCE_COLUMNS, TRIPLET_COLUMNS, as_frame, prepare_sequences
 from icl_dynamics.schemas import ABLATION_SCHEMA, CHECKPOINT_FIELDS
@@ -181,9 +183,9 @@ def relation_recall_set(config: PretrainedConfig, sequences: pa.Table | pd.DataF
     """The relation events of the relations stage's tables, laid out exactly as the relation index
     scores them (same BOS, cut and candidate rule), so recall and RI speak of the same events;
     ``n_sequences``: only the first that many sequences with an event of each family (tables' order)."""
-    bos_id = config.bos_token_id if bos else None
+    bos_id = sequence_start_id(config) if bos else None
     if bos and bos_id is None:
-        raise ValueError("the model config names no bos_token_id; pass bos=False to read without one")
+        raise ValueError("the model config names no bos_token_id or eos_token_id; pass bos=False to read without one")
     seq_table, trip_table = as_frame(sequences, SEQUENCE_COLUMNS, "sequences"), as_frame(triplets, TRIPLET_COLUMNS,
                                                                                           "triplets")
     forward = trip_table[trip_table["direction"] == "forward"]
@@ -249,7 +251,8 @@ def icl_task_set(tokenizer: PreTrainedTokenizerBase, *, shots: int, n_prompts: i
         prompts = make_prompts(task, shots, n_prompts, seed)
         labels = label_token_ids(tokenizer, task.n_classes, prompts[0].text)
         for prompt in prompts:
-            sequences.append(np.asarray(tokenizer.encode(prompt.text, add_special_tokens=False), np.int64))
+            text = prompt.text + label_separator(tokenizer, prompt.text)
+            sequences.append(np.asarray(tokenizer.encode(text, add_special_tokens=False), np.int64))
             targets.append(labels[prompt.label])
             legal.append(labels + [-1] * (width - len(labels)))
             names.append(task.name)
@@ -291,12 +294,13 @@ def _check_heads(model: nn.Module, heads: Sequence[Head]) -> None:
 @contextmanager
 def _mean_ablated(model: nn.Module, heads: Sequence[Head], means: torch.Tensor, keep_first: bool) -> Iterator[None]:
     """Within the block, each head of ``heads`` outputs its mean (``means`` [layers, d_model]: the mean input
-    of every layer's ``dense``, head h in columns h * d_head .. (h + 1) * d_head); ``keep_first``: except at
+    of every layer's W_O, head h in columns h * d_head .. (h + 1) * d_head); ``keep_first``: except at
     position 0, which keeps its own output."""
-    d_head = model.config.hidden_size // model.config.num_attention_heads
+    arch = architecture(model)
+    d_head = arch.d_head
     handles = []
     for layer in sorted({h[0] for h in heads}):
-        columns = torch.zeros(model.config.hidden_size, dtype=torch.bool, device=means.device)
+        columns = torch.zeros(means.shape[-1], dtype=torch.bool, device=means.device)
         for _, head in (h for h in heads if h[0] == layer):
             columns[head * d_head:(head + 1) * d_head] = True
 
@@ -307,7 +311,7 @@ def _mean_ablated(model: nn.Module, heads: Sequence[Head], means: torch.Tensor, 
                 where = columns & (torch.arange(args[0].shape[-2], device=columns.device) > 0)[:, None]
             return (torch.where(where, mean, args[0]),)
 
-        handles.append(attention_modules(model)[layer].dense.register_forward_pre_hook(replace))
+        handles.append(arch.output_projections()[layer].register_forward_pre_hook(replace))
     try:
         yield
     finally:
@@ -342,7 +346,8 @@ def _logits(model: PreTrainedModel, hidden: torch.Tensor, rows: torch.Tensor, po
             final_norm: bool) -> torch.Tensor:
     """Next-token logits at (row, position) of a batch's residual stream (``final_norm``: apply the final norm)."""
     picked = hidden[rows, positions]
-    return model.get_output_embeddings()(model.gpt_neox.final_layer_norm(picked) if final_norm else picked)
+    arch = architecture(model)
+    return arch.logits(picked) if final_norm else model.get_output_embeddings()(picked)
 
 
 @torch.inference_mode()
@@ -350,8 +355,8 @@ def _run(model: PreTrainedModel, evaluation: Evaluation, ablations: Sequence[Seq
          cost: Cost, keep_first: bool) -> np.ndarray:
     """Per-read scores [1 + ablations, P, k]: clean, then with each ablation's heads mean-ablated (``keep_first``:
     position 0 keeps its output, and the means are taken over the other positions)."""
-    base = model.gpt_neox
-    layers = base.layers
+    arch = architecture(model)
+    base, layers = arch.base(), arch.layers()
     n_layers = len(layers)
     device = next(model.parameters()).device
     check_context(model, max(len(s) for s in evaluation.sequences), "the ablation's evaluation sequences")
@@ -363,7 +368,7 @@ def _run(model: PreTrainedModel, evaluation: Evaluation, ablations: Sequence[Seq
     cost.token_layers += n_layers * tokens  # the clean pass
 
     # clean pass: the clean scores and every head's mean output over the real positions (the reference set)
-    sums = torch.zeros((n_layers, model.config.hidden_size), dtype=torch.float64, device=device)
+    sums = torch.zeros((n_layers, arch.n_heads * arch.d_head), dtype=torch.float64, device=device)
     clean = []
     current: dict[str, torch.Tensor] = {}
 
@@ -372,7 +377,7 @@ def _run(model: PreTrainedModel, evaluation: Evaluation, ablations: Sequence[Seq
             sums[layer] += (args[0].double() * current["reference"][..., None]).sum((0, 1))
         return hook
 
-    handles = [attention_modules(model)[layer].dense.register_forward_pre_hook(accumulate(layer))
+    handles = [arch.output_projections()[layer].register_forward_pre_hook(accumulate(layer))
                for layer in range(n_layers)]
     try:
         for ids, mask, reads, rows, positions in _batches(evaluation, batch_size, device):

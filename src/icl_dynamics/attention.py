@@ -15,16 +15,16 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from icl_dynamics.architecture import architecture
+
 Reducer = Callable[[int, torch.Tensor], None]
 """Called as ``reducer(layer, pattern)`` with ``pattern`` of shape [batch, heads, query, key]."""
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The self-attention module of every layer of a GPT-NeoX causal LM, in layer order."""
-    base = getattr(model, "gpt_neox", None)
-    if base is None:
-        raise TypeError(f"expected a GPTNeoX model, got {type(model).__name__}")
-    return [layer.attention for layer in base.layers]
+    """The self-attention module of every layer, in layer order (any supported family:
+    :func:`icl_dynamics.architecture.architecture`)."""
+    return architecture(model).attention_modules()
 
 
 @contextmanager
@@ -69,18 +69,8 @@ def capture_attention(model: nn.Module, reducer: Reducer) -> Iterator[None]:
 
 
 def head_ov_weights(model: nn.Module, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-head W_V [H, d_model, d_head], b_V [H, d_head] and W_O [H, d_head, d_model] of a GPT-NeoX
-    layer, in the row-vector convention (x @ W_V @ W_O); b_V is zero when the layer has no bias.
-
-    ``query_key_value`` output features are laid out [heads, (q, k, v), d_head] (transformers views
-    them as [..., heads, 3 * d_head] and chunks in three); ``dense`` reads heads' outputs in order.
-    """
-    attn = attention_modules(model)[layer]
-    heads = model.config.num_attention_heads
-    d_model = model.config.hidden_size
-    d_head = d_model // heads
-    w_v = attn.query_key_value.weight.view(heads, 3, d_head, d_model)[:, 2].transpose(1, 2)
-    bias = attn.query_key_value.bias
-    b_v = bias.view(heads, 3, d_head)[:, 2] if bias is not None else torch.zeros_like(w_v[:, 0, :])
-    w_o = attn.dense.weight.t().reshape(heads, d_head, d_model)
-    return w_v, b_v, w_o
+    """Per-head W_V [H, d_model, d_head], b_V [H, d_head] and W_O [H, d_head, d_model] of a layer, in the
+    row-vector convention (x @ W_V @ W_O); b_V is zero when the layer has no bias. The norms around them are
+    the architecture's (:meth:`~icl_dynamics.architecture.base.Architecture.input_norm`, ``post_norm``)."""
+    weights = architecture(model).head_weights(layer)
+    return weights.w_v, weights.b_v, weights.w_o

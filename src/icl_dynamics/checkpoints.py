@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 PYTHIA_STEPS: tuple[int, ...] = (0, *(2**i for i in range(10)), *range(1000, 143_001, 1000))
@@ -24,11 +24,22 @@ class StepError(ValueError):
 
 @dataclass(frozen=True)
 class Schedule:
-    """The checkpoints a family of models publishes and the tokens seen per optimiser step."""
+    """The checkpoints a family of models publishes and the tokens seen per optimiser step; ``branches`` (aligned
+    with ``steps``) the hub branch of each step when it is not ``step<N>`` (a schedule read from a model's branch
+    names, :mod:`icl_dynamics.schedules`), ``refused`` steps that exist but are not measured, with the reason
+    (OLMo-2's stage 2), ``stage2`` those branches."""
 
     name: str
     steps: tuple[int, ...]
     tokens_per_step: int
+    branches: tuple[str, ...] | None = None
+    refused: Mapping[int, str] = field(default_factory=dict, compare=False)
+    stage2: tuple[str, ...] = ()
+
+    def revision(self, step: int) -> str:
+        """The hub branch of ``step`` (``step<N>``, or the name the model's branches give it)."""
+        self.check(step)
+        return self.branches[self.steps.index(step)] if self.branches is not None else revision(step)
 
     def tokens(self, step: int) -> int:
         """Tokens seen by the model at ``step``."""
@@ -41,6 +52,8 @@ class Schedule:
 
     def check(self, step: int) -> int:
         """Return ``step`` if the schedule has it, else raise naming the nearest valid steps."""
+        if step not in self.steps and step in self.refused:
+            raise StepError(self.refused[step])
         if step not in self.steps:
             raise StepError(
                 f"step {step} is not a checkpoint of the {self.name} schedule; "
@@ -52,35 +65,36 @@ class Schedule:
 PYTHIA = Schedule("pythia", PYTHIA_STEPS, PYTHIA_TOKENS_PER_STEP)
 
 
-def _log_preset() -> list[int]:
-    """step0, powers of two through 512, then 1000, 2000, 4000, ... and the final step."""
-    steps = [0, *(2**i for i in range(10))]
-    s = 1000
-    while s < PYTHIA_STEPS[-1]:
-        steps.append(s)
-        s *= 2
-    steps.append(PYTHIA_STEPS[-1])
-    return steps
+def _nearest(schedule: Schedule, target: int) -> int:
+    """The checkpoint of ``schedule`` nearest to ``target`` (ties: the earlier)."""
+    return min(schedule.steps, key=lambda s: (abs(s - target), s))
 
 
-def _dense_early_preset() -> list[int]:
-    """Every checkpoint through step 20000, then every 10000, and the final step."""
-    early = [s for s in PYTHIA_STEPS if s <= 20_000]
-    late = list(range(30_000, PYTHIA_STEPS[-1], 10_000))
-    return [*early, *late, PYTHIA_STEPS[-1]]
+def _log_preset(schedule: Schedule) -> list[int]:
+    """The first checkpoint, every power-of-two step below 1000 the schedule has, then the checkpoint nearest to
+    each of 1000, 2000, 4000, ... up to the last step, and the last: on Pythia step0, 1, 2, 4 ... 512, 1000,
+    2000, 4000, ..., 128000 and 143000; on any other schedule the same grid, snapped to its checkpoints."""
+    steps = [schedule.steps[0], *(s for s in schedule.steps if 0 < s < 1000 and s & (s - 1) == 0)]
+    target = 1000
+    while target <= schedule.steps[-1]:
+        steps.append(_nearest(schedule, target))
+        target *= 2
+    return sorted({*steps, schedule.steps[-1]})
+
+
+def _dense_early_preset(schedule: Schedule) -> list[int]:
+    """Every checkpoint through step 20000, then the checkpoint nearest each further multiple of 10000, and the
+    last (on Pythia: every step through 20000, 30000 ... 140000, 143000)."""
+    early = [s for s in schedule.steps if s <= 20_000]
+    late = [_nearest(schedule, t) for t in range(30_000, schedule.steps[-1], 10_000)]
+    return sorted({*early, *late, schedule.steps[-1]})
 
 
 PRESETS: dict[str, Any] = {
     "all": lambda schedule: list(schedule.steps),
-    "log": lambda schedule: _require_pythia(schedule, "log", _log_preset()),
-    "dense-early": lambda schedule: _require_pythia(schedule, "dense-early", _dense_early_preset()),
+    "log": _log_preset,
+    "dense-early": _dense_early_preset,
 }
-
-
-def _require_pythia(schedule: Schedule, preset: str, steps: list[int]) -> list[int]:
-    if schedule.name != PYTHIA.name:
-        raise StepError(f"preset {preset!r} is defined on the Pythia grid; for {schedule.name} use 'all' or explicit steps")
-    return steps
 
 
 def select_steps(selection: Mapping[str, Any], schedule: Schedule = PYTHIA) -> list[int]:

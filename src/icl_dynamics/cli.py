@@ -34,7 +34,8 @@ def _checkpoint_args(p: argparse.ArgumentParser, *, device: bool = True) -> None
     p.add_argument("--model", required=True, help="hub model id, e.g. EleutherAI/pythia-70m-deduped")
     p.add_argument("--step", required=True, type=int, help="training step (revision step<N>)")
     p.add_argument("--cache-dir", default=None, help="Hugging Face hub cache (default: HF_HUB_CACHE)")
-    p.add_argument("--schedule", choices=("pythia", *ZOO_KINDS), default="pythia", help="checkpoint grid")
+    p.add_argument("--schedule", default="pythia", help=f"checkpoint grid: pythia, {', '.join(ZOO_KINDS)}, or a model's "
+                   "branch record (<results>/<model>/branches.json: the grid its hub branches name)")
     p.add_argument("--toy-seed", type=int, default=TOY_SEED, help="seed of the toy zoo (schedules toy, toy-relations)")
     if device:
         p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
@@ -49,7 +50,8 @@ def _load(args: argparse.Namespace):
     _schedule(args).check(args.step)
     fetched = _fetched_row(args) if args.provenance else None
     ckpt = _refetching(args, lambda: load_checkpoint(args.model, args.step, cache_dir=args.cache_dir,
-                                                     device=args.device, dtype=args.dtype, fetched=fetched))
+                                                     device=args.device, dtype=args.dtype, fetched=fetched,
+                                                     revision=_schedule(args).revision(args.step)))
     log.info("loaded %s@step%d on %s (%s)", args.model, args.step, ckpt.device, next(ckpt.model.parameters()).dtype)
     return ckpt
 
@@ -68,7 +70,7 @@ def _refetching(args: argparse.Namespace, load: Callable[[], T]) -> T:
     from icl_dynamics import hub
 
     log.warning("%s@step%d is no longer in the cache (evicted after scoring?): fetching it again", args.model, args.step)
-    hub.fetch_checkpoint(args.model, args.step, cache_dir=args.cache_dir)
+    hub.fetch_checkpoint(args.model, args.step, cache_dir=args.cache_dir, revision=_schedule(args).revision(args.step))
     return load()
 
 
@@ -151,7 +153,7 @@ def cmd_fetch(args: argparse.Namespace) -> None:
     schedule = _schedule(args)
     schedule.check(args.step)
     result = hub.fetch_checkpoint(args.model, args.step, cache_dir=args.cache_dir, attempts=args.attempts,
-                                  timeout=args.timeout, min_rate=args.min_rate)
+                                  timeout=args.timeout, min_rate=args.min_rate, revision=schedule.revision(args.step))
     # the provenance table is where a run records when and where: the only table stamped with time and host
     # its metadata also records what this fetch added to the cache: the only things the eviction may delete
     io.write_rows([result.row(schedule.tokens(args.step))], hub.PROVENANCE_SCHEMA, args.out, reproducible=False,
@@ -174,10 +176,22 @@ def cmd_evict(args: argparse.Namespace) -> None:
 
     row = _fetched_row(args)
     record = hub.evict_checkpoint(args.model, args.step, row["commit"], cache_dir=args.cache_dir,
-                                  fetched=io.read_provenance(args.provenance).get("fetch"))
+                                  fetched=io.read_provenance(args.provenance).get("fetch"), revision=row["revision"])
     io.write_bytes_atomic(args.out, (json.dumps(record, indent=2) + "\n").encode())
     log.info("%s@step%d: %d blobs (%.1f MB) left the cache%s", args.model, args.step, record["deleted_blobs"],
              record["freed_bytes"] / 1e6, f"; kept: {record['kept']}" if record["kept"] else "")
+
+
+def cmd_branches(args: argparse.Namespace) -> None:
+    """List a model's hub branches once and record them (the schedule every later run reads offline)."""
+    from icl_dynamics.schedules import list_branches, schedule_from_record, write_record
+
+    record = list_branches(args.model)
+    schedule = schedule_from_record(record)  # refuse a branch list we cannot read before recording it
+    write_record(record, args.out)
+    log.info("%s: %d branches, %d stage-1 checkpoints (steps %d to %d, %s tokens per step), %d stage-2 branches "
+             "(refused) recorded in %s", args.model, len(record["branches"]), len(schedule.steps), schedule.steps[0],
+             schedule.steps[-1], f"{schedule.tokens_per_step:,}", len(schedule.stage2), args.out)
 
 
 def cmd_tokenize_text(args: argparse.Namespace) -> None:
@@ -574,11 +588,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=10, help="the analysis' top_k (which head set the page reports)")
     p.add_argument("--out", required=True, help="reStructuredText (the Snakefile's report: description)")
     p.set_defaults(func=cmd_front_page)
+    p = sub.add_parser("branches", help="list a model's hub branches once into a record (its checkpoint schedule)")
+    p.add_argument("--model", required=True, help="hub model id, e.g. allenai/OLMo-2-0425-1B")
+    p.add_argument("--out", required=True, help="the record, e.g. results/allenai--OLMo-2-0425-1B/branches.json")
+    p.set_defaults(func=cmd_branches)
 
     p = sub.add_parser("merge", help="concatenate one stage's per-checkpoint tables")
     p.add_argument("--stage", required=True)
-    p.add_argument("--schedule", choices=("pythia", *ZOO_KINDS), default="pythia",
-                   help="checkpoint grid (which steps are consecutive, for duplicate weights)")
+    p.add_argument("--schedule", default="pythia",
+                   help="checkpoint grid (which steps are consecutive, for duplicate weights): pythia, a toy zoo's, "
+                        "or a model's branch record")
     p.add_argument("--toy-seed", type=int, default=TOY_SEED, help="seed of the toy zoo (schedules toy, toy-relations)")
     p.add_argument("--out", required=True)
     p.add_argument("inputs", nargs="+")

@@ -72,10 +72,14 @@ def load_schema(path: str | os.PathLike[str]) -> dict:
 
 
 def schedule_named(name: str, toy_seed: int) -> Schedule:
-    """The checkpoint grid called ``name``: ``pythia``, or a toy zoo's (``toy``, ``toy-relations``)
-    trained with ``toy_seed``."""
+    """The checkpoint grid called ``name``: ``pythia``, a toy zoo's (``toy``, ``toy-relations``) trained with
+    ``toy_seed``, or the path of a model's branch record (:mod:`icl_dynamics.schedules`)."""
     if name == "pythia":
         return PYTHIA
+    if name.endswith(".json"):
+        from icl_dynamics.schedules import read_record, schedule_from_record
+
+        return schedule_from_record(read_record(name))
     from icl_dynamics.toyzoo import zoo_config
 
     return zoo_config(name, toy_seed).schedule()
@@ -153,13 +157,51 @@ def _check_cache(config: Mapping[str, Any]) -> None:
     if config["hub_offline"]:
         raise ConfigError("config key 'keep_weights': false with hub_offline: true would delete checkpoints from "
                           "the cache that cannot be fetched again offline; set keep_weights: true")
-    if config["schedule"] == "pythia" or not config["hf_cache"]:
+    if config["schedule"] in ("pythia", "hub") or not config["hf_cache"]:
         return
     zoo, cache = Path(config["toy_zoo"]["dir"]).resolve(), Path(config["hf_cache"]).resolve()
     if cache == zoo or zoo in cache.parents:
         raise ConfigError(f"config key 'keep_weights': false would delete the toy zoo's checkpoints from "
                           f"{config['hf_cache']} as they are scored; set keep_weights: true (or copy the zoo's "
                           "hub elsewhere and point hf_cache at the copy)")
+
+
+def _check_families(config: Mapping[str, Any]) -> None:
+    """Every model is of a supported family (README, "Model families"), refused by name otherwise: from its id
+    (``EleutherAI/pythia-*``, ``allenai/OLMo-*-hf``, ``allenai/OLMo-2-*``) or the ``families`` key. The Pythia
+    and toy grids are GPT-NeoX's: another family needs ``schedule: hub``, and the hub schedule needs to know
+    each model's family."""
+    from icl_dynamics.architecture import FAMILIES, UnsupportedFamily, family_of
+
+    declared = config["families"]
+    for model in declared:
+        if model not in config["models"]:
+            raise ConfigError(f"config key 'families': {model!r} is not among the models")
+    for model in config["models"]:
+        try:
+            family = family_of(model, declared.get(model))
+        except UnsupportedFamily as exc:
+            key = "families" if model in declared else "models"
+            raise ConfigError(f"config key {key!r}: {exc}") from exc
+        if family is not None and family.name != "gpt-neox" and config["schedule"] != "hub":
+            raise ConfigError(f"config key 'schedule': {model} is an {family.label} model, whose checkpoints are "
+                              f"branches named {family.branches}, not the {config['schedule']} grid; set schedule: hub")
+        if family is None and config["schedule"] == "hub":
+            raise ConfigError(f"config key 'families': the family of {model} cannot be told from its id; name it: "
+                              f"families: {{{model}: {'|'.join(FAMILIES)}}}")
+
+
+def _model_schedule(config: Mapping[str, Any], model: str) -> tuple[Schedule, str]:
+    """``model``'s checkpoint grid and the ``--schedule`` argument the jobs get: the configured grid, or with
+    ``schedule: hub`` the model's branch record ``<results>/<model>/branches.json`` (listed from the hub the
+    first time, then read offline)."""
+    if config["schedule"] != "hub":
+        return schedule_for(config), config["schedule"]
+    from icl_dynamics.schedules import record_schedule
+
+    path = Path(config["results"]) / model_slug(model) / "branches.json"
+    offline = config["hub_offline"] or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return record_schedule(model, path, offline=offline), str(path)
 
 
 def validate_config(config: Mapping[str, Any], schema: Mapping[str, Any] | str | os.PathLike[str]) -> dict:
@@ -204,14 +246,21 @@ def validate_config(config: Mapping[str, Any], schema: Mapping[str, Any] | str |
     if relations["agenda_dir"] and not relations["planted_map"]:
         _check_agenda_dir(relations["agenda_dir"])
     _check_models(config["models"])
+    _check_families(config)
     _check_results(config["results"])
-    if config["schedule"] != "pythia":
+    if config["schedule"] not in ("pythia", "hub"):
         _check_toy_zoo(config["toy_zoo"], config["schedule"])
     _check_cache(config)
-    try:
-        config["steps"] = select_steps(config["checkpoints"], schedule_for(config))
-    except StepError as exc:
-        raise ConfigError(f"config key 'checkpoints': {exc}") from exc
+    config["model_steps"], config["schedule_args"] = {}, {}
+    for model in config["models"]:
+        try:
+            schedule, arg = _model_schedule(config, model)
+            config["model_steps"][model] = select_steps(config["checkpoints"], schedule)
+        except StepError as exc:
+            which = f" of {model}" if config["schedule"] == "hub" else ""
+            raise ConfigError(f"config key 'checkpoints'{which}: {exc}") from exc
+        config["schedule_args"][model] = arg
+    config["steps"] = sorted({step for steps in config["model_steps"].values() for step in steps})
     for step in config["figures"]["heatmap_steps"] or []:
         if step not in config["steps"]:
             raise ConfigError(f"config key 'figures.heatmap_steps': step {step} is not among the measured steps")

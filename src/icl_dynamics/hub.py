@@ -36,6 +36,7 @@ from huggingface_hub.utils.sha import git_hash
 from icl_dynamics.checkpoints import Schedule
 from icl_dynamics.checkpoints import revision as step_revision
 from icl_dynamics.io import current_umask, sha256_file, write_bytes_atomic
+from icl_dynamics.schedules import ScheduleError, parse_branch
 from icl_dynamics.schemas import CHECKPOINT_FIELDS
 from icl_dynamics.transfer import (  # noqa: F401  (HubUnavailable: what a fetch that ran out of attempts raises)
     DEFAULT_MIN_RATE,
@@ -251,7 +252,7 @@ def repo_lock(model_id: str, cache_dir: str | os.PathLike[str] | None = None) ->
 
 
 def evict_checkpoint(model_id: str, step: int, commit: str, cache_dir: str | os.PathLike[str] | None = None, *,
-                     fetched: Mapping | None = None) -> dict:
+                     fetched: Mapping | None = None, revision: str | None = None) -> dict:
     """Take out of the HF cache what the fetch of ``model_id`` at ``step`` (at ``commit``) put there, and
     nothing else: the cache may be shared with other runs and users.
 
@@ -260,8 +261,8 @@ def evict_checkpoint(model_id: str, step: int, commit: str, cache_dir: str | os.
     goes, its snapshot too unless another ref points at the same commit, and of its blobs only those the
     fetch downloaded (``downloaded_blobs``) that no other cached revision links to. Without a record
     (provenance written before fetches kept one) nothing is deleted. Uses huggingface_hub's cache scan and
-    deletion strategy. Returns what went: the blobs deleted and the bytes freed, and ``kept`` saying why
-    anything stayed."""
+    deletion strategy. ``revision``: the step's branch when it is not ``step<N>`` (OLMo). Returns what went:
+    the blobs deleted and the bytes freed, and ``kept`` saying why anything stayed."""
     record = {"model": model_id, "step": step, "commit": commit, "deleted_blobs": 0, "freed_bytes": 0, "kept": ""}
     if fetched is None or "downloaded_blobs" not in fetched:
         record["kept"] = "no record of what the fetch downloaded: nothing is deleted (fetch the step again to get one)"
@@ -282,7 +283,7 @@ def evict_checkpoint(model_id: str, step: int, commit: str, cache_dir: str | os.
         if cached is None:
             record["kept"] = "the revision is no longer cached"
             return record
-        ref = step_revision(step)
+        ref = revision or step_revision(step)
         others = [r for r in cached.refs if r != ref]
         refs = frozenset({repo.repo_path / "refs" / ref}) if ref in cached.refs else frozenset()
         if others:  # another branch (another step, or someone's ref) holds the same commit: only our ref goes
@@ -332,9 +333,11 @@ def cached_commit(model_id: str, revision: str, cache_dir: str | os.PathLike[str
     return ref.read_text().strip()
 
 
-def cached_snapshot(model_id: str, step: int, cache_dir: str | os.PathLike[str] | None = None) -> tuple[str, Path]:
-    """The commit ``refs/step<N>`` names and its snapshot folder, which must exist."""
-    rev = step_revision(step)
+def cached_snapshot(model_id: str, step: int, cache_dir: str | os.PathLike[str] | None = None,
+                    revision: str | None = None) -> tuple[str, Path]:
+    """The commit the step's branch names (``refs/step<N>``, or ``revision``: OLMo's names) and its snapshot
+    folder, which must exist."""
+    rev = revision or step_revision(step)
     commit = cached_commit(model_id, rev, cache_dir)
     snapshot = repo_cache_dir(model_id, cache_dir) / "snapshots" / commit
     if not snapshot.is_dir():
@@ -358,14 +361,18 @@ def steps_sharing_weights(model_id: str, step: int, hashes: Mapping[str, str],
     that step is never measured (fetch records them; :func:`flag_duplicates` reads them)."""
     repo = repo_cache_dir(model_id, cache_dir)
     found = []
-    for ref in sorted((repo / "refs").glob("step*")) if (repo / "refs").is_dir() else []:
-        if not ref.name[4:].isdigit() or int(ref.name[4:]) == step:
+    for ref in sorted((repo / "refs").iterdir()) if (repo / "refs").is_dir() else []:
+        try:
+            branch = parse_branch(ref.name)
+        except ScheduleError:  # someone's own ref: not a checkpoint
+            continue
+        if branch is None or branch.segment != "stage1" or branch.step == step:
             continue
         snapshot = repo / "snapshots" / ref.read_text().strip()
         links = [snapshot / name for name in hashes]
         if all(link.exists() for link in links) and all(link.resolve().name == hashes[link.name] for link in links):
-            found.append(int(ref.name[4:]))
-    return found
+            found.append(branch.step)
+    return sorted(set(found))
 
 
 def _cached_record(model_id: str, commit: str, name: str, cache_dir: str | os.PathLike[str] | None) -> FileRecord:
@@ -377,9 +384,8 @@ def _cached_record(model_id: str, commit: str, name: str, cache_dir: str | os.Pa
     return FileRecord(name, path, blob.stat().st_size, expected, lfs=len(expected) == 64)
 
 
-def _fetch_offline(model_id: str, step: int, cache_dir: str | os.PathLike[str] | None) -> FetchResult:
-    rev = step_revision(step)
-    commit, snapshot = cached_snapshot(model_id, step, cache_dir)
+def _fetch_offline(model_id: str, step: int, cache_dir: str | os.PathLike[str] | None, rev: str) -> FetchResult:
+    commit, snapshot = cached_snapshot(model_id, step, cache_dir, rev)
     present = [p.name for p in snapshot.iterdir()]
     missing = missing_required(present)
     if missing:
@@ -395,13 +401,12 @@ def _fetch_offline(model_id: str, step: int, cache_dir: str | os.PathLike[str] |
 
 
 def _fetch_online(model_id: str, step: int, cache_dir: str | os.PathLike[str] | None, attempts: int,
-                  timeout: float) -> FetchResult:
+                  timeout: float, rev: str) -> FetchResult:
     """List ``model_id`` at ``step``, download the chosen files one by one with :func:`hf_hub_download`, check
     each one's hash as it lands, and write the ref last.
 
     Why ours, not snapshot_download: it lists with no timeout, checks no hash, writes the ref before any file lands.
     """
-    rev = step_revision(step)
     api = HfApi()
     info = with_retries(lambda: api.model_info(model_id, revision=rev, files_metadata=True, timeout=timeout),
                         attempts=attempts, what=f"listing {model_id}@{rev}")
@@ -477,6 +482,7 @@ def fetch_checkpoint(
     attempts: int = 6,
     timeout: float = 60.0,
     min_rate: float = DEFAULT_MIN_RATE,
+    revision: str | None = None,
 ) -> FetchResult:
     """Make ``model_id`` at ``step`` available in the local cache and verify every file's hash.
 
@@ -484,11 +490,13 @@ def fetch_checkpoint(
     each file is checked against the hash the hub cache named its blob by. Online, a request that
     sends nothing for ``timeout`` seconds, or brings fewer than ``min_rate`` bytes per second over
     ``timeout`` seconds, counts as failed and is retried like a 5xx. The result also lists the other
-    cached steps whose branches serve the same weights (:func:`steps_sharing_weights`).
+    cached steps whose branches serve the same weights (:func:`steps_sharing_weights`). ``revision``: the
+    step's branch when it is not ``step<N>`` (:meth:`icl_dynamics.checkpoints.Schedule.revision`).
     """
     start = time.perf_counter()
+    rev = revision or step_revision(step)
     if constants.HF_HUB_OFFLINE:  # reads only (nothing is evicted offline): no lock, a read-only cache works
-        result = _fetch_offline(model_id, step, cache_dir)
+        result = _fetch_offline(model_id, step, cache_dir, rev)
         for record in result.files:
             _verify(record)
     else:
@@ -496,9 +504,9 @@ def fetch_checkpoint(
             remove_orphaned_downloads(model_id, cache_dir)
             blobs = repo_cache_dir(model_id, cache_dir) / "blobs"
             before = {p.name for p in blobs.iterdir()} if blobs.is_dir() else set()
-            ref = repo_cache_dir(model_id, cache_dir) / "refs" / step_revision(step)
+            ref = repo_cache_dir(model_id, cache_dir) / "refs" / rev
             ref_before = ref.read_text().strip() if ref.is_file() else None
-            result = _fetch_online(model_id, step, cache_dir, attempts, timeout)
+            result = _fetch_online(model_id, step, cache_dir, attempts, timeout, rev)
             result.downloaded = sorted({w.path.resolve().name for w in result.files} - before)
             result.was_cached = ref_before == result.commit
     for record in result.files:

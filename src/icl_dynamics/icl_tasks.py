@@ -21,6 +21,9 @@ Prompt format, chosen against the GPT-NeoX tokenizer (tests check it with the re
   problem), and would ask for ``"0"``, a token the demonstrations never show. The replicators
   ended with ``": "``; this is a deliberate deviation.
 * The text is tokenized without special tokens: Pythia adds no BOS.
+* A tokenizer that never merges a digit with the space before it (OLMo-2's cl100k-style BPE: ``": 0"`` is
+  ``[":", " ", "0"]``) gets the query ending ``": "`` instead, so that it ends on the space token every
+  demonstration's label follows and the legal labels are ``0`` .. ``8`` (:func:`label_separator`).
 
 Query words are held out of their prompt's demonstrations. Otherwise a model could copy the label
 of an earlier demonstration that shares a query word in the same slot: with the words shared, that
@@ -205,15 +208,35 @@ LOOKUP_BASELINE = "baseline_lookup"
 BASELINES = {LOOKUP_BASELINE: lookup_prediction, "baseline_majority": majority_prediction}
 
 
+def label_separator(tokenizer: PreTrainedTokenizerBase, context: str) -> str:
+    """What the query text gets after its ``":"`` so that the next token is a label: ``""`` when the tokenizer
+    makes ``" 0"`` one token (GPT-NeoX, OLMo-1), ``" "`` when it splits it into a space token and the digit
+    (OLMo-2's cl100k-style BPE keeps digits apart): every demonstration's label then follows that space
+    token, so the query ends on it (the same token-boundary reasoning as the module docstring's)."""
+    base = tokenizer.encode(context, add_special_tokens=False)
+    full = tokenizer.encode(context + " 0", add_special_tokens=False)
+    if full[: len(base)] == base and len(full) == len(base) + 1:
+        return ""
+    spaced = tokenizer.encode(context + " ", add_special_tokens=False)
+    if spaced[: len(base)] == base and len(spaced) == len(base) + 1 and full[: len(spaced)] == spaced \
+            and len(full) == len(spaced) + 1:
+        return " "
+    raise ValueError(f"tokenizer splits the label 0 after ':' into {full[len(base):]} (or merges it with ':'); "
+                     "labels must be single tokens")
+
+
 def label_token_ids(tokenizer: PreTrainedTokenizerBase, n_classes: int, context: str) -> list[int]:
-    """Token ids of the labels 0..n_classes-1 as they follow ``context`` (a prompt ending in ``":"``).
+    """Token ids of the labels 0..n_classes-1 as they follow ``context`` (a prompt ending in ``":"``) and its
+    :func:`label_separator`.
 
     Raises if a label is not one token, or if appending it changes the context's own tokens.
     """
+    separator = label_separator(tokenizer, context)
+    context += separator
     base = tokenizer.encode(context, add_special_tokens=False)
     ids = []
     for label in range(n_classes):
-        full = tokenizer.encode(context + f" {label}", add_special_tokens=False)
+        full = tokenizer.encode(context + ("" if separator else " ") + str(label), add_special_tokens=False)
         if full[: len(base)] != base or len(full) != len(base) + 1:
             raise ValueError(
                 f"tokenizer splits the label {label} after ':' into {full[len(base):]} (or merges it with ':'); "
@@ -299,7 +322,8 @@ def evaluate_tasks(
     chance 1/classes.
     """
     jobs = [(task, s, make_prompts(task, s, n_prompts, seed)) for task in tasks for s in shots]
-    sequences = [tokenizer.encode(p.text, add_special_tokens=False) for _, _, prompts in jobs for p in prompts]
+    sequences = [tokenizer.encode(p.text + label_separator(tokenizer, p.text), add_special_tokens=False)
+                 for _, _, prompts in jobs for p in prompts]
     logits = next_token_logits(model, sequences, pad_id=_pad_id(tokenizer), batch_size=batch_size)
     rows: list[dict] = []
     offset = 0

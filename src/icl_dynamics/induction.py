@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from icl_dynamics.attention import capture_attention, head_ov_weights
+from icl_dynamics.architecture import architecture
+from icl_dynamics.attention import capture_attention
 from icl_dynamics.models import check_context
 from icl_dynamics.schemas import ATTENTION_SCORES
 
@@ -122,28 +123,32 @@ def score_heads(model: PreTrainedModel, tokens: torch.Tensor, probe: Probe) -> d
 def ov_copying_scores(model: PreTrainedModel) -> np.ndarray:
     """Olsson et al.'s copying score of every head [layers, heads], in float64 (method notes §7).
 
-    The full OV circuit maps a token to logits: ``W_E P G_l W_V^h W_O^h P G_f W_U`` ([V, V]), with the
-    layer norms as the model applies them folded in: P centres (both layer norms subtract the mean
-    over d_model), G_l is the layer's input layer-norm gain, G_f the final layer norm's. Left out, as in
-    the usual folded-circuit analyses: the layer norms' division by each vector's norm (depends on the
-    residual stream, not on the head) and the biases b_V, b_O and the layer norms' (constant offsets,
-    no token-to-token map). The [V, V] matrix is A B with A = W_E P G_l W_V^h and B = W_O^h P G_f W_U, and B A
-    ([d_head, d_head]) has the same nonzero eigenvalues, so only ``W_U W_E`` ([d_model, d_model]) ever
-    touches the vocabulary: the score does not depend on |V|, unlike a share of vocabulary-wide logits.
+    The full OV circuit maps a token to logits: ``W_E N_in W_V^h W_O^h N_post N_f W_U`` ([V, V]), with the
+    linear part of every norm on the head's path folded in (:meth:`~icl_dynamics.architecture.base.Norm.linear`):
+    N_in the norm before the layer's value projection, N_post the norm on the attention output before the
+    residual stream, N_f the final norm. Per family (README, "Model families"): GPT-NeoX N_in = P G_l (P centres,
+    G_l the input layer norm's gain), N_post = I, N_f = P G_f; OLMo-1 N_in = N_f = P (layer norms without
+    gains), N_post = I; OLMo-2 N_in = I (attention reads the raw residual stream), N_post = G_post (the
+    post-attention RMSNorm's gain), N_f = G_f. Left out, as in the usual folded-circuit analyses: each norm's
+    division by its input's norm (it depends on the residual stream, not on the head; the score is a ratio of
+    eigenvalues, so one common factor would not change it anyway), biases (constant offsets, no token-to-token
+    map) and OLMo-1's value clamp. The [V, V] matrix is A B with A = W_E N_in W_V^h and
+    B = W_O^h N_post N_f W_U, and B A ([d_head, d_head]) has the same nonzero eigenvalues, so only
+    ``W_U W_E`` ([d_model, d_model]) ever touches the vocabulary: the score does not depend on |V|, unlike a
+    share of vocabulary-wide logits.
     """
-    base = model.gpt_neox
-    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    arch = architecture(model)
     device = next(model.parameters()).device
-    w_e = base.embed_in.weight.double()  # [V, d_model]
-    w_u = model.get_output_embeddings().weight.double()  # [V, d_model]: logits = h @ w_u.T
+    w_e = arch.embedding().double()  # [V, d_model]
+    w_u = arch.unembedding().double()  # [V, d_model]: logits = h @ w_u.T
     d_model = w_e.shape[1]
-    center = torch.eye(d_model, dtype=torch.float64, device=device) - 1.0 / d_model
-    left = center * base.final_layer_norm.weight.double()[None, :]  # P G_f
-    gram = left @ (w_u.T @ w_e) @ center  # P G_f W_U W_E P
-    scores = np.zeros((n_layers, n_heads))
-    for layer in range(n_layers):
-        w_v, _b_v, w_o = (w.double() for w in head_ov_weights(model, layer))  # [H, d, dh], [H, dh, d]
-        inner = gram * base.layers[layer].input_layernorm.weight.double()[None, :]  # ... P G_l
+    linear = dict(d_model=d_model, device=device)
+    right = arch.final_norm().linear(**linear) @ (w_u.T @ w_e)  # N_f W_U W_E
+    scores = np.zeros((arch.n_layers, arch.n_heads))
+    for layer in range(arch.n_layers):
+        weights = arch.head_weights(layer)
+        w_v, w_o = weights.w_v.double(), weights.w_o.double()  # [H, d, dh], [H, dh, d]
+        inner = arch.post_norm(layer).linear(**linear) @ right @ arch.input_norm(layer).linear(**linear)
         small = w_o @ inner @ w_v  # B A per head [H, dh, dh]
         eig = torch.linalg.eigvals(small)
         scores[layer] = (eig.sum(-1).real / eig.abs().sum(-1).clamp_min(1e-300)).cpu().numpy()

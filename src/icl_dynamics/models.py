@@ -27,8 +27,10 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from icl_dynamics.architecture import architecture
 from icl_dynamics.checkpoints import revision
 from icl_dynamics.hub import IntegrityError, cached_commit, repo_cache_dir
+from icl_dynamics.schedules import cached_branch
 from icl_dynamics.verify import Verified, check_dtypes, verify_checkpoint
 
 log = logging.getLogger(__name__)
@@ -110,15 +112,13 @@ class NonFiniteError(RuntimeError):
 
 @contextmanager
 def finite_guard(model: nn.Module, context: str) -> Iterator[None]:
-    """Within the block, stop any forward pass of a GPT-NeoX ``model`` at the first NaN/Inf.
+    """Within the block, stop any forward pass of ``model`` (any supported family) at the first NaN/Inf.
 
     Checked in execution order: the embedding, each layer's attention (output and probabilities),
     each layer's output, the final layer norm and the logits; the error names ``context`` (model,
     step, stage) and the first module that went bad.
     """
-    base = getattr(model, "gpt_neox", None)
-    if base is None:
-        raise TypeError(f"expected a GPTNeoX model, got {type(model).__name__}")
+    modules = architecture(model).monitored_modules()  # raises for a family we do not support
     dtype = next(model.parameters()).dtype
 
     def check(where: str) -> Callable[..., None]:
@@ -132,10 +132,6 @@ def finite_guard(model: nn.Module, context: str) -> Iterator[None]:
 
         return hook
 
-    modules = [("the embedding", base.embed_in)]
-    for i, layer in enumerate(base.layers):
-        modules += [(f"layer {i} attention", layer.attention), (f"layer {i}", layer)]
-    modules += [("the final layer norm", base.final_layer_norm), ("the logits", model.get_output_embeddings())]
     handles = [module.register_forward_hook(check(where)) for where, module in modules]
     try:
         yield
@@ -237,7 +233,8 @@ class Checkpoint:
 
     def guard(self, stage: str):
         """:func:`finite_guard` naming this checkpoint and ``stage`` in its error."""
-        return finite_guard(self.model, f"{self.model_id}@{revision(self.step)}, stage {stage}")
+        where = self.verified.where if self.verified else f"{self.model_id}@{revision(self.step)}"
+        return finite_guard(self.model, f"{where}, stage {stage}")
 
     def runtime(self) -> dict[str, str | None]:
         """Where and how the numbers were computed: device, dtype, GPU name (None on the CPU), torch's
@@ -265,6 +262,7 @@ def load_checkpoint(
     dtype: str = "auto",
     tokenizer: bool = True,
     fetched: Mapping | None = None,
+    revision: str | None = None,
 ) -> Checkpoint:
     """Load ``model_id`` at ``step`` from the local cache (run the fetch stage first).
 
@@ -274,25 +272,28 @@ def load_checkpoint(
     None). A weights file with missing, unexpected or misshapen tensors, or tensors of another dtype
     than the config's, is refused (transformers would initialise a missing one at random, cast the
     others, and go on). The loaded model's outputs on the fixed probe are kept (:func:`probe_outputs`).
+    ``revision``: the step's branch (default: the one ``fetched`` records, else the cached branch that
+    names ``step``: ``step<N>``, OLMo's ``[stage1-]step<N>-tokens<M>B``).
     """
     dev = resolve_device(device)
-    kwargs = dict(revision=revision(step), cache_dir=cache_dir, local_files_only=True)
-    verified = verify_checkpoint(model_id, step, cache_dir, fetched)
-    tok = _tokenizer(model_id, step, cache_dir) if tokenizer else None
+    rev = revision or (fetched or {}).get("revision") or cached_branch(model_id, step, cache_dir)
+    kwargs = dict(revision=rev, cache_dir=cache_dir, local_files_only=True)
+    verified = verify_checkpoint(model_id, step, cache_dir, fetched, revision=rev)
+    tok = _tokenizer(model_id, step, cache_dir, rev) if tokenizer else None
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             model_id, dtype=resolve_dtype(dtype), attn_implementation="eager", output_loading_info=True, **kwargs
         )
     except OSError as exc:
-        raise _not_cached(model_id, step, cache_dir, exc) from exc
+        raise _not_cached(model_id, step, cache_dir, exc, rev) from exc
     except (pickle.UnpicklingError, SafetensorError, RuntimeError, ValueError) as exc:  # a corrupt or refused file
-        raise _unreadable(model_id, step, cache_dir, exc) from exc
+        raise _unreadable(model_id, step, cache_dir, exc, rev) from exc
     problems = {kind: sorted(info.get(key) or []) for kind, key in (
         ("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("misshapen", "mismatched_keys"))}
     if any(problems.values()):
         listed = "; ".join(f"{kind}: {', '.join(map(str, keys[:5]))}{' ...' if len(keys) > 5 else ''}"
                            for kind, keys in problems.items() if keys)
-        raise IntegrityError(f"{model_id}@{revision(step)}: the weights file does not match the model's tensors "
+        raise IntegrityError(f"{model_id}@{rev}: the weights file does not match the model's tensors "
                              f"({listed}); refusing to score a partly random model")
     check_dtypes(verified, _not_loaded(model))
     model.to(dev).eval()
@@ -310,36 +311,39 @@ def _not_loaded(model: nn.Module) -> list[str]:
 
 
 def load_tokenizer(model_id: str, step: int, *, cache_dir: str | Path | None = None,
-                   fetched: Mapping | None = None) -> PreTrainedTokenizerBase:
+                   fetched: Mapping | None = None, revision: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer stored with ``model_id`` at ``step`` (always the model repository's own), its files
     verified first (against ``fetched``, the fetch stage's provenance row, when given) as
-    :func:`load_checkpoint` verifies them."""
-    verify_checkpoint(model_id, step, cache_dir, fetched, weights=False)
-    return _tokenizer(model_id, step, cache_dir)
+    :func:`load_checkpoint` verifies them; ``revision`` as for :func:`load_checkpoint`."""
+    rev = revision or (fetched or {}).get("revision") or cached_branch(model_id, step, cache_dir)
+    verify_checkpoint(model_id, step, cache_dir, fetched, weights=False, revision=rev)
+    return _tokenizer(model_id, step, cache_dir, rev)
 
 
-def _tokenizer(model_id: str, step: int, cache_dir: str | Path | None) -> PreTrainedTokenizerBase:
+def _tokenizer(model_id: str, step: int, cache_dir: str | Path | None, rev: str) -> PreTrainedTokenizerBase:
     try:
-        return AutoTokenizer.from_pretrained(model_id, revision=revision(step), cache_dir=cache_dir,
-                                             local_files_only=True)
+        return AutoTokenizer.from_pretrained(model_id, revision=rev, cache_dir=cache_dir, local_files_only=True)
     except OSError as exc:
-        raise _not_cached(model_id, step, cache_dir, exc) from exc
+        raise _not_cached(model_id, step, cache_dir, exc, rev) from exc
 
 
-def _unreadable(model_id: str, step: int, cache_dir: str | Path | None, exc: Exception) -> IntegrityError:
+def _unreadable(model_id: str, step: int, cache_dir: str | Path | None, exc: Exception,
+                rev: str | None = None) -> IntegrityError:
+    rev = rev or revision(step)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     try:
-        where = repo_cache_dir(model_id, cache_dir) / "snapshots" / cached_commit(model_id, revision(step), cache_dir)
+        where = repo_cache_dir(model_id, cache_dir) / "snapshots" / cached_commit(model_id, rev, cache_dir)
     except (OSError, ValueError):
         where = repo_cache_dir(model_id, cache_dir)
     return IntegrityError(
-        f"{model_id}@{revision(step)}: the cached weights in {where} cannot be read ({type(exc).__name__}: {first}); "
+        f"{model_id}@{rev}: the cached weights in {where} cannot be read ({type(exc).__name__}: {first}); "
         f"delete that snapshot's weight blobs and run `icl-dynamics fetch --model {model_id} --step {step}` again"
     )
 
 
-def _not_cached(model_id: str, step: int, cache_dir: str | Path | None, exc: Exception) -> FileNotFoundError:
+def _not_cached(model_id: str, step: int, cache_dir: str | Path | None, exc: Exception,
+                rev: str | None = None) -> FileNotFoundError:
     return FileNotFoundError(
-        f"{model_id}@{revision(step)} is not in the local cache {cache_dir or '(default)'}; "
+        f"{model_id}@{rev or revision(step)} is not in the local cache {cache_dir or '(default)'}; "
         f"run `icl-dynamics fetch --model {model_id} --step {step}` first ({exc})"
     )

@@ -74,22 +74,11 @@ def pythia_state_dict(config: Mapping, seed: int, *, scale: Mapping[str, float] 
 
     ``scale`` multiplies the tensors whose name contains a key (e.g. to force a float16 overflow).
     """
+    from icl_dynamics.architecture.gpt_neox import published_state_dict
+
     model = model if model is not None else pythia_model(config, seed)
-    n_ctx = config["max_position_embeddings"]
     d_rot = int(config["hidden_size"] // config["num_attention_heads"] * config["rotary_pct"])
-    inv_freq = 1.0 / (config["rotary_emb_base"] ** (torch.arange(0, d_rot, 2).float() / d_rot))
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
-            name = "embed_out.weight"
-        factor = next((f for key, f in (scale or {}).items() if key in name), 1.0)
-        state[name] = (tensor.float() * factor).half().contiguous()
-    for layer in range(config["num_hidden_layers"]):
-        prefix = f"gpt_neox.layers.{layer}.attention."
-        state[prefix + "bias"] = torch.tril(torch.ones(n_ctx, n_ctx, dtype=torch.bool)).view(1, 1, n_ctx, n_ctx)
-        state[prefix + "masked_bias"] = torch.tensor(-1e9)
-        state[prefix + "rotary_emb.inv_freq"] = inv_freq.half()
-    return state
+    return published_state_dict(model, config["max_position_embeddings"], d_rot, config["rotary_emb_base"], scale)
 
 
 def write_pythia_cache(

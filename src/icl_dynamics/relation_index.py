@@ -19,16 +19,22 @@ For a triplet (t_s, r, t_o) at positions s, o of a sequence and every query posi
 
 Variants of x (each labelled in the output): ``literal`` = raw embedding of the current token t_j
 (the paper's formula), ``source`` = raw embedding of the attended token t_s (the paper's prose),
-``contextual`` = the head's real value input at s, LN(residual)_s W_V^h + b_V^h, times W_O^h W_U.
-Biases are left out of ``literal``/``source`` (as in the formula); b_O is shared by all heads and is
-never included.
+``contextual`` = the head's real value at s (the value projection's output as the attention reads it:
+N_in(residual)_s W_V^h + b_V^h, clamped where OLMo-1's ``clip_qkv`` is set), times W_O^h W_U. Biases are
+left out of ``literal``/``source`` (as in the formula); b_O is shared by all heads and is never included.
+Where the family puts a norm between the attention output and the residual stream (OLMo-2's
+post-attention RMSNorm) the head's write is what that norm makes of it: W_O^h diag(g_post) / r_j, with
+g_post the norm's gain and r_j the root mean square of the layer's real attention output at the query
+position j in this forward pass (the norm linearised where the model is). Any QK-norm enters through the
+real attention pattern only, as every gate reads it (README, "Model families").
 
 Decisions the paper leaves open, fixed here (and recorded as columns of every row):
 
 * BOS (``bos``, default on): Pythia adds no BOS, so without one position 0 is the attention sink
   and a triplet whose head token opens the sequence passes the argmax gate almost everywhere.
-  ``<|endoftext|>`` (the config's ``bos_token_id``) is prepended; it is never a candidate nor a head
-  position (method notes §8).
+  ``<|endoftext|>`` (the config's ``bos_token_id``; for OLMo, whose configs name none, its
+  ``eos_token_id``, the document separator it was trained with) is prepended; it is never a candidate nor
+  a head position (method notes §8).
 * ``literal`` (x = the current token t_j) is biased where t_j is the tail itself: any head that copies
   its own input raises it. Those events are left out, and so is a control equal to t_j; ``source``
   has no such bias and is the analysis default (method notes §9.1).
@@ -82,6 +88,7 @@ loading the model in float32 for this stage.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -95,7 +102,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from icl_dynamics.attention import attention_modules, capture_attention, head_ov_weights
+from icl_dynamics.architecture import architecture
+from icl_dynamics.attention import capture_attention
 from icl_dynamics.relation_events import TRIPLET_FIELDS, IndexedSequence, prepare_sequences
 from icl_dynamics.relations import NEGATIVE_CONTROLS
 from icl_dynamics.sih_test import clustered_test, holm
@@ -300,20 +308,20 @@ class _BatchScorer:
         self.index = _batch_index(batch, n_max, acc, device)
         self.ids, self.first = ids.to(device), first.to(device)
         self.attention_mask = (torch.arange(n_max, device=device)[None, :] < self.index.lengths[:, None]).long()
-        w_u = model.get_output_embeddings().weight  # [vocab, d_model]
+        self.arch = architecture(model)
+        w_u = self.arch.unembedding()  # [vocab, d_model]
         self.w_u_sub = w_u[uniq.to(device)].to(dtype).transpose(1, 2)  # W_U[:, ids of each sequence] [B, d_model, U]
-        self.x = model.get_input_embeddings().weight[self.ids].to(dtype)  # raw embeddings [B, T, d_model]
+        self.x = self.arch.embedding()[self.ids].to(dtype)  # raw embeddings [B, T, d_model]
         self.values: dict[int, torch.Tensor] = {}
+        self.scales: dict[int, torch.Tensor] = {}
 
-    def value_hook(self, layer: int):
-        """Forward hook on ``query_key_value`` keeping the layer's value vectors (with b_V)."""
-        heads = self.model.config.num_attention_heads
+    def keep_values(self, layer: int, values: torch.Tensor) -> None:
+        """Keep the layer's value vectors [B, H, T, d_head] (with b_V and any clamp) for ``contextual``."""
+        self.values[layer] = values.to(self.dtype)
 
-        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-            b, t, _ = output.shape
-            self.values[layer] = output.view(b, t, heads, 3, -1)[:, :, :, 2].transpose(1, 2).to(self.dtype)
-
-        return hook
+    def keep_scale(self, layer: int, scale: torch.Tensor) -> None:
+        """Keep 1 / RMS of the layer's attention output [B, T] (families with a post-attention norm)."""
+        self.scales[layer] = scale.to(self.dtype)
 
     def __call__(self, layer: int, pattern: torch.Tensor) -> None:
         idx, acc = self.index, self.acc
@@ -346,8 +354,13 @@ class _BatchScorer:
         for gi, gate in enumerate(self.gates):
             hits = flat[passed[gate]]
             acc.passes[gi, layer].view(-1).index_add_(0, hits, torch.ones_like(hits, dtype=torch.float64))
-        w_v, _b_v, w_o = (w.to(self.dtype) for w in head_ov_weights(self.model, layer))
-        w_ou = torch.einsum("hed,bdu->bheu", w_o, self.w_u_sub)  # W_O^h W_U[:, ids] [B, H, d_head, U]
+        weights = self.arch.head_weights(layer)
+        w_v, w_o = weights.w_v.to(self.dtype), weights.w_o.to(self.dtype)
+        post = self.arch.post_norm(layer)
+        if post.weight is not None:  # OLMo-2: the post-attention norm's gain is on every head's write
+            w_o = w_o * post.weight.to(self.dtype)
+        w_ou = torch.einsum("hed,bdu->bheu", w_o, self.w_u_sub)  # W_O^h (G_post) W_U[:, ids] [B, H, d_head, U]
+        scale = self.scales.pop(layer, None)  # and its 1 / RMS at the query position j
         cand = rj[:, None] >= self.first[rb]  # C_j of each row [R, U]
         pb, pj = rb[inverse], rj[inverse]  # each pair's sequence and query
         tenth = torch.where(pj >= idx.tenth_pos[pb], idx.tenth[pb], -1)
@@ -365,8 +378,13 @@ class _BatchScorer:
                 logits = (value @ w_ou)[rb, rh, rs]  # the head's real value at s
             else:
                 if raw is None:  # raw-embedding logits x_t W_OV^h W_U[:, ids] of every token [B, H, T, U]
-                    raw = torch.einsum("btd,hde->bhte", self.x, w_v) @ w_ou
+                    raw = torch.einsum("btd,hde->bhte", self.x, w_v)
+                    if weights.value_clip is not None:  # OLMo-1's clip_qkv clamps every value the head reads
+                        raw = raw.clamp(-weights.value_clip, weights.value_clip)
+                    raw = raw @ w_ou
                 logits = raw[rb, rh, rj if variant == "literal" else rs]
+            if scale is not None:  # the post-attention RMSNorm's scale where the head writes (query j)
+                logits = logits * scale[rb, rj][:, None]
             scores = ov_scores(logits, cand, inverse, targets)  # [P, 4]
             if variant == "literal":  # x_j is the current token's: a self-copying head raises t_j
                 scores[:, 0].masked_fill_(current == targets[:, 0], math.nan)
@@ -433,7 +451,7 @@ def score_relation_index(
     max_len: int | None = None,
     bos: bool = True,
 ) -> list[dict[str, Any]]:
-    """Relation index of every head of a GPT-NeoX ``model`` for every (family, relation, direction)
+    """Relation index of every head of ``model`` (any supported family) for every (family, relation, direction)
     of ``triplets`` over ``sequences`` (the relations stage's tables), per gate and variant.
 
     Returns one row per (layer, head, family, relation, direction, gate, variant) with every column
@@ -447,12 +465,12 @@ def score_relation_index(
         raise ValueError(f"tau must be positive, got {tau}")
     if batch_size < 1 or control_position < 0 or min_clusters < 2 or not 0 < alpha < 1:
         raise ValueError("batch_size must be >= 1, control_position >= 0, min_clusters >= 2 and 0 < alpha < 1")
-    attention_modules(model)  # raises for non-GPT-NeoX models
+    arch = architecture(model)  # raises for a family we do not support
     config = model.config
     max_len = int(max_len or config.max_position_embeddings)
-    bos_id = config.bos_token_id if bos else None
+    bos_id = arch.sequence_start_id() if bos else None
     if bos and bos_id is None:
-        raise ValueError("the model config names no bos_token_id; pass bos=False to score without one")
+        raise ValueError("the model config names no bos_token_id or eos_token_id; pass bos=False to score without one")
     seqs, keys, n_pairs = prepare_sequences(sequences, triplets, exclude_function_words=exclude_function_words,
                           control_position=control_position, seed=seed, max_len=max_len, bos_id=bos_id)
     param = next(model.parameters())
@@ -465,16 +483,14 @@ def score_relation_index(
     for batch in tqdm(_batches(seqs, batch_size), desc="relation index", total=-(-len(seqs) // batch_size),
                       mininterval=5):
         scorer = _BatchScorer(model, batch, acc, gates=gates, variants=variants, tau=tau, dtype=dtype, device=device)
-        handles = []
-        if "contextual" in variants:
-            handles = [attn.query_key_value.register_forward_hook(scorer.value_hook(layer))
-                       for layer, attn in enumerate(attention_modules(model))]
-        try:
-            with torch.inference_mode(), capture_attention(model, scorer):
-                model.gpt_neox(input_ids=scorer.ids, attention_mask=scorer.attention_mask, use_cache=False)
-        finally:
-            for handle in handles:
-                handle.remove()
+        with contextlib.ExitStack() as stack:
+            if "contextual" in variants:
+                stack.enter_context(arch.capture_values(scorer.keep_values))
+            # registered before capture_attention's hook on the same module, so the scale is there first
+            stack.enter_context(arch.capture_write_scale(scorer.keep_scale))
+            stack.enter_context(torch.inference_mode())
+            stack.enter_context(capture_attention(model, scorer))
+            arch.base()(input_ids=scorer.ids, attention_mask=scorer.attention_mask, use_cache=False)
 
     params = dict(exclude_function_words=bool(exclude_function_words), control_position=int(control_position),
                   seed=int(seed), alpha=float(alpha), min_clusters=int(min_clusters), bos=bool(bos))

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from icl_dynamics import hub
-from icl_dynamics.checkpoints import revision
 from icl_dynamics.hub import CheckpointNotFound, IntegrityError, fetch_command
+from icl_dynamics.schedules import cached_branch
 
 HUB_HASH = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # a git blob sha1, or an LFS file's sha256
 # safetensors' dtype names -> torch's
@@ -56,10 +56,11 @@ class Verified:
     files: dict[str, str]  # every other file of the snapshot -> its verified hash
     against: str  # "fetch record" or "hub cache": what the hashes were compared with
     config: dict[str, Any]
+    revision: str  # the step's branch (``step<N>``; OLMo's ``[stage1-]step<N>-tokens<M>B``)
 
     @property
     def where(self) -> str:
-        return f"{self.model_id}@{revision(self.step)}"
+        return f"{self.model_id}@{self.revision}"
 
     @property
     def weights_digest(self) -> str:
@@ -113,19 +114,20 @@ def _checked_hash(where: str, name: str, path: Path, recorded: tuple[int, str] |
 
 
 def verify_checkpoint(model_id: str, step: int, cache_dir: str | os.PathLike[str] | None = None,
-                      fetched: Mapping | None = None, *, weights: bool = True) -> Verified:
+                      fetched: Mapping | None = None, *, weights: bool = True, revision: str | None = None) -> Verified:
     """Check every file of ``model_id`` at ``step`` in the cache before a stage reads it (module docstring).
 
     ``fetched`` is the fetch stage's provenance row; without it the files are checked against the hub
     hashes the cache names its blobs by. ``weights=False`` leaves the weight files unhashed (a
     tokenizer load never reads them). Raises :class:`~icl_dynamics.hub.IntegrityError` naming the
     file and what to do, or :class:`~icl_dynamics.hub.CheckpointNotFound` (fetch again) when files are
-    missing.
+    missing. ``revision``: the step's branch (default: the one ``fetched`` records, else the cached branch
+    that names ``step``: :func:`icl_dynamics.schedules.cached_branch`).
     """
-    rev = revision(step)
+    rev = revision or (fetched or {}).get("revision") or cached_branch(model_id, step, cache_dir)
     where, refetch = f"{model_id}@{rev}", fetch_command(model_id, step)
     recorded = _recorded(fetched, where) if fetched is not None else {}
-    commit, snapshot = hub.cached_snapshot(model_id, step, cache_dir)
+    commit, snapshot = hub.cached_snapshot(model_id, step, cache_dir, rev)
     if fetched is not None and commit != fetched["commit"]:
         raise IntegrityError(f"{where}: the cache's {rev} points at commit {commit[:12]}, but the fetch stage "
                              f"verified {str(fetched['commit'])[:12]}; fetch the step again: {refetch}")
@@ -156,7 +158,7 @@ def verify_checkpoint(model_id: str, step: int, cache_dir: str | os.PathLike[str
                              "checkpoint from a source with a valid file")
     return Verified(model_id, step, commit, snapshot, fmt, {n: hashes[n] for n in names if n in hashes},
                     {n: h for n, h in hashes.items() if n not in names},
-                    "fetch record" if fetched is not None else "hub cache", config)
+                    "fetch record" if fetched is not None else "hub cache", config, rev)
 
 
 def tensor_dtypes(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -18,6 +18,16 @@ def model_id(slug):
     return unslug(slug, config["models"])
 
 
+def steps_of(slug):
+    """The steps measured of one model (with schedule hub each model has its own grid)."""
+    return config["model_steps"][model_id(slug)]
+
+
+def schedule_arg(slug):
+    """The --schedule a model's jobs get: the grid's name, or the model's branch record (schedule hub)."""
+    return config["schedule_args"][model_id(slug)]
+
+
 def cli(command):
     """The icl-dynamics invocation for a stage (offline mode exported when configured)."""
     env = "HF_HUB_OFFLINE=1 " if config["hub_offline"] else ""
@@ -32,7 +42,7 @@ def checkpoint_flags(slug, step, device=True):
         "--step",
         str(step),
         "--schedule",
-        config["schedule"],
+        schedule_arg(slug),
         "--toy-seed",
         str(config["toy_zoo"]["seed"]),
     ]
@@ -52,6 +62,11 @@ def checkpoint_flags(slug, step, device=True):
 
 def provenance_of(step):
     return f"{RESULTS}/{{model}}/step{step}/provenance.parquet"
+
+
+def first_provenance(wildcards):
+    """The provenance of a model's first measured step (whose tokenizer the per-model rules read)."""
+    return f"{RESULTS}/{wildcards.model}/step{steps_of(wildcards.model)[0]}/provenance.parquet"
 
 
 def text_flags():
@@ -102,11 +117,11 @@ def previous_eviction(wildcards):
     for the first ones, for a step outside the configured selection, or with keep_weights true): the
     window is per model, so models never wait for each other. Not ancient: when that eviction reruns
     (after a forced refetch), the flag and so the fetch wait for it again."""
-    step = int(wildcards.step)
-    if KEEP_WEIGHTS or step not in STEPS:
+    step, steps = int(wildcards.step), steps_of(wildcards.model)
+    if KEEP_WEIGHTS or step not in steps:
         return []
-    i = STEPS.index(step) - config["max_cached_checkpoints"]
-    return [evicted(wildcards.model, STEPS[i])] if i >= 0 else []
+    i = steps.index(step) - config["max_cached_checkpoints"]
+    return [evicted(wildcards.model, steps[i])] if i >= 0 else []
 
 
 def fetch_turn(wildcards):

@@ -38,7 +38,7 @@ rule fetch_slot:
 
 rule fetch:
     input:
-        TOY_ZOO if config["schedule"] != "pythia" else [],
+        TOY_ZOO if config["schedule"] in ("toy", "toy-relations") else [],
         fetch_turn,
     output:
         f"{RESULTS}/{{model}}/step{{step}}/provenance.parquet",

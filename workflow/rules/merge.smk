@@ -13,7 +13,9 @@ PER_STEP = {
 
 rule merge:
     input:
-        lambda wc: expand(f"{RESULTS}/{wc.model}/step{{step}}/{{name}}.parquet", step=STEPS, name=PER_STEP[wc.stage]),
+        lambda wc: expand(
+            f"{RESULTS}/{wc.model}/step{{step}}/{{name}}.parquet", step=steps_of(wc.model), name=PER_STEP[wc.stage]
+        ),
     output:
         f"{RESULTS}/{{model}}/{{stage}}.parquet",
     log:
@@ -24,7 +26,7 @@ rule merge:
     conda:
         "../envs/icl-dynamics.yaml"
     params:
-        schedule=config["schedule"],
+        schedule=lambda wc: schedule_arg(wc.model),
         toy_seed=config["toy_zoo"]["seed"],
     shell:
         "icl-dynamics merge --stage {wildcards.stage} --schedule {params.schedule} --toy-seed {params.toy_seed} "

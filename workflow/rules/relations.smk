@@ -26,7 +26,7 @@ if not RELATIONS["agenda_dir"] and not PLANTED:
 
 rule relations:
     input:
-        provenance=provenance_of(STEPS[0]),
+        provenance=first_provenance,
         planted_or_agenda=(
             [PLANTED, RELATIONS["planted_texts"]]
             if PLANTED
@@ -39,7 +39,7 @@ rule relations:
     conda:
         "../envs/icl-dynamics.yaml"
     params:
-        flags=lambda wc: checkpoint_flags(wc.model, STEPS[0], device=False),
+        flags=lambda wc: checkpoint_flags(wc.model, steps_of(wc.model)[0], device=False),
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
         options=(
             f"--planted-map {shlex.quote(PLANTED)} --planted-texts {shlex.quote(RELATIONS['planted_texts'])}"

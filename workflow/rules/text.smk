@@ -4,7 +4,7 @@
 
 rule tokenize_text:
     input:
-        provenance=provenance_of(STEPS[0]),
+        provenance=first_provenance,
     output:
         f"{RESULTS}/{{model}}/text_tokens.parquet",
     log:
@@ -13,7 +13,7 @@ rule tokenize_text:
     conda:
         "../envs/icl-dynamics.yaml"
     params:
-        flags=lambda wc: checkpoint_flags(wc.model, STEPS[0], device=False),
+        flags=lambda wc: checkpoint_flags(wc.model, steps_of(wc.model)[0], device=False),
         text=text_flags(),
     shell:
         cli("tokenize-text {params.flags} --provenance {input.provenance:q} {params.text} --out {output:q}")
