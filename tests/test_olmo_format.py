@@ -146,7 +146,7 @@ def olmo2_workflow(olmo_caches, shared_dir, tmp_path_factory):
         "figures": {"top_k": 1},
     }
     (work / "config.yaml").write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "snakemake", "--cores", "2", "-s", str(REPO / "Snakefile"), "-d", str(work),
+    command = [sys.executable, "-m", "snakemake", "--cores", "2", "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(work),
                "--configfile", str(work / "config.yaml")]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
