@@ -114,6 +114,32 @@ def test_a_checkpoint_is_fetched_by_its_branch_and_merged_by_the_hub_schedule(ol
                  "--out", str(tmp_path / "x.parquet")]) == 1
 
 
+@pytest.mark.parametrize("family", ["olmo", "olmo2"])
+def test_the_stages_score_each_family_through_the_cli(olmo_caches, family, tmp_path):
+    """The heads and ICL-task stages by hand on each family's fixture (the oldest declared libraries run this;
+    the whole workflow below runs on the newest): the copying score is the architecture layer's on the
+    checkpoint load_checkpoint gives, and the tasks' labels are the family's single tokens."""
+    from icl_dynamics.icl_tasks import TASKS
+    from icl_dynamics.induction import ov_copying_scores
+
+    cache, model_id = olmo_caches[family], OLMO_MODELS[family]
+    record = tmp_path / "branches.json"
+    from icl_dynamics.schedules import write_record
+
+    write_record({"record_version": 1, "model": model_id, "listed_at": "", "endpoint": "", "huggingface_hub": "",
+                  "branches": {name: "0" * 40 for name in olmo_fixture_branches(family)}}, record)
+    common = ["--model", model_id, "--step", str(STEP[family]), "--cache-dir", str(cache), "--schedule", str(record),
+              "--device", "cpu"]
+    assert main(["heads", *common, "--n-samples", "2", "--out", str(tmp_path / "heads.parquet")]) == 0
+    assert main(["icl-tasks", *common, "--shots", "0", "2", "--n-prompts", "4",
+                 "--out", str(tmp_path / "icl.parquet")]) == 0
+    heads = pd.read_parquet(tmp_path / "heads.parquet").sort_values(["layer", "head"])
+    model = load_checkpoint(model_id, STEP[family], cache_dir=cache, device="cpu", tokenizer=False).model
+    np.testing.assert_allclose(heads["copying"].to_numpy(), ov_copying_scores(model).ravel(), atol=1e-9)
+    icl = pd.read_parquet(tmp_path / "icl.parquet")
+    assert set(icl["task"]) >= {task.name for task in TASKS} and icl["value"].notna().all()
+
+
 @pytest.fixture(scope="module")
 def olmo2_workflow(olmo_caches, shared_dir, tmp_path_factory):
     """The default workflow on the OLMo-2 fixture, offline, once for every test that reads it: schedule hub
@@ -153,6 +179,7 @@ def olmo2_workflow(olmo_caches, shared_dir, tmp_path_factory):
     return work / "results", model_id
 
 
+@pytest.mark.full_workflow
 def test_every_stage_runs_on_the_olmo2_fixture(olmo2_workflow):
     results, model_id = olmo2_workflow
     out = results / model_id.replace("/", "--")
@@ -180,6 +207,7 @@ def test_every_stage_runs_on_the_olmo2_fixture(olmo2_workflow):
     assert (results / "analysis" / "causal_correlation.parquet").is_file()
 
 
+@pytest.mark.full_workflow
 def test_the_olmo2_workflow_scores_match_the_loaded_checkpoint(olmo2_workflow, olmo_caches):
     """The heads table's copying score of the workflow is the architecture layer's on the checkpoint loaded in
     Python (the same weights, found by step), and the relation index was scored with the EOS prepended."""

@@ -146,6 +146,7 @@ def test_auto_precision_gives_the_float64_answer_on_fp16_weights(pythia_cache: P
     pd.testing.assert_series_equal(icl["value"], icl64["value"])  # every top-1 token the same
 
 
+@pytest.mark.full_workflow
 def test_snakemake_end_to_end_on_the_pythia_format_fixture(pythia_cache: Path, shared_dir: Path, tmp_path: Path) -> None:
     """The default workflow (pythia schedule, dtype auto) on the fixture, offline: every stage runs
     through load_checkpoint/load_tokenizer, and the relations keep every triplet. The results folder's
