@@ -146,6 +146,35 @@ def _zoo_builds(tmp_path_factory):
             proc.kill()
 
 
+TOY_GROUP_SEEDS = (2, 3)  # with the shipped zoo's seed 1: the toy seed group (tests/test_seed_groups.py)
+
+
+@pytest.fixture(scope="session")
+def toy_zoo_seeds(tmp_path_factory) -> dict[int, Path]:
+    """The copy zoo trained again with seeds 2 and 3 (model ids icl-dynamics/toy-neox-seed2, -seed3), in two
+    background processes, once per session; ICL_TOY_ZOO_SEEDS (a folder holding toy-seed2/ and toy-seed3/)
+    names zoos to reuse instead."""
+    import subprocess
+    import sys
+
+    from icl_dynamics.toyzoo import read_manifest
+
+    if os.environ.get("ICL_TOY_ZOO_SEEDS"):
+        return {seed: Path(os.environ["ICL_TOY_ZOO_SEEDS"]).resolve() / f"toy-seed{seed}" for seed in TOY_GROUP_SEEDS}
+    root = tmp_path_factory.mktemp("toy-seeds")
+    procs = {}
+    for seed in TOY_GROUP_SEEDS:
+        with open(root / f"seed{seed}.log", "w") as stream:
+            procs[seed] = subprocess.Popen([sys.executable, "-m", "icl_dynamics.cli", "toy-zoo", "--kind", "toy",
+                                            "--seed", str(seed), "--out", str(root / f"toy-seed{seed}")],
+                                           stdout=stream, stderr=subprocess.STDOUT)
+    for seed, proc in procs.items():
+        if proc.wait() != 0:
+            pytest.fail(f"training the toy zoo with seed {seed} failed:\n{(root / f'seed{seed}.log').read_text()[-3000:]}")
+        read_manifest(root / f"toy-seed{seed}")
+    return {seed: root / f"toy-seed{seed}" for seed in TOY_GROUP_SEEDS}
+
+
 def _built(builds: dict, kind: str) -> Path:
     from icl_dynamics.toyzoo import read_manifest
 
@@ -170,14 +199,16 @@ def toy_zoo_relations(_zoo_builds) -> Path:
 
 def toy_workflow_command(config_file: str, zoo: Path, steps: list[int], workdir: Path, relations: dict, *,
                          hub_endpoint: str | None = None, max_cached: int = 2, args: Sequence[str] = (),
-                         env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+                         env: dict[str, str] | None = None,
+                         overrides: dict | None = None) -> tuple[list[str], dict[str, str]]:
     """Write the config of the offline Snakemake demo of ``config/<config_file>`` on ``zoo`` at ``steps``
     into ``workdir`` (``relations`` overrides that section; the analysis is cut down to a few
     checkpoints) and return the Snakemake command and its environment.
 
     With ``hub_endpoint`` (a fake hub serving the zoo) the checkpoints are fetched from it into an empty
     cache ``workdir/hf-cache`` with ``keep_weights: false`` and ``max_cached``. ``args`` are further
-    Snakemake arguments (targets, a profile), ``env`` further environment variables.
+    Snakemake arguments (targets, a profile), ``env`` further environment variables, ``overrides`` config
+    keys set last (a mapping value updates that section).
     """
     import sys
 
@@ -202,6 +233,8 @@ def toy_workflow_command(config_file: str, zoo: Path, steps: list[int], workdir:
     config["analysis"] = {"k": 1, "n_boot": 50, "n_perm": 99}  # a few checkpoints only
     # small ablation sets: a tenth of the demo's tokens (its heads' effects on the toy are nats, not noise)
     config["ablation"].update(n_docs=8, n_sequences=8, n_prompts=4, draws=2, bootstrap=200)
+    for key, value in (overrides or {}).items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) else value
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     cores = [] if "--workflow-profile" in args else ["--cores", "2"]  # a cluster profile sets jobs, not cores
     command = [sys.executable, "-m", "snakemake", *cores, "-s", str(REPO / "workflow" / "Snakefile"),
@@ -212,7 +245,7 @@ def toy_workflow_command(config_file: str, zoo: Path, steps: list[int], workdir:
 def run_toy_workflow(config_file: str, zoo: Path, steps: list[int], workdir: Path, relations: dict, *,
                      hub_endpoint: str | None = None, max_cached: int = 2,
                      watch: Callable[[], int] | None = None, args: Sequence[str] = (),
-                     env: dict[str, str] | None = None) -> tuple[list[str], int]:
+                     env: dict[str, str] | None = None, overrides: dict | None = None) -> tuple[list[str], int]:
     """Run the demo :func:`toy_workflow_command` sets up, assert it succeeded, and return the command
     (so a test can rerun it: ``--report``, ``-n``) and the largest value ``watch`` returned while
     polled during the run."""
@@ -220,7 +253,7 @@ def run_toy_workflow(config_file: str, zoo: Path, steps: list[int], workdir: Pat
     import time
 
     command, env = toy_workflow_command(config_file, zoo, steps, workdir, relations, hub_endpoint=hub_endpoint,
-                                        max_cached=max_cached, args=args, env=env)
+                                        max_cached=max_cached, args=args, env=env, overrides=overrides)
     seen, log = 0, workdir / "snakemake.log"
     with open(log, "w") as out, subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env) as proc:
         deadline = time.monotonic() + 1800  # a loaded 2-core machine (other test runs beside it) is slow

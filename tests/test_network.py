@@ -176,7 +176,7 @@ def test_our_hash_check_flags_exactly_what_huggingface_hubs_verify_repo_checksum
     weights blob (sha256) and in config.json (git blob sha1), both flag exactly those two."""
     cache = tmp_path / "cache"
     online = fetch(cache)
-    offline = hub._fetch_offline(TOY_MODEL_ID, STEP, cache).files
+    offline = hub._fetch_offline(TOY_MODEL_ID, STEP, cache, f"step{STEP}").files
     api = HfApi(endpoint=fake.endpoint)
 
     def library() -> dict[str, tuple[str, str]]:

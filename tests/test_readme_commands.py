@@ -148,8 +148,8 @@ def configured(cwd: Path, configfiles: list[str], profile_config: list[str]) -> 
 
 def full_plan(config: dict, zoo_built: bool) -> dict[str, int]:
     """Every job of a run from nothing, rule by rule, from the configuration (not from Snakemake)."""
-    n_models, n_steps = len(config["models"]), len(config["steps"])
-    checkpoints = n_models * n_steps
+    n_models = len(config["models"])
+    checkpoints = sum(len(steps) for steps in config["model_steps"].values())
     relations = config["relations"]
     plan = {"fetch_slot": checkpoints, "fetch": checkpoints, "score": checkpoints,
             "merge": 6 * n_models, "tokenize_text": n_models, "relations": n_models, "figures": n_models,
@@ -158,7 +158,9 @@ def full_plan(config: dict, zoo_built: bool) -> dict[str, int]:
         plan["evict"] = checkpoints
     if not relations["agenda_dir"] and not relations["planted_map"]:
         plan["fetch_agenda"] = 1
-    if config["schedule"] != "pythia" and not zoo_built:
+    if config["groups"]:
+        plan["groups"] = 1
+    if config["schedule"] not in ("pythia", "hub") and not zoo_built:
         plan["toy_zoo"] = 1
     return plan
 

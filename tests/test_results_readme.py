@@ -29,7 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from icl_dynamics import causal, emergence, hub, relations, results, schemas
+from icl_dynamics import causal, emergence, hub, relations, results, schemas, seed_groups
 
 README = Path(__file__).resolve().parents[1] / "results" / "README.md"
 
@@ -62,6 +62,7 @@ def _schemas() -> dict[str, pa.Schema]:
         "relations/summary": relations.SUMMARY_SCHEMA,
         **emergence.TABLES,
         **causal.TABLES,
+        **seed_groups.TABLES,
     }
     return {**documented, **{part: documented[whole] for part, whole in DOCUMENTED_WITH.items()}}
 

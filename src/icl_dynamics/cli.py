@@ -340,6 +340,31 @@ def cmd_causal(args: argparse.Namespace) -> None:
     log.info("causal analysis of %d ablation rows in %.0f s -> %s", len(ablation), time.perf_counter() - start, out)
 
 
+def cmd_groups(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from icl_dynamics import io, seed_groups
+    from icl_dynamics.figures.seed_groups import group_figures
+
+    _headless()
+    groups = []
+    for spec in args.group:
+        if len(spec) < 3 or spec[1] not in seed_groups.VARIES:
+            raise ValueError(f"--group {' '.join(spec)}: give NAME VARIES RUN [RUN ...] with VARIES one of "
+                             f"{', '.join(seed_groups.VARIES)}")
+        groups.append(seed_groups.Group(spec[0], tuple(spec[2:]), spec[1]))
+    tables = seed_groups.group_tables(pd.read_parquet(args.summary), groups)
+    out = Path(args.out_dir)
+    meta = {key: value for key, value in vars(args).items() if key != "func"}
+    io.write_tables({out / f"{name}.parquet": (io.to_table(tables[name].to_dict("list"), schema), meta)
+                     for name, schema in seed_groups.TABLES.items()})
+    group_figures(tables, out / "figures")
+    pooled = tables["group_lags"][tables["group_lags"]["run"] == seed_groups.POOLED]
+    for row in pooled[pooled["subject_kind"] == "head_class"].itertuples():
+        log.info("%s: %s (%s) vs %s: %s (runs: %d before, %d with, %d after)", row.group, row.subject, row.head_set,
+                 row.level, row.verdict, row.n_before, row.n_with, row.n_after)
+
+
 def cmd_front_page(args: argparse.Namespace) -> None:
     from icl_dynamics.frontpage import write_front_page
 
@@ -578,6 +603,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", required=True, help="the analysis folder (tables; figures/ for the figures)")
     p.set_defaults(func=cmd_causal)
+
+    p = sub.add_parser("groups", help="seed groups: each run's midpoints and lags side by side, pooled over runs, "
+                       "with a group verdict (after analyze)")
+    p.add_argument("--summary", required=True, help="the analyze command's summary.parquet (every run's rows)")
+    p.add_argument("--group", nargs="+", action="append", required=True, metavar="NAME VARIES RUN",
+                   help="a group: its name, what its runs' seeds change (seed, data or weights) and its runs' model "
+                        "ids; repeat for each group")
+    p.add_argument("--out-dir", required=True, help="the groups folder (tables; figures/ for the figures)")
+    p.set_defaults(func=cmd_groups)
 
     p = sub.add_parser("front-page", help="the report's front page: what the run found, with the headline figure")
     p.add_argument("--summary", required=True, help="the analyze command's summary.parquet")

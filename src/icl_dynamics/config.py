@@ -191,6 +191,16 @@ def _check_families(config: Mapping[str, Any]) -> None:
                               f"families: {{{model}: {'|'.join(FAMILIES)}}}")
 
 
+def _check_groups(config: Mapping[str, Any]) -> None:
+    """Every run of a group is one of the models (README, "Seed groups"); ``varies`` gets its default."""
+    for name, spec in config["groups"].items():
+        missing = [run for run in spec["runs"] if run not in config["models"]]
+        if missing:
+            raise ConfigError(f"config key 'groups.{name}.runs': {', '.join(missing)} not among the models; add "
+                              f"{'it' if len(missing) == 1 else 'them'} to models (every run of a group is measured)")
+        spec.setdefault("varies", "seed")
+
+
 def _model_schedule(config: Mapping[str, Any], model: str) -> tuple[Schedule, str]:
     """``model``'s checkpoint grid and the ``--schedule`` argument the jobs get: the configured grid, or with
     ``schedule: hub`` the model's branch record ``<results>/<model>/branches.json`` (listed from the hub the
@@ -247,6 +257,7 @@ def validate_config(config: Mapping[str, Any], schema: Mapping[str, Any] | str |
         _check_agenda_dir(relations["agenda_dir"])
     _check_models(config["models"])
     _check_families(config)
+    _check_groups(config)
     _check_results(config["results"])
     if config["schedule"] not in ("pythia", "hub"):
         _check_toy_zoo(config["toy_zoo"], config["schedule"])

@@ -48,10 +48,15 @@ def _per_step() -> dict[str, str]:
 
 
 def _analysis() -> tuple[str, ...]:
-    """The analysis tables (``analysis/<name>.parquet``, every model together)."""
-    from icl_dynamics import causal, emergence
+    """The analysis tables (``analysis/<name>.parquet``, every model together; the seed groups' in
+    ``analysis/groups/``)."""
+    from icl_dynamics import causal, emergence, seed_groups
 
-    return (*emergence.TABLES, *causal.TABLES)
+    return (*emergence.TABLES, *causal.TABLES, *seed_groups.TABLES)
+
+
+def _analysis_file(root: Path, stage: str) -> Path:
+    return root / ANALYSIS / ("groups" if stage.startswith("group_") else "") / f"{stage}.parquet"
 
 
 def table_names() -> list[str]:
@@ -88,9 +93,9 @@ def load_results(results_dir: str | os.PathLike[str], stage: str, models: str | 
     if steps is not None and not step_indexed:
         raise ValueError(f"{stage} is not a per-checkpoint table: leave out steps")
     if stage in _analysis():
-        files = [root / ANALYSIS / f"{stage}.parquet"]
+        files = [_analysis_file(root, stage)]
         if not files[0].exists():
-            command = "causal" if stage.startswith("causal_") else "analyze"
+            command = "causal" if stage.startswith("causal_") else "groups" if stage.startswith("group_") else "analyze"
             raise FileNotFoundError(f"{files[0]} is missing: `icl-dynamics {command}` writes it (the workflow's "
                                     f"{command} rule, once every model is merged)")
     else:
@@ -104,10 +109,11 @@ def load_results(results_dir: str | os.PathLike[str], stage: str, models: str | 
             raise ValueError(f"no {stage} table at steps {sorted(steps or [])} in {root}")
     frame = to_frame(io.concat_tables(files))
     if wanted is not None and stage in _analysis():
-        absent = sorted(set(wanted) - set(frame["model"]))
+        column = "model" if "model" in frame else "run" if "run" in frame else "data_group"
+        absent = sorted(set(wanted) - set(frame[column]))
         if absent:
-            raise ValueError(f"{files[0]} has no rows of {absent} (models: {sorted(set(frame['model']))})")
-        frame = frame[frame["model"].isin(wanted)]
+            raise ValueError(f"{files[0]} has no rows of {absent} ({column}: {sorted(set(frame[column]))})")
+        frame = frame[frame[column].isin(wanted)]
     if steps is not None:
         absent = sorted(set(steps) - set(frame["step"]))
         if absent:

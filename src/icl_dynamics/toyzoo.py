@@ -122,11 +122,16 @@ class ToyConfig:
 
 
 def zoo_config(kind: str, seed: int | None = None) -> ToyConfig:
-    """The shipped configuration of zoo ``kind`` (``toy`` or ``toy-relations``), with another seed if given."""
+    """The shipped configuration of zoo ``kind`` (``toy`` or ``toy-relations``), with another seed if given.
+
+    Another seed is another training run, so its model id says so (``icl-dynamics/toy-neox-seed2``): the
+    runs of a seed group (README, "Seed groups") can then share one hub cache."""
     if kind not in ZOOS:
         raise ValueError(f"unknown toy zoo {kind!r}; choose from {sorted(ZOOS)}")
     cfg = ZOOS[kind]
-    return cfg if seed is None else replace(cfg, seed=seed)
+    if seed is None or seed == cfg.seed:
+        return cfg
+    return replace(cfg, seed=seed, model_id=f"{cfg.model_id}-seed{seed}")
 
 
 def toy_vocabulary(cfg: ToyConfig | None = None) -> list[str]:

@@ -123,3 +123,35 @@ rule causal:
         "icl-dynamics causal --ablation {input.ablation:q} --heads {input.heads:q} "
         "--relation-index {input.relation_index:q} --provenance {input.provenance:q} --emergence {input.emergence:q} "
         "{params.options} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+
+
+# seed groups: each group's runs side by side, pooled over runs, with a group verdict (icl_dynamics.seed_groups)
+GROUPS = config["groups"]
+GROUP_DIR = f"{ANALYSIS_DIR}/groups"
+GROUP_TABLES = ["group_midpoints", "group_lags", "group_sources"]
+
+
+rule groups:
+    input:
+        summary=f"{ANALYSIS_DIR}/summary.parquet",
+    output:
+        tables=expand(f"{GROUP_DIR}/{{table}}.parquet", table=GROUP_TABLES),
+        forest=report(f"{GROUP_DIR}/figures/lag_forest.png", caption="../report/lag_forest.rst", category="Seed groups"),
+        sizes=report(f"{GROUP_DIR}/figures/sizes.png", caption="../report/group_sizes.rst", category="Seed groups"),
+        midpoints=report(
+            expand(f"{GROUP_DIR}/figures/midpoints-{{group}}.png", group=list(GROUPS)),
+            caption="../report/group_midpoints.rst",
+            category="Seed groups",
+        ),
+    log:
+        "logs/groups.log",
+    conda:
+        "../envs/icl-dynamics.yaml"
+    params:
+        out_dir=lambda wildcards, output: os.path.dirname(output.tables[0]),
+        groups=" ".join(
+            "--group " + " ".join(shlex.quote(v) for v in [name, spec["varies"], *spec["runs"]])
+            for name, spec in GROUPS.items()
+        ),
+    shell:
+        "icl-dynamics groups --summary {input.summary:q} {params.groups} --out-dir {params.out_dir:q} > {log:q} 2>&1"
