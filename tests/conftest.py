@@ -140,35 +140,49 @@ def _zoo_builds(tmp_path_factory):
             proc = subprocess.Popen([sys.executable, "-m", "icl_dynamics.cli", "toy-zoo", "--kind", kind,
                                      "--out", str(out)], stdout=stream, stderr=subprocess.STDOUT)
         builds[kind] = (proc, out, log)
-    yield builds
-    for proc, _, _ in builds.values():
+    yield {**builds, "_seeds_root": root / "seeds"}
+    for proc in [proc for proc, _, _ in builds.values()] + list(_SEED_BUILDS["procs"].values()):
         if proc is not None and proc.poll() is None:
             proc.kill()
 
 
 TOY_GROUP_SEEDS = (2, 3)  # with the shipped zoo's seed 1: the toy seed group (tests/test_seed_groups.py)
+_SEED_BUILDS: dict = {"wanted": False, "procs": {}, "root": None}
 
 
-@pytest.fixture(scope="session")
-def toy_zoo_seeds(tmp_path_factory) -> dict[int, Path]:
-    """The copy zoo trained again with seeds 2 and 3 (model ids icl-dynamics/toy-neox-seed2, -seed3), in two
-    background processes, once per session; ICL_TOY_ZOO_SEEDS (a folder holding toy-seed2/ and toy-seed3/)
-    names zoos to reuse instead."""
+def pytest_collection_modifyitems(session, config, items):
+    """Note whether a selected test needs the toy zoo's extra seeds (trained in the background once the two
+    shipped zoos are built, so that the tests in between use the cores the training leaves idle)."""
+    _SEED_BUILDS["wanted"] = any("toy_zoo_seeds" in getattr(item, "fixturenames", ()) for item in items)
+
+
+def _start_seed_builds(root: Path) -> None:
     import subprocess
     import sys
 
+    if _SEED_BUILDS["procs"] or os.environ.get("ICL_TOY_ZOO_SEEDS"):
+        return
+    _SEED_BUILDS["root"] = root
+    root.mkdir(parents=True, exist_ok=True)
+    for seed in TOY_GROUP_SEEDS:
+        with open(root / f"seed{seed}.log", "w") as stream:
+            _SEED_BUILDS["procs"][seed] = subprocess.Popen(
+                [sys.executable, "-m", "icl_dynamics.cli", "toy-zoo", "--kind", "toy", "--seed", str(seed),
+                 "--out", str(root / f"toy-seed{seed}")], stdout=stream, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="session")
+def toy_zoo_seeds(_zoo_builds) -> dict[int, Path]:
+    """The copy zoo trained again with seeds 2 and 3 (model ids icl-dynamics/toy-neox-seed2, -seed3), in two
+    background processes started once the shipped zoos are built (or now); ICL_TOY_ZOO_SEEDS (a folder holding
+    toy-seed2/ and toy-seed3/) names zoos to reuse instead."""
     from icl_dynamics.toyzoo import read_manifest
 
     if os.environ.get("ICL_TOY_ZOO_SEEDS"):
         return {seed: Path(os.environ["ICL_TOY_ZOO_SEEDS"]).resolve() / f"toy-seed{seed}" for seed in TOY_GROUP_SEEDS}
-    root = tmp_path_factory.mktemp("toy-seeds")
-    procs = {}
-    for seed in TOY_GROUP_SEEDS:
-        with open(root / f"seed{seed}.log", "w") as stream:
-            procs[seed] = subprocess.Popen([sys.executable, "-m", "icl_dynamics.cli", "toy-zoo", "--kind", "toy",
-                                            "--seed", str(seed), "--out", str(root / f"toy-seed{seed}")],
-                                           stdout=stream, stderr=subprocess.STDOUT)
-    for seed, proc in procs.items():
+    _start_seed_builds(_zoo_builds["_seeds_root"])
+    root = _SEED_BUILDS["root"]
+    for seed, proc in _SEED_BUILDS["procs"].items():
         if proc.wait() != 0:
             pytest.fail(f"training the toy zoo with seed {seed} failed:\n{(root / f'seed{seed}.log').read_text()[-3000:]}")
         read_manifest(root / f"toy-seed{seed}")
@@ -182,6 +196,9 @@ def _built(builds: dict, kind: str) -> Path:
     if proc is not None and proc.wait() != 0:
         pytest.fail(f"training the {kind} zoo failed:\n{log.read_text()[-3000:]}")
     read_manifest(out)
+    shipped = [build for name, build in builds.items() if not name.startswith("_")]
+    if _SEED_BUILDS["wanted"] and all(p is None or p.poll() is not None for p, _, _ in shipped):
+        _start_seed_builds(builds["_seeds_root"])  # both shipped zoos are built: the extra seeds train beside the tests
     return out
 
 

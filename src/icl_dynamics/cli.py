@@ -124,6 +124,10 @@ def cmd_score(args: argparse.Namespace) -> None:
         inputs = {option_dest(flag) for flag in (*stage.inputs, *stage.needs.values())}  # inputs keep their own name
         opts = {dest: getattr(args, dest if dest in inputs else prefix + dest) for dest in _option_dests(stage)}
         jobs.append((stage, argparse.Namespace(**opts)))
+    if args.threads:  # the job's CPU share (Snakemake's threads, SLURM's cpus-per-task), not every core
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = Path(args.out_dir)
     paths = {table: out / f"{table}.parquet" for stage, _ in jobs for table in stage.outputs}
     seconds = run_stages(jobs, lambda: _load(args), lambda rows: _stamp(rows, args), paths)
@@ -511,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
                 _group.add_argument(f"--{_stage.name}-{flag.lstrip('-')}", **kw)
 
         stage.options(add)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads torch may use (default: torch's own, every core); the workflow passes its job's")
     p.add_argument("--out-dir", required=True,
                    help="the checkpoint's folder: writes <table>.parquet for every table of the stages run")
     p.set_defaults(func=cmd_score)

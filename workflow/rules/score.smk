@@ -29,7 +29,7 @@ rule score:
     shell:
         cli(
             "score {params.flags} --text-tokens {input.text_tokens:q} --relations-dir {params.relations_dir:q} "
-            "{params.options} --out-dir {params.out_dir:q}"
+            "{params.options} --threads {threads} --out-dir {params.out_dir:q}"
         )
         + " > {log:q} 2>&1"
 
