@@ -93,6 +93,8 @@ def made(toy_zoo_relations: Path, tmp_path_factory) -> dict[str, Path]:
     assert main(["causal", "--ablation", str(folder / "ablation.parquet"), "--heads", *merged["heads"],
                  "--relation-index", *merged["relation_index"], "--emergence", str(root / "analysis" / "emergence.parquet"),
                  "--k", "1", "--n-boot", "20", "--out-dir", str(root / "analysis")]) == 0
+    assert main(["groups", "--summary", str(root / "analysis" / "summary.parquet"), "--group", "toy", "seed",
+                 RELATIONS_MODEL_ID, "--out-dir", str(root / "analysis" / "groups")]) == 0  # a group of one run
     return {"root": root, "folder": folder, "unmerged": unmerged, "zoo": toy_zoo_relations}
 
 
@@ -131,6 +133,13 @@ def test_load_results_reads_every_table_the_pipeline_writes(made):
         assert frame.attrs["files"] == [str(whole[0])]
         assert frame.attrs["provenance"] == {str(whole[0]): read_provenance(whole[0])}
     assert len(icl_dynamics.load_results(root, "heads")) == len(STEPS) * 2 * 4  # two layers of four heads
+    # the group of one: its pooled rows are its run's own numbers, and its verdicts say so
+    mids = icl_dynamics.load_results(root, "group_midpoints")
+    run, pooled = mids[mids["run"] == RELATIONS_MODEL_ID], mids[mids["run"] == "pooled"]
+    assert len(run) == len(pooled) > 0
+    np.testing.assert_allclose(pooled["midpoint_tokens"].to_numpy(float), run["midpoint_tokens"].to_numpy(float))
+    lags = icl_dynamics.load_results(root, "group_lags", models=["pooled"])
+    assert set(lags["verdict"]) == {"one run"}
 
 
 def test_load_results_concatenates_checkpoints_without_a_merge(made):
@@ -189,7 +198,8 @@ def test_load_results_selects_models_and_steps(made, tmp_path):
 def test_load_results_errors_say_what_exists_and_what_makes_it(made, tmp_path):
     root, unmerged = made["root"], made["unmerged"]
     with pytest.raises(ValueError, match="unknown table 'head'; choose one of ablation, causal_correlation, "
-                       "causal_emergence, causal_order, causal_series, emergence, formation, heads, icl"):
+                       "causal_emergence, causal_order, causal_series, emergence, formation, group_lags, "
+                       "group_midpoints, group_sources, heads, icl"):
         icl_dynamics.load_results(root, "head")
     with pytest.raises(ValueError, match=f"one model's folder: pass the results folder holding it \\({root}\\)"):
         icl_dynamics.load_results(root / SLUG, "heads")
@@ -197,6 +207,8 @@ def test_load_results_errors_say_what_exists_and_what_makes_it(made, tmp_path):
         icl_dynamics.load_results(unmerged, "emergence")
     with pytest.raises(FileNotFoundError, match="analysis/causal_order.parquet is missing: `icl-dynamics causal`"):
         icl_dynamics.load_results(unmerged, "causal_order")
+    with pytest.raises(FileNotFoundError, match="analysis/groups/group_lags.parquet is missing: `icl-dynamics groups`"):
+        icl_dynamics.load_results(unmerged, "group_lags")
     with pytest.raises(ValueError, match="emergence is not a per-checkpoint table"):
         icl_dynamics.load_results(root, "emergence", steps=[1000])
     partial = tmp_path / "partial" / SLUG
