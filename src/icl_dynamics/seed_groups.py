@@ -130,13 +130,18 @@ def group_verdict(lows: Sequence[float], highs: Sequence[float], pooled_low: flo
 
 # ----------------------------------------------------------------------------- the tables
 
-MIDPOINT_SCHEMA = pa.schema([
+_SUBJECT_FIELDS = [pa.field(k, pa.int32() if k == "subject_shots" else pa.string(), nullable=k == "subject_shots")
+                   for k in SUBJECT_KEYS]
+_RUN_FIELDS = [
     pa.field("group", pa.string(), nullable=False),
     pa.field("varies", pa.string(), nullable=False),
     pa.field("parameters", pa.float64(), nullable=False),
     pa.field("run", pa.string(), nullable=False),  # a model id, or "pooled"
-    *(pa.field(k, pa.int32() if k == "subject_shots" else pa.string(), nullable=k == "subject_shots")
-      for k in SUBJECT_KEYS),
+    *_SUBJECT_FIELDS,
+]
+
+MIDPOINT_SCHEMA = pa.schema([
+    *_RUN_FIELDS,
     pa.field("n_runs", pa.int32(), nullable=False),  # the group's runs
     pa.field("n_located", pa.int32(), nullable=False),  # runs with a located midpoint (1/0 on a run's row)
     pa.field("midpoint_tokens", pa.float64()),
@@ -148,12 +153,7 @@ MIDPOINT_SCHEMA = pa.schema([
 """Per group and subject: every run's midpoint (the analysis' own) and the pooled one (``run`` "pooled")."""
 
 LAG_SCHEMA = pa.schema([
-    pa.field("group", pa.string(), nullable=False),
-    pa.field("varies", pa.string(), nullable=False),
-    pa.field("parameters", pa.float64(), nullable=False),
-    pa.field("run", pa.string(), nullable=False),
-    *(pa.field(k, pa.int32() if k == "subject_shots" else pa.string(), nullable=k == "subject_shots")
-      for k in SUBJECT_KEYS),
+    *_RUN_FIELDS,
     *(pa.field(k, pa.int32() if k == "shots" else pa.string(), nullable=k == "shots") for k in LEVEL_KEYS),
     pa.field("n_runs", pa.int32(), nullable=False),
     pa.field("n_located", pa.int32(), nullable=False),
@@ -175,8 +175,7 @@ SOURCE_SCHEMA = pa.schema([
     pa.field("data_group", pa.string(), nullable=False),
     pa.field("weights_group", pa.string(), nullable=False),
     pa.field("parameters", pa.float64(), nullable=False),
-    *(pa.field(k, pa.int32() if k == "subject_shots" else pa.string(), nullable=k == "subject_shots")
-      for k in SUBJECT_KEYS),
+    *_SUBJECT_FIELDS,
     pa.field("n_data", pa.int32(), nullable=False),
     pa.field("n_weights", pa.int32(), nullable=False),
     pa.field("sd_data_log10", pa.float64()),
