@@ -225,37 +225,40 @@ def _clean(value):
     return None if pd.isna(value) else value
 
 
+def _per_group(frame: pd.DataFrame, groups: Sequence[Group], keys: Sequence[str]):
+    """Per group and key (a subject, or a comparison): the group, the columns every row of it gets, the key's
+    values and its rows indexed by run."""
+    for group in groups:
+        base = {"group": group.name, "varies": group.varies, "parameters": group.parameters, "n_runs": len(group.runs)}
+        for key, g in _key_rows(frame[frame["model"].isin(group.runs)], keys):
+            yield group, base, {k: _clean(v) for k, v in key.items()}, g.set_index("model")
+
+
 def group_midpoints(summary: pd.DataFrame, groups: Sequence[Group]) -> pd.DataFrame:
     """Per group and subject: each run's midpoint (unchanged from its own analysis) and the pooled one."""
     _check_runs(summary, groups)
     subjects = _subjects(summary)
     rows = []
-    for group in groups:
-        mine = subjects[subjects["model"].isin(group.runs)]
-        base = {"group": group.name, "varies": group.varies, "parameters": group.parameters,
-                "n_runs": len(group.runs)}
-        for key, g in _key_rows(mine, SUBJECT_KEYS):
-            key = {k: _clean(v) for k, v in key.items()}
-            by_run = g.set_index("model")
-            located = []
-            for run in group.runs:
-                r = by_run.loc[run] if run in by_run.index else None
-                mid = r["subject_tokens"] if r is not None else np.nan
-                ok = bool(np.isfinite(mid) and np.isfinite(r["subject_low_tokens"])
-                          and np.isfinite(r["subject_high_tokens"]) and r["subject_low_tokens"] > 0)
-                rows.append({**base, "run": run, **key, "n_located": int(ok),
-                             "midpoint_tokens": mid if r is not None else np.nan,
-                             "midpoint_low_tokens": r["subject_low_tokens"] if r is not None else np.nan,
-                             "midpoint_high_tokens": r["subject_high_tokens"] if r is not None else np.nan,
-                             "between_sd_log10": np.nan, "tau_log10": np.nan})
-                if ok:
-                    located.append((np.log10(mid), np.log10(r["subject_low_tokens"]), np.log10(r["subject_high_tokens"])))
-            y = np.array([m for m, _, _ in located])
-            p = pool(y, within_variance([lo for _, lo, _ in located], [hi for _, _, hi in located]))
-            rows.append({**base, "run": POOLED, **key, "n_located": len(located),
-                         "midpoint_tokens": 10 ** p["estimate"], "midpoint_low_tokens": 10 ** p["low"],
-                         "midpoint_high_tokens": 10 ** p["high"], "between_sd_log10": p["between_sd"],
-                         "tau_log10": p["tau"]})
+    for group, base, key, by_run in _per_group(subjects, groups, SUBJECT_KEYS):
+        located = []
+        for run in group.runs:
+            r = by_run.loc[run] if run in by_run.index else None
+            mid = r["subject_tokens"] if r is not None else np.nan
+            ok = bool(np.isfinite(mid) and np.isfinite(r["subject_low_tokens"])
+                      and np.isfinite(r["subject_high_tokens"]) and r["subject_low_tokens"] > 0)
+            rows.append({**base, "run": run, **key, "n_located": int(ok),
+                         "midpoint_tokens": mid if r is not None else np.nan,
+                         "midpoint_low_tokens": r["subject_low_tokens"] if r is not None else np.nan,
+                         "midpoint_high_tokens": r["subject_high_tokens"] if r is not None else np.nan,
+                         "between_sd_log10": np.nan, "tau_log10": np.nan})
+            if ok:
+                located.append((np.log10(mid), np.log10(r["subject_low_tokens"]), np.log10(r["subject_high_tokens"])))
+        y = np.array([m for m, _, _ in located])
+        p = pool(y, within_variance([lo for _, lo, _ in located], [hi for _, _, hi in located]))
+        rows.append({**base, "run": POOLED, **key, "n_located": len(located),
+                     "midpoint_tokens": 10 ** p["estimate"], "midpoint_low_tokens": 10 ** p["low"],
+                     "midpoint_high_tokens": 10 ** p["high"], "between_sd_log10": p["between_sd"],
+                     "tau_log10": p["tau"]})
     return _table(rows, MIDPOINT_SCHEMA)
 
 
@@ -267,38 +270,32 @@ def group_lags(summary: pd.DataFrame, groups: Sequence[Group]) -> pd.DataFrame:
     summary = summary.assign(subject_shots=summary["subject_shots"].astype("Int64"),
                              shots=summary["shots"].astype("Int64"))
     rows = []
-    for group in groups:
-        mine = summary[summary["model"].isin(group.runs)]
-        base = {"group": group.name, "varies": group.varies, "parameters": group.parameters,
-                "n_runs": len(group.runs)}
-        for key, g in _key_rows(mine, keys):
-            key = {k: _clean(v) for k, v in key.items()}
-            by_run = g.set_index("model")
-            lows, highs, estimates, orders = [], [], [], []
-            for run in group.runs:
-                r = by_run.loc[run] if run in by_run.index else None
-                order = r["order"] if r is not None else "undetermined"
-                ok = r is not None and bool(np.isfinite([r["lag_tokens"], r["lag_low_tokens"],
-                                                         r["lag_high_tokens"]]).all())
-                rows.append({**base, "run": run, **key, "n_located": int(ok),
-                             **{c: (r[c] if r is not None else np.nan)
-                                for c in ("lag_tokens", "lag_low_tokens", "lag_high_tokens")},
-                             "order": order, "n_before": None, "n_with": None, "n_after": None,
-                             "between_sd_tokens": np.nan, "tau_tokens": np.nan, "verdict": None})
-                orders.append(order)
-                if ok:
-                    estimates.append(r["lag_tokens"])
-                    lows.append(r["lag_low_tokens"])
-                    highs.append(r["lag_high_tokens"])
-            p = pool(estimates, within_variance(lows, highs))
-            located = len(estimates) > 0
-            rows.append({**base, "run": POOLED, **key, "n_located": len(estimates),
-                         "lag_tokens": p["estimate"], "lag_low_tokens": p["low"], "lag_high_tokens": p["high"],
-                         "order": _order(p["low"], p["high"]) if located else "undetermined",
-                         **{f"n_{o}": orders.count(o) for o in ("before", "with", "after")},
-                         "between_sd_tokens": p["between_sd"], "tau_tokens": p["tau"],
-                         "verdict": group_verdict(lows, highs, p["low"], p["high"], len(group.runs))
-                         if located else ("one run" if len(group.runs) == 1 else "incomplete")})
+    for group, base, key, by_run in _per_group(summary, groups, keys):
+        lows, highs, estimates, orders = [], [], [], []
+        for run in group.runs:
+            r = by_run.loc[run] if run in by_run.index else None
+            order = r["order"] if r is not None else "undetermined"
+            ok = r is not None and bool(np.isfinite([r["lag_tokens"], r["lag_low_tokens"],
+                                                     r["lag_high_tokens"]]).all())
+            rows.append({**base, "run": run, **key, "n_located": int(ok),
+                         **{c: (r[c] if r is not None else np.nan)
+                            for c in ("lag_tokens", "lag_low_tokens", "lag_high_tokens")},
+                         "order": order, "n_before": None, "n_with": None, "n_after": None,
+                         "between_sd_tokens": np.nan, "tau_tokens": np.nan, "verdict": None})
+            orders.append(order)
+            if ok:
+                estimates.append(r["lag_tokens"])
+                lows.append(r["lag_low_tokens"])
+                highs.append(r["lag_high_tokens"])
+        p = pool(estimates, within_variance(lows, highs))
+        located = len(estimates) > 0
+        rows.append({**base, "run": POOLED, **key, "n_located": len(estimates),
+                     "lag_tokens": p["estimate"], "lag_low_tokens": p["low"], "lag_high_tokens": p["high"],
+                     "order": _order(p["low"], p["high"]) if located else "undetermined",
+                     **{f"n_{o}": orders.count(o) for o in ("before", "with", "after")},
+                     "between_sd_tokens": p["between_sd"], "tau_tokens": p["tau"],
+                     "verdict": group_verdict(lows, highs, p["low"], p["high"], len(group.runs))
+                     if located else ("one run" if len(group.runs) == 1 else "incomplete")})
     return _table(rows, LAG_SCHEMA)
 
 
