@@ -29,7 +29,7 @@ def test_slurm_profile_submits_the_score_job_with_a_gpu_and_keeps_network_rules_
                       "planted_texts": str(toy_zoo_relations / "relations.jsonl")},
                      args=["--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"),
                            "--slurm-init-seconds-before-status-checks", "1", "--latency-wait", "5", target],
-                     env=env)
+                     env=env, overrides={"cluster": {"score_threads": 3}})
     assert (tmp_path / target).exists()
     calls = [json.loads(line) for line in (tmp_path / "slurm" / "sbatch.jsonl").read_text().splitlines()]
     # the plugin comments each job "rule_<name>_wildcards_<values>"
@@ -37,9 +37,12 @@ def test_slurm_profile_submits_the_score_job_with_a_gpu_and_keeps_network_rules_
                  if call["cmd"] == "sbatch"}
     assert sorted(submitted) == ["rule_relations", "rule_score"]  # fetch and tokenize_text stayed here
     score, relations = submitted["rule_score"], submitted["rule_relations"]
-    # toy-relations.yaml: 4 threads; the model id states no size, so 1e8 parameters: 8000 + 1200 MB, 30 + 2 min
+    # 3 threads (cluster.score_threads); the model id states no size, so 1e8 parameters: 8000 + 1200 MB, 30 + 2 min
     assert (score["partition"], score["gpus"], score["cpus-per-task"], score["mem"], score["time"]) == \
-        ("gpu", "1", "4", "9200", "32")
+        ("gpu", "1", "3", "9200", "32")
+    log = (tmp_path / "logs" / "icl-dynamics--toy-neox-relations" / f"step{STEP}" / "score.log").read_text()
+    # torch gets the job's threads: the 3 CPUs asked, capped by the CPUs the job sees (this machine's 2)
+    assert f" --threads {min(3, os.cpu_count())} " in log
     assert "gres" not in score and "gpus" not in relations and relations["partition"] == "cpu"
 
 
