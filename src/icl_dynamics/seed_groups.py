@@ -50,7 +50,7 @@ import pyarrow as pa
 from scipy import stats
 
 from icl_dynamics.checkpoints import parameter_count
-from icl_dynamics.emergence import _order
+from icl_dynamics.emergence import _frame, _order
 
 Z95 = float(stats.norm.ppf(0.975))
 VARIES = ("seed", "data", "weights")  # what differs between a group's runs: both, data order only, init only
@@ -259,7 +259,7 @@ def group_midpoints(summary: pd.DataFrame, groups: Sequence[Group]) -> pd.DataFr
                      "midpoint_tokens": 10 ** p["estimate"], "midpoint_low_tokens": 10 ** p["low"],
                      "midpoint_high_tokens": 10 ** p["high"], "between_sd_log10": p["between_sd"],
                      "tau_log10": p["tau"]})
-    return _table(rows, MIDPOINT_SCHEMA)
+    return _frame(rows, MIDPOINT_SCHEMA)
 
 
 def group_lags(summary: pd.DataFrame, groups: Sequence[Group]) -> pd.DataFrame:
@@ -296,7 +296,7 @@ def group_lags(summary: pd.DataFrame, groups: Sequence[Group]) -> pd.DataFrame:
                      "between_sd_tokens": p["between_sd"], "tau_tokens": p["tau"],
                      "verdict": group_verdict(lows, highs, p["low"], p["high"], len(group.runs))
                      if located else ("one run" if len(group.runs) == 1 else "incomplete")})
-    return _table(rows, LAG_SCHEMA)
+    return _frame(rows, LAG_SCHEMA)
 
 
 def sd_ratio_interval(a: Sequence[float], b: Sequence[float], *, alpha: float = 0.05) -> tuple[float, float, float]:
@@ -336,12 +336,7 @@ def source_spread(midpoints: pd.DataFrame, groups: Sequence[Group]) -> pd.DataFr
                              "sd_data_log10": float(np.std(a, ddof=1)) if len(a) > 1 else np.nan,
                              "sd_weights_log10": float(np.std(b, ddof=1)) if len(b) > 1 else np.nan,
                              "sd_ratio": ratio, "sd_ratio_low": low, "sd_ratio_high": high, "moves_more": moves})
-    return _table(rows, SOURCE_SCHEMA)
-
-
-def _table(rows: list[dict], schema: pa.Schema) -> pd.DataFrame:
-    frame = pd.DataFrame(rows, columns=schema.names)
-    return pa.Table.from_pandas(frame, schema=schema, preserve_index=False).to_pandas()
+    return _frame(rows, SOURCE_SCHEMA)
 
 
 def group_tables(summary: pd.DataFrame, groups: Sequence[Group]) -> dict[str, pd.DataFrame]:
