@@ -41,7 +41,7 @@ lag (the pool of those that do is still given); ``one run`` for a group of one.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,12 +72,6 @@ class Group:
     def parameters(self) -> float:
         """The model size its first run's id states (``pythia-160m-seed3`` -> 1.6e8)."""
         return parameter_count(self.runs[0])
-
-
-def groups_from_config(config: Mapping) -> list[Group]:
-    """The config's ``groups`` (name -> {runs, varies}) as :class:`Group` s, in the config's order."""
-    return [Group(name, tuple(spec["runs"]), spec.get("varies", "seed"))
-            for name, spec in (config.get("groups") or {}).items()]
 
 
 # ----------------------------------------------------------------------------- the pool
