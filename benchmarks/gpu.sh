@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark (issue 12): seconds per checkpoint of the score job for pythia-160m and -1.4b
 # shapes, the relation index against a plain forward pass over the same tokens, and the ablation
-# stage's cost (issue 15) on the 160m shape. For a machine
+# stage's cost (issues 15, 29: gradient screen + exact against exact only) on the 160m shape. For a machine
 # with a GPU, PyTorch, transformers, pandas, pyarrow and scipy, no network and nothing of ours
 # installed (the package runs from src/). It needs benchmarks/.data, made beforehand where ../shared
 # and spaCy are:  python benchmarks/score_checkpoint.py prepare   (then carry benchmarks/.data).
@@ -30,6 +30,6 @@ fi
         "$PYTHON" benchmarks/relation_index.py --shape "$shape" --device "$DEVICE" --n-sequences 0 --repeats 1 \
             --relations-dir benchmarks/.data/relations
     done
-    echo  # the ablation stage (issue 15) at its default sizes; it skips models above 5e8 parameters
+    echo  # the ablation stage (issues 15, 29) at its default sizes: the screen + exact against exact only
     "$PYTHON" benchmarks/ablation.py --shapes $ABLATION_SHAPES --device "$DEVICE"
 } 2>&1 | tee "$OUT/gpu-bench.txt"

@@ -438,8 +438,10 @@ def test_groups_get_layer_matched_controls_and_the_rows_fit_the_schema():
     controls = few[few["ablation"] == "control"]
     assert list(controls["heads"][controls["group"] == "a"]) == [["L1H2", "L1H3"]]  # the only one there is
     assert sorted(map(tuple, controls["heads"][controls["group"] == "b"])) == [("L0H0",), ("L0H1",), ("L0H3",)]
-    # the stage's one-pass table equals the two calls on their own
-    both = ablation_table(model, [evaluation], {"sih": group}, draws=3, seed=7)
+    # the stage's one-pass table (every head exact) equals the two calls on their own, after the screen's rows
+    both = ablation_table(model, [evaluation], {"sih": group}, exact_heads=None, draws=3, seed=7)
+    assert list(both["method"]) == ["attribution"] * 8 + ["exact"] * (len(both) - 8)
+    both = both[both["method"] == "exact"].reset_index(drop=True)
     alone = pd.concat([head_ablation_effects(model, [evaluation], seed=7), again], ignore_index=True)
     pd.testing.assert_frame_equal(both.drop(columns="group"), alone.drop(columns="group"), check_dtype=False)
     assert list(both["group"].fillna("")) == list(alone["group"].fillna(""))

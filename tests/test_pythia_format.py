@@ -203,11 +203,15 @@ def test_snakemake_end_to_end_on_the_pythia_format_fixture(pythia_cache: Path, s
     # the letters are negative controls under literal and source (never SIHs), an ordinary family under contextual
     negative = ri["family"].eq("kg-letters") & ri["variant"].isin(["literal", "source"])
     assert (ri["negative_control"] == negative).all() and not ri.loc[negative, "sih"].any()
-    # the ablation stage on the real format: every head alone and the top-5 induction heads (with their
-    # layer-matched controls) on all four cells, relation recall of both families at the relation index's events
+    # the ablation stage on the real format: every head screened, each set's top 5 by the screen ablated alone,
+    # and the top-5 induction heads (with their layer-matched controls) on all four cells, relation recall of
+    # both families at the relation index's events
     ablation = pd.read_parquet(out / "ablation.parquet")
     singles = ablation[ablation["ablation"] == "head"]
-    assert len(singles.drop_duplicates(["step", "layer", "head"])) == len(steps) * 2 * 4
+    screened = singles[singles["method"] == "attribution"]
+    assert len(screened.drop_duplicates(["step", "layer", "head"])) == len(steps) * 2 * 4
+    exact = singles[(singles["method"] == "exact") & (singles["metric"] == "icl_score")]
+    assert (exact.groupby("step").size() == 5).all() and set(exact["step"]) == set(steps)
     assert set(singles["task"][singles["level"] == "relation_recall"]) == set(KEPT)
     assert set(singles["shots"].dropna()) == {20} and (singles["events"] > 0).all()
     assert set(ablation.loc[ablation["ablation"] == "group", "group"]) >= {"induction"}

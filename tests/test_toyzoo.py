@@ -173,6 +173,8 @@ def test_snakemake_end_to_end_on_the_toy_zoo(toy_workflow):
     # cost more than half a nat
     ablation = pd.read_parquet(out / "ablation.parquet")
     singles = ablation[(ablation["ablation"] == "head") & (ablation["metric"] == "icl_score")]
+    assert len(singles[singles["method"] == "attribution"]) == len(steps) * 8  # every head screened, and
+    singles = singles[singles["method"] == "exact"]  # every head ablated exactly (config/toy.yaml: exact_heads all)
     assert len(singles) == len(steps) * 8 and sorted(singles["step"].unique()) == steps
     first, last = (singles[singles["step"] == s] for s in (steps[0], steps[-1]))
     assert first["value"].abs().max() < 0.05 and last["value"].max() > 0.8 * -last["baseline"].iloc[0]

@@ -20,21 +20,17 @@ and 9 of 16 of the relations zoo, and the top head of planted recall at 1 of 16;
 across heads stayed >= 0.81 and >= 0.95 there. ``keep_first=False`` ablates every position (what a
 weight-edited copy of the model computes).
 
-*Evaluation sets* (built once per model, the same at every checkpoint):
+*Evaluation sets* (built once per model, the same at every checkpoint; :mod:`icl_dynamics.evaluation_sets`):
+relation recall at the relation index's own events, the ICL score (loss at token ``late`` minus loss at token
+``early``) and the ICL tasks' format compliance and constrained accuracy.
 
-* relation recall (:func:`relation_recall_set`): the relation index's own events (its ``prepare_sequences``:
-  BOS prepended, ``max_len`` cut, function-word candidates), forward triplets only. For a triplet
-  (head at s, tail at o) and every query j the relation index scores (j >= max(s, o), the tail a
-  visible candidate) whose next token *is* the tail, the tail's log-probability is read at j, the
-  position that predicts it. A tail position counts once per family however many triplets name it.
-  (The tail's first mention is never such an event: the relation index needs the tail visible.)
-* the ICL score (:func:`icl_score_set`): token documents as :mod:`icl_dynamics.icl` selects them; per
-  document the loss at token ``late`` minus the loss at token ``early`` (:func:`icl.loss_reduction`'s
-  score), read at positions ``late - 1`` and ``early - 1``; documents are run up to the late token only
-  (nothing after it can change those two losses), and that is also the reference set's extent.
-* the ICL tasks (:func:`icl_task_set`): :func:`icl_tasks.make_prompts` at one shot count (the largest
-  the caller runs), format compliance (top-1 over the vocabulary is a legal label) and constrained
-  accuracy (argmax over the legal labels is the gold one), as :func:`icl_tasks.evaluate_tasks` scores them.
+*Screen, then exact* (:func:`ablation_table`, issue 29). Every head's effect is first estimated from gradients
+(:mod:`icl_dynamics.attribution`: one forward pass per path point, which is also the clean pass, and one
+backward pass per read rank and objective), rows with ``method`` ``attribution``; then, per evaluation set,
+the screen's top ``exact_heads`` heads and every group and control are ablated exactly (``method``
+``exact``), on the screen's clean pass (its means and clean scores). Per-head exact ablation of every head
+(``exact_heads=None``) costs about heads x (L + 1) / (2L) forward passes; the screen costs a few whatever
+the number of heads.
 
 *Effect* = ablated minus clean, per unit (document for relation recall, averaging that document's
 events first, so every document weighs the same; document for the ICL score; prompt for the tasks),
@@ -56,25 +52,34 @@ import math
 import time
 import warnings
 import zlib
-from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
-from icl_dynamics.architecture import architecture, sequence_start_id
+from icl_dynamics import attribution
+from icl_dynamics.architecture import architecture
+from icl_dynamics.evaluation_sets import (  # noqa: F401  the sets' builders, importable from here as before
+    Cell,
+    Evaluation,
+    ICLScore,
+    ICLTasks,
+    RelationRecall,
+    _batches,
+    _logits,
+    icl_score_set,
+    icl_task_set,
+    relation_recall_set,
+)
 from icl_dynamics.icl import bootstrap_mean
-from icl_dynamics.icl_tasks import TASKS, Task, label_separator, label_token_ids, make_prompts
 from icl_dynamics.models import check_context
-from icl_dynamics.relation_events import SEQUENCE_COLUMNS, TRIPLET_COLUMNS, as_frame, prepare_sequences
 from icl_dynamics.schemas import ABLATION_SCHEMA, CHECKPOINT_FIELDS
 
 Head = tuple[int, int]
@@ -82,183 +87,8 @@ Head = tuple[int, int]
 
 COLUMNS = tuple(name for name in ABLATION_SCHEMA.names if name not in {f.name for f in CHECKPOINT_FIELDS})
 _NULLABLE_INTS = ("layer", "head", "draw", "shots")
+SCREEN_STEPS = 2  # points on the path the screen's gradient is averaged over (icl_dynamics.attribution)
 KEEP_FIRST = True  # position 0, the attention sink, keeps each head's own output (the module docstring)
-
-
-class Cell(NamedTuple):
-    """One (level, task, shots, metric) of an evaluation set: per unit, the clean value and each ablation's."""
-
-    level: str
-    task: str
-    shots: int | None
-    metric: str
-    units: np.ndarray  # [units, 1 + ablations]: column 0 clean
-    events: int  # reads behind the units
-
-
-@dataclass(frozen=True)
-class Evaluation(ABC):
-    """A fixed evaluation set: token sequences, and the positions whose next-token distribution is read
-    (``reads`` [P, 2]: sequence index, position) with the token scored there (``targets`` [P])."""
-
-    sequences: tuple[np.ndarray, ...]
-    reads: np.ndarray
-    targets: np.ndarray
-
-    def score(self, logits: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
-        """Per read [p, 1]: the log-probability of its target, from its logits [p, vocab] (float64)."""
-        targets = torch.as_tensor(self.targets, device=logits.device)[reads]
-        return torch.log_softmax(logits.double(), -1).gather(1, targets[:, None])
-
-    @abstractmethod
-    def cells(self, values: np.ndarray) -> list[Cell]:
-        """The set's metrics per unit from the per-read scores ``values`` [1 + ablations, P, k]."""
-
-
-@dataclass(frozen=True)
-class RelationRecall(Evaluation):
-    """Relation events: the tail's log-probability where it comes next (see the module docstring)."""
-
-    documents: np.ndarray  # [P] source document
-    families: tuple[str, ...]  # [P] relation family
-
-    def cells(self, values: np.ndarray) -> list[Cell]:
-        families = np.asarray(self.families)
-        out = []
-        for family in sorted(set(self.families)):
-            keep = families == family
-            docs, inverse = np.unique(self.documents[keep], return_inverse=True)
-            sums = np.zeros((len(docs), values.shape[0]))
-            np.add.at(sums, inverse, values[:, keep, 0].T)
-            out.append(Cell("relation_recall", family, None, "tail_logprob",
-                            sums / np.bincount(inverse)[:, None], int(keep.sum())))
-        return out
-
-
-@dataclass(frozen=True)
-class ICLScore(Evaluation):
-    """Text documents: loss at token ``late`` minus loss at token ``early`` (reads: every early, then every late)."""
-
-    task: str
-
-    def cells(self, values: np.ndarray) -> list[Cell]:
-        n = values.shape[1] // 2
-        score = values[:, :n, 0] - values[:, n:, 0]  # -log p(late) + log p(early)
-        return [Cell("loss_reduction", self.task, None, "icl_score", score.T, n)]
-
-
-@dataclass(frozen=True)
-class ICLTasks(Evaluation):
-    """Few-shot prompts: format compliance and constrained accuracy per task (``targets``: the gold label
-    token; ``legal`` [P, max classes]: each prompt's label tokens, -1 padded)."""
-
-    legal: np.ndarray
-    tasks: tuple[str, ...]  # [P] task name
-    shots: int
-
-    def score(self, logits: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
-        """Per read [p, 2]: top-1 over the vocabulary is a legal label; argmax over the legal labels is gold."""
-        legal = torch.as_tensor(self.legal, device=logits.device)[reads]
-        gold = torch.as_tensor(self.targets, device=logits.device)[reads]
-        compliant = (logits.argmax(1, keepdim=True) == legal).any(1)
-        restricted = logits.gather(1, legal.clamp_min(0)).masked_fill(legal < 0, -torch.inf)
-        correct = legal.gather(1, restricted.argmax(1, keepdim=True))[:, 0] == gold
-        return torch.stack([compliant, correct], 1).double()
-
-    def cells(self, values: np.ndarray) -> list[Cell]:
-        tasks = np.asarray(self.tasks)
-        out = []
-        for task in dict.fromkeys(self.tasks):
-            keep = tasks == task
-            out.append(Cell("format_compliance", task, self.shots, "format_compliance", values[:, keep, 0].T,
-                            int(keep.sum())))
-            out.append(Cell("pattern_discovery", task, self.shots, "accuracy_constrained", values[:, keep, 1].T,
-                            int(keep.sum())))
-        return out
-
-
-def relation_recall_set(config: PretrainedConfig, sequences: pa.Table | pd.DataFrame,
-                        triplets: pa.Table | pd.DataFrame, *, bos: bool = True, exclude_function_words: bool = True,
-                        max_len: int | None = None, n_sequences: int | None = None) -> RelationRecall:
-    """The relation events of the relations stage's tables, laid out exactly as the relation index
-    scores them (same BOS, cut and candidate rule), so recall and RI speak of the same events;
-    ``n_sequences``: only the first that many sequences with an event of each family (tables' order)."""
-    bos_id = sequence_start_id(config) if bos else None
-    if bos and bos_id is None:
-        raise ValueError("the model config names no bos_token_id or eos_token_id; pass bos=False to read without one")
-    seq_table, trip_table = as_frame(sequences, SEQUENCE_COLUMNS, "sequences"), as_frame(triplets, TRIPLET_COLUMNS,
-                                                                                          "triplets")
-    forward = trip_table[trip_table["direction"] == "forward"]
-    candidates = seq_table[seq_table["sequence_id"].isin(set(forward["sequence_id"]))]
-    wanted = set(forward["family"])
-    # indexing is per sequence, so a chunk at a time gives the same events; stop once every family is full
-    chunk = len(candidates) if n_sequences is None else 4 * n_sequences
-    kept, reads, targets, documents, families = [], [], [], [], []
-    taken: dict[str, int] = {}
-    for start in range(0, len(candidates), max(chunk, 1)):
-        part = candidates.iloc[start:start + chunk]
-        seqs, keys, _ = prepare_sequences(part, trip_table[trip_table["sequence_id"].isin(set(part["sequence_id"]))],
-                                 exclude_function_words=exclude_function_words, control_position=0, seed=0,
-                                 max_len=int(max_len or config.max_position_embeddings), bos_id=bos_id)
-        for seq in seqs:
-            events: dict[tuple[int, str], int] = {}  # (position read, family) -> tail id
-            for _s, begin, group, tail, *_ in seq.triplets.tolist():
-                family, _relation, direction = keys[group]
-                if direction != "forward":
-                    continue
-                tail_id = int(seq.uniq[tail])
-                for j in np.flatnonzero(seq.tokens[begin + 1:] == tail_id) + begin:
-                    events[(int(j), family)] = tail_id
-            if not events:
-                continue
-            family = next(iter(events))[1]  # a sequence's triplets share its family
-            if n_sequences is not None and taken.get(family, 0) == n_sequences:
-                continue
-            taken[family] = taken.get(family, 0) + 1
-            for (j, family), tail_id in sorted(events.items()):
-                reads.append((len(kept), j))
-                targets.append(tail_id)
-                documents.append(seq.document)
-                families.append(family)
-            kept.append(seq.tokens)
-        if n_sequences is not None and all(taken.get(f, 0) == n_sequences for f in wanted):
-            break
-    if not kept:
-        raise ValueError("no relation event: no forward triplet's tail recurs after both its head and tail")
-    return RelationRecall(tuple(kept), np.asarray(reads, np.int64), np.asarray(targets, np.int64),
-                          np.asarray(documents, np.int64), tuple(families))
-
-
-def icl_score_set(docs: torch.Tensor | np.ndarray, *, early: int, late: int, task: str = "text") -> ICLScore:
-    """The ICL score's documents ([n_docs, context] token ids, e.g. the tokenize-text table), cut after
-    token ``late``; ``task`` names them in the output (the text source's label)."""
-    docs = np.asarray(docs, dtype=np.int64)
-    if docs.ndim != 2 or not 1 <= early < late < docs.shape[1]:
-        raise ValueError(f"ICL score needs [n_docs, context] documents and 1 <= early < late < context; got shape "
-                         f"{docs.shape}, early={early}, late={late}")
-    n = len(docs)
-    rows = np.tile(np.arange(n), 2)
-    positions = np.repeat([early - 1, late - 1], n)
-    return ICLScore(tuple(docs[:, :late]), np.stack([rows, positions], 1), docs[rows, positions + 1], task)
-
-
-def icl_task_set(tokenizer: PreTrainedTokenizerBase, *, shots: int, n_prompts: int = 50, seed: int = 0,
-                 tasks: Sequence[Task] = TASKS) -> ICLTasks:
-    """The synthetic-task prompts at ``shots`` demonstrations, as :func:`icl_tasks.evaluate_tasks` builds them."""
-    sequences, targets, legal, names = [], [], [], []
-    width = max(task.n_classes for task in tasks)
-    for task in tasks:
-        prompts = make_prompts(task, shots, n_prompts, seed)
-        labels = label_token_ids(tokenizer, task.n_classes, prompts[0].text)
-        for prompt in prompts:
-            text = prompt.text + label_separator(tokenizer, prompt.text)
-            sequences.append(np.asarray(tokenizer.encode(text, add_special_tokens=False), np.int64))
-            targets.append(labels[prompt.label])
-            legal.append(labels + [-1] * (width - len(labels)))
-            names.append(task.name)
-    reads = np.stack([np.arange(len(sequences)), [len(s) - 1 for s in sequences]], 1)
-    return ICLTasks(tuple(sequences), reads, np.asarray(targets, np.int64), np.asarray(legal, np.int64),
-                    tuple(names), shots)
 
 
 @dataclass
@@ -323,53 +153,18 @@ class _Captured(Exception):
     """Stops the prefix pass once the residual entering the last starting layer is kept."""
 
 
-def _batches(evaluation: Evaluation, batch_size: int, device: torch.device) -> Iterator[tuple]:
-    """Right-padded batches (longest first): ids, mask, and the reads of its sequences (read index, row, position)."""
-    order = sorted(range(len(evaluation.sequences)), key=lambda i: -len(evaluation.sequences[i]))
-    rows_of = np.full(len(evaluation.sequences), -1)
-    for start in range(0, len(order), batch_size):
-        members = order[start:start + batch_size]
-        width = len(evaluation.sequences[members[0]])
-        ids = torch.zeros((len(members), width), dtype=torch.long)
-        mask = torch.zeros((len(members), width), dtype=torch.long)
-        for row, i in enumerate(members):
-            ids[row, :len(evaluation.sequences[i])] = torch.as_tensor(evaluation.sequences[i])
-            mask[row, :len(evaluation.sequences[i])] = 1
-        rows_of[:] = -1
-        rows_of[members] = np.arange(len(members))
-        reads = np.flatnonzero(rows_of[evaluation.reads[:, 0]] >= 0)
-        yield (ids.to(device), mask.to(device), *(torch.as_tensor(x, device=device) for x in (
-            reads, rows_of[evaluation.reads[reads, 0]], evaluation.reads[reads, 1])))
-
-
-def _logits(model: PreTrainedModel, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
-            final_norm: bool) -> torch.Tensor:
-    """Next-token logits at (row, position) of a batch's residual stream (``final_norm``: apply the final norm)."""
-    picked = hidden[rows, positions]
-    arch = architecture(model)
-    return arch.logits(picked) if final_norm else model.get_output_embeddings()(picked)
-
 
 @torch.inference_mode()
-def _run(model: PreTrainedModel, evaluation: Evaluation, ablations: Sequence[Sequence[Head]], batch_size: int,
-         cost: Cost, keep_first: bool) -> np.ndarray:
-    """Per-read scores [1 + ablations, P, k]: clean, then with each ablation's heads mean-ablated (``keep_first``:
-    position 0 keeps its output, and the means are taken over the other positions)."""
+def _clean_pass(model: PreTrainedModel, evaluation: Evaluation, batch_size: int,
+                keep_first: bool) -> tuple[np.ndarray, torch.Tensor]:
+    """One clean pass: per-read scores [P, k] and every head's mean output over the reference set
+    ([layers, n_heads * d_head], float64)."""
     arch = architecture(model)
-    base, layers = arch.base(), arch.layers()
-    n_layers = len(layers)
+    base, n_layers = arch.base(), arch.n_layers
     device = next(model.parameters()).device
-    check_context(model, max(len(s) for s in evaluation.sequences), "the ablation's evaluation sequences")
-    tokens = sum(len(s) for s in evaluation.sequences)
-    reference = tokens - keep_first * len(evaluation.sequences)  # positions the means are taken over
-    starts = [min(layer for layer, _ in heads) for heads in ablations]
-    cost.tokens += tokens
-    cost.unshared_token_layers += (1 + len(ablations)) * n_layers * tokens
-    cost.token_layers += n_layers * tokens  # the clean pass
-
-    # clean pass: the clean scores and every head's mean output over the real positions (the reference set)
+    reference = sum(len(s) for s in evaluation.sequences) - keep_first * len(evaluation.sequences)
     sums = torch.zeros((n_layers, arch.n_heads * arch.d_head), dtype=torch.float64, device=device)
-    clean = []
+    scores: np.ndarray | None = None
     current: dict[str, torch.Tensor] = {}
 
     def accumulate(layer: int):
@@ -380,22 +175,49 @@ def _run(model: PreTrainedModel, evaluation: Evaluation, ablations: Sequence[Seq
     handles = [arch.output_projections()[layer].register_forward_pre_hook(accumulate(layer))
                for layer in range(n_layers)]
     try:
-        for ids, mask, reads, rows, positions in _batches(evaluation, batch_size, device):
+        for ids, mask, reads, rows, positions, _ in _batches(evaluation, batch_size, device):
             current["reference"] = mask.clone()
             current["reference"][:, 0] *= not keep_first
             hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            clean.append((reads, evaluation.score(_logits(model, hidden, rows, positions, False), reads)))
+            got = evaluation.score(_logits(model, hidden, rows, positions, False), reads).cpu().numpy()
+            if scores is None:
+                scores = np.full((len(evaluation.reads), got.shape[1]), np.nan)
+            scores[reads.cpu().numpy()] = got
     finally:
         for handle in handles:
             handle.remove()
-    means = (sums / reference).to(next(model.parameters()).dtype)
-    values = np.full((1 + len(ablations), len(evaluation.reads), clean[0][1].shape[1]), np.nan)
-    for reads, scores in clean:
-        values[0, reads.cpu().numpy()] = scores.cpu().numpy()
+    return scores, sums / reference
+
+
+@torch.inference_mode()
+def _run(model: PreTrainedModel, evaluation: Evaluation, ablations: Sequence[Sequence[Head]], batch_size: int,
+         cost: Cost, keep_first: bool, clean: tuple[np.ndarray, torch.Tensor] | None = None) -> np.ndarray:
+    """Per-read scores [1 + ablations, P, k]: clean, then with each ablation's heads mean-ablated (``keep_first``:
+    position 0 keeps its output, and the means are taken over the other positions). ``clean``: the clean
+    per-read scores and the reference means of a pass already made (the screen's), else one is made here."""
+    arch = architecture(model)
+    base, layers = arch.base(), arch.layers()
+    n_layers = len(layers)
+    device = next(model.parameters()).device
+    check_context(model, max(len(s) for s in evaluation.sequences), "the ablation's evaluation sequences")
+    tokens = sum(len(s) for s in evaluation.sequences)
+    starts = [min(layer for layer, _ in heads) for heads in ablations]
+    cost.unshared_token_layers += len(ablations) * n_layers * tokens
+    if clean is None:
+        cost.tokens += tokens
+        cost.unshared_token_layers += n_layers * tokens
+        cost.token_layers += n_layers * tokens  # the clean pass
+        clean = _clean_pass(model, evaluation, batch_size, keep_first)
+    scores, means = clean
+    values = np.full((1 + len(ablations), *scores.shape), np.nan)
+    values[0] = scores
+    means = means.to(device=device, dtype=next(model.parameters()).dtype)
+    if not ablations:
+        return values
 
     # per batch: one clean pass up to the last layer an ablation starts at, then each ablation from its own
     needed = sorted(set(starts))
-    for ids, mask, reads, rows, positions in _batches(evaluation, batch_size, device):
+    for ids, mask, reads, rows, positions, _ in _batches(evaluation, batch_size, device):
         batch_tokens = int(mask.sum())
         entering: dict[int, torch.Tensor] = {}
         layer_kwargs: dict[str, Any] = {}
@@ -430,32 +252,53 @@ def _run(model: PreTrainedModel, evaluation: Evaluation, ablations: Sequence[Seq
     return values
 
 
-def _effects(model: PreTrainedModel, evaluations: Sequence[Evaluation], ablations: Sequence[Sequence[Head]],
-             labels: Sequence[Mapping[str, Any]], *, batch_size: int, n_boot: int, seed: int,
-             keep_first: bool) -> pd.DataFrame:
-    """The rows of :data:`ABLATION_SCHEMA` (without model, step, tokens) of ``ablations``, labelled by ``labels``."""
+Plan = Callable[[list[Cell] | None], tuple[list[list[Head]], list[dict]]]
+"""For one evaluation set, from the screen's estimated cells (None without a screen): the exact ablations and
+their row labels."""
+
+
+def _effects(model: PreTrainedModel, evaluations: Sequence[Evaluation], plan: Plan, *, batch_size: int, n_boot: int,
+             seed: int, keep_first: bool, screen: int) -> pd.DataFrame:
+    """The rows of :data:`ABLATION_SCHEMA` (without model, step, tokens): per evaluation set, with ``screen``
+    (its path steps; 0: none) every head's estimated effect (``method`` attribution, :func:`icl_dynamics.attribution.screen`, whose
+    forward pass is also the exact ablations' clean pass), then the exact effects of ``plan``'s ablations."""
     if batch_size < 1 or n_boot < 1:
         raise ValueError(f"batch_size and n_boot must be >= 1, got {batch_size} and {n_boot}")
-    for heads in ablations:
-        _check_heads(model, heads)
     cost = Cost(model.config.num_hidden_layers)
     start = time.perf_counter()
-    rows = []
-    for evaluation in evaluations if ablations else ():
-        for cell in evaluation.cells(_run(model, evaluation, ablations, batch_size, cost, keep_first)):
-            clean = cell.units[:, 0]
-            kinds, value, low, high = cell_effects(cell.units, labels, n_boot=n_boot, seed=seed)
-            for a, label in enumerate(kinds):
-                rows.append({**label, "level": cell.level, "task": cell.task, "shots": cell.shots,
-                             "metric": cell.metric, "value": float(value[a]), "ci_low": float(low[a]),
-                             "ci_high": float(high[a]), "baseline": float(clean.mean()), "n": len(clean),
-                             "events": cell.events})
+    rows: list[dict] = []
+    everyone = _single_heads(model, None)[1]
+    for evaluation in evaluations:
+        clean, estimated = None, None
+        if screen:
+            scores, means, estimated = attribution.screen(model, evaluation, batch_size=batch_size,
+                                                          keep_first=keep_first, steps=screen, cost=cost)
+            clean = (scores, means)
+            for cell in estimated:
+                rows += _rows(cell, everyone, "attribution", n_boot=n_boot, seed=seed)
+        ablations, labels = plan(estimated)
+        for heads in ablations:
+            _check_heads(model, heads)
+        if not ablations:
+            continue
+        for cell in evaluation.cells(_run(model, evaluation, ablations, batch_size, cost, keep_first, clean)):
+            rows += _rows(cell, labels, "exact", n_boot=n_boot, seed=seed)
     cost.seconds = time.perf_counter() - start
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     for name in _NULLABLE_INTS:
         frame[name] = frame[name].astype("Int32")
     frame.attrs["cost"] = cost
     return frame
+
+
+def _rows(cell: Cell, labels: Sequence[Mapping[str, Any]], method: str, *, n_boot: int, seed: int) -> list[dict]:
+    """One cell's rows: each ablation's effect, then each group's importance (:func:`cell_effects`)."""
+    clean = cell.units[:, 0]
+    kinds, value, low, high = cell_effects(cell.units, labels, n_boot=n_boot, seed=seed)
+    return [{**label, "method": method, "level": cell.level, "task": cell.task, "shots": cell.shots,
+             "metric": cell.metric, "value": float(value[a]), "ci_low": float(low[a]), "ci_high": float(high[a]),
+             "baseline": float(clean.mean()), "n": len(clean), "events": cell.events}
+            for a, label in enumerate(kinds)]
 
 
 def cell_effects(units: np.ndarray, labels: Sequence[Mapping[str, Any]], *, n_boot: int,
@@ -515,8 +358,10 @@ def head_ablation_effects(model: PreTrainedModel, evaluations: Sequence[Evaluati
     """Effect of mean-ablating each head alone (default: every head) on each evaluation set's metrics:
     which heads relation recall and ICL depend on at this checkpoint. ``attrs["cost"]``: a :class:`Cost`."""
     ablations, labels = _single_heads(model, heads)
-    return _effects(model, evaluations, ablations, labels, batch_size=batch_size, n_boot=n_boot, seed=seed,
-                    keep_first=keep_first)
+    for one in ablations:
+        _check_heads(model, one)
+    return _effects(model, evaluations, lambda _: (ablations, labels), batch_size=batch_size, n_boot=n_boot,
+                    seed=seed, keep_first=keep_first, screen=0)
 
 
 def layer_matched_heads(group: Sequence[Head], n_heads: int, rng: np.random.Generator) -> list[Head]:
@@ -576,20 +421,39 @@ def group_ablation_effects(model: PreTrainedModel, evaluations: Sequence[Evaluat
     of a group that fills more than half of a layer, are left out with a warning. ``attrs["cost"]``: a
     :class:`Cost`."""
     ablations, labels = _groups(model, groups, draws, seed)
-    return _effects(model, evaluations, ablations, labels, batch_size=batch_size, n_boot=n_boot, seed=seed,
-                    keep_first=keep_first)
+    for one in ablations:
+        _check_heads(model, one)
+    return _effects(model, evaluations, lambda _: (ablations, labels), batch_size=batch_size, n_boot=n_boot,
+                    seed=seed, keep_first=keep_first, screen=0)
 
 
 def ablation_table(model: PreTrainedModel, evaluations: Sequence[Evaluation], groups: Mapping[str, Sequence[Head]],
-                   *, draws: int = 5, seed: int = 0, batch_size: int = 8, n_boot: int = 1000,
-                   keep_first: bool = KEEP_FIRST) -> pd.DataFrame:
-    """The ablation stage's rows: every head alone, then each group and its controls, as
-    :func:`head_ablation_effects` and :func:`group_ablation_effects` give them but on one clean pass per
-    evaluation set (the same means, baselines and bootstrap resamples). ``attrs["cost"]``: a :class:`Cost`."""
-    heads, head_labels = _single_heads(model, None)
+                   *, exact_heads: int | None = None, screen_steps: int = SCREEN_STEPS, draws: int = 5, seed: int = 0, batch_size: int = 8,
+                   n_boot: int = 1000, keep_first: bool = KEEP_FIRST) -> pd.DataFrame:
+    """The ablation stage's rows, per evaluation set: every head's effect estimated by the gradient screen
+    (``method`` attribution, :func:`icl_dynamics.attribution.screen`), then exactly (``method`` exact) the
+    set's top ``exact_heads`` heads by the screen (:func:`icl_dynamics.attribution.ranked_heads`; None: every
+    head), each group and its controls, as :func:`head_ablation_effects` and :func:`group_ablation_effects`
+    give them but on the screen's clean pass (the same means, baselines and bootstrap resamples).
+    ``screen_steps``: the screen's path points; 0 with ``exact_heads`` None: no screen (exact rows only).
+    ``attrs["cost"]``: a :class:`Cost`."""
+    if exact_heads is not None and exact_heads < 0:
+        raise ValueError(f"exact_heads must be >= 0 or None (every head), got {exact_heads}")
+    if screen_steps < 0 or (screen_steps == 0 and exact_heads is not None):
+        raise ValueError(f"screen_steps must be >= 1, or 0 (no screen) with exact_heads None; got {screen_steps} "
+                         f"with exact_heads {exact_heads}")
     group_ablations, group_labels = _groups(model, groups, draws, seed)
-    return _effects(model, evaluations, heads + group_ablations, head_labels + group_labels, batch_size=batch_size,
-                    n_boot=n_boot, seed=seed, keep_first=keep_first)
+    for one in group_ablations:
+        _check_heads(model, one)
+    n_heads = model.config.num_attention_heads
+
+    def plan(estimated: list[Cell] | None) -> tuple[list[list[Head]], list[dict]]:
+        top = None if exact_heads is None else sorted(attribution.ranked_heads(estimated or [], n_heads)[:exact_heads])
+        heads, labels = _single_heads(model, top)
+        return heads + group_ablations, labels + group_labels
+
+    return _effects(model, evaluations, plan, batch_size=batch_size, n_boot=n_boot, seed=seed,
+                    keep_first=keep_first, screen=screen_steps)
 
 
 def flagged_sih_heads(relation_index: pd.DataFrame, *, gate: str = "argmax", variant: str = "source") -> list[Head]:

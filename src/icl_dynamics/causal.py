@@ -6,8 +6,10 @@
   cells, the letter family under literal/source, claim nothing and are left out) and what
   ablating it costs relation recall (minus its ``tail_logprob`` effect), per relation family; and
   between its prefix-matching score and what ablating it costs the ICL score (its ``icl_score``
-  effect: loss reduction lost). The interval is a percentile bootstrap over heads; ``p_value`` is
-  scipy's (heads are not independent draws, so read it as descriptive).
+  effect: loss reduction lost). Each head's effect is its exact one where the ablation table has it
+  (the screen's top heads, or every head with ``ablation.exact_heads: all``), else the gradient screen's
+  estimate (:func:`best_head_effects`; ``n_estimated`` counts those). The interval is a percentile bootstrap
+  over heads; ``p_value`` is scipy's (heads are not independent draws, so read it as descriptive).
 * **Group importance over its control** (:func:`group_series`): per checkpoint, the sign-folded effect
   of ablating a group (the flagged SIHs, the top-k induction heads) minus the mean effect of its
   layer-matched random controls, positive where the group matters more than as many random heads of
@@ -65,6 +67,7 @@ CORRELATION_SCHEMA = pa.schema([
     pa.field("comparison", pa.string(), nullable=False),  # COMPARISONS
     pa.field("task", pa.string(), nullable=False),  # relation family, or the ICL score's text source
     pa.field("n_heads", pa.int32(), nullable=False),
+    pa.field("n_estimated", pa.int32(), nullable=False),  # of them, heads whose effect is the screen's estimate
     pa.field("rho", pa.float64()),
     pa.field("ci_low", pa.float64()),
     pa.field("ci_high", pa.float64()),
@@ -135,6 +138,16 @@ def _spearman_interval(x: np.ndarray, y: np.ndarray, *, n_boot: int, ci_level: f
     return float(rho), float(low), float(high), float(p)
 
 
+def best_head_effects(heads: pd.DataFrame) -> pd.DataFrame:
+    """Per head and cell, its exact effect where the table has one, else the screen's estimate (``method``
+    says which; a table from before the screen has exact rows only)."""
+    if "method" not in heads:
+        return heads.assign(method="exact")
+    keys = ["model", "step", "layer", "head", "level", "task", "shots", "metric"]
+    ordered = heads.assign(_rank=(heads["method"] != "exact").astype(int)).sort_values("_rank", kind="stable")
+    return ordered.drop_duplicates([k for k in keys if k in heads]).drop(columns="_rank").sort_index()
+
+
 def head_correlations(ablation: pd.DataFrame, heads: pd.DataFrame, ri: pd.DataFrame | None = None, *,
                       direction: str = "forward", gate: str = "argmax", variant: str = "source",
                       n_boot: int = DEFAULT_N_BOOT, ci_level: float = DEFAULT_CI_LEVEL, seed: int = 0,
@@ -142,7 +155,7 @@ def head_correlations(ablation: pd.DataFrame, heads: pd.DataFrame, ri: pd.DataFr
     """Per checkpoint, the rank correlation across heads of each correlational score with the causal
     effect it claims (CORRELATION_SCHEMA columns; the module docstring)."""
     _require_columns(ablation, ABLATION_COLUMNS, "ablation")
-    single = _drop_excluded(ablation[ablation["ablation"] == "head"], exclude)
+    single = _drop_excluded(best_head_effects(ablation[ablation["ablation"] == "head"]), exclude)
     pairs = []  # (comparison, task, score rows [model, step, layer, head, x], effect rows [..., y])
     icl = single[single["metric"] == "icl_score"]
     pm = heads[["model", "step", "layer", "head", "prefix_matching"]].rename(columns={"prefix_matching": "x"})
@@ -160,14 +173,15 @@ def head_correlations(ablation: pd.DataFrame, heads: pd.DataFrame, ri: pd.DataFr
                           rows.assign(y=-rows["value"])))
     out = []
     for comparison, task, scores, effects in pairs:
-        both = effects[["model", "step", "tokens", "layer", "head", "y"]].merge(
+        both = effects[["model", "step", "tokens", "layer", "head", "method", "y"]].merge(
             scores, on=["model", "step", "layer", "head"], how="inner")
         for (model, step), g in both.groupby(["model", "step"], sort=True):
             g = g[np.isfinite(g["x"].to_numpy(float)) & np.isfinite(g["y"].to_numpy(float))]
             rho, low, high, p = _spearman_interval(g["x"].to_numpy(float), g["y"].to_numpy(float), n_boot=n_boot,
                                                    ci_level=ci_level, rng=_rng(seed, (model, step, comparison, task)))
             out.append({"model": model, "step": int(step), "tokens": int(g["tokens"].iloc[0]) if len(g) else 0,
-                        "comparison": comparison, "task": task, "n_heads": len(g), "rho": rho, "ci_low": low,
+                        "comparison": comparison, "task": task, "n_heads": len(g),
+                        "n_estimated": int((g["method"] == "attribution").sum()), "rho": rho, "ci_low": low,
                         "ci_high": high, "p_value": p})
     return _frame(out, CORRELATION_SCHEMA)
 
@@ -180,6 +194,8 @@ def group_series(ablation: pd.DataFrame, *, ci_level: float = DEFAULT_CI_LEVEL,
     z = _z(ci_level)
     frame = _drop_excluded(ablation, exclude)
     frame = frame[frame["metric"].isin(LOSS_SIGN)]
+    if "method" in frame:  # groups and controls are always exact; the screen's head rows are not needed here
+        frame = frame[frame["method"] == "exact"]
     sign = frame["metric"].map(LOSS_SIGN).to_numpy(float)
     frame = frame.assign(loss=sign * frame["value"].to_numpy(float),
                          se=(frame["ci_high"] - frame["ci_low"]).to_numpy(float) / (2 * z),

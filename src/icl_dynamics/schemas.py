@@ -140,6 +140,8 @@ ABLATION_SCHEMA = pa.schema(
         *CHECKPOINT_FIELDS,
         # head | group | control (a group's layer-matched null) | importance (a group over the mean of its controls)
         pa.field("ablation", pa.string(), nullable=False),
+        # exact (the model run with the heads mean-ablated) | attribution (the gradient screen's estimate)
+        pa.field("method", pa.string(), nullable=False),
         *(f.with_nullable(True) for f in HEAD_FIELDS),  # the ablated head; null for groups and controls
         pa.field("group", pa.string()),  # the group's name (a control: the group it is matched to); null for heads
         pa.field("draw", pa.int32()),  # the control's seeded draw; null otherwise

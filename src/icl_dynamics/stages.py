@@ -250,7 +250,7 @@ def _ablation_options(add: AddOption) -> None:
     add("--heads-table", help="this checkpoint's heads table (read when the heads stage is not in the same job)")
     add("--relation-index-table",
         help="this checkpoint's relation_index table (read when the relation-index stage is not in the same job)")
-    add("--max-parameters", type=float, default=5e8,
+    add("--max-parameters", type=float, default=2e9,
         help="skip larger models (an empty table says why); 0 skips every model")
     add("--n-docs", type=int, default=32, help="documents of the ICL score (the first of --text-tokens)")
     add("--early", type=int, default=50, help="early token position of the ICL score")
@@ -263,12 +263,25 @@ def _ablation_options(add: AddOption) -> None:
     add("--variant", default="source", choices=("literal", "source", "contextual"),
         help="relation-index variant of the SIH flag")
     add("--draws", type=int, default=5, help="layer-matched random controls per group")
+    add("--exact-heads", type=_exact_heads, default=5,
+        help="heads ablated exactly per evaluation set, the gradient screen's top ones ('all': every head)")
+    add("--screen-steps", type=int, default=2,  # icl_dynamics.ablation.SCREEN_STEPS
+        help="points on the path to every head at its mean where the screen takes its gradient (1: the clean model)")
     add("--bootstrap", type=int, default=1000, help="bootstrap resamples of the documents and prompts")
     add("--seed", type=int, default=0, help="seed of the prompts, the controls and the bootstrap")
     add("--batch-size", type=int, default=8)
     add("--ablate-first", action="store_true",
         help="also ablate position 0 (the attention sink), the mean taken over every position; default: position "
              "0 keeps the head's own output")
+
+
+def _exact_heads(text: str) -> int | None:
+    """``--exact-heads``: a count >= 0, or ``all`` (None: every head)."""
+    if text == "all":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a count of heads (0, 1, ...) nor 'all'")
+    return int(text)
 
 
 def _ablation_inputs(opts: argparse.Namespace) -> tuple[Any, str, Any, Any]:
@@ -323,11 +336,13 @@ def _ablation(ckpt: Checkpoint, opts: argparse.Namespace, inputs: tuple[Any, str
     groups = {"sih": flagged_sih_heads(_this_checkpoint(earlier["relation_index"], "relation_index", ckpt),
                                        gate=opts.gate, variant=opts.variant),
               "induction": top_induction_heads(_this_checkpoint(earlier["heads"], "heads", ckpt), opts.top_k)}
-    table = ablation_table(ckpt.model, evaluations, groups, draws=opts.draws, seed=opts.seed,
+    table = ablation_table(ckpt.model, evaluations, groups, exact_heads=opts.exact_heads,
+                           screen_steps=opts.screen_steps, draws=opts.draws, seed=opts.seed,
                            batch_size=opts.batch_size, n_boot=opts.bootstrap, keep_first=not opts.ablate_first)
     cost = table.attrs["cost"]
-    log.info("ablation: %d heads alone, groups %s; %.0f s, %.1f forward passes over %d tokens (%.1f without "
-             "shared prefixes)", len(table[table["ablation"] == "head"].drop_duplicates(["layer", "head"])),
+    exact = table[(table["ablation"] == "head") & (table["method"] == "exact")]
+    log.info("ablation: every head screened, %d ablated exactly, groups %s; %.0f s, %.1f forward passes over %d "
+             "tokens (%.1f as separate passes without the screen)", len(exact.drop_duplicates(["layer", "head"])),
              {name: len(heads) for name, heads in groups.items()}, cost.seconds, cost.passes, cost.tokens,
              cost.unshared_passes)
     meta["groups"] = {name: [f"L{a}H{b}" for a, b in heads] for name, heads in groups.items()}

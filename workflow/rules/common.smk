@@ -160,7 +160,18 @@ def score_options():
         "gate": config["analysis"]["ri_gate"],
         "variant": config["analysis"]["ri_variant"],
     }
-    keys = ("n_docs", "n_sequences", "n_prompts", "top_k", "draws", "bootstrap", "seed", "batch_size")
+    keys = (
+        "n_docs",
+        "n_sequences",
+        "n_prompts",
+        "top_k",
+        "draws",
+        "exact_heads",
+        "screen_steps",
+        "bootstrap",
+        "seed",
+        "batch_size",
+    )
     for key, value in {**derived, **{key: ablation[key] for key in keys}}.items():
         flags += [f"--ablation-{key.replace('_', '-')}", str(value)]
     if ablation["ablate_first"]:
