@@ -22,20 +22,9 @@ from pathlib import Path
 
 
 def evaluations(zoo: Path, ckpt, planted: bool) -> list:
-    import torch
+    from icl_dynamics.evaluation_sets import toy_zoo_sets
 
-    from icl_dynamics.ablation import icl_score_set, icl_task_set, relation_recall_set
-    from icl_dynamics.icl import TextSource, iter_texts, select_documents
-    from icl_dynamics.relations import build_planted_relations, read_texts
-
-    texts = iter_texts(TextSource("jsonl", path=str(zoo / "text.jsonl")))
-    docs = torch.tensor([d["token_ids"] for d in select_documents(texts, ckpt.tokenizer, context=64, n_docs=32,
-                                                                  seed=0)])
-    sets = [icl_score_set(docs, early=4, late=60), icl_task_set(ckpt.tokenizer, shots=5, n_prompts=20)]
-    if planted:
-        tables = build_planted_relations(zoo / "planted.json", read_texts(zoo / "relations.jsonl"), ckpt.tokenizer)
-        sets.insert(0, relation_recall_set(ckpt.model.config, tables.sequences, tables.triplets, n_sequences=64))
-    return sets
+    return toy_zoo_sets(zoo, ckpt.model, ckpt.tokenizer, planted=planted)
 
 
 def measure(zoo: Path, model_id: str, planted: bool):

@@ -388,8 +388,9 @@ def copy_model(copy_scale: float = 5.0) -> GPTNeoXForCausalLM:
     return model
 
 
-def test_a_hand_built_copy_head_carries_recall_and_a_neutral_head_does_not():
-    model = copy_model()
+def copy_relations(model):
+    """Relation recall for :func:`copy_model`: every ordered pair (a, b) of tokens 1..7 as "a b a b a b", one
+    forward triplet (a, b) per document, so b recurs at positions 3 and 5."""
     seqs, trips = [], []
     for i, (a, b) in enumerate(itertools.permutations(range(1, 8), 2)):
         seqs.append(dict(sequence_id=i, document_id=i, source="t", unit="abstract", family="kg", text="",
@@ -397,7 +398,12 @@ def test_a_hand_built_copy_head_carries_recall_and_a_neutral_head_does_not():
         trips += [dict(sequence_id=i, family="kg", relation="r", category="c", direction=d, s=s, o=o, head_id=h,
                        tail_id=t, head_str="", tail_str="") for d, s, o, h, t in (("forward", 0, 1, a, b),
                                                                                    ("reverse", 1, 0, b, a))]
-    evaluation = relation_recall_set(model.config, pd.DataFrame(seqs), pd.DataFrame(trips))
+    return relation_recall_set(model.config, pd.DataFrame(seqs), pd.DataFrame(trips))
+
+
+def test_a_hand_built_copy_head_carries_recall_and_a_neutral_head_does_not():
+    model = copy_model()
+    evaluation = copy_relations(model)
     got = head_ablation_effects(model, [evaluation], n_boot=200).set_index("head")
     assert (got["events"] == 2 * 42).all() and (got["n"] == 42).all()  # b at positions 3 and 5, 42 documents
     assert got.loc[0, "baseline"] > -1e-3  # the circuit recalls the tail almost surely

@@ -5,14 +5,18 @@ failing that agreement, and the ablation table's split of every head estimated a
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from families import output_projection, tiny_model
-from test_ablation import copy_model, relation_tables, toy_tokenizer
+from test_ablation import (  # one_thread: the same autouse fixture (one intra-op thread) here
+    copy_model,
+    copy_relations,
+    one_thread,  # noqa: F401
+    relation_tables,
+    toy_tokenizer,
+)
 
 from icl_dynamics import attribution
 from icl_dynamics.ablation import (
@@ -24,22 +28,13 @@ from icl_dynamics.ablation import (
     relation_recall_set,
 )
 from icl_dynamics.causal import head_correlations
-from icl_dynamics.icl import TextSource, iter_texts, select_documents
+from icl_dynamics.evaluation_sets import toy_zoo_sets
 from icl_dynamics.icl_tasks import TASKS
 from icl_dynamics.models import load_checkpoint
-from icl_dynamics.relations import build_planted_relations, read_texts
 from icl_dynamics.toyzoo import RELATIONS_MODEL_ID, TOY_MODEL_ID, read_manifest
 
 FAMILIES = ["gpt-neox", "olmo", "olmo2"]
 CONTINUOUS = ("icl_score", "tail_logprob")  # the metrics the causal analysis correlates across heads
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- the estimate, by hand
@@ -134,23 +129,12 @@ def test_estimated_changes_equal_finite_differences_along_the_path(family, steps
 # ----------------------------------------------------------------------------- agreement with exact ablation
 
 
-def toy_sets(zoo, ckpt, planted: bool) -> list:
-    """The ablation stage's sets at the toy configs' sizes (config/toy.yaml, config/toy-relations.yaml)."""
-    texts = iter_texts(TextSource("jsonl", path=str(zoo / "text.jsonl")))
-    docs = torch.tensor([d["token_ids"] for d in select_documents(texts, ckpt.tokenizer, context=64, n_docs=32,
-                                                                  seed=0)])
-    sets = [icl_score_set(docs, early=4, late=60), icl_task_set(ckpt.tokenizer, shots=5, n_prompts=20)]
-    if planted:
-        tables = build_planted_relations(zoo / "planted.json", read_texts(zoo / "relations.jsonl"), ckpt.tokenizer)
-        sets.insert(0, relation_recall_set(ckpt.model.config, tables.sequences, tables.triplets, n_sequences=64))
-    return sets
-
-
 def zoo_agreement(zoo, model_id: str, planted: bool, steps=None) -> pd.DataFrame:
     rows = []
     for step in steps or read_manifest(zoo)["config"]["steps"]:
         ckpt = load_checkpoint(model_id, step, cache_dir=zoo / "hub", device="cpu")
-        table = ablation_table(ckpt.model, toy_sets(zoo, ckpt, planted), {}, exact_heads=None, n_boot=1)
+        table = ablation_table(ckpt.model, toy_zoo_sets(zoo, ckpt.model, ckpt.tokenizer, planted=planted), {},
+                               exact_heads=None, n_boot=1)
         rows.append(attribution.agreement(table, top=2, within=4).assign(step=step))
     return pd.concat(rows, ignore_index=True)
 
@@ -241,14 +225,7 @@ def test_the_screen_ranks_a_hand_built_copy_head_first(steps):
     -2.35 exact (the final norm is scale-free along the direction head 0 dominates): where a norm or softmax
     saturates the estimate ranks, and the top heads are ablated exactly."""
     model = copy_model()
-    seqs, trips = [], []
-    for i, (a, b) in enumerate(itertools.permutations(range(1, 8), 2)):
-        seqs.append(dict(sequence_id=i, document_id=i, source="t", unit="abstract", family="kg", text="",
-                         token_ids=[a, b, a, b, a, b], function_mask=[False] * 6))
-        trips += [dict(sequence_id=i, family="kg", relation="r", category="c", direction=d, s=s, o=o, head_id=h,
-                       tail_id=t, head_str="", tail_str="") for d, s, o, h, t in (("forward", 0, 1, a, b),
-                                                                                   ("reverse", 1, 0, b, a))]
-    evaluation = relation_recall_set(model.config, pd.DataFrame(seqs), pd.DataFrame(trips))
+    evaluation = copy_relations(model)
     table = ablation_table(model, [evaluation], {}, exact_heads=None, screen_steps=steps, n_boot=1)
     heads = table[table["ablation"] == "head"].pivot_table(index="head", columns="method", values="value")
     print(heads)

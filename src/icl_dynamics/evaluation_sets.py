@@ -29,6 +29,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -279,6 +280,25 @@ def icl_task_set(tokenizer: PreTrainedTokenizerBase, *, shots: int, n_prompts: i
     reads = np.stack([np.arange(len(sequences)), [len(s) - 1 for s in sequences]], 1)
     return ICLTasks(tuple(sequences), reads, np.asarray(targets, np.int64), np.asarray(legal, np.int64),
                     tuple(names), shots)
+
+
+def toy_zoo_sets(zoo: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
+                 planted: bool) -> list[Evaluation]:
+    """The ablation stage's sets for a toy zoo at the toy configs' sizes (config/toy.yaml, toy-relations.yaml):
+    the ICL score on 32 documents of the zoo's text (loss at token 60 minus token 4), the synthetic tasks at
+    5 shots, 20 prompts each, and with ``planted`` relation recall on the zoo's planted relations (64
+    sequences), first. For the benchmarks and tests that ablate every checkpoint of a zoo."""
+    from icl_dynamics.icl import TextSource, iter_texts, select_documents
+    from icl_dynamics.relations import build_planted_relations, read_texts
+
+    zoo = Path(zoo)
+    texts = iter_texts(TextSource("jsonl", path=str(zoo / "text.jsonl")))
+    docs = np.asarray([d["token_ids"] for d in select_documents(texts, tokenizer, context=64, n_docs=32, seed=0)])
+    sets: list[Evaluation] = [icl_score_set(docs, early=4, late=60), icl_task_set(tokenizer, shots=5, n_prompts=20)]
+    if planted:
+        tables = build_planted_relations(zoo / "planted.json", read_texts(zoo / "relations.jsonl"), tokenizer)
+        sets.insert(0, relation_recall_set(model.config, tables.sequences, tables.triplets, n_sequences=64))
+    return sets
 
 
 def _batches(evaluation: Evaluation, batch_size: int, device: torch.device) -> Iterator[tuple]:

@@ -336,7 +336,8 @@ def _ablation(ckpt: Checkpoint, opts: argparse.Namespace, inputs: tuple[Any, str
     groups = {"sih": flagged_sih_heads(_this_checkpoint(earlier["relation_index"], "relation_index", ckpt),
                                        gate=opts.gate, variant=opts.variant),
               "induction": top_induction_heads(_this_checkpoint(earlier["heads"], "heads", ckpt), opts.top_k)}
-    table = ablation_table(ckpt.model, evaluations, groups, exact_heads=opts.exact_heads,
+    exact_heads = None if opts.exact_heads in (None, "all") else int(opts.exact_heads)  # the API may say "all"
+    table = ablation_table(ckpt.model, evaluations, groups, exact_heads=exact_heads,
                            screen_steps=opts.screen_steps, draws=opts.draws, seed=opts.seed,
                            batch_size=opts.batch_size, n_boot=opts.bootstrap, keep_first=not opts.ablate_first)
     cost = table.attrs["cost"]
