@@ -178,6 +178,7 @@ def test_the_screen_agrees_with_exact_ablation_on_both_toy_zoos(toy_agreement):
     assert (got["top_found"] >= TOP_FOUND).all()
 
 
+@pytest.mark.pythia_format
 def test_the_screen_agrees_with_exact_ablation_on_a_pythia_checkpoint(pythia_cache, agenda_relations):
     """The real format through load_checkpoint (random weights, GPT-NeoX tokenizer, AGENDA relations): every
     cell whose effects are not all zero."""
