@@ -76,6 +76,8 @@ from icl_dynamics.evaluation_sets import (  # noqa: F401  the sets' builders, im
     _logits,
     icl_score_set,
     icl_task_set,
+    reference_count,
+    reference_positions,
     relation_recall_set,
 )
 from icl_dynamics.icl import bootstrap_mean
@@ -162,7 +164,6 @@ def _clean_pass(model: PreTrainedModel, evaluation: Evaluation, batch_size: int,
     arch = architecture(model)
     base, n_layers = arch.base(), arch.n_layers
     device = next(model.parameters()).device
-    reference = sum(len(s) for s in evaluation.sequences) - keep_first * len(evaluation.sequences)
     sums = torch.zeros((n_layers, arch.n_heads * arch.d_head), dtype=torch.float64, device=device)
     scores: np.ndarray | None = None
     current: dict[str, torch.Tensor] = {}
@@ -175,9 +176,8 @@ def _clean_pass(model: PreTrainedModel, evaluation: Evaluation, batch_size: int,
     handles = [arch.output_projections()[layer].register_forward_pre_hook(accumulate(layer))
                for layer in range(n_layers)]
     try:
-        for ids, mask, reads, rows, positions, _ in _batches(evaluation, batch_size, device):
-            current["reference"] = mask.clone()
-            current["reference"][:, 0] *= not keep_first
+        for ids, mask, reads, rows, positions in _batches(evaluation, batch_size, device):
+            current["reference"] = reference_positions(mask, keep_first)
             hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             got = evaluation.score(_logits(model, hidden, rows, positions, False), reads).cpu().numpy()
             if scores is None:
@@ -186,7 +186,7 @@ def _clean_pass(model: PreTrainedModel, evaluation: Evaluation, batch_size: int,
     finally:
         for handle in handles:
             handle.remove()
-    return scores, sums / reference
+    return scores, sums / reference_count(evaluation, keep_first)
 
 
 @torch.inference_mode()
@@ -217,7 +217,7 @@ def _run(model: PreTrainedModel, evaluation: Evaluation, ablations: Sequence[Seq
 
     # per batch: one clean pass up to the last layer an ablation starts at, then each ablation from its own
     needed = sorted(set(starts))
-    for ids, mask, reads, rows, positions, _ in _batches(evaluation, batch_size, device):
+    for ids, mask, reads, rows, positions in _batches(evaluation, batch_size, device):
         batch_tokens = int(mask.sum())
         entering: dict[int, torch.Tensor] = {}
         layer_kwargs: dict[str, Any] = {}

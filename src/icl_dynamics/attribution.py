@@ -55,7 +55,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from icl_dynamics.architecture import architecture
-from icl_dynamics.evaluation_sets import Cell, Evaluation, _batches, _logits
+from icl_dynamics.evaluation_sets import Cell, Evaluation, _batches, _logits, reference_count, reference_positions
 from icl_dynamics.models import check_context
 
 
@@ -110,20 +110,17 @@ def objective_changes(model: PreTrainedModel, evaluation: Evaluation, *, batch_s
     n_layers, n_heads, d_head = arch.n_layers, arch.n_heads, arch.d_head
     device = next(model.parameters()).device
     check_context(model, max(len(s) for s in evaluation.sequences), "the ablation's evaluation sequences")
-    n_seq = len(evaluation.sequences)
-    width = n_heads * d_head
-    state: dict = {"sums": torch.zeros((n_layers, width), dtype=torch.float64, device=device),
+    state: dict = {"sums": torch.zeros((n_layers, n_heads * d_head), dtype=torch.float64, device=device),
                    "grad_sums": None, "dots": None,  # per read and objective: G [.., layers, width], S [.., heads]
                    "clean": None, "objectives": None, "slots": evaluation.slots(),
-                   "weights": evaluation.read_weights(), "tokens": 0, "work": 0}
-    count = sum(len(s) for s in evaluation.sequences) - keep_first * n_seq
+                   "weights": evaluation.read_weights(), "work": 0}
     means = None
     with _frozen(model), torch.enable_grad():
         for step in range(steps):
             for batch in _batches(evaluation, batch_size, device):
                 _accumulate(model, evaluation, batch, state, keep_first, step / steps, means)
             if step == 0:
-                means = state["sums"] / count  # [layers, width]: every head's reference mean
+                means = state["sums"] / reference_count(evaluation, keep_first)  # [layers, width]
     grad_sums, dots = state["grad_sums"] / steps, state["dots"] / steps
     deltas = (grad_sums.unflatten(-1, (n_heads, d_head)) * means.unflatten(-1, (n_heads, d_head))).sum(-1) - dots
     deltas = deltas.flatten(2).permute(0, 2, 1).cpu().numpy()  # [reads, heads, k]
@@ -137,10 +134,8 @@ def _accumulate(model: PreTrainedModel, evaluation: Evaluation, batch: tuple, st
     then one backward per read rank and objective; adds each read's G and S to ``state``."""
     arch = architecture(model)
     n_layers, n_heads, d_head = arch.n_layers, arch.n_heads, arch.d_head
-    ids, mask, reads, rows, positions, _ = batch
-    reference = mask.clone()
-    reference[:, 0] *= not keep_first
-    where = reference[..., None].double()  # the positions an ablation replaces (and the means' set)
+    ids, mask, reads, rows, positions = batch
+    where = reference_positions(mask, keep_first)[..., None].double()  # where an ablation replaces, the means' set
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def keep(layer: int):
@@ -179,7 +174,6 @@ def _accumulate(model: PreTrainedModel, evaluation: Evaluation, batch: tuple, st
         state["objectives"][index] = objective.detach().cpu().numpy()
         for layer in range(n_layers):
             state["sums"][layer] += (seen[layer][0].detach().double() * where).sum((0, 1))
-        state["tokens"] += tokens
     state["work"] += tokens  # the forward pass
     zs = [seen[layer][1] for layer in range(n_layers)]
     naturals = [seen[layer][0].detach().double() for layer in range(n_layers)]

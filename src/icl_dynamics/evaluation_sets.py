@@ -301,9 +301,21 @@ def toy_zoo_sets(zoo: str | Path, model: PreTrainedModel, tokenizer: PreTrainedT
     return sets
 
 
+def reference_positions(mask: torch.Tensor, keep_first: bool) -> torch.Tensor:
+    """[batch, positions]: where mean ablation replaces a head's output, and so the positions its mean is taken
+    over: every real position, but position 0 under ``keep_first``."""
+    reference = mask.clone()
+    reference[:, 0] *= not keep_first
+    return reference
+
+
+def reference_count(evaluation: Evaluation, keep_first: bool) -> int:
+    """How many positions of ``evaluation`` :func:`reference_positions` holds (the means' denominator)."""
+    return sum(len(s) for s in evaluation.sequences) - keep_first * len(evaluation.sequences)
+
+
 def _batches(evaluation: Evaluation, batch_size: int, device: torch.device) -> Iterator[tuple]:
-    """Right-padded batches (longest first): ids, mask, the reads of its sequences (read index, row, position),
-    and the sequence of each row (``members``, numpy)."""
+    """Right-padded batches (longest first): ids, mask, and the reads of its sequences (read index, row, position)."""
     order = sorted(range(len(evaluation.sequences)), key=lambda i: -len(evaluation.sequences[i]))
     rows_of = np.full(len(evaluation.sequences), -1)
     for start in range(0, len(order), batch_size):
@@ -318,7 +330,7 @@ def _batches(evaluation: Evaluation, batch_size: int, device: torch.device) -> I
         rows_of[members] = np.arange(len(members))
         reads = np.flatnonzero(rows_of[evaluation.reads[:, 0]] >= 0)
         yield (ids.to(device), mask.to(device), *(torch.as_tensor(x, device=device) for x in (
-            reads, rows_of[evaluation.reads[reads, 0]], evaluation.reads[reads, 1])), np.asarray(members))
+            reads, rows_of[evaluation.reads[reads, 0]], evaluation.reads[reads, 1])))
 
 
 def _logits(model: PreTrainedModel, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
