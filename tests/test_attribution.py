@@ -237,13 +237,17 @@ def test_the_screen_ranks_a_hand_built_copy_head_first(steps):
 # ----------------------------------------------------------------------------- the stage's table
 
 
-def test_the_table_screens_every_head_and_ablates_each_sets_top_heads_exactly():
-    """exact_heads=2: per set, the screen's two top heads (:func:`attribution.ranked_heads`) get exact rows, equal
-    to ablating them alone; every head has an estimate; groups and controls are exact; the causal analysis
-    takes a head's exact effect where there is one and counts the estimates it used."""
-    tokenizer = toy_tokenizer()
-    model = float64_model("gpt-neox", len(tokenizer))
-    sets = small_sets(model, tokenizer)
+@pytest.mark.pythia_format
+def test_the_table_screens_every_head_and_ablates_each_sets_top_heads_exactly(pythia_cache):
+    """On the real format (a Pythia-format checkpoint and its tokenizer, from load_checkpoint), exact_heads=2:
+    per set, the screen's two top heads (:func:`attribution.ranked_heads`) get exact rows, equal to ablating
+    them alone; every head has an estimate; groups and controls are exact; the causal analysis takes a head's
+    exact effect where there is one and counts the estimates it used."""
+    from conftest import PYTHIA_MODEL
+
+    ckpt = load_checkpoint(PYTHIA_MODEL, 1000, cache_dir=pythia_cache, device="cpu")
+    model = ckpt.model
+    sets = small_sets(model, ckpt.tokenizer)
     table = ablation_table(model, sets, {"g": [(0, 1), (1, 3)]}, exact_heads=2, draws=2, n_boot=20)
     assert set(table["method"]) == {"exact", "attribution"}
     assert (table.loc[table["ablation"] != "head", "method"] == "exact").all()
